@@ -1,0 +1,36 @@
+"""pwfn: probabilistic weight fixing networks.
+
+Compress a trained network onto a handful of shared power-of-two weight values:
+``pwfn.compress(model, train_loader, val_loader, method="pwfn")``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "compress": ("pwfn.pipeline", "compress"),
+    "FixingResult": ("pwfn.pipeline", "FixingResult"),
+    "load_config": ("pwfn.config", "load_config"),
+    "RunConfig": ("pwfn.config", "RunConfig"),
+    "create_model": ("pwfn.models", "create_model"),
+    "list_models": ("pwfn.models", "list_models"),
+    "make_loaders": ("pwfn.data", "make_loaders"),
+    "fix_round": ("pwfn.engine", "fix_round"),
+    "EngineConfig": ("pwfn.engine", "EngineConfig"),
+    "QuantView": ("pwfn.plumbing", "QuantView"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that `import pwfn` stays cheap and optional parts load only when used.
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'pwfn' has no attribute {name!r}")

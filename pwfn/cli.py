@@ -1,0 +1,135 @@
+"""The ``pwfn`` command line.
+
+    pwfn run CONFIG [--method pwfn|wfn] [--set key=value ...]
+    pwfn compare CONFIG [--set key=value ...]
+    pwfn report RUN_DIR
+    pwfn models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import PwfnError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: built-in digits MLP)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set pwfn.k=2 (repeatable)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (overrides the config)")
+    p.add_argument("--out", default=None, help="output folder (overrides out_dir)")
+    p.add_argument("--fresh", action="store_true", help="ignore checkpoints in the run folder and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pwfn", description="Probabilistic weight fixing networks.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_run = sub.add_parser("run", help="train/load a float model and fix it with one method")
+    _common(p_run)
+    p_run.add_argument("--method", choices=["pwfn", "wfn"], default=None)
+    p_cmp = sub.add_parser("compare", help="float baseline, WFN and PWFN from the same baseline, one table")
+    _common(p_cmp)
+    p_rep = sub.add_parser("report", help="summarise a run folder")
+    p_rep.add_argument("run_dir")
+    p_rep.add_argument("--json", action="store_true", help="print the raw report.json")
+    sub.add_parser("models", help="list the registered models")
+    return parser
+
+
+def _load(args) -> "object":
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"device={args.device}")
+    if args.out:
+        overrides.append(f"out_dir={args.out}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    return load_config(args.config, overrides)
+
+
+def _fresh(cfg) -> None:
+    folder = Path(cfg.out_dir) / cfg.name
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run_method
+
+    cfg = _load(args)
+    if args.method:
+        cfg.method = args.method
+    if args.fresh:
+        _fresh(cfg)
+    report = run_method(cfg, resume=not args.fresh)
+    f = report["final"]
+    _out(f"{cfg.method}: top-1 {f['test']['top1']:.2f}% (float {report['baseline']['test']['top1']:.2f}%), "
+         f"unique {f.get('unique')}, entropy {f.get('entropy', float('nan')):.3f} bits")
+    _out(f"run folder: {Path(cfg.out_dir) / cfg.name / cfg.method}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .pipeline import compare, format_table
+
+    cfg = _load(args)
+    if args.fresh:
+        _fresh(cfg)
+    out = compare(cfg, resume=not args.fresh)
+    _out(format_table(out["table"]))
+    _out(f"run folder: {Path(cfg.out_dir) / cfg.name}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import summarise_run_dir
+
+    text = summarise_run_dir(args.run_dir, as_json=args.json)
+    _out(text)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import list_models
+
+    _out("\n".join(list_models()))
+    return 0
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "models": cmd_models}
+    try:
+        return handlers[args.command](args)
+    except PwfnError as exc:
+        sys.stderr.write(f"pwfn: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("pwfn: interrupted; the last completed round is checkpointed, rerun the same command to resume\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
+
+
+__all__ = ["main", "build_parser", "json"]

@@ -1,0 +1,713 @@
+"""End to end: float baseline -> PWFN or WFN fixing rounds -> evaluation, report, point model.
+
+One loop serves both methods; what differs (the model they fix, the tolerance, the centre set,
+the optimizer and the training objective) lives in two small strategy classes. A run writes
+into its folder: ``config.yaml``, ``metrics.jsonl`` (one row per round), ``report.json``,
+``checkpoint.pt`` (after every completed round, for resume) and the point-estimate model.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import nn
+
+import bayes
+
+from . import metrics as M
+from .config import RunConfig, config_to_dict, dump_config, load_config
+from .engine import EngineConfig, fix_round
+from .errors import ConfigError, ModelError
+from .io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    load_state_dict_strict,
+    save_checkpoint,
+    write_jsonl,
+)
+from .models import create_model
+from .plumbing import FixedGuard, QuantView, strip_masks
+from .regularizers import cluster_attraction, unfixed_values
+from .train import (
+    EpochCounter,
+    accuracy_metrics,
+    evaluate,
+    make_optimizer,
+    predict_mc,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    train_epochs,
+)
+
+log = logging.getLogger(__name__)
+
+METHODS = ("pwfn", "wfn")
+
+
+# --------------------------------------------------------------------------------------------
+# strategies
+
+
+class _Strategy:
+    name: str
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def prepare(self, float_model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def view(self, model: nn.Module) -> QuantView:
+        raise NotImplementedError
+
+    def engine_config(self) -> EngineConfig:
+        raise NotImplementedError
+
+    def tolerance(self, view: QuantView, round_index: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def fractions(self) -> list[float]:
+        raise NotImplementedError
+
+    def pre_epochs(self) -> float:
+        return 0.0
+
+    def round_epochs(self) -> float:
+        raise NotImplementedError
+
+    def optimizer(self, model: nn.Module, view: QuantView, previous: Optional[torch.optim.Optimizer]) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def grad_clip(self) -> Optional[float]:
+        raise NotImplementedError
+
+    def extra_loss(self, view: QuantView) -> Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
+        return None
+
+    def eval_context(self, model: nn.Module):
+        return _nullcontext()
+
+    def sigma_summary(self, model: nn.Module) -> Optional[dict]:
+        return None
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _engine_config(settings, *, signed_terms: bool, **extra: Any) -> EngineConfig:
+    return EngineConfig(b=settings.b, max_order=settings.max_order, signed_terms=signed_terms,
+                        zero_fix=settings.zero_fix, inc=settings.inc, **extra)
+
+
+class PWFNStrategy(_Strategy):
+    """Bayesian model; tolerance k*sigma; positive-term centres; SGD kept across rounds."""
+
+    name = "pwfn"
+
+    def prepare(self, float_model: nn.Module) -> nn.Module:
+        p = self.cfg.pwfn
+        if p.sigma_init == "power_of_two":
+            init: Any = lambda mu: bayes.power_of_two_sigma(mu, scale=p.sigma_init_scale, ceiling=p.sigma_init_max,
+                                                            floor=p.sigma_floor)
+        else:
+            init = p.sigma_init
+        return bayes.bayesianize(float_model, sigma_init=init, sigma_floor=p.sigma_floor, mode=p.forward_mode)
+
+    def view(self, model: nn.Module) -> QuantView:
+        return QuantView(model)
+
+    def engine_config(self) -> EngineConfig:
+        p = self.cfg.pwfn
+        return _engine_config(p.engine, signed_terms=False, sigma_update=p.sigma_update,
+                              sigma_divisor=p.sigma_divisor, sigma_floor=p.sigma_floor)
+
+    def tolerance(self, view: QuantView, round_index: int) -> torch.Tensor:
+        return self.cfg.pwfn.k * view.sigmas().clamp_min(self.cfg.pwfn.sigma_floor)
+
+    @property
+    def fractions(self) -> list[float]:
+        return self.cfg.pwfn.fractions
+
+    def pre_epochs(self) -> float:
+        return self.cfg.pwfn.first_round_epochs
+
+    def round_epochs(self) -> float:
+        return self.cfg.pwfn.round_epochs
+
+    def optimizer(self, model, view, previous):
+        if previous is not None:
+            return previous
+        p = self.cfg.pwfn
+        mus = [prm for n, prm in model.named_parameters() if not n.endswith("_sigma")]
+        sigmas = [prm for n, prm in model.named_parameters() if n.endswith("_sigma")]
+        # weight decay pulls mu towards 0 as in the paper; on sigma it would fight the regulariser.
+        groups = [{"params": mus, "weight_decay": p.weight_decay}, {"params": sigmas, "weight_decay": 0.0}]
+        return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum)
+
+    def grad_clip(self):
+        return self.cfg.pwfn.grad_clip
+
+    def extra_loss(self, view):
+        p = self.cfg.pwfn
+        frozen = view.frozen_sigma_masks()
+        if p.objective == "regulariser":
+            return lambda model, ce: bayes.sigma_regularizer(model, tau=p.tau, lam=p.lam, frozen=frozen)
+        n = self._dataset_size
+        return lambda model, ce: bayes.kl_divergence(model, prior_sigma=p.prior_sigma, dataset_size=n, frozen=frozen)
+
+    _dataset_size: Optional[int] = None
+
+    def eval_context(self, model):
+        return bayes.forward_mode(model, "mean")
+
+    def sigma_summary(self, model):
+        return bayes.summarize_sigma(model)
+
+
+class WFNStrategy(_Strategy):
+    """Point model; tolerance delta_t*|w|; signed-term centres; fresh Adam every round."""
+
+    name = "wfn"
+
+    def prepare(self, float_model: nn.Module) -> nn.Module:
+        return copy.deepcopy(float_model)
+
+    def view(self, model: nn.Module) -> QuantView:
+        return QuantView(model, plain=True, batchnorm=self.cfg.wfn.quantise_batchnorm)
+
+    def engine_config(self) -> EngineConfig:
+        return _engine_config(self.cfg.wfn.engine, signed_terms=True, sigma_update="keep")
+
+    def tolerance(self, view: QuantView, round_index: int) -> torch.Tensor:
+        w = self.cfg.wfn
+        delta_t = w.delta * (len(w.fractions) - round_index)
+        return delta_t * view.values().abs()
+
+    @property
+    def fractions(self) -> list[float]:
+        return self.cfg.wfn.fractions
+
+    def round_epochs(self) -> float:
+        return self.cfg.wfn.round_epochs
+
+    def optimizer(self, model, view, previous):
+        return torch.optim.Adam(model.parameters(), lr=self.cfg.wfn.lr)
+
+    def grad_clip(self):
+        return self.cfg.wfn.grad_clip
+
+    def extra_loss(self, view):
+        w = self.cfg.wfn
+        values, fixed = view.values(), view.fixed()
+        centres = torch.unique(values[fixed])
+        if centres.numel() == 0 or w.reg_ratio == 0:
+            return None
+        pairs = [(s.value, s.mask) for s in view.slots]
+
+        def loss(model: nn.Module, ce: torch.Tensor) -> torch.Tensor:
+            free = unfixed_values(pairs)
+            if free is None:
+                return ce * 0.0
+            reg = cluster_attraction(free, centres, temperature=w.reg_temperature)
+            # rescaled every step so the term is reg_ratio x the cross-entropy
+            scale = w.reg_ratio * ce.detach() / reg.detach().clamp_min(1e-12)
+            return scale * reg
+
+        return loss
+
+
+STRATEGIES = {"pwfn": PWFNStrategy, "wfn": WFNStrategy}
+
+
+# --------------------------------------------------------------------------------------------
+# metrics of a (partly) fixed network
+
+
+def quant_metrics(view: QuantView, b: int, signed_terms: bool) -> dict[str, Any]:
+    """Unique values, entropy (with and without zero), order shares and codebook of the fixed weights."""
+    values, fixed = view.values(), view.fixed()
+    fv = values[fixed]
+    out: dict[str, Any] = {"fixed_fraction": float(fixed.float().mean()), "n_weights": view.numel}
+    if fv.numel() == 0:
+        return out
+    out.update(
+        unique=M.unique_count(fv, include_zero=True),
+        unique_nonzero=M.unique_count(fv, include_zero=False),
+        entropy=M.entropy_bits(fv, include_zero=True),
+        entropy_nonzero=M.entropy_bits(fv, include_zero=False),
+        order_shares={str(k): v for k, v in M.order_shares(M.term_counts(fv, b=b, signed_terms=signed_terms)).items()},
+    )
+    cb, counts = M.codebook(fv)
+    out["codebook"] = [float(v) for v in cb.tolist()]
+    out["codebook_counts"] = [int(c) for c in counts.tolist()]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the fixing run
+
+
+@dataclass
+class FixingResult:
+    method: str
+    model: nn.Module  # the fixed model (Bayesian for PWFN, with masks)
+    point_model: nn.Module  # plain layers, no masks
+    report: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class FixingRun:
+    """Round-by-round fixing of one model with one method, resumable from its folder."""
+
+    def __init__(
+        self,
+        method: str,
+        cfg: RunConfig,
+        float_model: nn.Module,
+        train_loader,
+        val_loader,
+        test_loader=None,
+        *,
+        device: Optional[torch.device] = None,
+        run_dir: Optional[Union[str, Path]] = None,
+        recipe: Optional[dict] = None,
+        on_round_end: Optional[Callable[[int], None]] = None,
+    ) -> None:
+        if method not in STRATEGIES:
+            raise ConfigError(f"unknown method {method!r}; choose one of {list(STRATEGIES)}")
+        self.method = method
+        self.cfg = cfg
+        self.strategy = STRATEGIES[method](cfg)
+        self.float_model = float_model
+        self.train_loader = train_loader
+        self.val_loader = val_loader if val_loader is not None else test_loader
+        self.test_loader = test_loader if test_loader is not None else val_loader
+        if self.val_loader is None:
+            raise ConfigError("an evaluation loader (val or test) is required")
+        self.device = device or resolve_device(cfg.device)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.recipe = recipe
+        self.on_round_end = on_round_end
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _eval(self, model: nn.Module, loader) -> dict[str, float]:
+        with self.strategy.eval_context(model):
+            return evaluate(model, loader, self.device)
+
+    def _checkpoint_path(self) -> Optional[Path]:
+        return self.run_dir / "checkpoint.pt" if self.run_dir else None
+
+    def _save(self, model, optimizer, counter, history, next_round, pre_metrics) -> None:
+        path = self._checkpoint_path()
+        if path is None:
+            return
+        save_checkpoint(
+            path,
+            {
+                "method": self.method,
+                "next_round": next_round,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                "epoch_counter": counter.value,
+                "history": history,
+                "pre_metrics": pre_metrics,
+                "rng": rng_state(),
+                "fractions": self.strategy.fractions,
+            },
+            kind=f"run-{self.method}",
+        )
+        write_jsonl(self.run_dir / "metrics.jsonl", history)
+
+    # -- main -------------------------------------------------------------------------------
+    def run(self, resume: bool = True) -> FixingResult:
+        s = self.strategy
+        started = time.perf_counter()
+        model = s.prepare(self.float_model).to(self.device)
+        view = s.view(model)
+        if isinstance(s, PWFNStrategy):
+            s._dataset_size = _dataset_size(self.train_loader)
+        engine_cfg = s.engine_config()
+        counter = EpochCounter()
+        history: list[dict[str, Any]] = []
+        optimizer: Optional[torch.optim.Optimizer] = None
+        start_round = 0
+        pre_metrics: dict[str, Any] = {}
+        ckpt = self._checkpoint_path()
+        progress = self.cfg.progress
+
+        if resume and ckpt is not None and ckpt.exists():
+            state = load_checkpoint(ckpt, kind=f"run-{self.method}", map_location=self.device)
+            if state.get("fractions") != s.fractions:
+                raise ConfigError(
+                    f"{ckpt} was written with schedule {state.get('fractions')}, the config now says {s.fractions}; "
+                    "use a new run folder (or --fresh) to change the schedule"
+                )
+            load_state_dict_strict(model, state["model"], str(ckpt))
+            optimizer = s.optimizer(model, view, None)
+            if state.get("optimizer") is not None and self.method == "pwfn":
+                optimizer.load_state_dict(state["optimizer"])
+            counter.value = int(state["epoch_counter"])
+            history = list(state["history"])
+            pre_metrics = dict(state.get("pre_metrics") or {})
+            start_round = int(state["next_round"])
+            set_rng_state(state["rng"])
+            log.info("%s: resuming at round %d of %d from %s", self.method, start_round, len(s.fractions), ckpt)
+        else:
+            optimizer = s.optimizer(model, view, None)
+            pre_metrics = {"initial": self._eval(model, self.val_loader)}
+            if s.pre_epochs() > 0:
+                stats = train_epochs(model, self.train_loader, optimizer, s.pre_epochs(), self.device,
+                                     counter=counter, extra_loss=s.extra_loss(view), grad_clip=s.grad_clip(),
+                                     desc=f"{self.method} warm-up", progress=progress)
+                pre_metrics["after_warmup"] = {**self._eval(model, self.val_loader), "train": stats}
+            self._save(model, optimizer, counter, history, 0, pre_metrics)
+
+        fractions = s.fractions
+        for t in range(start_round, len(fractions)):
+            t0 = time.perf_counter()
+            frac = fractions[t]
+            values, fixed = view.values(), view.fixed()
+            sigma = view.sigmas() if view.has_sigma else None
+            result = fix_round(values, s.tolerance(view, t), fixed, frac, sigma=sigma, config=engine_cfg)
+            view.write(result.values, result.fixed, result.sigma if sigma is not None else None)
+            fix_seconds = time.perf_counter() - t0
+            row: dict[str, Any] = {"round": t, "fraction": frac, "after_fix": self._eval(model, self.val_loader)}
+            if frac < 1.0 and s.round_epochs() > 0:
+                optimizer = s.optimizer(model, view, optimizer)
+                guard = FixedGuard(view.parameters_with_masks())
+                stats = train_epochs(model, self.train_loader, optimizer, s.round_epochs(), self.device,
+                                     counter=counter, extra_loss=s.extra_loss(view), guard=guard,
+                                     grad_clip=s.grad_clip(), desc=f"{self.method} round {t + 1}/{len(fractions)}",
+                                     progress=progress)
+                row["after_train"] = {**self._eval(model, self.val_loader), "train": stats}
+            row.update(quant_metrics(view, engine_cfg.b, engine_cfg.signed_terms))
+            row["engine"] = _jsonable(result.summary)
+            sig = s.sigma_summary(model)
+            if sig is not None:
+                row["sigma"] = sig
+            row["fix_seconds"] = fix_seconds
+            row["wall_seconds"] = time.perf_counter() - t0
+            history.append(row)
+            acc = row.get("after_train", row["after_fix"])["top1"]
+            log.info("%s round %d/%d: %.1f%% fixed, top-1 %.2f, unique %s, entropy %.3f bits", self.method, t + 1,
+                     len(fractions), 100 * row["fixed_fraction"], acc, row.get("unique"), row.get("entropy", float("nan")))
+            self._save(model, optimizer, counter, history, t + 1, pre_metrics)
+            if self.on_round_end is not None:
+                self.on_round_end(t)
+
+        return self._finish(model, view, engine_cfg, history, pre_metrics, time.perf_counter() - started)
+
+    def _finish(self, model, view, engine_cfg, history, pre_metrics, seconds) -> FixingResult:
+        s = self.strategy
+        if not bool(view.fixed().all()):
+            raise ModelError(f"{self.method}: the final round left {int((~view.fixed()).sum())} weights unfixed")
+        final: dict[str, Any] = {"test": self._eval(model, self.test_loader), "val": self._eval(model, self.val_loader)}
+        final.update(quant_metrics(view, engine_cfg.b, engine_cfg.signed_terms))
+        if self.method == "pwfn":
+            probs, labels = predict_mc(model, self.test_loader, self.device, self.cfg.pwfn.mc_samples)
+            final["mc"] = {
+                "samples": self.cfg.pwfn.mc_samples,
+                "nll": M.nll(probs, labels),
+                "ece": M.expected_calibration_error(probs, labels),
+                "top1": 100.0 * float((probs.argmax(1) == labels).float().mean()),
+            }
+            final["sigma"] = s.sigma_summary(model)
+        point = strip_masks(bayes.to_point_estimate(model) if self.method == "pwfn" else copy.deepcopy(model))
+        point_eval = evaluate(point, self.test_loader, self.device)
+        final["point_model_test"] = point_eval
+        report = {
+            "method": self.method,
+            "fractions": s.fractions,
+            "pre": pre_metrics,
+            "rounds": history,
+            "final": final,
+            "quantised_tensors": view.names(),
+            "seconds_this_session": seconds,
+        }
+        if self.run_dir is not None:
+            save_point_model(point, self.run_dir, self.recipe)
+            atomic_write_json(self.run_dir / "report.json", _jsonable(report))
+        return FixingResult(self.method, model, point, report, history)
+
+
+def _dataset_size(loader) -> Optional[int]:
+    ds = getattr(loader, "dataset", None)
+    try:
+        return len(ds) if ds is not None else None
+    except TypeError:
+        return None
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=_json_fallback))
+
+
+def _json_fallback(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "__dataclass_fields__"):
+        import dataclasses
+
+        return dataclasses.asdict(obj)
+    return str(obj)
+
+
+def save_point_model(model: nn.Module, folder: Path, recipe: Optional[dict]) -> None:
+    """The point-estimate model as safetensors plus its construction recipe (no ``bayes`` needed)."""
+    from safetensors.torch import save as st_save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(folder / "point_model.safetensors", st_save(state))
+    atomic_write_json(folder / "point_model.json", {"recipe": recipe, "tensors": list(state)})
+
+
+def load_point_model(folder: Union[str, Path]) -> nn.Module:
+    """Rebuild a plain torch model from ``point_model.safetensors`` and its recipe."""
+    from safetensors.torch import load as st_load
+
+    folder = Path(folder)
+    meta = json.loads((folder / "point_model.json").read_text())
+    recipe = meta.get("recipe")
+    if not recipe:
+        raise ModelError(f"{folder} holds no model recipe (the model was passed in from Python); "
+                         "load the safetensors into your own model instead")
+    model = create_model(recipe["name"], **recipe.get("kwargs", {}))
+    state = st_load((folder / "point_model.safetensors").read_bytes())
+    load_state_dict_strict(model, state, str(folder / "point_model.safetensors"))
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# building data and models from a config
+
+
+def build_loaders(cfg: RunConfig):
+    from .data import make_loaders
+
+    d = cfg.data
+    kwargs: dict[str, Any] = dict(
+        batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, seed=d.seed, num_workers=d.num_workers,
+        pin_memory=d.pin_memory, augment=d.augment, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
+        train_subset=d.train_subset, val_subset=d.eval_subset, test_subset=d.eval_subset,
+    )
+    if d.image_size is not None:
+        kwargs["image_size"] = d.image_size
+    return make_loaders(d.name, d.root, **kwargs)
+
+
+def model_recipe(cfg: RunConfig, loaders) -> dict:
+    """The model's name and keyword arguments, with shape arguments filled from the data."""
+    from .models import _REGISTRY
+
+    kwargs = dict(cfg.model.kwargs)
+    if cfg.model.name in _REGISTRY:
+        params = inspect.signature(_REGISTRY[cfg.model.name]).parameters
+        c, h, w = loaders.input_shape
+        derived = {"num_classes": loaders.num_classes, "in_channels": c, "in_features": c * h * w, "input_size": h}
+        for key, value in derived.items():
+            if key in params and params[key].kind != inspect.Parameter.VAR_KEYWORD:
+                kwargs.setdefault(key, value)
+    return {"name": cfg.model.name, "kwargs": kwargs}
+
+
+def train_baseline(cfg: RunConfig, model: nn.Module, loaders, device: torch.device) -> dict[str, Any]:
+    b = cfg.baseline
+    opt = make_optimizer(model.parameters(), b.optimizer, b.lr, b.momentum, b.weight_decay)
+    steps = max(1, math.ceil(b.epochs * len(loaders.train)))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if b.cosine else None
+    stats = train_epochs(model, loaders.train, opt, b.epochs, device, counter=EpochCounter(),
+                         grad_clip=b.grad_clip, scheduler=sched, desc="float baseline", progress=cfg.progress)
+    return stats
+
+
+def _folder(cfg: RunConfig) -> Path:
+    return Path(cfg.out_dir) / cfg.name
+
+
+def prepare_run(cfg: RunConfig):
+    """Seed, threads, device, data, and the float baseline (trained, loaded, or reused from the folder)."""
+    seed_everything(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    loaders = build_loaders(cfg)
+    recipe = model_recipe(cfg, loaders)
+    model = create_model(recipe["name"], **recipe["kwargs"]).to(device)
+    folder = _folder(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "config.yaml", dump_config(cfg))
+    base_path = folder / "baseline.pt"
+    info: dict[str, Any] = {}
+    if cfg.model.checkpoint:
+        state = _load_user_checkpoint(cfg.model.checkpoint)
+        load_state_dict_strict(model, state, cfg.model.checkpoint)
+        info["source"] = f"checkpoint {cfg.model.checkpoint}"
+    elif base_path.exists():
+        state = load_checkpoint(base_path, kind="baseline", map_location=device)
+        load_state_dict_strict(model, state["model"], str(base_path))
+        set_rng_state(state["rng"])
+        info = dict(state["info"])
+        info["reused"] = True
+    else:
+        t0 = time.perf_counter()
+        info["train"] = train_baseline(cfg, model, loaders, device)
+        info["source"] = "trained"
+        info["seconds"] = time.perf_counter() - t0
+        save_checkpoint(base_path, {"model": model.state_dict(), "rng": rng_state(), "info": info}, kind="baseline")
+    eval_loader = loaders.test or loaders.val
+    info["test"] = evaluate(model, eval_loader, device)
+    if loaders.val is not None:
+        info["val"] = evaluate(model, loaders.val, device)
+    return device, loaders, recipe, model, info
+
+
+def _load_user_checkpoint(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"model.checkpoint {path!r} does not exist")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"model.checkpoint {path!r} could not be read as a torch state_dict: {exc}") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ConfigError(f"model.checkpoint {path!r} does not hold a state_dict")
+    return obj
+
+
+def run_method(cfg: RunConfig, method: Optional[str] = None, *, resume: bool = True,
+               on_round_end: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
+    """`pwfn run`: float baseline, then one method; returns the report."""
+    method = method or cfg.method
+    device, loaders, recipe, model, base = prepare_run(cfg)
+    run_dir = _folder(cfg) / method
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    res = FixingRun(method, cfg, model, loaders.train, loaders.val, loaders.test, device=device, run_dir=run_dir,
+                    recipe=recipe, on_round_end=on_round_end).run(resume=resume)
+    res.report["baseline"] = base
+    atomic_write_json(run_dir / "report.json", _jsonable(res.report))
+    return res.report
+
+
+def compare(cfg: RunConfig, *, resume: bool = True) -> dict[str, Any]:
+    """`pwfn compare`: one float baseline, then WFN and PWFN from it; returns the comparison."""
+    device, loaders, recipe, model, base = prepare_run(cfg)
+    out: dict[str, Any] = {"baseline": base, "methods": {}}
+    for method in ("wfn", "pwfn"):
+        run_dir = _folder(cfg) / method
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+        t0 = time.perf_counter()
+        res = FixingRun(method, cfg, model, loaders.train, loaders.val, loaders.test, device=device,
+                        run_dir=run_dir, recipe=recipe).run(resume=resume)
+        res.report["baseline"] = base
+        atomic_write_json(run_dir / "report.json", _jsonable(res.report))
+        out["methods"][method] = {"final": res.report["final"], "seconds": time.perf_counter() - t0}
+    out["table"] = comparison_rows(out)
+    atomic_write_json(_folder(cfg) / "compare.json", _jsonable(out))
+    atomic_write_text(_folder(cfg) / "compare.md", format_table(out["table"]) + "\n")
+    return out
+
+
+def comparison_rows(out: dict[str, Any]) -> list[dict[str, Any]]:
+    base = out["baseline"]
+    rows = [{"method": "float", "top1": base["test"]["top1"], "top5": base["test"].get("top5"),
+             "unique": None, "unique_nonzero": None, "entropy": None, "entropy_nonzero": None, "seconds": base.get("seconds")}]
+    for name, m in out["methods"].items():
+        f = m["final"]
+        rows.append({"method": name, "top1": f["test"]["top1"], "top5": f["test"].get("top5"),
+                     "unique": f.get("unique"), "unique_nonzero": f.get("unique_nonzero"),
+                     "entropy": f.get("entropy"), "entropy_nonzero": f.get("entropy_nonzero"),
+                     "seconds": m.get("seconds")})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    cols = ["method", "top1", "top5", "unique", "unique_nonzero", "entropy", "entropy_nonzero", "seconds"]
+    heads = ["method", "top-1 %", "top-5 %", "unique", "unique (no 0)", "entropy bits", "entropy (no 0)", "time s"]
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Python API
+
+
+def compress(
+    model: nn.Module,
+    train_loader,
+    val_loader,
+    method: str = "pwfn",
+    config: Optional[Union[RunConfig, dict, str, Path]] = None,
+    *,
+    test_loader=None,
+    run_dir: Optional[Union[str, Path]] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    resume: bool = True,
+    overrides: Optional[list[str]] = None,
+) -> FixingResult:
+    """Fix every weight of a trained ``model`` onto one power-of-two codebook.
+
+    ``method`` is "pwfn" (Bayesian) or "wfn" (deterministic). ``config`` is a RunConfig, a dict,
+    or a YAML path (defaults otherwise). Returns the fixed model, its plain point-estimate copy
+    and the report. With ``run_dir`` the run is checkpointed after every round and resumable.
+    """
+    from .config import config_from_dict
+
+    if isinstance(config, RunConfig):
+        cfg = copy.deepcopy(config)
+        if overrides:
+            from .config import apply_overrides
+
+            cfg = config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
+    elif isinstance(config, dict):
+        from .config import apply_overrides
+
+        cfg = config_from_dict(apply_overrides(copy.deepcopy(config), overrides or []))
+    else:
+        cfg = load_config(config, overrides)
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    dev = torch.device(device) if device is not None else resolve_device(cfg.device)
+    if run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(run_dir) / "config.yaml", dump_config(cfg))
+    return FixingRun(method, cfg, model.to(dev), train_loader, val_loader, test_loader, device=dev,
+                     run_dir=run_dir).run(resume=resume)
+
+
+def accuracy_of(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return accuracy_metrics(logits, labels)
