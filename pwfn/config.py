@@ -42,6 +42,7 @@ class DataConfig:
     image_size: Optional[int] = None
     train_subset: Optional[int] = None
     eval_subset: Optional[int] = None
+    options: dict = field(default_factory=dict)  # passed to the dataset loader (e.g. synthetic shapes)
 
 
 @dataclass

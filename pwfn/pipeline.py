@@ -130,7 +130,10 @@ class PWFNStrategy(_Strategy):
                                                             floor=p.sigma_floor)
         else:
             init = p.sigma_init
-        return bayes.bayesianize(float_model, sigma_init=init, sigma_floor=p.sigma_floor, mode=p.forward_mode)
+        try:
+            return bayes.bayesianize(float_model, sigma_init=init, sigma_floor=p.sigma_floor, mode=p.forward_mode)
+        except bayes.ConversionError as exc:
+            raise ModelError(f"cannot make the model Bayesian: {exc}") from exc
 
     def view(self, model: nn.Module) -> QuantView:
         return QuantView(model)
@@ -511,9 +514,10 @@ def build_loaders(cfg: RunConfig):
         pin_memory=d.pin_memory, augment=d.augment, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
         train_subset=d.train_subset, val_subset=d.eval_subset, test_subset=d.eval_subset,
     )
+    options = dict(d.options)
     if d.image_size is not None:
-        kwargs["image_size"] = d.image_size
-    return make_loaders(d.name, d.root, **kwargs)
+        options.setdefault("image_size", d.image_size)
+    return make_loaders(d.name, d.root, **kwargs, **options)
 
 
 def model_recipe(cfg: RunConfig, loaders) -> dict:
