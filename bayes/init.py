@@ -48,7 +48,8 @@ def _power_of_two_distance64(mu: torch.Tensor) -> torch.Tensor:
     a = mu.detach().abs().to(torch.float64)
     nonzero = a > 0
     safe = torch.where(nonzero, a, torch.ones_like(a))
-    p_down = torch.exp2(torch.floor(torch.log2(safe)))
+    # (log2 of the largest doubles rounds up to 1024; clamp so that p_down stays finite.)
+    p_down = torch.exp2(torch.floor(torch.log2(safe)).clamp(max=1023))
     # log2 rounding can put p_down one binade off for values next to a power of two: correct it.
     p_down = torch.where(p_down > safe, p_down / 2, p_down)
     p_down = torch.where(p_down * 2 <= safe, p_down * 2, p_down)

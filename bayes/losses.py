@@ -12,6 +12,7 @@ from typing import Mapping, Optional
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions.kl import kl_divergence as _kl_divergence
 from torch import nn
 
 from .errors import BayesError
@@ -84,7 +85,7 @@ def kl_divergence(
             mu = layer.mu(pname)
             q = dist.Normal(mu, layer.floored_sigma(pname))
             prior = dist.Normal(torch.full_like(mu, prior_mu), torch.full_like(mu, prior_sigma))
-            kl = dist.kl_divergence(q, prior)
+            kl = _kl_divergence(q, prior)  # (pyro.distributions has no top-level kl_divergence)
             keep = _keep(frozen, f"{lname + '.' if lname else ''}{pname}_sigma", mu)
             if keep is not None:
                 kl = kl * keep

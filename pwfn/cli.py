@@ -3,6 +3,7 @@
     pwfn run CONFIG [--method pwfn|wfn] [--set key=value ...]
     pwfn compare CONFIG [--set key=value ...]
     pwfn report RUN_DIR
+    pwfn export RUN_DIR [--out DIR] [--allow-unfixed] [--onnx]
     pwfn models
 """
 
@@ -41,6 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep = sub.add_parser("report", help="summarise a run folder")
     p_rep.add_argument("run_dir")
     p_rep.add_argument("--json", action="store_true", help="print the raw report.json")
+    p_exp = sub.add_parser(
+        "export",
+        help="write the point-estimate model, the packed artefact and the size report of a fixed run",
+    )
+    p_exp.add_argument("run_dir", help="a method folder (runs/<name>/pwfn) or a comparison folder (runs/<name>)")
+    p_exp.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export; per method for a comparison)")
+    p_exp.add_argument("--allow-unfixed", action="store_true",
+                       help="export a run that is not 100%% fixed, keeping unfixed weights as raw floats")
+    p_exp.add_argument("--onnx", action="store_true",
+                       help="also write model.onnx, checked with onnxruntime (needs the 'onnx' extra)")
     sub.add_parser("models", help="list the registered models")
     return parser
 
@@ -100,6 +111,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_run, format_export_summary
+
+    result = export_run(args.run_dir, args.out, allow_unfixed=args.allow_unfixed, onnx=args.onnx)
+    runs = result["runs"] if "runs" in result else {"": result}
+    _out("\n\n".join(format_export_summary(r) for r in runs.values()))
+    return 0
+
+
 def cmd_models(args) -> int:
     from .models import list_models
 
@@ -117,7 +137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "models": cmd_models}
+    handlers = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "export": cmd_export,
+                "models": cmd_models}
     try:
         return handlers[args.command](args)
     except PwfnError as exc:

@@ -267,6 +267,38 @@ def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Optio
     return config_from_dict(data)
 
 
+#: keys that do not change a run's results, so a run may resume under a different value
+RESUME_NEUTRAL_KEYS = {"progress", "device", "threads", "out_dir", "data.num_workers", "data.pin_memory",
+                       "data.eval_batch_size"}
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: data}
+
+
+def config_diff(a: dict, b: dict, sections: Optional[tuple[str, ...]] = None) -> list[str]:
+    """Dotted keys whose values differ between two config dicts (ignoring resume-neutral keys).
+
+    With ``sections``, only keys under those top-level sections (or equal to them) count.
+    """
+    fa, fb = _flatten(a), _flatten(b)
+    keys = sorted(set(fa) | set(fb))
+    out = []
+    for k in keys:
+        if k in RESUME_NEUTRAL_KEYS:
+            continue
+        if sections is not None and k.split(".")[0] not in sections:
+            continue
+        if fa.get(k, "<absent>") != fb.get(k, "<absent>"):
+            out.append(f"{k}: {fa.get(k, '<absent>')!r} -> {fb.get(k, '<absent>')!r}")
+    return out
+
+
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 

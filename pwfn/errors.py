@@ -33,3 +33,10 @@ class ArtefactError(PwfnError):
 
 class TrainingDivergedError(PwfnError):
     """The loss or a weight became NaN/inf during training."""
+
+
+class PackError(PwfnError, ValueError):
+    """The tensors, codebook, terms or metadata given to ``pwfn.packing.pack`` cannot be packed.
+
+    A ``ValueError`` too, so callers that catch bad input generically still work.
+    """

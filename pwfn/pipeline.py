@@ -24,7 +24,7 @@ from torch import nn
 import bayes
 
 from . import metrics as M
-from .config import RunConfig, config_to_dict, dump_config, load_config
+from .config import RunConfig, config_diff, config_to_dict, dump_config, load_config
 from .engine import EngineConfig, fix_round
 from .errors import ConfigError, ModelError
 from .io import (
@@ -335,6 +335,7 @@ class FixingRun:
                 "pre_metrics": pre_metrics,
                 "rng": rng_state(),
                 "fractions": self.strategy.fractions,
+                "config": config_to_dict(self.cfg),
             },
             kind=f"run-{self.method}",
         )
@@ -359,11 +360,7 @@ class FixingRun:
 
         if resume and ckpt is not None and ckpt.exists():
             state = load_checkpoint(ckpt, kind=f"run-{self.method}", map_location=self.device)
-            if state.get("fractions") != s.fractions:
-                raise ConfigError(
-                    f"{ckpt} was written with schedule {state.get('fractions')}, the config now says {s.fractions}; "
-                    "use a new run folder (or --fresh) to change the schedule"
-                )
+            _refuse_changed_config(state.get("config"), self.cfg, ckpt, RUN_SECTIONS[self.method])
             load_state_dict_strict(model, state["model"], str(ckpt))
             optimizer = s.optimizer(model, view, None)
             if state.get("optimizer") is not None and self.method == "pwfn":
@@ -450,6 +447,23 @@ class FixingRun:
             save_point_model(point, self.run_dir, self.recipe)
             atomic_write_json(self.run_dir / "report.json", _jsonable(report))
         return FixingResult(self.method, model, point, report, history)
+
+
+#: config sections whose values shape each stage's results (a resume under other values is refused)
+BASELINE_SECTIONS = ("seed", "data", "model", "baseline")
+RUN_SECTIONS = {"pwfn": BASELINE_SECTIONS + ("pwfn",), "wfn": BASELINE_SECTIONS + ("wfn",)}
+
+
+def _refuse_changed_config(saved: Optional[dict], cfg: RunConfig, path: Path, sections: tuple[str, ...]) -> None:
+    if saved is None:
+        return
+    diff = config_diff(saved, config_to_dict(cfg), sections)
+    if diff:
+        shown = "; ".join(diff[:6]) + (f"; ... ({len(diff)} in all)" if len(diff) > 6 else "")
+        raise ConfigError(
+            f"{path} was written under a different config ({shown}). Resuming would mix two runs: "
+            "use --fresh to start over, or another name (--set name=...) to keep both"
+        )
 
 
 def _dataset_size(loader) -> Optional[int]:
@@ -569,6 +583,7 @@ def prepare_run(cfg: RunConfig):
         info["source"] = f"checkpoint {cfg.model.checkpoint}"
     elif base_path.exists():
         state = load_checkpoint(base_path, kind="baseline", map_location=device)
+        _refuse_changed_config(state.get("config"), cfg, base_path, BASELINE_SECTIONS)
         load_state_dict_strict(model, state["model"], str(base_path))
         set_rng_state(state["rng"])
         info = dict(state["info"])
@@ -578,7 +593,8 @@ def prepare_run(cfg: RunConfig):
         info["train"] = train_baseline(cfg, model, loaders, device)
         info["source"] = "trained"
         info["seconds"] = time.perf_counter() - t0
-        save_checkpoint(base_path, {"model": model.state_dict(), "rng": rng_state(), "info": info}, kind="baseline")
+        save_checkpoint(base_path, {"model": model.state_dict(), "rng": rng_state(), "info": info,
+                                    "config": config_to_dict(cfg)}, kind="baseline")
     eval_loader = loaders.test or loaders.val
     info["test"] = evaluate(model, eval_loader, device)
     if loaders.val is not None:

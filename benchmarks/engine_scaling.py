@@ -1,0 +1,270 @@
+"""Scaling benchmark of the fixing engine: full PWFN and WFN schedules vs. a sort floor.
+
+For each N: synthetic Laplace weights (std ~0.03, seeded), sigma from the PWFN
+initialiser (distance to the nearest powers of two, computed here; the ``bayes`` package
+will own it), then
+
+* PWFN: 10 rounds, tolerance ``1.0 * sigma``, positive power-of-two terms, sigma update
+  ``std_mu``;
+* WFN:  10 rounds, tolerance ``delta_t * |w|`` (delta = 0.01), signed terms, no sigma;
+* floor: 10 ``np.sort`` passes over the same N float32 values, in the same process.
+
+Memory: for each round, the peak resident set size (``VmHWM``) during the engine call
+above the resident size just before it, after returning freed heap pages to the OS (glibc
+``malloc_trim``) and resetting the peak through ``/proc/self/clear_refs`` (Linux); the
+maximum over rounds is reported.  That is everything one ``fix_round`` call allocates on
+top of its inputs (its outputs and temporaries), as the OS saw it.  Timings include the
+tolerance computation and the engine call, not this bookkeeping.  Each N runs in a fresh
+subprocess so peaks do not leak between sizes.
+
+Usage::
+
+    python benchmarks/engine_scaling.py                  # 1e5, 1e6, 5e6, 2.5e7
+    python benchmarks/engine_scaling.py --quick          # 1e5, 1e6
+    python benchmarks/engine_scaling.py --dry            # tiny smoke test (seconds)
+    python benchmarks/engine_scaling.py --sizes 1e6,5e6 --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from pwfn.engine import EngineConfig, fix_round  # noqa: E402
+from pwfn.schedules import pwfn_schedule, tolerance_for_round, wfn_schedule  # noqa: E402
+
+SIGMA_FLOOR = 2.0**-30
+
+
+def init_sigma(mu: torch.Tensor, scale: float = 0.0025, cap: float = 0.05) -> torch.Tensor:
+    """PWFN sigma initialiser (per tensor): room to move grows with distance to 2**k.
+
+    r = |(mu - p_up)/mu| * |(mu - p_down)/mu| with p_up/p_down the powers of two just
+    above/below |mu| (0 at an exact power of two and at mu == 0), sigma = clamp(scale * r /
+    quantile_0.75(r), 2**-30, cap).
+    """
+    a = mu.double().abs()
+    mant, expo = torch.frexp(a)  # a = mant * 2**expo, mant in [0.5, 1)
+    p_down = torch.ldexp(torch.full_like(a, 0.5), expo)
+    p_up = 2.0 * p_down
+    safe = torch.where(a > 0, a, torch.ones_like(a))
+    r = ((a - p_up).abs() / safe) * ((a - p_down).abs() / safe)
+    r = torch.where(a > 0, r, torch.zeros_like(r))
+    q = float(np.quantile(r.numpy(), 0.75))
+    sigma = scale * r / q if q > 0 else torch.full_like(r, cap)
+    return sigma.clamp(SIGMA_FLOOR, cap).to(mu.dtype)
+
+
+def entropy_stats(values: torch.Tensor) -> dict:
+    """Unique values and Shannon entropy (bits), with and without the zero value."""
+    uniq, counts = torch.unique(values, return_counts=True)
+    out = {}
+    for name, keep in (("with_zero", torch.ones_like(uniq, dtype=torch.bool)),
+                       ("without_zero", uniq != 0)):
+        c = counts[keep].double()
+        p = c / c.sum() if c.numel() else c
+        h = float(-(p * torch.log2(p)).sum()) if c.numel() else 0.0
+        out[f"unique_{name}"] = int(keep.sum())
+        out[f"entropy_bits_{name}"] = round(h, 4)
+    return out
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return -1
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc), so RSS counts live data only."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak() -> bool:
+    _trim_heap()
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_schedule(method: str, w: torch.Tensor, sigma: torch.Tensor, device: str) -> dict:
+    """One full 10-round schedule; returns timings, memory and codebook statistics."""
+    if method == "pwfn":
+        sched = pwfn_schedule(k=1.0)
+        cfg = EngineConfig(signed_terms=False, sigma_update="std_mu")
+    else:
+        sched = wfn_schedule(0.01)
+        cfg = EngineConfig(signed_terms=True)
+    values = w.to(device)
+    sig = sigma.to(device) if method == "pwfn" else None
+    fixed = torch.zeros_like(values, dtype=torch.bool)
+    rounds = []
+    total = 0.0
+    peak_kb = 0
+    for t, p in enumerate(sched.fractions):
+        tr = time.perf_counter()
+        tol = tolerance_for_round(sched, t, values=values, sigma=sig)
+        dt = time.perf_counter() - tr
+        # memory of the engine call: everything above its inputs (values, tol, fixed, sigma)
+        peak_ok = _reset_peak()
+        rss0 = _status_kb("VmRSS")
+        tr = time.perf_counter()
+        res = fix_round(values, tol, fixed, p, sigma=sig, config=cfg)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        dt += time.perf_counter() - tr
+        total += dt
+        if peak_ok:
+            peak_kb = max(peak_kb, _status_kb("VmHWM") - rss0)
+        s = res.summary
+        rounds.append({
+            "fraction": p, "seconds": round(dt, 4),
+            "engine_seconds": round(s["seconds"], 4), "newly_fixed": s["newly_fixed"],
+            "picks": len(s["picks"]), "levels": s["levels"], "final_order": s["final_order"],
+            "final_multiplier": s["final_multiplier"], "fallback": s["fallback"],
+        })
+        values, fixed, sig = res.values, res.fixed, res.sigma
+        del res, tol
+    peak_kb = peak_kb if peak_ok else None
+    n = values.numel()
+    out = {
+        "total_seconds": round(total, 4),
+        "round_seconds": [r["seconds"] for r in rounds],
+        "rounds": rounds,
+        "peak_extra_bytes": None if peak_kb is None else peak_kb * 1024,
+        "peak_extra_bytes_per_weight": None if peak_kb is None else round(peak_kb * 1024 / n, 2),
+        "all_fixed": bool(fixed.all()),
+    }
+    out.update(entropy_stats(values.cpu()))
+    return out
+
+
+def sort_floor(n: int, seed: int, passes: int = 10) -> float:
+    """Seconds for ``passes`` np.sort calls over n float32 values (the floor we compare to)."""
+    x = np.random.default_rng(seed).laplace(0.0, 0.03 / math.sqrt(2), n).astype(np.float32)
+    np.sort(x[: min(n, 1000)])  # warm-up
+    t = time.perf_counter()
+    for _ in range(passes):
+        np.sort(x)
+    return time.perf_counter() - t
+
+
+def one_size(n: int, device: str, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(n, generator=gen, dtype=torch.float64) - 0.5
+    w = (-(0.03 / math.sqrt(2)) * torch.sign(u) * torch.log1p(-2 * u.abs())).float()
+    del u
+    sigma = init_sigma(w)
+    # warm-up on a tiny problem: loads code paths and allocator pools, so the memory
+    # figure below is data, not one-off page faults of library code
+    for method in ("pwfn", "wfn"):
+        run_schedule(method, w[:4096].clone(), sigma[:4096].clone(), device)
+    res = {"n": n, "weight_std": round(float(w.std()), 5), "max_abs": float(w.abs().max())}
+    res["sort_floor_seconds"] = round(sort_floor(n, seed), 4)
+    for method in ("pwfn", "wfn"):
+        res[method] = run_schedule(method, w, sigma, device)
+        res[method]["ratio_to_sort_floor"] = round(
+            res[method]["total_seconds"] / res["sort_floor_seconds"], 3)
+    return res
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    return info
+
+
+def _parse_sizes(text: str) -> list:
+    return [int(float(s)) for s in text.split(",") if s.strip()]
+
+
+def main(argv: list | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=_parse_sizes, default=None,
+                    help="comma-separated N, e.g. 1e5,1e6 (default 1e5,1e6,5e6,2.5e7)")
+    ap.add_argument("--quick", action="store_true", help="small sizes only (1e5, 1e6)")
+    ap.add_argument("--dry", action="store_true", help="tiny smoke run (N = 2e4)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON here too")
+    ap.add_argument("--inline", action="store_true",
+                    help="run sizes in this process (default: one subprocess per size)")
+    ap.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args._child is not None:
+        print(json.dumps(one_size(args._child, args.device, args.seed)))
+        return 0
+    sizes = args.sizes or ([20_000] if args.dry else [100_000, 1_000_000] if args.quick
+                           else [100_000, 1_000_000, 5_000_000, 25_000_000])
+    results = []
+    for n in sizes:
+        if args.inline or args.dry:
+            r = one_size(n, args.device, args.seed)
+        else:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", str(n),
+                   "--device", args.device, "--threads", str(args.threads),
+                   "--seed", str(args.seed)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+        results.append(r)
+        print(f"N={n:>10,d}  pwfn {r['pwfn']['total_seconds']:8.3f}s  "
+              f"wfn {r['wfn']['total_seconds']:8.3f}s  sort floor "
+              f"{r['sort_floor_seconds']:7.3f}s  ratio {r['pwfn']['ratio_to_sort_floor']:.2f}"
+              f"/{r['wfn']['ratio_to_sort_floor']:.2f}", file=sys.stderr)
+    doc = {"benchmark": "engine_scaling", "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+           "machine": machine(), "device": args.device, "results": results,
+           "memory_measure": ("max over rounds of VmHWM - VmRSS around one fix_round call, after "
+                              "malloc_trim(0) and clear_refs=5; bytes (and per weight)")}
+    text = json.dumps(doc, indent=1)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

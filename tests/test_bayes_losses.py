@@ -1,0 +1,296 @@
+"""sigma regulariser, KL divergence and sigma statistics against direct computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bayes
+from bayes import (
+    bayesianize,
+    forward_mode,
+    kl_divergence,
+    sigma_regularizer,
+    sigma_stats,
+    summarize_sigma,
+)
+
+TAU, LAM = 0.05, 2.0**-11
+
+
+class _Net(nn.Sequential):
+    def forward(self, x):  # (N, 6) -> (N, 2 * 3)
+        return self[3](self[2](self[1](self[0](x)).unsqueeze(1)))
+
+
+def _model(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    model = _Net(nn.Linear(6, 5), nn.ReLU(), nn.Sequential(nn.Conv1d(1, 2, 3, bias=False)), nn.Flatten())
+    bm = bayesianize(model).to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, layer in bayes.bayesian_layers(bm):
+            for n in layer.present_params():
+                s = layer.sigma(n)
+                # below tau, above tau, zero and negative entries
+                s.copy_(torch.rand(s.shape, generator=g, dtype=dtype) * 0.12 - 0.02)
+    return bm
+
+
+def _sigmas(bm):
+    """{mask key: (layer, param name)} for every Bayesian parameter pair."""
+    out = {}
+    for lname, layer in bayes.bayesian_layers(bm):
+        for n in layer.present_params():
+            out[f"{lname + '.' if lname else ''}{n}_sigma"] = (layer, n)
+    return out
+
+
+def _np(t):
+    return t.detach().numpy().astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# sigma regulariser
+def test_regularizer_gradient_matches_formula_with_drawn_eps():
+    bm = _model()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    bm(x)
+    bm(x)  # the regulariser uses the eps of the *last* forward
+    pairs = _sigmas(bm)
+    assert sorted(pairs) == ["0.bias_sigma", "0.weight_sigma", "2.0.weight_sigma"]
+    reg = sigma_regularizer(bm, tau=TAU, lam=LAM)
+    params = [layer.sigma(n) for layer, n in pairs.values()]
+    grads = torch.autograd.grad(reg, params)
+    total = 0.0
+    for (layer, n), g in zip(pairs.values(), grads):
+        eps = _np(layer.last_eps(n))
+        sigma = _np(layer.sigma(n))
+        want = -LAM * np.maximum(TAU - sigma, 0.0) * np.abs(eps)
+        np.testing.assert_allclose(_np(g), want, rtol=1e-12, atol=1e-300)
+        assert (want != 0).any() and (want == 0).any()  # both regimes exercised
+        total += LAM / 2 * np.sum(np.abs(eps) * np.maximum(TAU - sigma, 0.0) ** 2)
+    assert reg.item() == pytest.approx(total, rel=1e-12)
+
+
+def test_regularizer_frozen_mask_gives_exactly_zero_gradient():
+    bm = _model(1)
+    bm(torch.randn(3, 6, dtype=torch.float64))
+    pairs = _sigmas(bm)
+    g = torch.Generator().manual_seed(5)
+    frozen = {
+        "0.weight_sigma": torch.rand(5, 6, generator=g) < 0.5,
+        "2.0.weight_sigma": torch.ones(2, 1, 3, dtype=torch.bool),  # a whole layer frozen
+        # (no entry for 0.bias_sigma: unfrozen)
+    }
+    reg = sigma_regularizer(bm, tau=TAU, lam=LAM, frozen=frozen)
+    grads = dict(zip(pairs, torch.autograd.grad(reg, [lay.sigma(n) for lay, n in pairs.values()])))
+    for key, (layer, n) in pairs.items():
+        want = -LAM * np.maximum(TAU - _np(layer.sigma(n)), 0.0) * np.abs(_np(layer.last_eps(n)))
+        mask = frozen.get(key, torch.zeros(layer.sigma(n).shape, dtype=torch.bool)).numpy()
+        got = _np(grads[key])
+        assert (got[mask] == 0).all()
+        np.testing.assert_allclose(got[~mask], want[~mask], rtol=1e-12, atol=1e-300)
+    # float/int masks are accepted the same way
+    reg2 = sigma_regularizer(bm, tau=TAU, lam=LAM, frozen={k: v.to(torch.float32) for k, v in frozen.items()})
+    assert reg2.item() == pytest.approx(reg.item(), rel=1e-12)
+
+
+def test_regularizer_sigma_above_tau_has_zero_gradient():
+    bm = _model(2)
+    for layer, n in _sigmas(bm).values():
+        with torch.no_grad():
+            layer.sigma(n).uniform_(TAU, 0.3)
+    bm(torch.randn(2, 6, dtype=torch.float64))
+    reg = sigma_regularizer(bm)
+    assert reg.item() == 0.0
+    reg_grads = torch.autograd.grad(reg, [lay.sigma(n) for lay, n in _sigmas(bm).values()])
+    assert all((g == 0).all() for g in reg_grads)
+
+
+@pytest.mark.parametrize("mode", ["local", "mean"])
+def test_regularizer_uses_expected_abs_eps_without_drawn_eps(mode):
+    bm = _model(3)
+    bm(torch.randn(2, 6, dtype=torch.float64))  # sample-mode eps exist ...
+    with forward_mode(bm, mode):
+        bm(torch.randn(2, 6, dtype=torch.float64))  # ... and are dropped by this forward
+        reg = sigma_regularizer(bm, tau=0.07, lam=0.5)
+    pairs = _sigmas(bm)
+    grads = torch.autograd.grad(reg, [lay.sigma(n) for lay, n in pairs.values()])
+    for (layer, n), g in zip(pairs.values(), grads):
+        assert layer.last_eps(n) is None
+        want = -0.5 * np.maximum(0.07 - _np(layer.sigma(n)), 0.0) * math.sqrt(2 / math.pi)
+        np.testing.assert_allclose(_np(g), want, rtol=1e-12, atol=1e-300)
+
+
+def test_regularizer_defaults_and_bare_layer():
+    layer = bayes.BayesLinear(3, 2, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight_sigma.fill_(0.01)
+        layer.bias_sigma.fill_(-0.01)
+    layer(torch.randn(1, 3, dtype=torch.float64))
+    frozen = {"weight_sigma": torch.tensor([[True, False, False], [False, False, True]])}
+    reg = sigma_regularizer(layer, frozen=frozen)
+    gw, gb = torch.autograd.grad(reg, [layer.weight_sigma, layer.bias_sigma])
+    eps_w, eps_b = _np(layer.last_eps("weight")), _np(layer.last_eps("bias"))
+    want_w = -(2.0**-11) * (0.05 - 0.01) * np.abs(eps_w) * ~frozen["weight_sigma"].numpy()
+    np.testing.assert_allclose(_np(gw), want_w, rtol=1e-12)
+    np.testing.assert_allclose(_np(gb), -(2.0**-11) * 0.06 * np.abs(eps_b), rtol=1e-12)
+
+
+def test_regularizer_step_raises_unfrozen_small_sigmas_only():
+    bm = _model(4)
+    bm(torch.randn(2, 6, dtype=torch.float64))
+    frozen = {"0.weight_sigma": torch.rand(5, 6) < 0.5}
+    before = bm[0].weight_sigma.detach().clone()
+    opt = torch.optim.SGD([p for n, p in bm.named_parameters() if n.endswith("_sigma")], lr=10.0)
+    sigma_regularizer(bm, frozen=frozen).backward()
+    opt.step()
+    after = bm[0].weight_sigma.detach()
+    m = frozen["0.weight_sigma"]
+    assert torch.equal(after[m], before[m])
+    moved = (~m) & (before < TAU)
+    assert (after[moved] > before[moved]).all()
+    assert torch.equal(after[(~m) & (before >= TAU)], before[(~m) & (before >= TAU)])
+
+
+def test_regularizer_bad_arguments():
+    bm = _model(5)
+    with pytest.raises(bayes.BayesError):
+        sigma_regularizer(bm, tau=-0.1)
+    with pytest.raises(bayes.BayesError):
+        sigma_regularizer(bm, lam=-1.0)
+    with pytest.raises(bayes.BayesError, match="shape"):
+        sigma_regularizer(bm, frozen={"0.weight_sigma": torch.zeros(6, 5, dtype=torch.bool)})
+    with pytest.raises(bayes.BayesError):
+        sigma_regularizer(nn.Sequential(nn.Linear(2, 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# KL divergence
+def _kl_closed_form(mu_q, s_q, mu_p, s_p):
+    return np.log(s_p / s_q) + (s_q**2 + (mu_q - mu_p) ** 2) / (2 * s_p**2) - 0.5
+
+
+def test_kl_matches_closed_form_and_gradients():
+    bm = _model(6)
+    floor = bm[0].sigma_floor
+    pairs = _sigmas(bm)
+    n_data, p_mu, p_s = 1000, 0.1, 0.5
+    kl = kl_divergence(bm, prior_sigma=p_s, prior_mu=p_mu, dataset_size=n_data)
+    want = 0.0
+    for layer, n in pairs.values():
+        s = np.maximum(_np(layer.sigma(n)), floor)  # floored, as in the forward
+        want += _kl_closed_form(_np(layer.mu(n)), s, p_mu, p_s).sum()
+    assert kl.item() == pytest.approx(want / n_data, rel=1e-10)
+    # not divided without a dataset size; default prior N(0, 1)
+    kl_all = kl_divergence(bm)
+    want_all = sum(_kl_closed_form(_np(lay.mu(n)), np.maximum(_np(lay.sigma(n)), floor), 0.0, 1.0).sum()
+                   for lay, n in pairs.values())
+    assert kl_all.item() == pytest.approx(want_all, rel=1e-10)
+    # gradients: dKL/dmu = (mu - mu_p)/s_p^2, dKL/dsigma = -1/s + s/s_p^2 (where s > floor)
+    layer = bm[0]
+    gm, gs = torch.autograd.grad(kl, [layer.weight_mu, layer.weight_sigma])
+    mu, s = _np(layer.weight_mu), _np(layer.weight_sigma)
+    np.testing.assert_allclose(_np(gm), (mu - p_mu) / p_s**2 / n_data, rtol=1e-10)
+    ok = s > floor
+    np.testing.assert_allclose(_np(gs)[ok], (-1 / s[ok] + s[ok] / p_s**2) / n_data, rtol=1e-10)
+
+
+def test_kl_frozen_mask():
+    bm = _model(7)
+    floor = bm[0].sigma_floor
+    with torch.no_grad():
+        for layer, n in _sigmas(bm).values():
+            layer.sigma(n).uniform_(0.01, 0.2)
+    mask = torch.rand(5, 6, generator=torch.Generator().manual_seed(0)) < 0.4
+    frozen = {"0.weight_sigma": mask}
+    kl = kl_divergence(bm, frozen=frozen, dataset_size=10)
+    want = 0.0
+    for key, (layer, n) in _sigmas(bm).items():
+        term = _kl_closed_form(_np(layer.mu(n)), np.maximum(_np(layer.sigma(n)), floor), 0.0, 1.0)
+        if key in frozen:
+            term = term[~frozen[key].numpy()]
+        want += term.sum()
+    assert kl.item() == pytest.approx(want / 10, rel=1e-10)
+    gm, gs = torch.autograd.grad(kl, [bm[0].weight_mu, bm[0].weight_sigma])
+    assert (gm[mask] == 0).all() and (gs[mask] == 0).all()
+    assert (gm[~mask] != 0).all() and (gs[~mask] != 0).all()
+
+
+def test_kl_bad_arguments():
+    bm = _model(8)
+    for bad in (0.0, -1.0):
+        with pytest.raises(bayes.BayesError):
+            kl_divergence(bm, prior_sigma=bad)
+    for bad in (0, -5):
+        with pytest.raises(bayes.BayesError):
+            kl_divergence(bm, dataset_size=bad)
+    with pytest.raises(bayes.BayesError):
+        kl_divergence(nn.Sequential(nn.ReLU()))
+    with pytest.raises(bayes.BayesError, match="shape"):
+        kl_divergence(bm, frozen={"2.0.weight_sigma": torch.zeros(3, dtype=torch.bool)})
+
+
+# ---------------------------------------------------------------------------------------------
+# sigma statistics
+def test_sigma_stats_match_direct_computation():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(7, 4), nn.Linear(4, 3, bias=False), nn.Conv2d(1, 3, 3))
+    bm = bayesianize(model, sigma_floor=1e-4)
+    with torch.no_grad():
+        bm[0].weight_mu[0, :3] = 0.0  # excluded from the relative statistics
+        bm[0].weight_sigma[1, :2] = -0.5  # floored
+        bm[0].weight_sigma[2, 0] = 0.0
+        bm[1].weight_sigma.uniform_(0.001, 0.1)
+        bm[2].bias_mu.zero_()  # no entry with mu != 0
+    stats = sigma_stats(bm)
+    assert sorted(stats) == ["0.bias", "0.weight", "1.weight", "2.bias", "2.weight"]
+    for key, st in stats.items():
+        lname, pname = key.split(".")
+        layer = bm[int(lname)]
+        sig = np.maximum(_np(layer.sigma(pname)).reshape(-1), 1e-4)
+        mu = _np(layer.mu(pname)).reshape(-1)
+        assert st["count"] == sig.size
+        assert st["mean"] == pytest.approx(sig.mean(), rel=1e-6)
+        assert st["min"] == pytest.approx(sig.min(), rel=1e-6)
+        assert st["max"] == pytest.approx(sig.max(), rel=1e-6)
+        nz = mu != 0
+        if nz.any():
+            rel = sig[nz] / np.abs(mu[nz])
+            assert st["rel_mean"] == pytest.approx(rel.mean(), rel=1e-5)
+            assert st["rel_median"] == pytest.approx(np.median(rel), rel=1e-5)
+        else:
+            assert math.isnan(st["rel_mean"]) and math.isnan(st["rel_median"])
+    assert stats["0.weight"]["min"] == pytest.approx(1e-4)
+    # an even number of non-zero entries: the median is the mean of the middle two
+    assert (bm[1].weight_mu != 0).sum() % 2 == 0
+
+
+def test_sigma_stats_median_even_count():
+    layer = bayes.BayesLinear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight_mu.copy_(torch.tensor([[1.0, 1.0, 1.0, 1.0]]))
+        layer.weight_sigma.copy_(torch.tensor([[0.1, 0.2, 0.3, 0.4]]))
+    st = sigma_stats(layer)["weight"]
+    assert st["rel_median"] == pytest.approx(0.25)
+    assert st["rel_mean"] == pytest.approx(0.25)
+
+
+def test_summarize_sigma_weighted_by_count():
+    torch.manual_seed(10)
+    bm = bayesianize(nn.Sequential(nn.Linear(5, 4), nn.Linear(4, 2, bias=False)))
+    stats = sigma_stats(bm)
+    allsig = np.concatenate([np.maximum(_np(lay.sigma(n)).reshape(-1), lay.sigma_floor)
+                             for _, lay in bayes.bayesian_layers(bm) for n in lay.present_params()])
+    summary = summarize_sigma(bm)
+    assert summary["count"] == allsig.size == sum(s["count"] for s in stats.values())
+    assert summary["mean"] == pytest.approx(allsig.mean(), rel=1e-6)
+    assert summary["min"] == pytest.approx(allsig.min(), rel=1e-6)
+    assert summary["max"] == pytest.approx(allsig.max(), rel=1e-6)
+    assert summarize_sigma(nn.Sequential(nn.ReLU())) == {"count": 0}
+    assert sigma_stats(nn.Sequential(nn.ReLU())) == {}

@@ -1,0 +1,435 @@
+"""The fixing engine against a deliberately simple dense reference, plus its invariants.
+
+The reference below loops over picks and builds a dense (weights x centres) fit matrix;
+it is the executable specification of ALGORITHM.md section 2 (with the engine's
+documented tie-breaks).  The fast engine must reproduce it *exactly*.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pwfn.engine as engine_mod
+from pwfn.centres import candidate_centres
+from pwfn.engine import EngineConfig, fix_round, lookup_centres, target_count
+from pwfn.errors import ConfigError, EngineInputError
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_round(values, tolerance, fixed, p, cfg, sigma=None):
+    """Dense, loop-over-picks implementation of one round (small N only)."""
+    n = values.numel()
+    dtype = values.dtype
+    target = target_count(p, n)
+    need = target - int(fixed.sum())
+    cs = candidate_centres(float(values.abs().max()), cfg.max_order, cfg.b, cfg.signed_terms,
+                           dtype=dtype)
+    new_v = values.clone()
+    fx = fixed.clone()
+    assigned = {}  # weight index -> centre value (float)
+    order, mult, esc, order_turn, fallback = 1, 1.0, 0, True, 0
+    v64 = values.double()
+    t64 = tolerance.double()
+    small = values.abs() < 2.0**-cfg.b
+    while need > 0:
+        lvl = torch.nonzero(cs.orders <= order).squeeze(1)
+        c = cs.values[lvl]
+        removed = torch.zeros(c.numel(), dtype=torch.bool)
+        mt = tolerance if mult == 1.0 else tolerance * mult
+        lo = values - mt
+        hi = values + mt
+        while need > 0:
+            fit = (lo[:, None] <= c[None, :]) & (c[None, :] <= hi[:, None])
+            if cfg.zero_fix:
+                z = int(torch.nonzero(c == 0)[0])
+                fit[:, z] |= small
+            fit &= ~fx[:, None]
+            fit[:, removed] = False
+            cnt = fit.sum(0)
+            if int(cnt.max()) == 0:
+                break
+            best = min(range(c.numel()),
+                       key=lambda j: (-int(cnt[j]), abs(float(c[j])), float(c[j])))
+            members = torch.nonzero(fit[:, best]).squeeze(1).tolist()
+            cb = float(c[best])
+
+            def ratio(i, cb=cb):
+                d = abs(float(v64[i]) - cb)
+                m = float(t64[i]) * mult
+                if d == 0:
+                    return 0.0
+                return math.inf if m == 0 else d / m
+
+            members.sort(key=lambda i: (ratio(i), i))
+            take = members[:min(len(members), need)]
+            for i in take:
+                new_v[i] = c[best]
+                fx[i] = True
+                assigned[i] = cb
+            need -= len(take)
+            removed[best] = True
+        if need <= 0:
+            break
+        if esc >= cfg.max_escalations:
+            full = cs.values.double()
+            cand = []
+            for i in torch.nonzero(~fx).squeeze(1).tolist():
+                j = min(range(full.numel()), key=lambda j: (abs(float(full[j]) - float(v64[i])),
+                                                            abs(float(full[j])), float(full[j])))
+                cand.append((abs(float(full[j]) - float(v64[i])), i, j))
+            cand.sort()
+            for _, i, j in cand[:need]:
+                new_v[i] = cs.values[j]
+                fx[i] = True
+                assigned[i] = float(cs.values[j])
+            fallback = min(need, len(cand))
+            need = 0
+            break
+        esc += 1
+        if order < cfg.max_order and order_turn:
+            order += 1
+            order_turn = False
+        else:
+            mult *= cfg.inc
+            order_turn = True
+    new_sigma = None
+    if sigma is not None:
+        new_sigma = sigma.clone()
+        if cfg.sigma_update == "divide":
+            for i in assigned:
+                new_sigma[i] = max(float(sigma[i]) / cfg.sigma_divisor, cfg.sigma_floor)
+        elif cfg.sigma_update == "std_mu":
+            groups = {}
+            for i, cv in assigned.items():
+                groups.setdefault(cv, []).append(float(values[i]))
+            for i, cv in assigned.items():
+                new_sigma[i] = max(float(np.std(np.array(groups[cv], dtype=np.float64))),
+                                   cfg.sigma_floor)
+    return new_v, fx, new_sigma, {"escalations": esc, "final_order": order,
+                                  "final_multiplier": mult, "fallback": fallback}
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@st.composite
+def engine_case(draw):
+    n = draw(st.integers(1, 40))
+    b = draw(st.sampled_from([2, 3, 7]))
+    scale = draw(st.sampled_from([0.01, 0.1, 1.0]))
+    kind = draw(st.lists(st.sampled_from(["float", "grid", "zero", "tiny", "dup"]),
+                         min_size=n, max_size=n))
+    raw = draw(st.lists(st.floats(-1, 1, allow_nan=False, width=32), min_size=n, max_size=n))
+    vals = []
+    for k, r in zip(kind, raw):
+        if k == "grid":
+            vals.append(round(r * scale * 2**b) / 2**b)
+        elif k == "zero":
+            vals.append(0.0)
+        elif k == "tiny":
+            vals.append(r * 2.0**-b)
+        elif k == "dup" and vals:
+            vals.append(vals[-1])
+        else:
+            vals.append(r * scale)
+    tol_kind = draw(st.sampled_from(["zero", "tiny", "mid", "big", "mixed", "rel"]))
+    traw = draw(st.lists(st.floats(0, 1, allow_nan=False, width=32), min_size=n, max_size=n))
+    if tol_kind == "zero":
+        tol = [0.0] * n
+    elif tol_kind == "tiny":
+        tol = [x * 1e-6 for x in traw]
+    elif tol_kind == "mid":
+        tol = [x * scale * 0.1 for x in traw]
+    elif tol_kind == "big":
+        tol = [x * scale for x in traw]
+    elif tol_kind == "rel":
+        tol = [abs(v) * 0.1 for v in vals]
+    else:
+        tol = [draw(st.sampled_from([0.0, 1e-7, 0.003, 0.05])) for _ in range(n)]
+    dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.float64]))
+    values = torch.tensor(vals, dtype=dtype)
+    tolerance = torch.tensor(tol, dtype=dtype)
+    cfg = EngineConfig(
+        b=b,
+        max_order=draw(st.integers(1, 4)),
+        signed_terms=draw(st.booleans()),
+        zero_fix=draw(st.booleans()),
+        inc=draw(st.sampled_from([2.0, 1.5, 4.0])),
+        sigma_update=draw(st.sampled_from(["std_mu", "keep", "divide"])),
+        max_escalations=draw(st.sampled_from([0, 3, 50])),
+    )
+    # partially fixed input: some entries already sit on centres
+    fixed = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    if draw(st.booleans()):
+        fixed[:] = False
+    cs = candidate_centres(float(values.abs().max()), cfg.max_order, b, cfg.signed_terms,
+                           dtype=dtype)
+    pos = torch.searchsorted(cs.values, values).clamp(max=len(cs) - 1)
+    values = torch.where(fixed, cs.values[pos], values)
+    n_fixed = int(fixed.sum())
+    p = draw(st.sampled_from([0.0, 0.2, 0.5, 0.7, 0.9, 0.99, 1.0, None]))
+    if p is None:
+        p = draw(st.floats(0, 1))
+    if target_count(p, n) < n_fixed:
+        p = 1.0
+    sigma = torch.tensor(draw(st.lists(st.floats(1e-6, 0.1), min_size=n, max_size=n)),
+                         dtype=dtype)
+    return values, tolerance, fixed, p, cfg, sigma
+
+
+def _assert_matches_reference(values, tolerance, fixed, p, cfg, sigma):
+    res = fix_round(values, tolerance, fixed, p, sigma=sigma, config=cfg)
+    rv, rf, rs, rsum = reference_round(values, tolerance, fixed, p, cfg, sigma)
+    assert torch.equal(res.fixed, rf)
+    assert torch.equal(res.values, rv)
+    assert res.summary["escalations"] == rsum["escalations"]
+    assert res.summary["final_order"] == rsum["final_order"]
+    assert res.summary["final_multiplier"] == rsum["final_multiplier"]
+    assert res.summary["fallback"] == rsum["fallback"]
+    torch.testing.assert_close(res.sigma.double(), rs.double(), rtol=1e-6, atol=1e-12)
+    _assert_invariants(values, tolerance, fixed, p, cfg, sigma, res)
+    return res
+
+
+def _assert_invariants(values, tolerance, fixed, p, cfg, sigma, res):
+    n = values.numel()
+    assert int(res.fixed.sum()) >= target_count(p, n)
+    assert res.summary["fixed_after"] == int(res.fixed.sum())
+    # previously fixed entries never move (bit-identical), fixed stays fixed
+    assert torch.equal(res.values[fixed], values[fixed])
+    assert bool(res.fixed[fixed].all())
+    assert torch.equal(res.values[~res.fixed], values[~res.fixed])
+    assert torch.equal(res.newly_fixed, res.fixed & ~fixed)
+    # every newly fixed value is a centre with at most max_order terms
+    nf = res.newly_fixed
+    ci = res.centre_index[nf].long()
+    assert bool((ci >= 0).all())
+    assert torch.equal(res.centres.values[ci], res.values[nf])
+    assert bool((res.order[nf] <= cfg.max_order).all())
+    assert bool((res.order[~res.fixed] == -1).all())
+    # within the (escalated) tolerance, except zero (zero_fix) and the fallback
+    if res.summary["fallback"] == 0:
+        m = res.summary["final_multiplier"]
+        mt = tolerance if m == 1.0 else tolerance * m
+        c = res.values
+        ok = (values - mt <= c) & (c <= values + mt)
+        if cfg.zero_fix:
+            ok |= (c == 0) & (values.abs() < 2.0**-cfg.b)
+        assert bool(ok[nf].all())
+    # sigma: only newly fixed change
+    if sigma is not None:
+        assert torch.equal(res.sigma[~nf], sigma[~nf])
+        if cfg.sigma_update == "keep":
+            assert torch.equal(res.sigma, sigma)
+
+
+# --------------------------------------------------------------------------- property tests
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(engine_case())
+def test_engine_matches_dense_reference(case):
+    _assert_matches_reference(*case)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(engine_case())
+def test_engine_matches_reference_on_slow_paths(case):
+    """Binary search instead of grid tables, sparse run types, tiny chunks: same answer."""
+    saved = (engine_mod._GRID_MIN, engine_mod._DENSE_MIN, engine_mod._PER_WORK,
+             engine_mod._CHUNK)
+    try:
+        engine_mod._GRID_MIN = 0
+        engine_mod._DENSE_MIN = 0
+        engine_mod._PER_WORK = 0
+        engine_mod._CHUNK = 3
+        _assert_matches_reference(*case)
+    finally:
+        (engine_mod._GRID_MIN, engine_mod._DENSE_MIN, engine_mod._PER_WORK,
+         engine_mod._CHUNK) = saved
+
+
+def test_ties_symmetric_values_negative_first():
+    # +-x equally populated: the negative centre wins the tie
+    v = torch.tensor([3 / 128, -3 / 128, 3 / 128, -3 / 128])
+    t = torch.zeros(4)
+    res = fix_round(v, t, torch.zeros(4, dtype=torch.bool), 0.5)
+    assert res.values.tolist() == [3 / 128, -3 / 128, 3 / 128, -3 / 128]
+    assert res.fixed.tolist() == [False, True, False, True]
+    assert res.summary["picks"][0]["centre"] == -3 / 128
+
+
+def test_partial_pick_ranks_by_normalised_distance_then_index():
+    c = 0.25
+    v = torch.tensor([c + 0.01, c + 0.001, c + 0.01, c + 0.02])
+    t = torch.tensor([0.1, 0.1, 0.1, 0.1])
+    res = fix_round(v, t, torch.zeros(4, dtype=torch.bool), 0.5,
+                    config=EngineConfig(zero_fix=False))
+    assert res.fixed.tolist() == [True, True, False, False]
+
+
+def test_zero_fix_by_value_and_without_tolerance():
+    v = torch.tensor([0.001, -0.002, 0.5, 0.0])
+    t = torch.zeros(4)
+    res = fix_round(v, t, torch.zeros(4, dtype=torch.bool), 0.75)
+    assert res.values.tolist() == [0.0, 0.0, 0.5, 0.0]
+    res2 = fix_round(v, t, torch.zeros(4, dtype=torch.bool), 0.75,
+                     config=EngineConfig(zero_fix=False, max_escalations=2))
+    # without zero_fix only the exact centres fit; the rest needs the fallback
+    assert res2.summary["fallback"] == 1
+    assert res2.values[3] == 0.0 and res2.values[2] == 0.5
+
+
+def test_escalation_sequence_order_first_then_alternating():
+    v = torch.tensor([5 / 128 + 0.001])  # 5 = 101b needs order 2 at tolerance 0.001 * m
+    t = torch.tensor([0.0006])
+    res = fix_round(v, t, torch.zeros(1, dtype=torch.bool), 1.0,
+                    config=EngineConfig(zero_fix=False))
+    s = res.summary
+    assert (s["final_order"], s["final_multiplier"], s["escalations"]) == (2, 2.0, 2)
+    assert res.values.item() == 5 / 128
+
+
+def test_wfn_is_same_engine_with_relative_tolerance():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(500, generator=g) * 0.05
+    delta = 0.01
+    fixed = torch.zeros(500, dtype=torch.bool)
+    cfg = EngineConfig(signed_terms=True)
+    for t, p in enumerate([0.3, 0.6, 0.8, 0.9, 0.95, 0.975, 0.99, 0.9975, 0.999, 1.0]):
+        tol = delta * (10 - t) * w.abs()
+        res = fix_round(w, tol, fixed, p, config=cfg)
+        _assert_invariants(w, tol, fixed, p, cfg, None, res)
+        w, fixed = res.values, res.fixed
+    assert bool(fixed.all())
+    # 7/128 = 8/128 - 1/128 is order 2 with signed terms
+    assert res.centres.orders[res.centres.values == 7 / 128].item() == 2
+
+
+def test_previously_fixed_bit_identical_and_deterministic():
+    g = torch.Generator().manual_seed(0)
+    v = torch.distributions.Laplace(0.0, 0.02).sample((20000,)).float()
+    sigma = (torch.rand(20000, generator=g) * 0.005).float()
+    fixed = torch.zeros(20000, dtype=torch.bool)
+    for p in [0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0]:
+        r1 = fix_round(v, sigma, fixed, p, sigma=sigma)
+        r2 = fix_round(v.clone(), sigma.clone(), fixed.clone(), p, sigma=sigma.clone())
+        for a, b in [(r1.values, r2.values), (r1.fixed, r2.fixed), (r1.sigma, r2.sigma),
+                     (r1.centre_index, r2.centre_index), (r1.order, r2.order)]:
+            assert torch.equal(a, b)
+        assert torch.equal(r1.values[fixed].view(torch.int32), v[fixed].view(torch.int32))
+        _assert_invariants(v, sigma, fixed, p, EngineConfig(), sigma, r1)
+        v, fixed, sigma = r1.values, r1.fixed, r1.sigma
+    assert bool(fixed.all())
+    assert v.unique().numel() < 100
+
+
+def test_nothing_to_do_returns_copies():
+    v = torch.tensor([0.1, 0.2])
+    fixed = torch.tensor([True, False])
+    res = fix_round(v, torch.ones(2), fixed, 0.5)
+    assert torch.equal(res.values, v) and torch.equal(res.fixed, fixed)
+    assert res.values is not v
+    assert res.summary["newly_fixed"] == 0
+
+
+def test_target_count_slack():
+    assert target_count(0.2, 10) == 2
+    assert target_count(0.7, 10) == 7
+    assert target_count(0.71, 10) == 8
+    assert target_count(1.0, 7) == 7
+    assert target_count(0.0, 7) == 0
+
+
+def test_lookup_centres():
+    cs = candidate_centres(1.0, 2)
+    v = torch.tensor([0.5, 0.3, 0.0, -0.75, 2.0])
+    idx = lookup_centres(v, cs)
+    assert idx[1] == -1 and idx[4] == -1
+    assert cs.values[idx[[0, 2, 3]].long()].tolist() == [0.5, 0.0, -0.75]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _ok():
+    return torch.tensor([0.1, -0.2, 0.3]), torch.full((3,), 0.01), torch.zeros(3, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    "mutate, name",
+    [
+        (lambda v, t, f: (torch.tensor([0.1, float("nan"), 0.3]), t, f), "values"),
+        (lambda v, t, f: (torch.tensor([0.1, float("inf"), 0.3]), t, f), "values"),
+        (lambda v, t, f: (torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.bool)),
+         "values"),
+        (lambda v, t, f: (v.reshape(3, 1), t.reshape(3, 1), f.reshape(3, 1)), "values"),
+        (lambda v, t, f: (v.half(), t.half(), f), "values"),
+        (lambda v, t, f: (v, torch.tensor([0.1, -0.1, 0.1]), f), "tolerance"),
+        (lambda v, t, f: (v, torch.tensor([0.1, float("nan"), 0.1]), f), "tolerance"),
+        (lambda v, t, f: (v, torch.tensor([0.1, float("inf"), 0.1]), f), "tolerance"),
+        (lambda v, t, f: (v, torch.full((4,), 0.01), f), "tolerance"),
+        (lambda v, t, f: (v, t.double(), f), "tolerance"),
+        (lambda v, t, f: (v, [0.1, 0.1, 0.1], f), "tolerance"),
+        (lambda v, t, f: (v, t, f.int()), "fixed"),
+        (lambda v, t, f: (v, t, torch.zeros(2, dtype=torch.bool)), "fixed"),
+    ],
+)
+def test_bad_input_names_the_tensor(mutate, name):
+    v, t, f = mutate(*_ok())
+    with pytest.raises(EngineInputError, match=name):
+        fix_round(v, t, f, 0.5)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan"), True, "0.5"])
+def test_bad_target_fraction(p):
+    v, t, f = _ok()
+    with pytest.raises(EngineInputError, match="target_fraction"):
+        fix_round(v, t, f, p)
+
+
+def test_target_below_fixed_fraction():
+    v, t, _ = _ok()
+    with pytest.raises(EngineInputError, match="target_fraction"):
+        fix_round(v, t, torch.tensor([True, True, False]), 0.3)
+
+
+def test_bad_sigma():
+    v, t, f = _ok()
+    with pytest.raises(EngineInputError, match="sigma"):
+        fix_round(v, t, f, 0.5, sigma=torch.ones(2))
+    with pytest.raises(EngineInputError, match="sigma"):
+        fix_round(v, t, f, 0.5, sigma=torch.tensor([1.0, float("nan"), 1.0]))
+
+
+@pytest.mark.parametrize("kw", [{"inc": 1.0}, {"max_order": 0}, {"sigma_update": "x"},
+                                {"b": -1}, {"sigma_divisor": 0.0}, {"max_escalations": -1},
+                                {"inc": 4.0, "max_escalations": 64}])
+def test_bad_config(kw):
+    with pytest.raises(ConfigError):
+        EngineConfig(**kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(1)
+    v = torch.distributions.Laplace(0.0, 0.02).sample((50000,)).float()
+    sigma = (torch.rand(50000, generator=g) * 0.005).float()
+    fixed = torch.zeros(50000, dtype=torch.bool)
+    vc, sc, fc = v.cuda(), sigma.cuda(), fixed.cuda()
+    for p in [0.2, 0.6, 0.9, 1.0]:
+        r = fix_round(v, sigma, fixed, p, sigma=sigma)
+        rc = fix_round(vc, sc, fc, p, sigma=sc)
+        assert torch.equal(r.values, rc.values.cpu()) and torch.equal(r.fixed, rc.fixed.cpu())
+        rc2 = fix_round(vc, sc, fc, p, sigma=sc)
+        assert torch.equal(rc.sigma, rc2.sigma)
+        torch.testing.assert_close(r.sigma, rc.sigma.cpu())
+        v, sigma, fixed = r.values, r.sigma, r.fixed
+        vc, sc, fc = rc.values, rc.sigma, rc.fixed
