@@ -5,7 +5,7 @@ Convert any trained model with :func:`bayesianize`, train mu and sigma with
 switch forward modes with :func:`forward_mode`, and go back with :func:`to_point_estimate`.
 """
 
-from .convert import bayesianize, to_point_estimate
+from .convert import bayesianize, sample_point_estimate, to_point_estimate
 from .errors import BayesError, ConversionError
 from .init import (
     DEFAULT_SIGMA_FLOOR,
@@ -54,5 +54,6 @@ __all__ = [
     "sigma_regularizer",
     "sigma_stats",
     "summarize_sigma",
+    "sample_point_estimate",
     "to_point_estimate",
 ]

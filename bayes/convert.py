@@ -13,6 +13,7 @@ import fnmatch
 import logging
 from typing import Iterable, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
 from .errors import ConversionError
@@ -138,3 +139,29 @@ def to_point_estimate(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     }
     _replace_children(model, replacements)
     return model
+
+
+@torch.no_grad()
+def sample_point_estimate(model: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """A plain copy of ``model`` whose Bayesian layers hold one weight draw ``mu + sigma * eps``.
+
+    One draw is one network of the posterior: evaluating it on a whole dataset and averaging
+    over draws is the usual MC predictive. ``eps`` comes from ``generator`` (a CPU generator),
+    so the draw does not touch the global RNG and is reproducible on every device and rank.
+    """
+    plain = to_point_estimate(model)
+    layers = dict(model.named_modules())
+    for name, module in plain.named_modules():
+        source = layers.get(name)
+        if not isinstance(source, BayesianLayer):
+            continue
+        for pname in source.present_params():
+            mu = source.mu(pname)
+            eps = torch.randn(mu.shape, generator=generator, dtype=torch.float32).to(mu.device, mu.dtype)
+            getattr(module, pname).copy_(mu + source.floored_sigma(pname) * eps)
+    if isinstance(model, BayesianLayer):  # a bare layer: to_point_estimate returned a plain layer
+        for pname in model.present_params():
+            mu = model.mu(pname)
+            eps = torch.randn(mu.shape, generator=generator, dtype=torch.float32).to(mu.device, mu.dtype)
+            getattr(plain, pname).copy_(mu + model.floored_sigma(pname) * eps)
+    return plain

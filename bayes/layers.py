@@ -163,15 +163,22 @@ class BayesianLayer(nn.Module):
 
     @torch.no_grad()
     def _copy_from(self, module: nn.Module) -> None:
+        # A frozen (requires_grad=False) torch parameter stays frozen: mu and sigma alike.
         self.weight_mu.copy_(module.weight)
+        self.weight_mu.requires_grad_(module.weight.requires_grad)
+        self.weight_sigma.requires_grad_(module.weight.requires_grad)
         if module.bias is not None:
             self.bias_mu.copy_(module.bias)
+            self.bias_mu.requires_grad_(module.bias.requires_grad)
+            self.bias_sigma.requires_grad_(module.bias.requires_grad)
 
     @torch.no_grad()
     def _copy_to(self, module: nn.Module) -> nn.Module:
         module.weight.copy_(self.weight_mu)
+        module.weight.requires_grad_(self.weight_mu.requires_grad)
         if self.bias_mu is not None:
             module.bias.copy_(self.bias_mu)
+            module.bias.requires_grad_(self.bias_mu.requires_grad)
         module.train(self.training)
         return module
 

@@ -22,6 +22,21 @@ from .layers import bayesian_layers
 EXPECTED_ABS_EPS = math.sqrt(2.0 / math.pi)
 
 
+def _check_frozen_keys(model: nn.Module, frozen: Optional[Mapping[str, torch.Tensor]]) -> None:
+    """Unknown keys are an error: a typo (or a DDP ``module.`` prefix) would silently unfreeze."""
+    if not frozen:
+        return
+    known = {f"{lname + '.' if lname else ''}{p}_sigma" for lname, layer in bayesian_layers(model)
+             for p in layer.present_params()}
+    unknown = sorted(set(frozen) - known)
+    if unknown:
+        raise BayesError(
+            f"frozen masks name no sigma of this model: {unknown[:5]}"
+            + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+            + f"; keys look like {sorted(known)[:2]}"
+        )
+
+
 def _keep(frozen: Optional[Mapping[str, torch.Tensor]], key: str, like: torch.Tensor) -> Optional[torch.Tensor]:
     if not frozen or key not in frozen:
         return None
@@ -46,6 +61,7 @@ def sigma_regularizer(
     """
     if tau < 0 or lam < 0:
         raise BayesError(f"tau and lam must be non-negative, got tau={tau}, lam={lam}")
+    _check_frozen_keys(model, frozen)
     total: Optional[torch.Tensor] = None
     for lname, layer in bayesian_layers(model):
         for pname in layer.present_params():
@@ -79,6 +95,7 @@ def kl_divergence(
         raise BayesError(f"prior_sigma must be positive, got {prior_sigma}")
     if dataset_size is not None and dataset_size <= 0:
         raise BayesError(f"dataset_size must be positive, got {dataset_size}")
+    _check_frozen_keys(model, frozen)
     total: Optional[torch.Tensor] = None
     for lname, layer in bayesian_layers(model):
         for pname in layer.present_params():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -128,6 +129,8 @@ def cmd_models(args) -> int:
 
 
 def _out(text: str) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 speaks
+        return
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
@@ -139,6 +142,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "export": cmd_export,
                 "models": cmd_models}
+    from .distributed import shutdown_distributed
+
     try:
         return handlers[args.command](args)
     except PwfnError as exc:
@@ -147,6 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("pwfn: interrupted; the last completed round is checkpointed, rerun the same command to resume\n")
         return 130
+    finally:
+        shutdown_distributed()
 
 
 if __name__ == "__main__":  # pragma: no cover

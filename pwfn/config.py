@@ -127,6 +127,7 @@ class RunConfig:
     method: str = "pwfn"  # for `pwfn run`: "pwfn" or "wfn"
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"  # or "bf16": bfloat16 autocast for training forward passes
     threads: Optional[int] = None
     out_dir: str = "runs"
     progress: bool = True
@@ -338,6 +339,7 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.method in ("pwfn", "wfn"), f"method = {cfg.method!r}: choose 'pwfn' or 'wfn'")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith(("cuda", "mps")),
            f"device = {cfg.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    _check(cfg.precision in ("fp32", "bf16"), f"precision = {cfg.precision!r}: choose fp32 or bf16")
     _check(cfg.threads is None or cfg.threads >= 1, f"threads = {cfg.threads} must be >= 1")
     d = cfg.data
     _check(d.batch_size >= 1 and d.eval_batch_size >= 1, "data.batch_size and data.eval_batch_size must be >= 1")

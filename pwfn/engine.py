@@ -25,18 +25,21 @@ Semantics (see docs/ALGORITHM.md section 2, and the test file's dense reference)
   index; equidistant centres resolved as above).  This only matters for weights no finite
   multiplier helps, e.g. zero tolerance.
 
-Fast path (why it is ~O(N) per level instead of O(#centres x N)): the fitting centres of
-a weight are a contiguous run ``[a_i, b_i]`` of the sorted candidates (zero_fix keeps it
-contiguous).  Runs are computed with exact integer grid arithmetic (``c = n * 2**-b``), and
-weights are bucketed by *run type* ``(a, b)``: a histogram of at most ``C*(C+1)`` bins.  The
-whole greedy pick sequence of a level depends only on that histogram, so it runs on the
-host over run types.  Key fact: a full pick of centre ``j`` fixes *every* free weight
-covering ``j``, so the weights still free and covering ``j'`` are exactly the run types
-with ``L < a <= j' <= b < R`` for the nearest picked centres ``L < j' < R``.  The device
-then applies the result with one gather per weight; only the final, partial pick ranks
-weights (by a k-th-value selection, not a sort).  Nothing of size ``#centres x #weights``
-is ever allocated; integer ops only where results are summed, so results are
-deterministic on CPU and GPU.
+Fast path (why a level costs O(N) elementwise work instead of O(#centres x N)): the
+fitting centres of a weight are a contiguous run ``[a_i, b_i]`` of the sorted candidates
+(zero_fix keeps it contiguous).  Runs come from exact integer grid arithmetic
+(``c = n * 2**-b``, so ``c >= lo  <=>  n >= ceil(lo * 2**b)``) and table lookups, and
+weights are bucketed by *run type* ``(a, b)``: an integer histogram of ``(C+1)**2`` bins
+(or the unique run types, when that is smaller).  The whole greedy pick sequence of a
+level depends only on that histogram, so it runs on the host over run types.  Key fact:
+a full pick of centre ``j`` fixes *every* free weight covering ``j``, so the weights still
+free and covering ``j'`` are exactly the run types with ``L < a <= j' <= b < R`` for the
+nearest picked centres ``L < j' < R``.  The device then applies the result with one table
+lookup per weight; only the final, partial pick ranks weights (a k-th value selection,
+not a sort).  Nothing of size ``#centres x #weights`` is ever allocated, weights are
+processed in cache-sized chunks, and there are no float atomics (counts are integer
+bincounts, per-centre sigma statistics sorted prefix sums), so results are deterministic
+on CPU and GPU.
 """
 
 from __future__ import annotations
@@ -228,9 +231,10 @@ class _Level:
     """Candidates of one escalation level plus exact lookup tables grid -> run bounds."""
 
     def __init__(self, centres: CentreSet, order: int, grid_full: torch.Tensor,
-                 prio_full: np.ndarray, n_work: int) -> None:
+                 prio_full: np.ndarray, use_grid: bool) -> None:
         dev = centres.values.device
         self.full_index = centres.subset(order)  # int64, ascending
+        self.full_index_list = self.full_index.cpu().tolist()
         self.values = centres.values.index_select(0, self.full_index)
         self.grid = grid_full.index_select(0, self.full_index)
         self.C = int(self.values.numel())
@@ -241,9 +245,7 @@ class _Level:
         # tie-break priority restricted to this level (a subset keeps the relative order)
         sub = prio_full[self.full_index.cpu().numpy()]
         self.prio = np.argsort(np.argsort(sub, kind="stable"), kind="stable").astype(np.int64)
-        # Grid tables are cheap elementwise lookups; use them unless the grid is huge
-        # compared with the work (then a binary search per weight is cheaper).
-        self.use_grid = 2 * self.G + 3 <= max(_GRID_MIN, _PER_WORK * n_work)
+        self.use_grid = use_grid
         if self.use_grid:
             g = torch.arange(-self.G - 1, self.G + 2, dtype=torch.int64, device=dev)
             self.first_ge = torch.searchsorted(self.grid, g, out_int32=True)
@@ -477,14 +479,14 @@ class _Round:
     """Mutable state of one round (kept out of the public function for readability)."""
 
     def __init__(self, values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor,
-                 cfg: EngineConfig, centres: CentreSet, keep_assignments: bool,
+                 cfg: EngineConfig, prep: _Prepared, keep_assignments: bool,
                  need: int) -> None:
         self.values = values
         self.tolerance = tolerance
         self.cfg = cfg
-        self.centres = centres
-        self.grid_full = centres.grid()
-        self.prio_full = _tiebreak_priority(centres.values)
+        self.prep = prep
+        self.centres = prep.centres
+        self.prio_full = prep.prio_full
         self.small_thr = 2.0**-cfg.b
         self.new_values = values.clone()
         self.new_fixed = fixed.clone()
@@ -495,7 +497,6 @@ class _Round:
         self.ci_buf = torch.empty(need if self.keep else 0, dtype=torch.int32, device=dev)
         self.n_assigned = 0
         self.picks_log: list = []
-        self.levels: dict = {}
         self.true = torch.ones((), dtype=torch.bool, device=dev)
 
     def assign(self, gi: torch.Tensor, ci: torch.Tensor) -> None:
@@ -516,10 +517,7 @@ class _Round:
         """One escalation level: greedy picks until ``need`` is met or nothing fits."""
         dev = u.device
         n_u = int(u.numel())
-        lv = self.levels.get(order)
-        if lv is None:  # tables depend on the order only, not on the multiplier
-            lv = self.levels[order] = _Level(self.centres, order, self.grid_full,
-                                             self.prio_full, n_u)
+        lv = self.prep.level(order, n_u)
         step = max(_CHUNK, 1)
         # pass 1: run-type key of every free weight, and the run-type histogram
         keys = torch.empty(n_u, dtype=lv.key_dtype, device=dev)
@@ -585,10 +583,10 @@ class _Round:
             chosen = cand.masked_select(_smallest(ratio, r))
             self.assign(chosen, lv.full_index[j:j + 1].expand(chosen.numel()))
         for (j, k, part) in picks:
-            fi = int(lv.full_index[j])
+            fi = lv.full_index_list[j]
             self.picks_log.append({
-                "centre": float(self.centres.values[fi]), "count": int(k),
-                "centre_order": int(self.centres.orders[fi]), "level_order": order,
+                "centre": self.prep.values_list[fi], "count": int(k),
+                "centre_order": self.prep.orders_list[fi], "level_order": order,
                 "multiplier": mult, "partial": bool(part),
             })
         log.debug("level order=%d mult=%g: %d picks, need %d", order, mult, len(picks),
@@ -596,15 +594,38 @@ class _Round:
         return (rest if need_after > 0 else u[:0]), need_after
 
 
-@functools.lru_cache(maxsize=32)
-def _centres(grid: int, max_order: int, b: int, signed_terms: bool, dtype: torch.dtype,
-             device: torch.device) -> CentreSet:
-    """Candidate sets are small and depend on ``max_abs`` only through ``grid``: cache them.
+class _Prepared:
+    """A candidate set and everything derived from it; small, so cached across rounds."""
+
+    def __init__(self, centres: CentreSet) -> None:
+        self.centres = centres
+        self.grid_full = centres.grid()
+        self.G = int(self.grid_full[-1]) if self.grid_full.numel() else 0
+        self.prio_full = _tiebreak_priority(centres.values)
+        self.values_list = centres.values.double().cpu().tolist()
+        self.orders_list = centres.orders.cpu().tolist()
+        self._levels: dict = {}
+
+    def level(self, order: int, n_work: int) -> _Level:
+        # Grid tables are cheap elementwise lookups; use them unless the grid is huge
+        # compared with the work (then a binary search per weight is cheaper).
+        use_grid = 2 * self.G + 3 <= max(_GRID_MIN, _PER_WORK * n_work)
+        lv = self._levels.get((order, use_grid))
+        if lv is None:  # tables depend on the order only, not on the multiplier
+            lv = self._levels[(order, use_grid)] = _Level(
+                self.centres, order, self.grid_full, self.prio_full, use_grid)
+        return lv
+
+
+@functools.lru_cache(maxsize=16)
+def _prepared(grid: int, max_order: int, b: int, signed_terms: bool, dtype: torch.dtype,
+              device: torch.device) -> _Prepared:
+    """Candidate sets depend on ``max_abs`` only through ``grid``: cache them.
 
     (Callers must treat ``RoundResult.centres`` as read-only; it may be shared.)
     """
-    return candidate_centres(grid * 2.0**-b, max_order, b, signed_terms, device=device,
-                             dtype=dtype)
+    return _Prepared(candidate_centres(grid * 2.0**-b, max_order, b, signed_terms,
+                                       device=device, dtype=dtype))
 
 
 def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor,
@@ -631,11 +652,12 @@ def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor
             f"target_fraction: {target_fraction!r} asks for {n_target} fixed weights but "
             f"{n_fixed0} of {n} are already fixed"
         )
-    centres = _centres(grid_limit(max_abs, cfg.b), cfg.max_order, cfg.b, cfg.signed_terms,
-                       values.dtype, values.device)
+    prep = _prepared(grid_limit(max_abs, cfg.b), cfg.max_order, cfg.b, cfg.signed_terms,
+                     values.dtype, values.device)
+    centres = prep.centres
     keep = sigma is not None and cfg.sigma_update != "keep"
     need = n_target - n_fixed0
-    rd = _Round(values, tolerance, fixed, cfg, centres, keep, max(need, 0))
+    rd = _Round(values, tolerance, fixed, cfg, prep, keep, max(need, 0))
     order, mult, escalations, order_turn, levels, n_fallback = 1, 1.0, 0, True, 0, 0
     if need > 0:
         u = _unfixed_indices(fixed, n - n_fixed0)

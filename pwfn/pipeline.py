@@ -25,6 +25,7 @@ import bayes
 
 from . import metrics as M
 from .config import RunConfig, config_diff, config_to_dict, dump_config, load_config
+from .distributed import ContiguousShard, DistContext, GlobalBatchShard, init_distributed, tensor_checksum
 from .engine import EngineConfig, fix_round
 from .errors import ConfigError, ModelError
 from .io import (
@@ -294,6 +295,7 @@ class FixingRun:
         run_dir: Optional[Union[str, Path]] = None,
         recipe: Optional[dict] = None,
         on_round_end: Optional[Callable[[int], None]] = None,
+        dist: Optional[DistContext] = None,
     ) -> None:
         if method not in STRATEGIES:
             raise ConfigError(f"unknown method {method!r}; choose one of {list(STRATEGIES)}")
@@ -306,7 +308,8 @@ class FixingRun:
         self.test_loader = test_loader if test_loader is not None else val_loader
         if self.val_loader is None:
             raise ConfigError("an evaluation loader (val or test) is required")
-        self.device = device or resolve_device(cfg.device)
+        self.dist = dist or DistContext(device=device or resolve_device(cfg.device))
+        self.device = device or self.dist.device
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.recipe = recipe
         self.on_round_end = on_round_end
@@ -314,7 +317,7 @@ class FixingRun:
     # -- helpers ----------------------------------------------------------------------------
     def _eval(self, model: nn.Module, loader) -> dict[str, float]:
         with self.strategy.eval_context(model):
-            return evaluate(model, loader, self.device)
+            return evaluate(model, loader, self.device, self.dist)
 
     def _checkpoint_path(self) -> Optional[Path]:
         return self.run_dir / "checkpoint.pt" if self.run_dir else None
@@ -322,6 +325,9 @@ class FixingRun:
     def _save(self, model, optimizer, counter, history, next_round, pre_metrics) -> None:
         path = self._checkpoint_path()
         if path is None:
+            return
+        if not self.dist.is_main:  # rank 0 writes; the others wait so nobody runs ahead of a checkpoint
+            self.dist.barrier()
             return
         save_checkpoint(
             path,
@@ -340,6 +346,26 @@ class FixingRun:
             kind=f"run-{self.method}",
         )
         write_jsonl(self.run_dir / "metrics.jsonl", history)
+        self.dist.barrier()
+
+    def _train(self, train_model, model, view, optimizer, epochs, counter, desc, guard=None):
+        s = self.strategy
+        return train_epochs(train_model, self.train_loader, optimizer, epochs, self.device, counter=counter,
+                            extra_loss=s.extra_loss(view), guard=guard, grad_clip=s.grad_clip(), desc=desc,
+                            progress=self.cfg.progress and self.dist.is_main, dist=self.dist, inner=model,
+                            bf16=self.cfg.precision == "bf16")
+
+    def _fix(self, view: QuantView, t: int, frac: float, engine_cfg: EngineConfig):
+        """One engine round on every rank; rank 0's result is broadcast so all ranks agree bit for bit."""
+        values, fixed = view.values(), view.fixed()
+        sigma = view.sigmas() if view.has_sigma else None
+        result = fix_round(values, self.strategy.tolerance(view, t), fixed, frac, sigma=sigma, config=engine_cfg)
+        new_sigma = result.sigma if sigma is not None else None
+        if self.dist.enabled:
+            for tensor in (result.values, result.fixed) + ((new_sigma,) if new_sigma is not None else ()):
+                self.dist.broadcast_(tensor)
+        view.write(result.values, result.fixed, new_sigma)
+        return result, tensor_checksum(view.values(), view.fixed())
 
     # -- main -------------------------------------------------------------------------------
     def run(self, resume: bool = True) -> FixingResult:
@@ -347,6 +373,7 @@ class FixingRun:
         started = time.perf_counter()
         model = s.prepare(self.float_model).to(self.device)
         view = s.view(model)
+        train_model = _wrap_ddp(model, self.dist)
         if isinstance(s, PWFNStrategy):
             s._dataset_size = _dataset_size(self.train_loader)
         engine_cfg = s.engine_config()
@@ -356,7 +383,6 @@ class FixingRun:
         start_round = 0
         pre_metrics: dict[str, Any] = {}
         ckpt = self._checkpoint_path()
-        progress = self.cfg.progress
 
         if resume and ckpt is not None and ckpt.exists():
             state = load_checkpoint(ckpt, kind=f"run-{self.method}", map_location=self.device)
@@ -375,9 +401,8 @@ class FixingRun:
             optimizer = s.optimizer(model, view, None)
             pre_metrics = {"initial": self._eval(model, self.val_loader)}
             if s.pre_epochs() > 0:
-                stats = train_epochs(model, self.train_loader, optimizer, s.pre_epochs(), self.device,
-                                     counter=counter, extra_loss=s.extra_loss(view), grad_clip=s.grad_clip(),
-                                     desc=f"{self.method} warm-up", progress=progress)
+                stats = self._train(train_model, model, view, optimizer, s.pre_epochs(), counter,
+                                    f"{self.method} warm-up")
                 pre_metrics["after_warmup"] = {**self._eval(model, self.val_loader), "train": stats}
             self._save(model, optimizer, counter, history, 0, pre_metrics)
 
@@ -385,19 +410,16 @@ class FixingRun:
         for t in range(start_round, len(fractions)):
             t0 = time.perf_counter()
             frac = fractions[t]
-            values, fixed = view.values(), view.fixed()
-            sigma = view.sigmas() if view.has_sigma else None
-            result = fix_round(values, s.tolerance(view, t), fixed, frac, sigma=sigma, config=engine_cfg)
-            view.write(result.values, result.fixed, result.sigma if sigma is not None else None)
+            result, checksum = self._fix(view, t, frac, engine_cfg)
             fix_seconds = time.perf_counter() - t0
-            row: dict[str, Any] = {"round": t, "fraction": frac, "after_fix": self._eval(model, self.val_loader)}
+            log.info("%s round %d: values+masks checksum %s (rank %d)", self.method, t + 1, checksum, self.dist.rank)
+            row: dict[str, Any] = {"round": t, "fraction": frac, "checksum": checksum,
+                                   "after_fix": self._eval(model, self.val_loader)}
             if frac < 1.0 and s.round_epochs() > 0:
                 optimizer = s.optimizer(model, view, optimizer)
                 guard = FixedGuard(view.parameters_with_masks())
-                stats = train_epochs(model, self.train_loader, optimizer, s.round_epochs(), self.device,
-                                     counter=counter, extra_loss=s.extra_loss(view), guard=guard,
-                                     grad_clip=s.grad_clip(), desc=f"{self.method} round {t + 1}/{len(fractions)}",
-                                     progress=progress)
+                stats = self._train(train_model, model, view, optimizer, s.round_epochs(), counter,
+                                    f"{self.method} round {t + 1}/{len(fractions)}", guard)
                 row["after_train"] = {**self._eval(model, self.val_loader), "train": stats}
             row.update(quant_metrics(view, engine_cfg.b, engine_cfg.signed_terms))
             row["engine"] = _jsonable(result.summary)
@@ -423,7 +445,8 @@ class FixingRun:
         final: dict[str, Any] = {"test": self._eval(model, self.test_loader), "val": self._eval(model, self.val_loader)}
         final.update(quant_metrics(view, engine_cfg.b, engine_cfg.signed_terms))
         if self.method == "pwfn":
-            probs, labels = predict_mc(model, self.test_loader, self.device, self.cfg.pwfn.mc_samples)
+            probs, labels = predict_mc(model, self.test_loader, self.device, self.cfg.pwfn.mc_samples,
+                                       seed=self.cfg.seed, dist=self.dist)
             final["mc"] = {
                 "samples": self.cfg.pwfn.mc_samples,
                 "nll": M.nll(probs, labels),
@@ -432,7 +455,7 @@ class FixingRun:
             }
             final["sigma"] = s.sigma_summary(model)
         point = strip_masks(bayes.to_point_estimate(model) if self.method == "pwfn" else copy.deepcopy(model))
-        point_eval = evaluate(point, self.test_loader, self.device)
+        point_eval = evaluate(point, self.test_loader, self.device, self.dist)
         final["point_model_test"] = point_eval
         report = {
             "method": self.method,
@@ -443,9 +466,10 @@ class FixingRun:
             "quantised_tensors": view.names(),
             "seconds_this_session": seconds,
         }
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.dist.is_main:
             save_point_model(point, self.run_dir, self.recipe)
             atomic_write_json(self.run_dir / "report.json", _jsonable(report))
+        self.dist.barrier()
         return FixingResult(self.method, model, point, report, history)
 
 
@@ -464,6 +488,16 @@ def _refuse_changed_config(saved: Optional[dict], cfg: RunConfig, path: Path, se
             f"{path} was written under a different config ({shown}). Resuming would mix two runs: "
             "use --fresh to start over, or another name (--set name=...) to keep both"
         )
+
+
+def _wrap_ddp(model: nn.Module, dist: DistContext) -> nn.Module:
+    """DistributedDataParallel around ``model`` when running under torchrun, else ``model`` itself."""
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
 
 
 def _dataset_size(loader) -> Optional[int]:
@@ -519,8 +553,9 @@ def load_point_model(folder: Union[str, Path]) -> nn.Module:
 # building data and models from a config
 
 
-def build_loaders(cfg: RunConfig):
-    from .data import make_loaders
+def build_loaders(cfg: RunConfig, dist: Optional[DistContext] = None):
+    """The config's loaders; under DDP each rank gets its shard of every global batch."""
+    from .data import _STREAM_SHUFFLE, _torch_generator, make_loaders
 
     d = cfg.data
     kwargs: dict[str, Any] = dict(
@@ -528,6 +563,16 @@ def build_loaders(cfg: RunConfig):
         pin_memory=d.pin_memory, augment=d.augment, val_fraction=d.val_fraction, test_fraction=d.test_fraction,
         train_subset=d.train_subset, val_subset=d.eval_subset, test_subset=d.eval_subset,
     )
+    if dist is not None and dist.enabled:
+        world, rank, seed = dist.world_size, dist.rank, d.seed
+
+        def order(n: int):
+            # the single-process order of each epoch (same stream as the unsharded loader)
+            return lambda epoch: torch.randperm(n, generator=_torch_generator(seed, _STREAM_SHUFFLE, epoch))
+
+        kwargs["batch_size"] = d.batch_size // world if d.batch_size % world == 0 else d.batch_size
+        kwargs["sampler"] = lambda ds: GlobalBatchShard(order(len(ds)), len(ds), d.batch_size, rank, world)
+        kwargs["eval_sampler"] = lambda ds: ContiguousShard(len(ds), rank, world)
     options = dict(d.options)
     if d.image_size is not None:
         options.setdefault("image_size", d.image_size)
@@ -549,13 +594,15 @@ def model_recipe(cfg: RunConfig, loaders) -> dict:
     return {"name": cfg.model.name, "kwargs": kwargs}
 
 
-def train_baseline(cfg: RunConfig, model: nn.Module, loaders, device: torch.device) -> dict[str, Any]:
+def train_baseline(cfg: RunConfig, model: nn.Module, loaders, dist: DistContext) -> dict[str, Any]:
     b = cfg.baseline
     opt = make_optimizer(model.parameters(), b.optimizer, b.lr, b.momentum, b.weight_decay)
     steps = max(1, math.ceil(b.epochs * len(loaders.train)))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps) if b.cosine else None
-    stats = train_epochs(model, loaders.train, opt, b.epochs, device, counter=EpochCounter(),
-                         grad_clip=b.grad_clip, scheduler=sched, desc="float baseline", progress=cfg.progress)
+    stats = train_epochs(_wrap_ddp(model, dist), loaders.train, opt, b.epochs, dist.device, counter=EpochCounter(),
+                         grad_clip=b.grad_clip, scheduler=sched, desc="float baseline",
+                         progress=cfg.progress and dist.is_main, dist=dist, inner=model,
+                         bf16=cfg.precision == "bf16")
     return stats
 
 
@@ -563,26 +610,47 @@ def _folder(cfg: RunConfig) -> Path:
     return Path(cfg.out_dir) / cfg.name
 
 
-def prepare_run(cfg: RunConfig):
-    """Seed, threads, device, data, and the float baseline (trained, loaded, or reused from the folder)."""
-    seed_everything(cfg.seed)
+@dataclass
+class Prepared:
+    """What every command needs before fixing: process group, data, recipe and float baseline."""
+
+    dist: DistContext
+    loaders: Any
+    recipe: dict
+    model: nn.Module
+    baseline: dict
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    def __iter__(self):
+        # unpacks like the earlier tuple: device, loaders, recipe, model, baseline
+        return iter((self.device, self.loaders, self.recipe, self.model, self.baseline))
+
+
+def prepare_run(cfg: RunConfig) -> Prepared:
+    """Seed, threads, device (and process group under torchrun), data, and the float baseline
+    (from ``model.checkpoint``, reused from the run folder, or trained)."""
+    dist = init_distributed(cfg.device)
+    seed_everything(cfg.seed)  # identical on every rank: weight noise must agree across ranks
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    loaders = build_loaders(cfg)
+    loaders = build_loaders(cfg, dist)
     recipe = model_recipe(cfg, loaders)
-    model = create_model(recipe["name"], **recipe["kwargs"]).to(device)
+    model = create_model(recipe["name"], **recipe["kwargs"]).to(dist.device)
     folder = _folder(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "config.yaml", dump_config(cfg))
     base_path = folder / "baseline.pt"
+    if dist.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "config.yaml", dump_config(cfg))
     info: dict[str, Any] = {}
     if cfg.model.checkpoint:
         state = _load_user_checkpoint(cfg.model.checkpoint)
         load_state_dict_strict(model, state, cfg.model.checkpoint)
         info["source"] = f"checkpoint {cfg.model.checkpoint}"
     elif base_path.exists():
-        state = load_checkpoint(base_path, kind="baseline", map_location=device)
+        state = load_checkpoint(base_path, kind="baseline", map_location=dist.device)
         _refuse_changed_config(state.get("config"), cfg, base_path, BASELINE_SECTIONS)
         load_state_dict_strict(model, state["model"], str(base_path))
         set_rng_state(state["rng"])
@@ -590,16 +658,18 @@ def prepare_run(cfg: RunConfig):
         info["reused"] = True
     else:
         t0 = time.perf_counter()
-        info["train"] = train_baseline(cfg, model, loaders, device)
+        info["train"] = train_baseline(cfg, model, loaders, dist)
         info["source"] = "trained"
         info["seconds"] = time.perf_counter() - t0
-        save_checkpoint(base_path, {"model": model.state_dict(), "rng": rng_state(), "info": info,
-                                    "config": config_to_dict(cfg)}, kind="baseline")
+        if dist.is_main:
+            save_checkpoint(base_path, {"model": model.state_dict(), "rng": rng_state(), "info": info,
+                                        "config": config_to_dict(cfg)}, kind="baseline")
+        dist.barrier()
     eval_loader = loaders.test or loaders.val
-    info["test"] = evaluate(model, eval_loader, device)
+    info["test"] = evaluate(model, eval_loader, dist.device, dist)
     if loaders.val is not None:
-        info["val"] = evaluate(model, loaders.val, device)
-    return device, loaders, recipe, model, info
+        info["val"] = evaluate(model, loaders.val, dist.device, dist)
+    return Prepared(dist, loaders, recipe, model, info)
 
 
 def _load_user_checkpoint(path: str) -> dict:
@@ -617,38 +687,41 @@ def _load_user_checkpoint(path: str) -> dict:
     return obj
 
 
+def _run_one(cfg: RunConfig, prep: Prepared, method: str, resume: bool,
+             on_round_end: Optional[Callable[[int], None]] = None) -> FixingResult:
+    run_dir = _folder(cfg) / method
+    if prep.dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    prep.dist.barrier()
+    res = FixingRun(method, cfg, prep.model, prep.loaders.train, prep.loaders.val, prep.loaders.test,
+                    device=prep.device, run_dir=run_dir, recipe=prep.recipe, on_round_end=on_round_end,
+                    dist=prep.dist).run(resume=resume)
+    res.report["baseline"] = prep.baseline
+    if prep.dist.is_main:
+        atomic_write_json(run_dir / "report.json", _jsonable(res.report))
+    return res
+
+
 def run_method(cfg: RunConfig, method: Optional[str] = None, *, resume: bool = True,
                on_round_end: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
     """`pwfn run`: float baseline, then one method; returns the report."""
-    method = method or cfg.method
-    device, loaders, recipe, model, base = prepare_run(cfg)
-    run_dir = _folder(cfg) / method
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    res = FixingRun(method, cfg, model, loaders.train, loaders.val, loaders.test, device=device, run_dir=run_dir,
-                    recipe=recipe, on_round_end=on_round_end).run(resume=resume)
-    res.report["baseline"] = base
-    atomic_write_json(run_dir / "report.json", _jsonable(res.report))
-    return res.report
+    prep = prepare_run(cfg)
+    return _run_one(cfg, prep, method or cfg.method, resume, on_round_end).report
 
 
 def compare(cfg: RunConfig, *, resume: bool = True) -> dict[str, Any]:
     """`pwfn compare`: one float baseline, then WFN and PWFN from it; returns the comparison."""
-    device, loaders, recipe, model, base = prepare_run(cfg)
-    out: dict[str, Any] = {"baseline": base, "methods": {}}
+    prep = prepare_run(cfg)
+    out: dict[str, Any] = {"baseline": prep.baseline, "methods": {}}
     for method in ("wfn", "pwfn"):
-        run_dir = _folder(cfg) / method
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
         t0 = time.perf_counter()
-        res = FixingRun(method, cfg, model, loaders.train, loaders.val, loaders.test, device=device,
-                        run_dir=run_dir, recipe=recipe).run(resume=resume)
-        res.report["baseline"] = base
-        atomic_write_json(run_dir / "report.json", _jsonable(res.report))
+        res = _run_one(cfg, prep, method, resume)
         out["methods"][method] = {"final": res.report["final"], "seconds": time.perf_counter() - t0}
     out["table"] = comparison_rows(out)
-    atomic_write_json(_folder(cfg) / "compare.json", _jsonable(out))
-    atomic_write_text(_folder(cfg) / "compare.md", format_table(out["table"]) + "\n")
+    if prep.dist.is_main:
+        atomic_write_json(_folder(cfg) / "compare.json", _jsonable(out))
+        atomic_write_text(_folder(cfg) / "compare.md", format_table(out["table"]) + "\n")
     return out
 
 
@@ -721,12 +794,13 @@ def compress(
         cfg = load_config(config, overrides)
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    dev = torch.device(device) if device is not None else resolve_device(cfg.device)
-    if run_dir is not None:
+    dist = init_distributed(str(device) if device is not None else cfg.device)
+    dev = dist.device
+    if run_dir is not None and dist.is_main:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(run_dir) / "config.yaml", dump_config(cfg))
     return FixingRun(method, cfg, model.to(dev), train_loader, val_loader, test_loader, device=dev,
-                     run_dir=run_dir).run(resume=resume)
+                     run_dir=run_dir, dist=dist).run(resume=resume)
 
 
 def accuracy_of(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import TrainingDivergedError
+from .distributed import DistContext
 from .plumbing import FixedGuard
 
 log = logging.getLogger(__name__)
@@ -100,11 +101,20 @@ def train_epochs(
     scheduler: Optional[Any] = None,
     desc: str = "train",
     progress: bool = True,
+    dist: Optional[DistContext] = None,
+    inner: Optional[nn.Module] = None,
+    bf16: bool = False,
 ) -> dict[str, float]:
     """Train for ``epochs`` passes (fractions allowed: 0.05 = the first 5 % of one pass).
 
-    Returns mean loss and accuracy over the steps taken.
+    Under DDP (``dist.enabled``) ``model`` is the DDP wrapper and ``inner`` the wrapped model
+    (extra loss terms see ``inner``, whose parameter names carry no ``module.`` prefix). Each
+    rank's cross-entropy is ``sum * world / global_batch``, so DDP's average of the ranks'
+    gradients is exactly the gradient of the global-batch mean. ``bf16`` runs forward passes
+    under bfloat16 autocast. Returns mean loss and accuracy over the steps taken.
     """
+    inner = inner if inner is not None else model
+    world = dist.world_size if dist is not None and dist.enabled else 1
     if epochs <= 0:
         return {"loss": float("nan"), "acc": float("nan"), "steps": 0}
     try:
@@ -126,10 +136,18 @@ def train_epochs(
             for x, y in loader:
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
-                logits = model(x)
-                ce = F.cross_entropy(logits, y)
-                loss = ce + extra_loss(model, ce) if extra_loss is not None else ce
-                _check_finite(loss, model, desc)
+                with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                    logits = model(x)
+                logits = logits.float()
+                if world > 1:
+                    ce_sum = F.cross_entropy(logits, y, reduction="sum")
+                    total, count = dist.all_reduce_sum([float(ce_sum.detach()), float(y.numel())])
+                    ce = ce_sum * (world / count)
+                    ce_mean = torch.tensor(total / count, dtype=ce.dtype, device=ce.device)  # global mean
+                else:
+                    ce = ce_mean = F.cross_entropy(logits, y)
+                loss = ce + extra_loss(inner, ce_mean) if extra_loss is not None else ce
+                _check_finite(loss, inner, desc)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if guard is not None:
@@ -143,7 +161,7 @@ def train_epochs(
                     scheduler.step()
                 steps += 1
                 with torch.no_grad():
-                    loss_sum += float(loss.detach()) * y.numel()
+                    loss_sum += float((loss - ce + ce_mean).detach()) * y.numel()
                     correct += int((logits.argmax(1) == y).sum())
                     seen += y.numel()
                 bar.update(1)
@@ -180,28 +198,53 @@ def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, fl
     return out
 
 
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
+             dist: Optional[DistContext] = None) -> dict[str, float]:
+    """top-1/top-5/loss over a loader; under DDP each rank holds a shard and the sums are reduced."""
     logits, labels = predict(model, loader, device)
-    return accuracy_metrics(logits, labels)
+    n = labels.numel()
+    sums = [float((logits.argmax(1) == labels).sum()) if n else 0.0,
+            float(F.cross_entropy(logits, labels, reduction="sum")) if n else 0.0, float(n)]
+    with_top5 = logits.shape[1] > 5 if n else False
+    if with_top5:
+        sums.append(float((logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum()))
+    if dist is not None and dist.enabled:
+        with_top5 = bool(dist.all_reduce_sum([float(with_top5)])[0])
+        if with_top5 and len(sums) == 3:
+            sums.append(0.0)
+        sums = dist.all_reduce_sum(sums)
+    count = max(sums[2], 1.0)
+    out = {"top1": 100.0 * sums[0] / count, "loss": sums[1] / count}
+    if with_top5:
+        out["top5"] = 100.0 * sums[3] / count
+    return out
 
 
 @torch.no_grad()
-def predict_mc(model: nn.Module, loader: Iterable, device: torch.device, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """MC-averaged predictive probabilities of a Bayesian model (its layers in ``sample`` mode)."""
+def predict_mc(model: nn.Module, loader: Iterable, device: torch.device, samples: int, seed: int = 0,
+               dist: Optional[DistContext] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MC predictive probabilities of a Bayesian model: the mean over ``samples`` drawn networks.
+
+    Draw ``s`` uses a generator seeded by ``(seed, s)``: the same networks on every rank and in
+    every run, and the global RNG (which training relies on) is left untouched. Under DDP the
+    shards' probabilities are gathered in rank order, i.e. in dataset order.
+    """
     import bayes
 
-    was_training = model.training
-    model.eval()
     probs_sum: Optional[torch.Tensor] = None
     labels: Optional[torch.Tensor] = None
-    with bayes.forward_mode(model, "sample"):
-        for _ in range(samples):
-            p, labels = predict(model, loader, device)
-            p = p.softmax(1)
-            probs_sum = p if probs_sum is None else probs_sum + p
-    model.train(was_training)
+    for s in range(samples):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + s)
+        net = bayes.sample_point_estimate(model, gen)
+        logits, labels = predict(net, loader, device)
+        p = logits.softmax(1)
+        probs_sum = p if probs_sum is None else probs_sum + p
     assert probs_sum is not None and labels is not None
-    return probs_sum / samples, labels
+    probs = probs_sum / samples
+    if dist is not None and dist.enabled:
+        probs = torch.cat(dist.all_gather_tensors(probs))
+        labels = torch.cat(dist.all_gather_tensors(labels))
+    return probs, labels
 
 
 def make_optimizer(params, name: str, lr: float, momentum: float = 0.9, weight_decay: float = 0.0) -> torch.optim.Optimizer:

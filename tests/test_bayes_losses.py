@@ -294,3 +294,30 @@ def test_summarize_sigma_weighted_by_count():
     assert summary["max"] == pytest.approx(allsig.max(), rel=1e-6)
     assert summarize_sigma(nn.Sequential(nn.ReLU())) == {"count": 0}
     assert sigma_stats(nn.Sequential(nn.ReLU())) == {}
+
+
+def test_unknown_frozen_keys_are_rejected():
+    import bayes as _b
+    from torch import nn as _nn
+
+    model = _b.bayesianize(_nn.Sequential(_nn.Linear(3, 2)))
+    model(torch.randn(4, 3))
+    good = {"0.weight_sigma": torch.zeros(2, 3, dtype=torch.bool)}
+    _b.sigma_regularizer(model, frozen=good)
+    with pytest.raises(_b.BayesError, match="module.0.weight_sigma"):
+        _b.sigma_regularizer(model, frozen={"module.0.weight_sigma": good["0.weight_sigma"]})
+    with pytest.raises(_b.BayesError, match="name no sigma"):
+        _b.kl_divergence(model, frozen={"0.wieght_sigma": good["0.weight_sigma"]})
+
+
+def test_requires_grad_false_survives_both_conversions():
+    import bayes as _b
+    from torch import nn as _nn
+
+    model = _nn.Sequential(_nn.Linear(3, 2), _nn.Linear(2, 2))
+    model[0].weight.requires_grad_(False)
+    bnn = _b.bayesianize(model)
+    assert not bnn[0].weight_mu.requires_grad and not bnn[0].weight_sigma.requires_grad
+    assert bnn[0].bias_mu.requires_grad and bnn[1].weight_mu.requires_grad
+    back = _b.to_point_estimate(bnn)
+    assert not back[0].weight.requires_grad and back[0].bias.requires_grad
