@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple
 
 import torch
 
@@ -45,9 +45,9 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 class Decomposition(NamedTuple):
     """Power-of-two terms of codebook values: ``value == sum(signs * 2.0**exponents)``.
 
-    ``signs`` (int8) and ``exponents`` (int16) have shape ``(C, width)``, most significant
-    term first, padded with sign 0 / exponent 0; ``orders`` (int64, shape ``(C,)``) counts
-    the non-zero terms (0 for the value zero).
+    ``signs`` (int8) and ``exponents`` (int16) have shape ``values.shape + (width,)``, most
+    significant term first, padded with sign 0 / exponent 0; ``orders`` (int64, shape
+    ``values.shape``) counts the non-zero terms (0 for the value zero).
     """
 
     signs: torch.Tensor
@@ -186,7 +186,7 @@ def _terms_from_masks(pos: torch.Tensor, neg: torch.Tensor, width: int, b: int,
 
 
 def decompose(values: torch.Tensor, b: int = 7, signed_terms: bool = False,
-              width: Optional[int] = None) -> Decomposition:
+              width: int | None = None) -> Decomposition:
     """Minimal power-of-two decomposition of arbitrary codebook values (for export/cost).
 
     Why: a codebook value's hardware cost is its number of shift-add terms; export needs
@@ -223,7 +223,7 @@ def decompose(values: torch.Tensor, b: int = 7, signed_terms: bool = False,
 
 
 def candidate_centres(max_abs: float, order: int, b: int = 7, signed_terms: bool = False,
-                      device: Union[torch.device, str, None] = None,
+                      device: torch.device | str | None = None,
                       dtype: torch.dtype = torch.float32) -> CentreSet:
     """All centres ``|c| <= max_abs`` with at most ``order`` power-of-two terms (and zero).
 

@@ -38,7 +38,7 @@ nearest picked centres ``L < j' < R``.  The device then applies the result with 
 lookup per weight; only the final, partial pick ranks weights (a k-th value selection,
 not a sort).  Nothing of size ``#centres x #weights`` is ever allocated, weights are
 processed in cache-sized chunks, and there are no float atomics (counts are integer
-bincounts, per-centre sigma statistics sorted prefix sums), so results are deterministic
+bincounts, per-centre sigma statistics serial host sums), so results are deterministic
 on CPU and GPU.
 """
 
@@ -52,7 +52,7 @@ import numbers
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,9 +67,9 @@ log = logging.getLogger(__name__)
 _SIGMA_UPDATES = ("std_mu", "keep", "divide")
 _CHUNK = 1 << 16  # elements per chunk of the per-weight run computation (cache-sized)
 # Switches between two exact implementations of the same step (tests force both paths):
-_GRID_MIN = 1 << 16  # grid lookup tables when the grid span is <= max(this, 2 * #work)
-_DENSE_MIN = 1 << 16  # dense run-type histogram when #bins <= max(this, 2 * #work)
-_PER_WORK = 2
+_GRID_MIN = 1 << 16  # grid lookup tables when the grid span is <= max(this, #work)
+_DENSE_MIN = 1 << 16  # dense run-type histogram when #bins <= max(this, #work)
+_PER_WORK = 1
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class RoundResult:
     values: torch.Tensor
     fixed: torch.Tensor
     newly_fixed: torch.Tensor
-    sigma: Optional[torch.Tensor]
+    sigma: torch.Tensor | None
     centres: CentreSet
     summary: dict = field(default_factory=dict)
 
@@ -169,7 +169,7 @@ def target_count(target_fraction: float, n: int) -> int:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_tensor(name: str, x: Any, like: Optional[torch.Tensor]) -> torch.Tensor:
+def _check_tensor(name: str, x: Any, like: torch.Tensor | None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise EngineInputError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if like is not None:
@@ -192,13 +192,13 @@ def _validate(values: Any, tolerance: Any, fixed: Any, target_fraction: Any,
         raise EngineInputError("values: empty (N = 0), nothing to fix")
     if values.dtype not in (torch.float32, torch.float64):
         raise EngineInputError(f"values: dtype must be float32 or float64, got {values.dtype}")
-    lo, hi = (float(x) for x in torch.aminmax(values))  # NaN propagates
+    lo, hi = (float(x) for x in torch.aminmax(values.detach()))  # NaN propagates
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise EngineInputError("values: contains NaN or inf")
     tolerance = _check_tensor("tolerance", tolerance, values)
     if tolerance.dtype != values.dtype:
         raise EngineInputError(f"tolerance: dtype {tolerance.dtype} != values dtype {values.dtype}")
-    tlo, thi = (float(x) for x in torch.aminmax(tolerance))
+    tlo, thi = (float(x) for x in torch.aminmax(tolerance.detach()))
     if math.isnan(tlo) or math.isnan(thi):
         raise EngineInputError("tolerance: contains NaN")
     if tlo < 0:
@@ -212,7 +212,7 @@ def _validate(values: Any, tolerance: Any, fixed: Any, target_fraction: Any,
         sigma = _check_tensor("sigma", sigma, values)
         if sigma.dtype != values.dtype:
             raise EngineInputError(f"sigma: dtype {sigma.dtype} != values dtype {values.dtype}")
-        slo, shi = (float(x) for x in torch.aminmax(sigma))
+        slo, shi = (float(x) for x in torch.aminmax(sigma.detach()))
         if not (math.isfinite(slo) and math.isfinite(shi)):
             raise EngineInputError("sigma: contains NaN or inf")
     if (isinstance(target_fraction, bool) or not isinstance(target_fraction, numbers.Real)
@@ -401,7 +401,7 @@ class _GridTable:
 
 
 def lookup_centres(values: torch.Tensor, centres: CentreSet,
-                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """int32 index of each value in ``centres`` (exact match), -1 where absent or masked out.
 
     Why: callers (reporting, export) need the centre of fixed weights from their values.
@@ -417,30 +417,21 @@ def lookup_centres(values: torch.Tensor, centres: CentreSet,
 
 def _group_std(v: torch.Tensor, ci: torch.Tensor, centre_values: torch.Tensor,
                n_centres: int) -> torch.Tensor:
-    """Population std of ``v`` per centre index ``ci`` (float64), without float atomics.
+    """Population std of ``v`` per centre index ``ci`` (float64, shape ``(n_centres,)``).
 
-    Why sort + cumsum: deterministic on every device; deviations from the centre are
-    small, so the prefix sums lose nothing that matters.  Buffers are reused in place to
-    keep the peak small (this runs on up to a fifth of all weights per round).
+    Why on the host with numpy's serial bincount: float sums must not depend on thread or
+    atomic order (CUDA float ``cumsum``/``index_add`` are not deterministic), and this way
+    CPU and GPU runs give bit-identical sigmas.  Two passes (mean, then squared
+    deviations from it) on deviations from the centre keep the precision.
     """
-    ci_sorted, perm = torch.sort(ci, stable=True)
-    d = v.index_select(0, perm).double()
-    del perm
-    d -= centre_values.double().index_select(0, ci_sorted)
-    counts = torch.bincount(ci_sorted, minlength=n_centres)
-    ends = torch.cumsum(counts, 0)
-    starts = ends - counts
-    zero = torch.zeros(1, dtype=torch.float64, device=v.device)
-    denom = counts.clamp(min=1).double()
-
-    def seg_sums(x: torch.Tensor) -> torch.Tensor:
-        cs = torch.cat([zero, x.cumsum(0)])
-        return cs.index_select(0, ends) - cs.index_select(0, starts)
-
-    mean = seg_sums(d) / denom
-    d -= mean.index_select(0, ci_sorted)
-    var = seg_sums(d.square_()) / denom
-    return var.clamp_(min=0).sqrt_()
+    idx = ci.cpu().numpy()
+    d = v.cpu().numpy().astype(np.float64)
+    d -= centre_values.cpu().numpy().astype(np.float64)[idx]
+    denom = np.maximum(np.bincount(idx, minlength=n_centres), 1).astype(np.float64)
+    mean = np.bincount(idx, weights=d, minlength=n_centres) / denom
+    d -= mean[idx]
+    var = np.bincount(idx, weights=np.square(d, out=d), minlength=n_centres) / denom
+    return torch.from_numpy(np.sqrt(var)).to(v.device)
 
 
 def _fallback(values: torch.Tensor, u: torch.Tensor, centres: CentreSet, need: int,
@@ -521,14 +512,11 @@ class _Round:
         step = max(_CHUNK, 1)
         # pass 1: run-type key of every free weight, and the run-type histogram
         keys = torch.empty(n_u, dtype=lv.key_dtype, device=dev)
-        hist = (torch.zeros(lv.nbins, dtype=torch.int64, device=dev)
-                if lv.dense(n_u) else None)
         for s in range(0, n_u, step):  # chunks keep temporaries cache-sized
             idx = u[s:s + step]
-            k = lv.keys(self.values.index_select(0, idx), self.tolerance.index_select(0, idx),
-                        mult, self.cfg.zero_fix, self.small_thr, keys[s:s + step])
-            if hist is not None:
-                hist += torch.bincount(k, minlength=lv.nbins)
+            lv.keys(self.values.index_select(0, idx), self.tolerance.index_select(0, idx),
+                    mult, self.cfg.zero_fix, self.small_thr, keys[s:s + step])
+        hist = torch.bincount(keys, minlength=lv.nbins) if lv.dense(n_u) else None
         if hist is not None:
             type_keys_dev = torch.nonzero(hist).squeeze(1)
             type_counts = hist.index_select(0, type_keys_dev)
@@ -617,6 +605,15 @@ class _Prepared:
         return lv
 
 
+def _per_centre(picks: list) -> dict:
+    """Weights fixed per centre value this round (picks only, not the fallback)."""
+    out: dict = {}
+    for p in picks:
+        key = repr(p["centre"])  # dyadic, so repr is exact; str keys stay JSON-friendly
+        out[key] = out.get(key, 0) + p["count"]
+    return out
+
+
 @functools.lru_cache(maxsize=16)
 def _prepared(grid: int, max_order: int, b: int, signed_terms: bool, dtype: torch.dtype,
               device: torch.device) -> _Prepared:
@@ -629,8 +626,8 @@ def _prepared(grid: int, max_order: int, b: int, signed_terms: bool, dtype: torc
 
 
 def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor,
-              target_fraction: float, *, sigma: Optional[torch.Tensor] = None,
-              config: Optional[EngineConfig] = None) -> RoundResult:
+              target_fraction: float, *, sigma: torch.Tensor | None = None,
+              config: EngineConfig | None = None) -> RoundResult:
     """Fix free weights to shared power-of-two centres until ``ceil(p*N)`` are fixed.
 
     Why one function: PWFN (``tolerance = k*sigma``, ``signed_terms=False``) and WFN
@@ -645,6 +642,7 @@ def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor
     max_abs, n_fixed0 = _validate(values, tolerance, fixed, target_fraction, sigma)
     values = values.detach()
     tolerance = tolerance.detach()
+    sigma = None if sigma is None else sigma.detach()
     n = int(values.numel())
     n_target = target_count(target_fraction, n)
     if n_target < n_fixed0:
@@ -684,9 +682,9 @@ def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor
 
     new_fixed = rd.new_fixed
     newly = new_fixed & ~fixed
-    new_sigma: Optional[torch.Tensor] = None
+    new_sigma: torch.Tensor | None = None
     if sigma is not None:
-        new_sigma = sigma.detach().clone()
+        new_sigma = sigma.clone()
         if keep and rd.n_assigned:
             gi = rd.gi_buf[:rd.n_assigned]
             if cfg.sigma_update == "divide":
@@ -709,6 +707,7 @@ def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor
         "max_abs": max_abs,
         "n_candidates": len(centres),
         "picks": rd.picks_log,
+        "fixed_per_centre": _per_centre(rd.picks_log),
         "levels": levels,
         "escalations": escalations,
         "final_order": order,

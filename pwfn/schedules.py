@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -50,8 +51,8 @@ class Schedule:
     """
 
     fractions: tuple
-    delta: Optional[float] = None
-    delta_multipliers: Optional[tuple] = None
+    delta: float | None = None
+    delta_multipliers: tuple | None = None
     k: float = 1.0
 
     def __post_init__(self) -> None:
@@ -169,8 +170,8 @@ def wfn_schedule(delta: float) -> Schedule:
 
 
 def tolerance_for_round(schedule: Schedule, round_index: int, *,
-                        values: Optional[torch.Tensor] = None,
-                        sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        values: torch.Tensor | None = None,
+                        sigma: torch.Tensor | None = None) -> torch.Tensor:
     """Per-weight tolerance for round ``round_index``: the engine's ``tolerance`` input.
 
     PWFN schedules need ``sigma`` (returns ``k * sigma``); WFN schedules need ``values``

@@ -76,14 +76,80 @@ class EpochCounter:
     value: int = 0
 
 
-def _check_finite(loss: torch.Tensor, model: nn.Module, where: str) -> None:
-    if torch.isfinite(loss):
-        return
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
-    detail = f" Non-finite parameters: {', '.join(bad[:5])}." if bad else ""
-    raise TrainingDivergedError(
-        f"{where}: the loss became {float(loss)}.{detail} Lower the learning rate"
-        " (e.g. --set pwfn.lr=...) or raise the sigma floor (pwfn.sigma_floor)."
+DEFAULT_DIVERGENCE_ADVICE = "Lower the learning rate or clip the gradients harder."
+
+
+def _has_nonfinite(obj: Any) -> bool:
+    """Whether a tensor (or a tuple/list/dict of them) holds a NaN or an infinity."""
+    if isinstance(obj, torch.Tensor):
+        return bool(obj.is_floating_point() or obj.is_complex()) and not bool(torch.isfinite(obj).all())
+    if isinstance(obj, (tuple, list)):
+        return any(_has_nonfinite(o) for o in obj)
+    if isinstance(obj, dict):
+        return any(_has_nonfinite(o) for o in obj.values())
+    return False
+
+
+def first_nonfinite_weight(model: nn.Module) -> Optional[str]:
+    """The first layer (module order) holding a NaN/inf parameter or floating buffer, described."""
+    for mname, module in model.named_modules():
+        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for pname, t in tensors:
+            if _has_nonfinite(t):
+                bad = int((~torch.isfinite(t.detach())).sum())
+                return (f"layer {mname or '<model>'!r} ({type(module).__name__}) holds non-finite weights: "
+                        f"{pname} has {bad} of {t.numel()} entries NaN/inf")
+    return None
+
+
+@torch.no_grad()
+def first_nonfinite_output(model: nn.Module, x: torch.Tensor, bf16: bool = False) -> Optional[str]:
+    """Run ``model`` on ``x`` with forward hooks; describe the first layer whose output is NaN/inf.
+
+    A child's hook fires before its parent's, so the first hook to see a non-finite output is
+    the innermost module that produced it.
+    """
+    if _has_nonfinite(x):
+        return "the input batch itself contains NaN/inf values: check the dataset and its normalisation"
+    found: list[str] = []
+
+    def hook(name: str) -> Callable:
+        def fn(module: nn.Module, inputs: Any, output: Any) -> None:
+            if found or not _has_nonfinite(output):
+                return
+            if _has_nonfinite(inputs):
+                found.append(f"layer {name!r} ({type(module).__name__}) received non-finite input, made by the "
+                             "operations just before it in its parent's forward")
+            else:
+                found.append(f"the first layer producing non-finite output is {name!r} ({type(module).__name__})")
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        if not found and _has_nonfinite(out):
+            found.append("the model's output is non-finite (made in its own forward, outside any layer)")
+    except Exception as exc:  # diagnosis is best effort: the divergence itself is what gets reported
+        log.debug("diagnostic forward pass failed: %s", exc)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def _diverged(where: str, loss: torch.Tensor, ce: torch.Tensor, inner: nn.Module, x: torch.Tensor, step: int,
+              advice: Optional[str], bf16: bool) -> TrainingDivergedError:
+    cause = first_nonfinite_weight(inner)
+    if cause is None and not bool(torch.isfinite(ce.detach()).all()):
+        cause = first_nonfinite_output(inner, x, bf16) or (
+            "every layer's output was finite in a diagnostic forward pass of the failing batch (the random "
+            "weight noise of that step may have caused it)")
+    elif cause is None:
+        cause = "the cross-entropy is finite, the extra loss term (regulariser) is not"
+    return TrainingDivergedError(
+        f"{where}: training diverged, the loss became {float(loss.detach())} at step {step}. "
+        f"{cause[0].upper() + cause[1:]}. {advice or DEFAULT_DIVERGENCE_ADVICE}"
     )
 
 
@@ -104,6 +170,7 @@ def train_epochs(
     dist: Optional[DistContext] = None,
     inner: Optional[nn.Module] = None,
     bf16: bool = False,
+    advice: Optional[str] = None,
 ) -> dict[str, float]:
     """Train for ``epochs`` passes (fractions allowed: 0.05 = the first 5 % of one pass).
 
@@ -112,6 +179,10 @@ def train_epochs(
     rank's cross-entropy is ``sum * world / global_batch``, so DDP's average of the ranks'
     gradients is exactly the gradient of the global-batch mean. ``bf16`` runs forward passes
     under bfloat16 autocast. Returns mean loss and accuracy over the steps taken.
+
+    A NaN/inf loss, or weights left NaN/inf by the last step, raise ``TrainingDivergedError``
+    naming the first layer that holds non-finite weights or produces non-finite output, plus
+    ``advice`` (which settings to change).
     """
     inner = inner if inner is not None else model
     world = dist.world_size if dist is not None and dist.enabled else 1
@@ -128,7 +199,8 @@ def train_epochs(
     seen = correct = 0
     loss_sum = 0.0
     steps = 0
-    bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    # disable=None: bars only on a terminal, so logs and CI output stay readable
+    bar = tqdm(total=total_steps, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True)
     try:
         while total_steps is None or steps < total_steps:
             _set_epoch(loader, counter.value)
@@ -147,7 +219,8 @@ def train_epochs(
                 else:
                     ce = ce_mean = F.cross_entropy(logits, y)
                 loss = ce + extra_loss(inner, ce_mean) if extra_loss is not None else ce
-                _check_finite(loss, inner, desc)
+                if not bool(torch.isfinite(loss.detach())):
+                    raise _diverged(desc, loss, ce, inner, x, steps + 1, advice, bf16)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if guard is not None:
@@ -172,6 +245,10 @@ def train_epochs(
                 break
     finally:
         bar.close()
+    bad = first_nonfinite_weight(inner)  # the last step can break the weights with a finite loss
+    if bad is not None:
+        raise TrainingDivergedError(f"{desc}: training diverged, the weights became non-finite by step {steps}. "
+                                    f"{bad[0].upper() + bad[1:]}. {advice or DEFAULT_DIVERGENCE_ADVICE}")
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "steps": steps}
 
 

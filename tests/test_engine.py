@@ -34,35 +34,36 @@ def reference_round(values, tolerance, fixed, p, cfg, sigma=None):
     new_v = values.clone()
     fx = fixed.clone()
     assigned = {}  # weight index -> centre value (float)
+    picks = []  # (centre, number fixed, order, multiplier) in pick order
     order, mult, esc, order_turn, fallback = 1, 1.0, 0, True, 0
-    v64 = values.double()
-    t64 = tolerance.double()
-    small = values.abs() < 2.0**-cfg.b
+    vl = values.double().tolist()
+    tl = tolerance.double().tolist()
+    small = (values.abs() < 2.0**-cfg.b).numpy()
     while need > 0:
-        lvl = torch.nonzero(cs.orders <= order).squeeze(1)
-        c = cs.values[lvl]
-        removed = torch.zeros(c.numel(), dtype=torch.bool)
+        c = cs.values[cs.orders <= order].numpy()
+        removed = np.zeros(c.size, dtype=bool)
+        # m * t rounded once in the values' dtype, then the two sums (as documented)
         mt = tolerance if mult == 1.0 else tolerance * mult
-        lo = values - mt
-        hi = values + mt
+        lo = (values - mt).numpy()
+        hi = (values + mt).numpy()
         while need > 0:
-            fit = (lo[:, None] <= c[None, :]) & (c[None, :] <= hi[:, None])
+            fit = (lo[:, None] <= c[None, :]) & (c[None, :] <= hi[:, None])  # dense N x C
             if cfg.zero_fix:
-                z = int(torch.nonzero(c == 0)[0])
+                z = int(np.flatnonzero(c == 0)[0])  # the zero centre, by value
                 fit[:, z] |= small
-            fit &= ~fx[:, None]
+            fit &= ~fx.numpy()[:, None]
             fit[:, removed] = False
-            cnt = fit.sum(0)
-            if int(cnt.max()) == 0:
+            cnt = fit.sum(0).tolist()
+            if max(cnt) == 0:
                 break
-            best = min(range(c.numel()),
-                       key=lambda j: (-int(cnt[j]), abs(float(c[j])), float(c[j])))
-            members = torch.nonzero(fit[:, best]).squeeze(1).tolist()
-            cb = float(c[best])
+            cl = c.astype(np.float64).tolist()
+            best = min(range(len(cl)), key=lambda j: (-cnt[j], abs(cl[j]), cl[j]))
+            members = np.flatnonzero(fit[:, best]).tolist()
+            cb = cl[best]
 
-            def ratio(i, cb=cb):
-                d = abs(float(v64[i]) - cb)
-                m = float(t64[i]) * mult
+            def ratio(i, cb=cb, mult=mult):
+                d = abs(vl[i] - cb)
+                m = tl[i] * mult
                 if d == 0:
                     return 0.0
                 return math.inf if m == 0 else d / m
@@ -70,20 +71,21 @@ def reference_round(values, tolerance, fixed, p, cfg, sigma=None):
             members.sort(key=lambda i: (ratio(i), i))
             take = members[:min(len(members), need)]
             for i in take:
-                new_v[i] = c[best]
+                new_v[i] = float(c[best])
                 fx[i] = True
                 assigned[i] = cb
             need -= len(take)
             removed[best] = True
+            picks.append((cb, len(take), order, mult))
         if need <= 0:
             break
         if esc >= cfg.max_escalations:
-            full = cs.values.double()
+            full = cs.values.double().tolist()
             cand = []
             for i in torch.nonzero(~fx).squeeze(1).tolist():
-                j = min(range(full.numel()), key=lambda j: (abs(float(full[j]) - float(v64[i])),
-                                                            abs(float(full[j])), float(full[j])))
-                cand.append((abs(float(full[j]) - float(v64[i])), i, j))
+                j = min(range(len(full)), key=lambda j: (abs(full[j] - vl[i]), abs(full[j]),
+                                                         full[j]))
+                cand.append((abs(full[j] - vl[i]), i, j))
             cand.sort()
             for _, i, j in cand[:need]:
                 new_v[i] = cs.values[j]
@@ -113,7 +115,14 @@ def reference_round(values, tolerance, fixed, p, cfg, sigma=None):
                 new_sigma[i] = max(float(np.std(np.array(groups[cv], dtype=np.float64))),
                                    cfg.sigma_floor)
     return new_v, fx, new_sigma, {"escalations": esc, "final_order": order,
-                                  "final_multiplier": mult, "fallback": fallback}
+                                  "final_multiplier": mult, "fallback": fallback,
+                                  "picks": picks}
+
+
+def _laplace(n, scale, g):
+    """Seeded Laplace samples (inverse CDF), independent of the global RNG."""
+    u = torch.rand(n, generator=g, dtype=torch.float64) - 0.5
+    return -scale * torch.sign(u) * torch.log1p(-2 * u.abs())
 
 
 # --------------------------------------------------------------------------- strategies
@@ -121,16 +130,18 @@ def reference_round(values, tolerance, fixed, p, cfg, sigma=None):
 
 @st.composite
 def engine_case(draw):
-    n = draw(st.integers(1, 40))
+    n = draw(st.integers(1, 60))
     b = draw(st.sampled_from([2, 3, 7]))
     scale = draw(st.sampled_from([0.01, 0.1, 1.0]))
-    kind = draw(st.lists(st.sampled_from(["float", "grid", "zero", "tiny", "dup"]),
+    kind = draw(st.lists(st.sampled_from(["float", "grid", "near", "zero", "tiny", "dup"]),
                          min_size=n, max_size=n))
     raw = draw(st.lists(st.floats(-1, 1, allow_nan=False, width=32), min_size=n, max_size=n))
     vals = []
-    for k, r in zip(kind, raw):
+    for i, (k, r) in enumerate(zip(kind, raw)):
         if k == "grid":
             vals.append(round(r * scale * 2**b) / 2**b)
+        elif k == "near":  # clusters around grid points: many picks, many ties
+            vals.append(round(r * scale * 2**b) / 2**b + ((i * 7919) % 13 - 6) * 1e-4 * scale)
         elif k == "zero":
             vals.append(0.0)
         elif k == "tiny":
@@ -193,7 +204,12 @@ def _assert_matches_reference(values, tolerance, fixed, p, cfg, sigma):
     assert res.summary["final_order"] == rsum["final_order"]
     assert res.summary["final_multiplier"] == rsum["final_multiplier"]
     assert res.summary["fallback"] == rsum["fallback"]
-    torch.testing.assert_close(res.sigma.double(), rs.double(), rtol=1e-6, atol=1e-12)
+    assert [(q["centre"], q["count"], q["level_order"], q["multiplier"])
+            for q in res.summary["picks"]] == rsum["picks"]
+    if sigma is None:
+        assert res.sigma is None and rs is None
+    else:
+        torch.testing.assert_close(res.sigma.double(), rs.double(), rtol=1e-6, atol=1e-12)
     _assert_invariants(values, tolerance, fixed, p, cfg, sigma, res)
     return res
 
@@ -202,6 +218,8 @@ def _assert_invariants(values, tolerance, fixed, p, cfg, sigma, res):
     n = values.numel()
     assert int(res.fixed.sum()) >= target_count(p, n)
     assert res.summary["fixed_after"] == int(res.fixed.sum())
+    assert (sum(res.summary["fixed_per_centre"].values()) + res.summary["fallback"]
+            == res.summary["newly_fixed"])
     # previously fixed entries never move (bit-identical), fixed stays fixed
     assert torch.equal(res.values[fixed], values[fixed])
     assert bool(res.fixed[fixed].all())
@@ -254,6 +272,49 @@ def test_engine_matches_reference_on_slow_paths(case):
     finally:
         (engine_mod._GRID_MIN, engine_mod._DENSE_MIN, engine_mod._PER_WORK,
          engine_mod._CHUNK) = saved
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("signed", [False, True])
+def test_engine_matches_reference_on_realistic_schedule(seed, signed):
+    """A whole schedule on Laplace weights: many picks, run types and escalations."""
+    g = torch.Generator().manual_seed(seed)
+    n = 4000
+    w = _laplace(n, 0.05, g).float()
+    sigma = (torch.rand(n, generator=g) * 0.004 + 1e-4).float()
+    fixed = torch.zeros(n, dtype=torch.bool)
+    cfg = EngineConfig(signed_terms=signed)
+    fr = [0.3, 0.6, 0.8, 0.9, 0.95, 0.975, 0.99, 0.9975, 0.999, 1.0]
+    for t, p in enumerate(fr):
+        tol = (0.01 * (10 - t) * w.abs()) if signed else sigma
+        res = _assert_matches_reference(w, tol, fixed, p, cfg, None if signed else sigma)
+        w, fixed = res.values, res.fixed
+        sigma = sigma if signed else res.sigma
+    assert bool(fixed.all())
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_engine_matches_reference_with_many_centres(signed):
+    """max|w| ~ 8 gives hundreds of centres: the sparse run-type path and long runs."""
+    g = torch.Generator().manual_seed(5)
+    n = 800
+    w = (torch.randn(n, generator=g) * 2.0).float()
+    w[0] = 8.0
+    sigma = (torch.rand(n, generator=g) * 0.05).float()
+    fixed = torch.zeros(n, dtype=torch.bool)
+    cfg = EngineConfig(signed_terms=signed)
+    for p in [0.4, 0.8, 1.0]:
+        res = _assert_matches_reference(w, sigma, fixed, p, cfg, sigma)
+        assert len(res.centres) > 300
+        w, fixed, sigma = res.values, res.fixed, res.sigma
+
+
+def test_inputs_requiring_grad_are_not_tracked():
+    v = torch.tensor([0.1, -0.2, 0.3], requires_grad=True)
+    s = torch.full((3,), 0.01, requires_grad=True)
+    res = fix_round(v, s, torch.zeros(3, dtype=torch.bool), 1.0, sigma=s,
+                    config=EngineConfig(sigma_update="divide"))
+    assert not res.values.requires_grad and not res.sigma.requires_grad
 
 
 def test_ties_symmetric_values_negative_first():
@@ -315,9 +376,9 @@ def test_wfn_is_same_engine_with_relative_tolerance():
 
 def test_previously_fixed_bit_identical_and_deterministic():
     g = torch.Generator().manual_seed(0)
-    v = torch.distributions.Laplace(0.0, 0.02).sample((20000,)).float()
-    sigma = (torch.rand(20000, generator=g) * 0.005).float()
-    fixed = torch.zeros(20000, dtype=torch.bool)
+    v = _laplace(8000, 0.02, g).float()
+    sigma = (torch.rand(8000, generator=g) * 0.005).float()
+    fixed = torch.zeros(8000, dtype=torch.bool)
     for p in [0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0]:
         r1 = fix_round(v, sigma, fixed, p, sigma=sigma)
         r2 = fix_round(v.clone(), sigma.clone(), fixed.clone(), p, sigma=sigma.clone())
@@ -378,6 +439,8 @@ def _ok():
         (lambda v, t, f: (v, torch.full((4,), 0.01), f), "tolerance"),
         (lambda v, t, f: (v, t.double(), f), "tolerance"),
         (lambda v, t, f: (v, [0.1, 0.1, 0.1], f), "tolerance"),
+        (lambda v, t, f: (v, torch.zeros(3, device="meta"), f), "tolerance"),  # device
+        (lambda v, t, f: (v, t, torch.zeros(3, dtype=torch.bool, device="meta")), "fixed"),
         (lambda v, t, f: (v, t, f.int()), "fixed"),
         (lambda v, t, f: (v, t, torch.zeros(2, dtype=torch.bool)), "fixed"),
     ],
@@ -385,6 +448,21 @@ def _ok():
 def test_bad_input_names_the_tensor(mutate, name):
     v, t, f = mutate(*_ok())
     with pytest.raises(EngineInputError, match=name):
+        fix_round(v, t, f, 0.5)
+
+
+@pytest.mark.parametrize("pos", [0, 77_777, 99_999])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_found_anywhere_in_large_input(pos, bad):
+    v = torch.zeros(100_000)
+    t = torch.full((100_000,), 0.01)
+    f = torch.zeros(100_000, dtype=torch.bool)
+    v[pos] = bad
+    with pytest.raises(EngineInputError, match="values"):
+        fix_round(v, t, f, 0.5)
+    v[pos] = 0.0
+    t[pos] = bad
+    with pytest.raises(EngineInputError, match="tolerance"):
         fix_round(v, t, f, 0.5)
 
 
@@ -417,10 +495,43 @@ def test_bad_config(kw):
         EngineConfig(**kw)
 
 
+def _load_benchmark():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_scaling.py"
+    spec = importlib.util.spec_from_file_location("engine_scaling_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_dry_run_smoke(tmp_path, capsys):
+    bench = _load_benchmark()
+    out = tmp_path / "res.json"
+    assert bench.main(["--dry", "--out", str(out)]) == 0
+    import json
+
+    doc = json.loads(out.read_text())
+    r = doc["results"][0]
+    assert r["pwfn"]["all_fixed"] and r["wfn"]["all_fixed"]
+    assert len(r["pwfn"]["round_seconds"]) == 10
+    assert out.with_suffix(".md").read_text().startswith("# Fixing engine scaling")
+
+
+def test_benchmark_sigma_initialiser():
+    bench = _load_benchmark()
+    mu = torch.tensor([0.0, 0.25, -0.5, 1 / 3, 0.3, -0.011, 4 / 3 * 2**-5])
+    sigma = bench.init_sigma(mu)
+    assert bool(torch.isfinite(sigma).all())
+    assert sigma[1] == 2.0**-30 and sigma[2] == 2.0**-30 and sigma[0] == 2.0**-30
+    assert bool((sigma <= 0.05).all())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     g = torch.Generator().manual_seed(1)
-    v = torch.distributions.Laplace(0.0, 0.02).sample((50000,)).float()
+    v = _laplace(50000, 0.02, g).float()
     sigma = (torch.rand(50000, generator=g) * 0.005).float()
     fixed = torch.zeros(50000, dtype=torch.bool)
     vc, sc, fc = v.cuda(), sigma.cuda(), fixed.cuda()
@@ -429,7 +540,8 @@ def test_cuda_matches_cpu():
         rc = fix_round(vc, sc, fc, p, sigma=sc)
         assert torch.equal(r.values, rc.values.cpu()) and torch.equal(r.fixed, rc.fixed.cpu())
         rc2 = fix_round(vc, sc, fc, p, sigma=sc)
-        assert torch.equal(rc.sigma, rc2.sigma)
-        torch.testing.assert_close(r.sigma, rc.sigma.cpu())
+        assert torch.equal(rc.sigma, rc2.sigma) and torch.equal(rc.values, rc2.values)
+        assert torch.equal(r.sigma, rc.sigma.cpu())  # sigma statistics are reduced on the host
+        assert r.summary["picks"] == rc.summary["picks"]
         v, sigma, fixed = r.values, r.sigma, r.fixed
         vc, sc, fc = rc.values, rc.sigma, rc.fixed
