@@ -23,6 +23,8 @@ from typing import Union
 import torch
 from torch import Tensor
 
+from .centres import term_counts as _centre_term_counts
+
 __all__ = [
     "SizeReport",
     "TensorSize",
@@ -126,18 +128,6 @@ def order_shares(orders: Tensor) -> dict[int, float]:
     return {int(k): int(c) / total for k, c in zip(keys.tolist(), counts.tolist())}
 
 
-def _popcount(n: Tensor) -> Tensor:
-    """Bit count of non-negative int64 values; loops once per set bit of the densest value."""
-    n = n.clone()
-    count = torch.zeros_like(n)
-    while True:
-        nonzero = n != 0
-        if not bool(nonzero.any()):
-            return count
-        count += nonzero.to(count.dtype)
-        n &= n - 1
-
-
 def term_counts(
     values: Tensor, b: int = 7, signed_terms: bool = False, strict: bool = True
 ) -> Tensor:
@@ -150,8 +140,8 @@ def term_counts(
     (or NaN/inf, or too large for exact float64 arithmetic) raise ``ValueError`` when
     ``strict`` and are reported as -1 otherwise.
 
-    Kept private to metrics for now: ``pwfn.centres.decompose`` computes the terms
-    themselves, and the two should be merged once both exist.
+    The digit arithmetic is ``pwfn.centres.term_counts`` (the one the engine's centres use);
+    this wrapper adds the float -> integer check and the strict/lenient reporting.
     """
     if b < 0:
         raise ValueError("b must be non-negative")
@@ -165,12 +155,7 @@ def term_counts(
     if strict and not bool(ok.all()):
         bad = v[~ok].reshape(-1)[:5].tolist()
         raise ValueError(f"values are not sums of powers of two down to 2^-{b}: e.g. {bad}")
-    n = rounded.to(torch.int64)
-    if signed_terms:
-        # 3n < 3 * 2^53 fits int64 comfortably.
-        counts = _popcount(n ^ (3 * n))
-    else:
-        counts = _popcount(n)
+    counts = _centre_term_counts(rounded.to(torch.int64), signed_terms)
     return torch.where(ok, counts, torch.full_like(counts, -1)).reshape(values.shape)
 
 
