@@ -4,7 +4,11 @@
     pwfn compare CONFIG [--set key=value ...]
     pwfn report RUN_DIR
     pwfn export RUN_DIR [--out DIR] [--allow-unfixed] [--onnx]
+    pwfn doctor [RUN_DIR]
     pwfn models
+
+Exit codes: 0 success, 1 ``doctor`` found problems, 2 an error (``pwfn: error: ...``),
+130 interrupted with Ctrl-C (the last completed round stays checkpointed).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import argparse
 import json
 import logging
 import os
-import shutil
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -54,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_exp.add_argument("--onnx", action="store_true",
                        help="also write model.onnx, checked with onnxruntime (needs the 'onnx' extra)")
     sub.add_parser("models", help="list the registered models")
+    p_doc = sub.add_parser(
+        "doctor",
+        help="check the environment and, given a run folder, its state; exit 1 when something is wrong",
+    )
+    p_doc.add_argument("run_dir", nargs="?", default=None,
+                       help="a method folder (runs/<name>/pwfn) or a comparison folder (runs/<name>)")
     return parser
 
 
@@ -70,21 +80,13 @@ def _load(args) -> "object":
     return load_config(args.config, overrides)
 
 
-def _fresh(cfg) -> None:
-    folder = Path(cfg.out_dir) / cfg.name
-    if folder.exists():
-        shutil.rmtree(folder)
-
-
 def cmd_run(args) -> int:
     from .pipeline import run_method
 
     cfg = _load(args)
     if args.method:
         cfg.method = args.method
-    if args.fresh:
-        _fresh(cfg)
-    report = run_method(cfg, resume=not args.fresh)
+    report = run_method(cfg, fresh=args.fresh)
     f = report["final"]
     _out(f"{cfg.method}: top-1 {f['test']['top1']:.2f}% (float {report['baseline']['test']['top1']:.2f}%), "
          f"unique {f.get('unique')}, entropy {f.get('entropy', float('nan')):.3f} bits")
@@ -96,9 +98,7 @@ def cmd_compare(args) -> int:
     from .pipeline import compare, format_table
 
     cfg = _load(args)
-    if args.fresh:
-        _fresh(cfg)
-    out = compare(cfg, resume=not args.fresh)
+    out = compare(cfg, fresh=args.fresh)
     _out(format_table(out["table"]))
     _out(f"run folder: {Path(cfg.out_dir) / cfg.name}")
     return 0
@@ -121,6 +121,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from .doctor import diagnose, format_findings
+
+    findings = diagnose(args.run_dir)
+    _out(format_findings(findings))
+    return 1 if any(f.level == "problem" for f in findings) else 0
+
+
 def cmd_models(args) -> int:
     from .models import list_models
 
@@ -135,13 +143,23 @@ def _out(text: str) -> None:
     sys.stdout.flush()
 
 
+def _resume_hint(argv: Sequence[str], command: str) -> str:
+    """The command that resumes an interrupted run: the same one, without --fresh."""
+    if command not in ("run", "compare"):
+        return "rerun the command to start it again"
+    again = [a for a in argv if a != "--fresh"]
+    same = "the same command without --fresh" if len(again) < len(argv) else "the same command"
+    return f"the last completed round is checkpointed; resume with {same}: pwfn {shlex.join(again)}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     handlers = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "export": cmd_export,
-                "models": cmd_models}
+                "models": cmd_models, "doctor": cmd_doctor}
     from .distributed import shutdown_distributed
 
     try:
@@ -150,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write(f"pwfn: error: {exc}\n")
         return 2
     except KeyboardInterrupt:
-        sys.stderr.write("pwfn: interrupted; the last completed round is checkpointed, rerun the same command to resume\n")
+        sys.stderr.write(f"pwfn: interrupted; {_resume_hint(argv, args.command)}\n")
         return 130
     finally:
         shutdown_distributed()

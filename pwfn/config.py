@@ -168,14 +168,17 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return int(value)
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        out: Optional[float] = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
+                out = float(value)
+            except (ValueError, OverflowError):
+                out = None
+        if out is None:
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(out):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return out
     if tp is str:
         if isinstance(value, str):
             return value
@@ -244,7 +247,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, RecursionError) as exc:
             raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
         _set_path(data, key, value)
     return data
@@ -255,17 +258,35 @@ def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Optio
     data: dict = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            is_file = p.is_file()
+        except (OSError, ValueError):  # e.g. a NUL byte in the path
+            is_file = False
+        if not is_file:
+            what = "is a folder, not a YAML file" if _is_dir(p) else "does not exist"
+            raise ConfigError(f"config file {str(p)!r} {what}")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"config file {str(p)!r} cannot be read: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError) as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
         data = loaded or {}
     data = apply_overrides(data, overrides or [])
     return config_from_dict(data)
+
+
+def _is_dir(p: Path) -> bool:
+    try:
+        return p.is_dir()
+    except (OSError, ValueError):
+        return False
 
 
 #: keys that do not change a run's results, so a run may resume under a different value
@@ -317,8 +338,12 @@ def validate_fractions(fractions: list, where: str) -> list[float]:
     _check(len(fractions) > 0, f"{where}: the schedule is empty")
     out = []
     for i, f in enumerate(fractions):
-        _check(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f),
-               f"{where}[{i}]: {f!r} is not a number")
+        ok = isinstance(f, (int, float)) and not isinstance(f, bool)
+        try:
+            ok = ok and math.isfinite(f)
+        except OverflowError:  # an int too large for a float
+            ok = False
+        _check(ok, f"{where}[{i}]: {f!r} is not a number in (0, 1]")
         out.append(float(f))
     for i, f in enumerate(out):
         _check(0.0 < f <= 1.0, f"{where}[{i}] = {f} is outside (0, 1]: fractions of weights fixed must lie in (0, 1]")
@@ -337,6 +362,12 @@ def _validate_engine(e: EngineSettings, where: str) -> None:
 def validate(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express; raise ConfigError naming the key."""
     _check(cfg.method in ("pwfn", "wfn"), f"method = {cfg.method!r}: choose 'pwfn' or 'wfn'")
+    # the name is a folder under out_dir (and `--fresh` deletes it): one plain path component
+    _check(bool(cfg.name) and cfg.name not in (".", "..") and not any(c in cfg.name for c in "/\\\0"),
+           f"name = {cfg.name!r}: the run name becomes a folder under out_dir; use a plain name "
+           "without '/', '\\' or '..'")
+    _check(0 <= cfg.seed < 2**63, f"seed = {cfg.seed} must be an integer in [0, 2^63)")
+    _check(cfg.threads is None or cfg.threads <= 4096, f"threads = {cfg.threads} must be <= 4096")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith(("cuda", "mps")),
            f"device = {cfg.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     _check(cfg.precision in ("fp32", "bf16"), f"precision = {cfg.precision!r}: choose fp32 or bf16")
@@ -346,6 +377,10 @@ def validate(cfg: RunConfig) -> None:
     _check(0.0 <= d.val_fraction < 1.0 and 0.0 <= d.test_fraction < 1.0 and d.val_fraction + d.test_fraction < 1.0,
            f"data.val_fraction ({d.val_fraction}) and data.test_fraction ({d.test_fraction}) must be in [0, 1) and sum below 1")
     _check(d.num_workers >= 0, "data.num_workers must be >= 0")
+    _check(0 <= d.seed < 2**63, f"data.seed = {d.seed} must be an integer in [0, 2^63)")
+    for key in ("image_size", "train_subset", "eval_subset"):
+        value = getattr(d, key)
+        _check(value is None or value >= 1, f"data.{key} = {value} must be >= 1 (or null)")
     b = cfg.baseline
     _check(b.epochs >= 0, f"baseline.epochs = {b.epochs} must be >= 0")
     _check(b.optimizer in ("sgd", "adam", "adamw"), f"baseline.optimizer = {b.optimizer!r}: choose sgd, adam or adamw")

@@ -243,8 +243,9 @@ def _stored_tensors(
 
 def _reassemble(tensors: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> dict[str, Tensor]:
     """Undo ``_stored_tensors``: put each split tensor's raw unfixed values back in place."""
-    notes = (metadata.get("unfixed") or {}).get("tensors") or {}
-    if not isinstance(notes, dict):
+    unfixed = metadata.get("unfixed") or {}
+    notes = (unfixed.get("tensors") if isinstance(unfixed, dict) else None) or {}
+    if not isinstance(unfixed, dict) or not isinstance(notes, dict):
         raise ArtefactError("malformed export metadata: 'unfixed.tensors' is not an object")
     out: dict[str, Tensor] = {}
     for name, t in tensors.items():
@@ -795,7 +796,13 @@ def _build(recipe: Mapping[str, Any], state: Mapping[str, Tensor], where: str) -
     kwargs = recipe.get("kwargs") or {}
     if not isinstance(kwargs, Mapping):
         raise ModelError(f"{where}: malformed model recipe kwargs {kwargs!r}")
-    model = create_model(recipe["name"], **dict(kwargs))
+    try:
+        model = create_model(recipe["name"], **dict(kwargs))
+    except PwfnError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
+        raise ModelError(f"{where}: the model recipe {dict(recipe)!r} cannot be built: "
+                         f"{type(exc).__name__}: {exc}") from exc
     try:
         model.load_state_dict(dict(state), strict=True)
     except RuntimeError as exc:

@@ -7,11 +7,16 @@ the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Union
 
@@ -24,23 +29,76 @@ _CHECKPOINT_MAGIC = "pwfn-checkpoint"
 
 PathLike = Union[str, os.PathLike]
 
+log = logging.getLogger(__name__)
+
+#: every temp file :func:`atomic_write_bytes` creates matches this pattern (``.<name>.<random>.tmp``)
+TEMP_GLOB = ".*.tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; finished files get the usual 0666 & ~umask, like open() would give
+_FILE_MODE = 0o666 & ~_umask()
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C back until the block is done, then deliver it (a write is never cut in half).
+
+    Only the main thread can handle signals; elsewhere (or with no Python-level handler to
+    restore) the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is None:
+        yield
+        return
+    received: list[Any] = []
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+    except (ValueError, OSError):  # pragma: no cover - not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, received[0])  # default_int_handler raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
+
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync and rename.
+
+    A reader sees the old file or the new one, never half of one; a Ctrl-C that arrives during
+    the write is delivered once the file is complete, and any failure removes the temp file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    with _sigint_deferred():
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, _FILE_MODE)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
     try:  # make the rename itself durable
         dfd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -49,6 +107,28 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             os.close(dfd)
     except OSError:
         pass
+
+
+def stale_temp_files(folder: PathLike) -> list[Path]:
+    """Temp files that an interrupted :func:`atomic_write_bytes` (SIGKILL, power loss) left in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(TEMP_GLOB) if p.is_file())
+
+
+def remove_stale_temp_files(folder: PathLike) -> list[Path]:
+    """Delete :func:`stale_temp_files` (call only when no other process writes into ``folder``)."""
+    removed = []
+    for p in stale_temp_files(folder):
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError as exc:  # pragma: no cover - permissions
+            log.warning("cannot remove stale temp file %s: %s", p, exc)
+    if removed:
+        log.info("removed %d temp file(s) left by an interrupted write in %s", len(removed), folder)
+    return removed
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
@@ -100,7 +180,7 @@ def load_checkpoint(path: PathLike, *, kind: str, map_location: Any = "cpu") -> 
         header = json.loads(raw[4 : 4 + n].decode())
         if not isinstance(header, dict):
             raise ValueError("header is not a mapping")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{str(path)!r} is not a pwfn checkpoint (unreadable header: {exc})") from exc
     if header.get("magic") != _CHECKPOINT_MAGIC:
         raise CheckpointError(f"{str(path)!r} is not a pwfn checkpoint")
@@ -114,12 +194,27 @@ def load_checkpoint(path: PathLike, *, kind: str, map_location: Any = "cpu") -> 
     if len(body) != header.get("size") or hashlib.sha256(body).hexdigest() != header.get("sha256"):
         raise CheckpointError(f"{str(path)!r} is truncated or corrupted (checksum mismatch)")
     try:
-        payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=False)
+        # weights_only: a checkpoint is data (tensors, numbers, strings, the numpy RNG state),
+        # so loading one can never run code, whoever wrote the file
+        with torch.serialization.safe_globals(_numpy_globals()):
+            payload = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
     except Exception as exc:  # a checksummed body that still fails to load: wrong torch, tampering
         raise CheckpointError(f"{str(path)!r} could not be loaded: {exc}") from exc
     if not isinstance(payload, dict):
         raise CheckpointError(f"{str(path)!r} does not hold a checkpoint mapping")
     return payload
+
+
+def _numpy_globals() -> list:
+    """What a pickled numpy RNG state (``np.random.get_state()``) needs: arrays and dtypes."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    reconstruct = core.multiarray._reconstruct
+    out: list = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                 (reconstruct, "numpy.core.multiarray._reconstruct"),
+                 (reconstruct, "numpy._core.multiarray._reconstruct")]
+    return out
 
 
 def load_state_dict_strict(model: torch.nn.Module, state: dict, source: str) -> None:

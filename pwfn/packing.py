@@ -60,7 +60,6 @@ import math
 import os
 import struct
 import sys
-import tempfile
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -603,30 +602,10 @@ def write_packed(
 
     Readers never see a half-written artefact: either the old file or the complete new one.
     """
+    from pwfn.io import atomic_write_bytes  # the one place every pwfn file is written
+
     data = pack(tensors, quantised, codebook=codebook, terms=terms, metadata=metadata)
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    try:  # make the rename itself durable; not every platform allows opening a directory
-        dfd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    atomic_write_bytes(path, data)
     return len(data)
 
 
@@ -672,7 +651,7 @@ def _parse_header(data: bytes) -> tuple[dict[str, Any], int]:
         )
     try:
         manifest = json.loads(mbytes.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ArtefactError(f"malformed manifest: {exc}") from exc
     if not isinstance(manifest, dict):
         raise ArtefactError("malformed manifest: not a JSON object")
@@ -850,8 +829,11 @@ def unpack(data: bytes | bytearray | memoryview) -> PackedModel:
         AttributeError,
         OverflowError,
         RuntimeError,
+        RecursionError,
     ) as exc:
         raise ArtefactError(f"malformed manifest: {type(exc).__name__}: {exc}") from exc
+    except MemoryError as exc:  # a manifest announcing a tensor far larger than memory
+        raise ArtefactError(f"malformed manifest: a tensor is too large to decode ({exc})") from exc
     codebook = torch.from_numpy(cb_bits.view(np.int32).copy()).view(torch.float32)
     return PackedModel(
         tensors=tensors, codebook=codebook, terms=terms, metadata=metadata, manifest=manifest
@@ -881,7 +863,7 @@ def size_breakdown(data: bytes | bytearray | memoryview) -> dict[str, Any]:
         tables = sum(t[1] for t in manifest["tables"])
     except ArtefactError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError) as exc:
         raise ArtefactError(f"malformed manifest: {type(exc).__name__}: {exc}") from exc
     return {
         "total": len(data),

@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +28,14 @@ from . import metrics as M
 from .config import RunConfig, config_diff, config_to_dict, dump_config, load_config
 from .distributed import ContiguousShard, DistContext, GlobalBatchShard, init_distributed, tensor_checksum
 from .engine import EngineConfig, fix_round
-from .errors import ConfigError, ModelError
+from .errors import ArtefactError, CheckpointError, ConfigError, ModelError, PwfnError, TrainingDivergedError
 from .io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
     load_state_dict_strict,
+    remove_stale_temp_files,
     save_checkpoint,
     write_jsonl,
 )
@@ -44,6 +46,7 @@ from .train import (
     EpochCounter,
     accuracy_metrics,
     evaluate,
+    first_nonfinite_weight,
     make_optimizer,
     predict_mc,
     resolve_device,
@@ -242,6 +245,85 @@ class WFNStrategy(_Strategy):
 STRATEGIES = {"pwfn": PWFNStrategy, "wfn": WFNStrategy}
 
 
+def divergence_advice(cfg: RunConfig, section: str) -> str:
+    """Which settings to turn when training under ``section`` ("baseline", "pwfn", "wfn") diverges."""
+    s = getattr(cfg, section)
+    tips = [f"lower the learning rate (--set {section}.lr=..., now {s.lr:g})"]
+    if section == "pwfn":
+        tips.append(f"raise the sigma floor (--set pwfn.sigma_floor=..., now {s.sigma_floor:g})")
+    clip = "off" if s.grad_clip is None else f"{s.grad_clip:g}"
+    tips.append(f"clip gradients harder (--set {section}.grad_clip=..., now {clip})")
+    return "To fix it, " + ", ".join(tips[:-1]) + " or " + tips[-1] + "."
+
+
+def _refuse_tied_weights(model: nn.Module) -> None:
+    """One tensor under two names cannot be fixed once and saved twice: refuse it up front (both methods)."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied = [n for n in names.values() if len(n) > 1]
+    if tied:
+        shown = "; ".join(" = ".join(n) for n in tied[:3])
+        raise ModelError(
+            f"the model has tied weights ({shown}): one tensor under several names cannot be fixed and "
+            "exported consistently. Untie them first, e.g. "
+            "`model.b.weight = nn.Parameter(model.a.weight.detach().clone())`"
+        )
+
+
+def check_model(method: str, cfg: RunConfig, float_model: nn.Module) -> nn.Module:
+    """Everything about ``float_model`` that would stop ``method`` later, checked before anything is written.
+
+    Tied weights and models without a (non-empty) quantisable tensor are refused. Frozen
+    parameters (``requires_grad=False``) are quantised like the others but never trained, by
+    both methods; a model with no trainable parameter at all is refused unless the method's
+    training epochs are 0 (fixing without retraining). Zero-sized tensors hold no weight and
+    are skipped. Leaves the RNG state untouched. Returns the model ``method`` would fix.
+    """
+    _check_float_model(float_model)
+    strategy = STRATEGIES[method](cfg)
+    state = rng_state()
+    try:
+        model = strategy.prepare(float_model)
+        strategy.view(model)
+    finally:
+        set_rng_state(state)
+    _check_trainable(method, strategy, model)
+    return model
+
+
+def load_run_checkpoint(ckpt: Path, method: str, device: Any = "cpu") -> dict:
+    """A method's ``checkpoint.pt``, checked; a damaged or foreign one raises ``CheckpointError`` saying what to do."""
+    try:
+        state = load_checkpoint(ckpt, kind=f"run-{method}", map_location=device)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}. Cannot resume {method} from it: restore the file, or start this method "
+                              "over with --fresh (or delete the file)") from exc
+    missing = [k for k in ("next_round", "model", "epoch_counter", "history", "rng") if k not in state]
+    if missing:
+        raise CheckpointError(f"{str(ckpt)!r} lacks {missing}: it was not written by this version of pwfn; "
+                              "start this method over with --fresh")
+    return state
+
+
+def _check_float_model(float_model: nn.Module) -> None:
+    _refuse_tied_weights(float_model)
+    bad = first_nonfinite_weight(float_model)
+    if bad is not None:
+        raise ModelError(f"the model to fix is not finite: {bad}. Fix the float model (or its checkpoint) first")
+
+
+def _check_trainable(method: str, strategy: _Strategy, model: nn.Module) -> None:
+    trains = strategy.pre_epochs() > 0 or strategy.round_epochs() > 0
+    if trains and not any(p.requires_grad for p in model.parameters()):
+        raise ModelError(
+            f"every parameter of the model is frozen (requires_grad=False), so {method}'s training between "
+            f"rounds has nothing to train. Unfreeze the parameters to train, or fix without retraining: "
+            + ("--set pwfn.first_round_epochs=0 --set pwfn.round_epochs=0" if method == "pwfn"
+               else "--set wfn.round_epochs=0")
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # metrics of a (partly) fixed network
 
@@ -313,6 +395,7 @@ class FixingRun:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.recipe = recipe
         self.on_round_end = on_round_end
+        self._rounds_done = 0
 
     # -- helpers ----------------------------------------------------------------------------
     def _eval(self, model: nn.Module, loader) -> dict[str, float]:
@@ -329,6 +412,10 @@ class FixingRun:
         if not self.dist.is_main:  # rank 0 writes; the others wait so nobody runs ahead of a checkpoint
             self.dist.barrier()
             return
+        bad = first_nonfinite_weight(model)
+        if bad is not None:  # never replace a good checkpoint with a broken model
+            raise TrainingDivergedError(f"{self.method}: refusing to checkpoint a non-finite model: {bad}. "
+                                        f"{divergence_advice(self.cfg, self.method)} {self._kept_note()}")
         save_checkpoint(
             path,
             {
@@ -346,14 +433,29 @@ class FixingRun:
             kind=f"run-{self.method}",
         )
         write_jsonl(self.run_dir / "metrics.jsonl", history)
+        self._rounds_done = next_round
         self.dist.barrier()
+
+    def _kept_note(self) -> str:
+        path = self._checkpoint_path()
+        if path is None or not path.exists():
+            return "No checkpoint of this method was written yet."
+        return (f"The last good checkpoint {str(path)!r} ({self._rounds_done} of {len(self.strategy.fractions)} "
+                "rounds done) is kept unchanged; a changed setting starts the method over (--fresh, or "
+                "another --set name=...).")
 
     def _train(self, train_model, model, view, optimizer, epochs, counter, desc, guard=None):
         s = self.strategy
-        return train_epochs(train_model, self.train_loader, optimizer, epochs, self.device, counter=counter,
-                            extra_loss=s.extra_loss(view), guard=guard, grad_clip=s.grad_clip(), desc=desc,
-                            progress=self.cfg.progress and self.dist.is_main, dist=self.dist, inner=model,
-                            bf16=self.cfg.precision == "bf16")
+        try:
+            return train_epochs(train_model, self.train_loader, optimizer, epochs, self.device, counter=counter,
+                                extra_loss=s.extra_loss(view), guard=guard, grad_clip=s.grad_clip(), desc=desc,
+                                progress=self.cfg.progress and self.dist.is_main, dist=self.dist, inner=model,
+                                bf16=self.cfg.precision == "bf16", advice=divergence_advice(self.cfg, self.method))
+        except TrainingDivergedError as exc:
+            raise TrainingDivergedError(f"{exc} {self._kept_note()}") from exc
+
+    def _load_resume_state(self, ckpt: Path) -> dict:
+        return load_run_checkpoint(ckpt, self.method, self.device)
 
     def _fix(self, view: QuantView, t: int, frac: float, engine_cfg: EngineConfig):
         """One engine round on every rank; rank 0's result is broadcast so all ranks agree bit for bit."""
@@ -371,8 +473,10 @@ class FixingRun:
     def run(self, resume: bool = True) -> FixingResult:
         s = self.strategy
         started = time.perf_counter()
+        _check_float_model(self.float_model)
         model = s.prepare(self.float_model).to(self.device)
         view = s.view(model)
+        _check_trainable(self.method, s, model)
         train_model = _wrap_ddp(model, self.dist)
         if isinstance(s, PWFNStrategy):
             s._dataset_size = _dataset_size(self.train_loader)
@@ -385,7 +489,7 @@ class FixingRun:
         ckpt = self._checkpoint_path()
 
         if resume and ckpt is not None and ckpt.exists():
-            state = load_checkpoint(ckpt, kind=f"run-{self.method}", map_location=self.device)
+            state = self._load_resume_state(ckpt)
             _refuse_changed_config(state.get("config"), self.cfg, ckpt, RUN_SECTIONS[self.method])
             load_state_dict_strict(model, state["model"], str(ckpt))
             optimizer = s.optimizer(model, view, None)
@@ -396,8 +500,13 @@ class FixingRun:
             pre_metrics = dict(state.get("pre_metrics") or {})
             start_round = int(state["next_round"])
             set_rng_state(state["rng"])
+            self._rounds_done = start_round
+            self._write_config()
+            if self.dist.is_main:  # the round log may lag the checkpoint when a run was killed between the two
+                write_jsonl(ckpt.parent / "metrics.jsonl", history)
             log.info("%s: resuming at round %d of %d from %s", self.method, start_round, len(s.fractions), ckpt)
         else:
+            self._write_config()
             optimizer = s.optimizer(model, view, None)
             pre_metrics = {"initial": self._eval(model, self.val_loader)}
             if s.pre_epochs() > 0:
@@ -437,6 +546,12 @@ class FixingRun:
                 self.on_round_end(t)
 
         return self._finish(model, view, engine_cfg, history, pre_metrics, time.perf_counter() - started)
+
+    def _write_config(self) -> None:
+        """The run folder's config.yaml, written once every check passed (a refused run changes nothing)."""
+        if self.run_dir is not None and self.dist.is_main:
+            remove_stale_temp_files(self.run_dir)
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
 
     def _finish(self, model, view, engine_cfg, history, pre_metrics, seconds) -> FixingResult:
         s = self.strategy
@@ -538,13 +653,22 @@ def load_point_model(folder: Union[str, Path]) -> nn.Module:
     from safetensors.torch import load as st_load
 
     folder = Path(folder)
-    meta = json.loads((folder / "point_model.json").read_text())
-    recipe = meta.get("recipe")
+    try:
+        meta = json.loads((folder / "point_model.json").read_text(encoding="utf-8"))
+        data = (folder / "point_model.safetensors").read_bytes()
+    except (OSError, ValueError) as exc:
+        raise ArtefactError(f"{folder} holds no readable point model (point_model.json + .safetensors): {exc}") from exc
+    recipe = meta.get("recipe") if isinstance(meta, dict) else None
     if not recipe:
         raise ModelError(f"{folder} holds no model recipe (the model was passed in from Python); "
                          "load the safetensors into your own model instead")
-    model = create_model(recipe["name"], **recipe.get("kwargs", {}))
-    state = st_load((folder / "point_model.safetensors").read_bytes())
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("name"), str) or not isinstance(recipe.get("kwargs", {}), dict):
+        raise ArtefactError(f"{folder / 'point_model.json'} holds a malformed recipe {recipe!r}")
+    model = _create({"name": recipe["name"], "kwargs": recipe.get("kwargs", {})})
+    try:
+        state = st_load(data)
+    except Exception as exc:  # safetensors raises its own error types
+        raise ArtefactError(f"cannot read {folder / 'point_model.safetensors'}: {exc}") from exc
     load_state_dict_strict(model, state, str(folder / "point_model.safetensors"))
     return model
 
@@ -602,7 +726,7 @@ def train_baseline(cfg: RunConfig, model: nn.Module, loaders, dist: DistContext)
     stats = train_epochs(_wrap_ddp(model, dist), loaders.train, opt, b.epochs, dist.device, counter=EpochCounter(),
                          grad_clip=b.grad_clip, scheduler=sched, desc="float baseline",
                          progress=cfg.progress and dist.is_main, dist=dist, inner=model,
-                         bf16=cfg.precision == "bf16")
+                         bf16=cfg.precision == "bf16", advice=divergence_advice(cfg, "baseline"))
     return stats
 
 
@@ -629,34 +753,66 @@ class Prepared:
         return iter((self.device, self.loaders, self.recipe, self.model, self.baseline))
 
 
-def prepare_run(cfg: RunConfig) -> Prepared:
+def prepare_run(cfg: RunConfig, methods: tuple[str, ...] = (), *, resume: bool = True,
+                fresh: bool = False) -> Prepared:
     """Seed, threads, device (and process group under torchrun), data, and the float baseline
-    (from ``model.checkpoint``, reused from the run folder, or trained)."""
+    (from ``model.checkpoint``, reused from the run folder, or trained).
+
+    Everything that can be checked before writing is checked first: the data, the model
+    recipe, ``model.checkpoint``, the saved baseline and, for ``methods`` (with ``resume``),
+    their checkpoints and whether the model suits them. Only then is the run folder touched:
+    a refused run creates no folder and changes no file in an existing one. ``fresh`` deletes
+    the run folder at that point (after the checks, so a refused ``--fresh`` deletes nothing).
+    """
     dist = init_distributed(cfg.device)
     seed_everything(cfg.seed)  # identical on every rank: weight noise must agree across ranks
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     loaders = build_loaders(cfg, dist)
     recipe = model_recipe(cfg, loaders)
-    model = create_model(recipe["name"], **recipe["kwargs"]).to(dist.device)
+    model = _create(recipe).to(dist.device)
     folder = _folder(cfg)
     base_path = folder / "baseline.pt"
-    if dist.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "config.yaml", dump_config(cfg))
+    resume = resume and not fresh
     info: dict[str, Any] = {}
+    base_state: Optional[dict] = None
     if cfg.model.checkpoint:
         state = _load_user_checkpoint(cfg.model.checkpoint)
         load_state_dict_strict(model, state, cfg.model.checkpoint)
+        bad = first_nonfinite_weight(model)
+        if bad is not None:
+            raise CheckpointError(f"model.checkpoint {cfg.model.checkpoint!r} is not finite: {bad}")
         info["source"] = f"checkpoint {cfg.model.checkpoint}"
-    elif base_path.exists():
-        state = load_checkpoint(base_path, kind="baseline", map_location=dist.device)
-        _refuse_changed_config(state.get("config"), cfg, base_path, BASELINE_SECTIONS)
-        load_state_dict_strict(model, state["model"], str(base_path))
-        set_rng_state(state["rng"])
-        info = dict(state["info"])
+    elif resume and base_path.exists():
+        try:
+            base_state = load_checkpoint(base_path, kind="baseline", map_location=dist.device)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}. Delete it to retrain the float baseline, or start over with "
+                                  "--fresh") from exc
+        _refuse_changed_config(base_state.get("config"), cfg, base_path, BASELINE_SECTIONS)
+        load_state_dict_strict(model, base_state["model"], str(base_path))
+    for method in methods:
+        fixed_model = check_model(method, cfg, model)
+        ckpt = folder / method / "checkpoint.pt"
+        if resume and ckpt.exists():
+            saved = load_run_checkpoint(ckpt, method)
+            _refuse_changed_config(saved.get("config"), cfg, ckpt, RUN_SECTIONS[method])
+            try:
+                load_state_dict_strict(fixed_model, saved["model"], str(ckpt))
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}. Start this method over with --fresh (or delete the file)") from exc
+    # every check passed: from here on the run folder is written
+    if dist.is_main:
+        if fresh and folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(folder)
+        atomic_write_text(folder / "config.yaml", dump_config(cfg))
+    if base_state is not None:
+        set_rng_state(base_state["rng"])
+        info = dict(base_state["info"])
         info["reused"] = True
-    else:
+    elif not cfg.model.checkpoint:
         t0 = time.perf_counter()
         info["train"] = train_baseline(cfg, model, loaders, dist)
         info["source"] = "trained"
@@ -672,10 +828,39 @@ def prepare_run(cfg: RunConfig) -> Prepared:
     return Prepared(dist, loaders, recipe, model, info)
 
 
+def _create(recipe: dict) -> nn.Module:
+    """``create_model`` whose every failure on bad ``model.kwargs`` is a ConfigError."""
+    try:
+        return create_model(recipe["name"], **recipe["kwargs"])
+    except PwfnError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
+        raise ConfigError(f"cannot build model {recipe['name']!r} with model.kwargs {recipe['kwargs']!r}: "
+                          f"{type(exc).__name__}: {exc}") from exc
+
+
 def _load_user_checkpoint(path: str) -> dict:
     p = Path(path)
-    if not p.is_file():
+    try:
+        is_file = p.is_file()
+    except (OSError, ValueError):
+        is_file = False
+    if not is_file:
         raise ConfigError(f"model.checkpoint {path!r} does not exist")
+    try:
+        with p.open("rb") as fh:
+            head = fh.read(4100)
+    except OSError as exc:
+        raise ConfigError(f"model.checkpoint {path!r} cannot be read: {exc}") from exc
+    if b'"pwfn-checkpoint"' in head:  # one of our own checkpoints: a float baseline is fine, a run is not
+        kind = head.split(b'"kind": "', 1)[-1].split(b'"', 1)[0].decode("utf-8", "replace")
+        if kind != "baseline":
+            raise ConfigError(f"model.checkpoint {path!r} is a pwfn {kind!r} checkpoint, not a float model: "
+                              "give a plain torch state_dict or a run folder's baseline.pt")
+        state = load_checkpoint(p, kind="baseline")
+        if not isinstance(state.get("model"), dict):
+            raise CheckpointError(f"model.checkpoint {path!r} holds no model state")
+        return state["model"]
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -684,16 +869,15 @@ def _load_user_checkpoint(path: str) -> dict:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ConfigError(f"model.checkpoint {path!r} does not hold a state_dict")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConfigError(f"model.checkpoint {path!r} is not a state_dict of tensors: {bad[:3]} are not tensors")
     return obj
 
 
 def _run_one(cfg: RunConfig, prep: Prepared, method: str, resume: bool,
              on_round_end: Optional[Callable[[int], None]] = None) -> FixingResult:
     run_dir = _folder(cfg) / method
-    if prep.dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    prep.dist.barrier()
     res = FixingRun(method, cfg, prep.model, prep.loaders.train, prep.loaders.val, prep.loaders.test,
                     device=prep.device, run_dir=run_dir, recipe=prep.recipe, on_round_end=on_round_end,
                     dist=prep.dist).run(resume=resume)
@@ -704,15 +888,23 @@ def _run_one(cfg: RunConfig, prep: Prepared, method: str, resume: bool,
 
 
 def run_method(cfg: RunConfig, method: Optional[str] = None, *, resume: bool = True,
-               on_round_end: Optional[Callable[[int], None]] = None) -> dict[str, Any]:
-    """`pwfn run`: float baseline, then one method; returns the report."""
-    prep = prepare_run(cfg)
-    return _run_one(cfg, prep, method or cfg.method, resume, on_round_end).report
+               on_round_end: Optional[Callable[[int], None]] = None, fresh: bool = False) -> dict[str, Any]:
+    """`pwfn run`: float baseline, then one method; returns the report.
+
+    ``fresh`` deletes the run folder (once every check passed) and starts over.
+    """
+    method = method or cfg.method
+    if method not in STRATEGIES:
+        raise ConfigError(f"unknown method {method!r}; choose one of {list(STRATEGIES)}")
+    resume = resume and not fresh
+    prep = prepare_run(cfg, (method,), resume=resume, fresh=fresh)
+    return _run_one(cfg, prep, method, resume, on_round_end).report
 
 
-def compare(cfg: RunConfig, *, resume: bool = True) -> dict[str, Any]:
+def compare(cfg: RunConfig, *, resume: bool = True, fresh: bool = False) -> dict[str, Any]:
     """`pwfn compare`: one float baseline, then WFN and PWFN from it; returns the comparison."""
-    prep = prepare_run(cfg)
+    resume = resume and not fresh
+    prep = prepare_run(cfg, ("wfn", "pwfn"), resume=resume, fresh=fresh)
     out: dict[str, Any] = {"baseline": prep.baseline, "methods": {}}
     for method in ("wfn", "pwfn"):
         t0 = time.perf_counter()
@@ -796,9 +988,7 @@ def compress(
         raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     dist = init_distributed(str(device) if device is not None else cfg.device)
     dev = dist.device
-    if run_dir is not None and dist.is_main:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(run_dir) / "config.yaml", dump_config(cfg))
+    # the run writes its config.yaml into run_dir itself, once the model and any checkpoint passed their checks
     return FixingRun(method, cfg, model.to(dev), train_loader, val_loader, test_loader, device=dev,
                      run_dir=run_dir, dist=dist).run(resume=resume)
 
