@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import fnmatch
 import logging
-from typing import Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Optional, Union
 
 import torch
 from torch import nn

@@ -16,8 +16,9 @@ Three forward modes:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F

@@ -8,7 +8,8 @@ itself attaches no meaning to the mask.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from collections.abc import Mapping
+from typing import Optional
 
 import pyro.distributions as dist
 import torch

@@ -19,8 +19,9 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from .errors import PwfnError
 
@@ -67,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args) -> "object":
+def _load(args) -> object:
     from .config import load_config
 
     overrides = list(args.overrides)

@@ -20,8 +20,9 @@ import hashlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -8,6 +8,7 @@ into its folder: ``config.yaml``, ``metrics.jsonl`` (one row per round), ``repor
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -26,9 +27,22 @@ import bayes
 
 from . import metrics as M
 from .config import RunConfig, config_diff, config_to_dict, dump_config, load_config
-from .distributed import ContiguousShard, DistContext, GlobalBatchShard, init_distributed, tensor_checksum
+from .distributed import (
+    ContiguousShard,
+    DistContext,
+    GlobalBatchShard,
+    init_distributed,
+    tensor_checksum,
+)
 from .engine import EngineConfig, fix_round
-from .errors import ArtefactError, CheckpointError, ConfigError, ModelError, PwfnError, TrainingDivergedError
+from .errors import (
+    ArtefactError,
+    CheckpointError,
+    ConfigError,
+    ModelError,
+    PwfnError,
+    TrainingDivergedError,
+)
 from .io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -44,7 +58,6 @@ from .plumbing import FixedGuard, QuantView, strip_masks
 from .regularizers import cluster_attraction, unfixed_values
 from .train import (
     EpochCounter,
-    accuracy_metrics,
     evaluate,
     first_nonfinite_weight,
     make_optimizer,
@@ -103,18 +116,10 @@ class _Strategy:
         return None
 
     def eval_context(self, model: nn.Module):
-        return _nullcontext()
+        return contextlib.nullcontext()
 
     def sigma_summary(self, model: nn.Module) -> Optional[dict]:
         return None
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _engine_config(settings, *, signed_terms: bool, **extra: Any) -> EngineConfig:
@@ -129,11 +134,11 @@ class PWFNStrategy(_Strategy):
 
     def prepare(self, float_model: nn.Module) -> nn.Module:
         p = self.cfg.pwfn
+        init: Any = p.sigma_init
         if p.sigma_init == "power_of_two":
-            init: Any = lambda mu: bayes.power_of_two_sigma(mu, scale=p.sigma_init_scale, ceiling=p.sigma_init_max,
-                                                            floor=p.sigma_floor)
-        else:
-            init = p.sigma_init
+            def init(mu: torch.Tensor) -> torch.Tensor:  # the paper's rule with the config's constants
+                return bayes.power_of_two_sigma(mu, scale=p.sigma_init_scale, ceiling=p.sigma_init_max,
+                                                floor=p.sigma_floor)
         try:
             return bayes.bayesianize(float_model, sigma_init=init, sigma_floor=p.sigma_floor, mode=p.forward_mode)
         except bayes.ConversionError as exc:
@@ -992,6 +997,3 @@ def compress(
     return FixingRun(method, cfg, model.to(dev), train_loader, val_loader, test_loader, device=dev,
                      run_dir=run_dir, dist=dist).run(resume=resume)
 
-
-def accuracy_of(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    return accuracy_metrics(logits, labels)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -18,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import TrainingDivergedError
 from .distributed import DistContext
+from .errors import TrainingDivergedError
 from .plumbing import FixedGuard
 
 log = logging.getLogger(__name__)
@@ -263,16 +264,6 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device) -> tuple[t
         labels.append(y.cpu())
     model.train(was_training)
     return torch.cat(outs), torch.cat(labels)
-
-
-def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """top-1 (and top-5 when there are more than 5 classes) in percent, plus mean cross-entropy."""
-    out = {"top1": 100.0 * float((logits.argmax(1) == labels).float().mean()),
-           "loss": float(F.cross_entropy(logits, labels))}
-    if logits.shape[1] > 5:
-        top5 = logits.topk(5, dim=1).indices
-        out["top5"] = 100.0 * float((top5 == labels[:, None]).any(1).float().mean())
-    return out
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
