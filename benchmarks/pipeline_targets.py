@@ -31,9 +31,10 @@ DRY = ["baseline.epochs=2", "pwfn.round_epochs=0.2", "wfn.round_epochs=0.2", "pw
        "pwfn.mc_samples=2", "data.train_subset=200", "model.kwargs={hidden: [16]}"]
 
 
-def run_dataset(config: Path, work: Path, extra: list[str]) -> dict:
-    base = [f"out_dir={work}", "progress=false"] + extra
+def run_dataset(config: Path, work: Path, extra: list[str], seed: int = 0) -> dict:
+    base = [f"out_dir={work}", "progress=false", f"seed={seed}"] + extra
     cfg = load_config(config, base)
+    cfg.name = f"{cfg.name}_s{seed}"
     t0 = time.perf_counter()
     out = compare(cfg)
     seconds = time.perf_counter() - t0
@@ -55,16 +56,38 @@ def run_dataset(config: Path, work: Path, extra: list[str]) -> dict:
         "pwfn_unique_le_wfn": p["unique"] <= w["unique"],
         "pwfn_entropy_le_wfn": p["entropy"] <= w["entropy"],
     }
-    return {"config": str(config.relative_to(ROOT)), "lam": cfg.pwfn.lam, "rows": list(rows.values()),
+    return {"config": str(config.relative_to(ROOT)), "seed": seed, "lam": cfg.pwfn.lam, "rows": list(rows.values()),
             "checks": checks, "seconds": seconds}
+
+
+def seed_summary(results: list[dict]) -> list[str]:
+    """Per config and method: mean, min and max over seeds, and how many seeds passed each check."""
+    lines = []
+    for config in dict.fromkeys(r["config"] for r in results):
+        runs = [r for r in results if r["config"] == config]
+        if len(runs) < 2:
+            continue
+        lines += [f"## {config}: {len(runs)} seeds ({', '.join(str(r['seed']) for r in runs)})", "",
+                  "| method | top-1 % mean [min, max] | unique mean [min, max] | entropy bits mean [min, max] |",
+                  "|---|---|---|---|"]
+        for method in [row["method"] for row in runs[0]["rows"]]:
+            cells = []
+            for key in ("top1", "unique", "entropy"):
+                vals = [row[key] for r in runs for row in r["rows"] if row["method"] == method and row.get(key) is not None]
+                cells.append("-" if not vals else f"{sum(vals) / len(vals):.3f} [{min(vals):.3f}, {max(vals):.3f}]")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        passed = {k: sum(r["checks"][k] for r in runs) for k in runs[0]["checks"]}
+        lines += ["", "Seeds passing each check: " + ", ".join(f"{k} {v}/{len(runs)}" for k, v in passed.items()), ""]
+    return lines
 
 
 def to_markdown(results: list[dict], command: str) -> str:
     lines = ["# Pipeline targets: float vs WFN vs PWFN (top-1 on the test split)", "",
              f"Command: `{command}`  ", f"Machine: {platform.platform()}, {platform.processor() or 'cpu'}, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads", ""]
+    lines += seed_summary(results)
     for r in results:
-        lines += [f"## {r['config']} (shipped PWFN lam = {r['lam']:g})", "",
+        lines += [f"## {r['config']}, seed {r['seed']} (shipped PWFN lam = {r['lam']:g})", "",
                   "| method | top-1 % | unique | unique (no 0) | entropy bits | entropy (no 0) |", "|---|---|---|---|---|---|"]
         for row in r["rows"]:
             def fmt(v, nd=3):
@@ -92,6 +115,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="digits only")
     ap.add_argument("--dry", action="store_true", help="tiny settings, seconds (smoke test)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (the data split stays fixed)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline_targets.md"))
     args = ap.parse_args(argv)
     configs = [ROOT / "configs" / "digits_mlp.yaml"]
@@ -99,9 +123,10 @@ def main(argv=None) -> int:
         configs.append(ROOT / "configs" / "mnist5k_lenet5.yaml")
     extra = DRY if args.dry else []
     with tempfile.TemporaryDirectory() as tmp:
-        results = [run_dataset(c, Path(tmp), extra) for c in configs]
+        results = [run_dataset(c, Path(tmp), extra, seed) for c in configs for seed in args.seeds]
     md = to_markdown(results, "python benchmarks/pipeline_targets.py" + (" --quick" if args.quick else "")
-                     + (" --dry" if args.dry else ""))
+                     + (" --dry" if args.dry else "") + (f" --seeds {' '.join(map(str, args.seeds))}"
+                                                        if args.seeds != [0] else ""))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)

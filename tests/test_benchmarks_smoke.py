@@ -170,3 +170,15 @@ def test_kmeans_share_and_qat_keep_the_shape_of_the_model(baselines):
         assert torch.unique(p).numel() <= 7, n
     # the original is untouched
     assert torch.unique(model[0].weight).numel() == model[0].weight.numel()
+
+
+@pytest.mark.slow
+def test_pipeline_targets_dry(tmp_path):
+    out = tmp_path / "targets.md"
+    _run("pipeline_targets.py", "--seeds", "0", "1", "--out", str(out))
+    text = out.read_text()
+    assert "2 seeds (0, 1)" in text and "pwfn (paper lam 2^-11)" in text
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert {r["seed"] for r in data} == {0, 1}
+    assert all(set(r["checks"]) == {"wfn_lossless", "pwfn_lossless", "pwfn_unique_le_wfn", "pwfn_entropy_le_wfn"}
+               for r in data)
