@@ -37,43 +37,25 @@ import argparse
 import ctypes
 import json
 import math
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "benchmarks"):  # the package, and _bench when loaded by path from a test
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _bench import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
+from bayes import power_of_two_sigma  # noqa: E402
 from pwfn.engine import EngineConfig, fix_round  # noqa: E402
 from pwfn.schedules import pwfn_schedule, tolerance_for_round, wfn_schedule  # noqa: E402
 
 SIGMA_FLOOR = 2.0**-30
-
-
-def init_sigma(mu: torch.Tensor, scale: float = 0.0025, cap: float = 0.05) -> torch.Tensor:
-    """PWFN sigma initialiser (per tensor): room to move grows with distance to 2**k.
-
-    r = |(mu - p_up)/mu| * |(mu - p_down)/mu| with p_up/p_down the powers of two just
-    above/below |mu| (0 at an exact power of two and at mu == 0), sigma = clamp(scale * r /
-    quantile_0.75(r), 2**-30, cap).
-    """
-    a = mu.double().abs()
-    mant, expo = torch.frexp(a)  # a = mant * 2**expo, mant in [0.5, 1)
-    p_down = torch.ldexp(torch.full_like(a, 0.5), expo)
-    p_up = 2.0 * p_down
-    safe = torch.where(a > 0, a, torch.ones_like(a))
-    r = ((a - p_up).abs() / safe) * ((a - p_down).abs() / safe)
-    r = torch.where(a > 0, r, torch.zeros_like(r))
-    q = float(np.quantile(r.numpy(), 0.75))
-    sigma = scale * r / q if q > 0 else torch.full_like(r, cap)
-    return sigma.clamp(SIGMA_FLOOR, cap).to(mu.dtype)
 
 
 def entropy_stats(values: torch.Tensor) -> dict:
@@ -186,7 +168,7 @@ def one_size(n: int, device: str, seed: int, repeats: int, warm_up: bool = True)
     u = torch.rand(n, generator=gen, dtype=torch.float64) - 0.5
     w = (-(0.03 / math.sqrt(2)) * torch.sign(u) * torch.log1p(-2 * u.abs())).float()
     del u
-    sigma = init_sigma(w)
+    sigma = power_of_two_sigma(w)  # the paper's per-tensor rule, as bayes applies it
     # warm-up on a tiny problem: loads code paths and allocator pools, so the memory
     # figure below is data, not one-off page faults of library code
     for method in ("pwfn", "wfn") if warm_up else ():
@@ -214,25 +196,6 @@ def one_size(n: int, device: str, seed: int, repeats: int, warm_up: bool = True)
         res[method]["ratio_to_sort_floor"] = round(
             res[method]["total_seconds"] / res["sort_floor_seconds"], 3)
     return res
-
-
-def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        info["loadavg_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
-    return info
 
 
 def markdown(doc: dict) -> str:

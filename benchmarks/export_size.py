@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -34,10 +32,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from pwfn import metrics as M
-from pwfn.export import export_run, load_exported_model, load_packed_model
-from pwfn.models import create_model
-from pwfn.pipeline import save_point_model
+if str(Path(__file__).resolve().parent) not in sys.path:  # _bench, also when loaded by path
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _bench import machine  # noqa: E402
+
+from pwfn import metrics as M  # noqa: E402
+from pwfn.export import export_run, load_exported_model, load_packed_model  # noqa: E402
+from pwfn.models import create_model  # noqa: E402
+from pwfn.pipeline import save_point_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 PLAIN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -167,30 +170,6 @@ def real_runs(paths: list[str], work: Path) -> list[tuple[Path, str, str]]:
     return out
 
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        load = os.getloadavg()
-    except OSError:
-        load = None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average": load,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
-
-
 def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     heads = ["model", "method", "weights", "K", "H bits", "fp32 B", "fp16 B", "fixed-width B", "entropy bound B",
              "per-tensor bound B", "packed B", "packed/bound", "overhead B", "file B", "export s",
@@ -199,9 +178,9 @@ def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "# Export size: packed artefact vs entropy bound",
         "",
         f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']['cpu']}, {meta['machine']['cores']} cores "
+        f"Machine: {meta['machine'].get('cpu', '?')}, {meta['machine']['cpu_count']} cores "
         f"(torch threads {meta['machine']['torch_threads']}), load average at start "
-        f"{meta['machine']['load_average']}, Python {meta['machine']['python']}, torch {meta['machine']['torch']}  ",
+        f"{meta['machine'].get('loadavg_at_start')}, Python {meta['machine']['python']}, torch {meta['machine']['torch']}  ",
         f"Date: {meta['date']}",
         "",
         "Byte columns are for the quantised weights (fp32/fp16/fixed-width/bounds: metrics.size_report; packed: "
