@@ -297,8 +297,9 @@ def test_summarize_sigma_weighted_by_count():
 
 
 def test_unknown_frozen_keys_are_rejected():
-    import bayes as _b
     from torch import nn as _nn
+
+    import bayes as _b
 
     model = _b.bayesianize(_nn.Sequential(_nn.Linear(3, 2)))
     model(torch.randn(4, 3))
@@ -311,8 +312,9 @@ def test_unknown_frozen_keys_are_rejected():
 
 
 def test_requires_grad_false_survives_both_conversions():
-    import bayes as _b
     from torch import nn as _nn
+
+    import bayes as _b
 
     model = _nn.Sequential(_nn.Linear(3, 2), _nn.Linear(2, 2))
     model[0].weight.requires_grad_(False)
