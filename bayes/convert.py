@@ -152,6 +152,7 @@ def sample_point_estimate(model: nn.Module, generator: Optional[torch.Generator]
     """
     plain = to_point_estimate(model)
     layers = dict(model.named_modules())
+    # a bare layer is covered too: its name "" maps the plain layer to the Bayesian one (one draw each)
     for name, module in plain.named_modules():
         source = layers.get(name)
         if not isinstance(source, BayesianLayer):
@@ -160,9 +161,4 @@ def sample_point_estimate(model: nn.Module, generator: Optional[torch.Generator]
             mu = source.mu(pname)
             eps = torch.randn(mu.shape, generator=generator, dtype=torch.float32).to(mu.device, mu.dtype)
             getattr(module, pname).copy_(mu + source.floored_sigma(pname) * eps)
-    if isinstance(model, BayesianLayer):  # a bare layer: to_point_estimate returned a plain layer
-        for pname in model.present_params():
-            mu = model.mu(pname)
-            eps = torch.randn(mu.shape, generator=generator, dtype=torch.float32).to(mu.device, mu.dtype)
-            getattr(plain, pname).copy_(mu + model.floored_sigma(pname) * eps)
     return plain

@@ -385,6 +385,10 @@ def validate(cfg: RunConfig) -> None:
     _check(b.epochs >= 0, f"baseline.epochs = {b.epochs} must be >= 0")
     _check(b.optimizer in ("sgd", "adam", "adamw"), f"baseline.optimizer = {b.optimizer!r}: choose sgd, adam or adamw")
     _check(b.lr > 0, f"baseline.lr = {b.lr} must be > 0")
+    _check(0 <= b.momentum < 1, f"baseline.momentum = {b.momentum} must be in [0, 1)")
+    _check(b.weight_decay >= 0, f"baseline.weight_decay = {b.weight_decay} must be >= 0")
+    # clip_grad_norm_ with a negative norm flips every gradient (ascent), so only > 0 or null
+    _check(b.grad_clip is None or b.grad_clip > 0, f"baseline.grad_clip = {b.grad_clip} must be > 0 or null")
     p = cfg.pwfn
     p.fractions = validate_fractions(p.fractions, "pwfn.fractions")
     _check(p.k > 0, f"pwfn.k = {p.k} must be > 0 (tolerance = k * sigma)")

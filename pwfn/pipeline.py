@@ -593,8 +593,9 @@ class FixingRun:
         return FixingResult(self.method, model, point, report, history)
 
 
-#: config sections whose values shape each stage's results (a resume under other values is refused)
-BASELINE_SECTIONS = ("seed", "data", "model", "baseline")
+#: config sections whose values shape each stage's results (a resume under other values is refused);
+#: ``precision`` (bf16 autocast) trains the baseline and both methods differently
+BASELINE_SECTIONS = ("seed", "precision", "data", "model", "baseline")
 RUN_SECTIONS = {"pwfn": BASELINE_SECTIONS + ("pwfn",), "wfn": BASELINE_SECTIONS + ("wfn",)}
 
 
@@ -774,6 +775,10 @@ def prepare_run(cfg: RunConfig, methods: tuple[str, ...] = (), *, resume: bool =
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     loaders = build_loaders(cfg, dist)
+    if loaders.val is None and loaders.test is None:
+        raise ConfigError(f"data {cfg.data.name!r} leaves no evaluation split (val_fraction = "
+                          f"{cfg.data.val_fraction}, test_fraction = {cfg.data.test_fraction}): set "
+                          "data.val_fraction or data.test_fraction above 0")
     recipe = model_recipe(cfg, loaders)
     model = _create(recipe).to(dist.device)
     folder = _folder(cfg)

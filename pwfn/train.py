@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .distributed import DistContext
-from .errors import TrainingDivergedError
+from .errors import ConfigError, TrainingDivergedError
 from .plumbing import FixedGuard
 
 log = logging.getLogger(__name__)
@@ -32,10 +32,11 @@ def resolve_device(spec: str = "auto") -> torch.device:
     """'auto' picks CUDA when available, else CPU; anything else is passed to torch.device."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"device {spec!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N' ({exc})") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
-
         raise ConfigError(f"device {spec!r} was requested but CUDA is not available; use --device cpu")
     return dev
 
@@ -55,11 +56,13 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    # RNG states are CPU byte tensors; a checkpoint loaded with map_location=<cuda device> holds them on
+    # the GPU, which the generators refuse
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def _set_epoch(loader: Iterable, epoch: int) -> None:
@@ -220,7 +223,11 @@ def train_epochs(
                 else:
                     ce = ce_mean = F.cross_entropy(logits, y)
                 loss = ce + extra_loss(inner, ce_mean) if extra_loss is not None else ce
-                if not bool(torch.isfinite(loss.detach())):
+                # Under DDP ce_mean is the global mean, so a NaN/inf on any rank stops every rank here
+                # together (a rank that went on would wait for ever in DDP's gradient all-reduce).
+                if not bool(torch.isfinite(loss.detach())) or not bool(torch.isfinite(ce_mean.detach())):
+                    if world > 1:
+                        raise _diverged(desc, loss - ce + ce_mean, ce_mean, inner, x, steps + 1, advice, bf16)
                     raise _diverged(desc, loss, ce, inner, x, steps + 1, advice, bf16)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -250,6 +257,8 @@ def train_epochs(
     if bad is not None:
         raise TrainingDivergedError(f"{desc}: training diverged, the weights became non-finite by step {steps}. "
                                     f"{bad[0].upper() + bad[1:]}. {advice or DEFAULT_DIVERGENCE_ADVICE}")
+    if world > 1:  # every rank took the same steps: report the global batches, not this rank's share
+        loss_sum, correct, seen = dist.all_reduce_sum([loss_sum, float(correct), float(seen)])
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "steps": steps}
 
 
@@ -301,12 +310,17 @@ def predict_mc(model: nn.Module, loader: Iterable, device: torch.device, samples
 
     probs_sum: Optional[torch.Tensor] = None
     labels: Optional[torch.Tensor] = None
-    for s in range(samples):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + s)
-        net = bayes.sample_point_estimate(model, gen)
-        logits, labels = predict(net, loader, device)
-        p = logits.softmax(1)
-        probs_sum = p if probs_sum is None else probs_sum + p
+    state = rng_state()  # building the plain copies (torch layer constructors) draws from the global RNG
+    try:
+        for s in range(samples):
+            # modulo 2^63: manual_seed takes a signed 64-bit seed, and any config seed is valid
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + s) % 2**63)
+            net = bayes.sample_point_estimate(model, gen)
+            logits, labels = predict(net, loader, device)
+            p = logits.softmax(1)
+            probs_sum = p if probs_sum is None else probs_sum + p
+    finally:
+        set_rng_state(state)
     assert probs_sum is not None and labels is not None
     probs = probs_sum / samples
     if dist is not None and dist.enabled:
@@ -322,6 +336,4 @@ def make_optimizer(params, name: str, lr: float, momentum: float = 0.9, weight_d
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    from .errors import ConfigError
-
     raise ConfigError(f"unknown optimizer {name!r}")

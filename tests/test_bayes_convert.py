@@ -191,6 +191,16 @@ def test_to_point_estimate_inplace_and_bare_layers():
     assert isinstance(to_point_estimate(plain)[0], nn.ReLU)
 
 
+
+def test_bare_layer_draw_is_the_draw_of_the_same_layer_in_a_container():
+    """One draw per weight: a bare layer consumes the generator exactly as it does inside a model."""
+    torch.manual_seed(0)
+    layer = bayesianize(nn.Linear(4, 3))
+    bare = bayes.sample_point_estimate(layer, torch.Generator().manual_seed(7))
+    wrapped = bayes.sample_point_estimate(nn.Sequential(layer), torch.Generator().manual_seed(7))[0]
+    assert torch.equal(bare.weight, wrapped.weight) and torch.equal(bare.bias, wrapped.bias)
+
+
 # ---------------------------------------------------------------------------------------------
 # conversion semantics
 def _model():

@@ -70,6 +70,11 @@ def test_unknown_key_suggests_the_closest():
         ("pwfn.lr=[1]", "expected a number"),
         ("progress=maybe", "true/false"),
         ("data=3", "mapping"),
+        ("baseline.grad_clip=-1", "baseline.grad_clip"),  # a negative clip norm flips the gradients
+        ("baseline.grad_clip=0", "baseline.grad_clip"),
+        ("baseline.momentum=-0.5", "baseline.momentum"),
+        ("baseline.momentum=1.5", "baseline.momentum"),
+        ("baseline.weight_decay=-1", "baseline.weight_decay"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_key(override, fragment):

@@ -103,3 +103,70 @@ def test_checksum_sees_every_bit():
     y = torch.tensor([-0.0, 1.0])
     assert tensor_checksum(x) != tensor_checksum(y)
     assert tensor_checksum(x, torch.tensor([True])) != tensor_checksum(x, torch.tensor([False]))
+
+
+# --------------------------------------------------------------------------------------------
+# train_epochs across 2 gloo ranks in-process (torch.multiprocessing), without the CLI
+
+
+def _train_worker(rank, world, init_method, out_dir, case):
+    import datetime
+    from pathlib import Path
+
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from pwfn.distributed import DistContext
+    from pwfn.train import EpochCounter, train_epochs
+
+    # a short timeout: a rank left waiting in a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    result = {}
+    try:
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        ddp = DDP(model)
+        g = torch.Generator().manual_seed(rank)
+        x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+        if case == "nan" and rank == 1:
+            x[0, 0] = float("nan")  # this rank's batch alone breaks the loss
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the weights (and predictions) stay put
+        try:
+            result["stats"] = train_epochs(ddp, [(x, y)], opt, 1, torch.device("cpu"), counter=EpochCounter(),
+                                           progress=False, dist=DistContext(rank=rank, world_size=world), inner=model)
+        except Exception as exc:
+            result["error"] = type(exc).__name__
+        with torch.no_grad():
+            result["correct"] = int((model(x).argmax(1) == y).sum())
+            result["loss_sum"] = float(torch.nn.functional.cross_entropy(model(x), y, reduction="sum"))
+        result["n"] = int(y.numel())
+    finally:
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+
+
+def _spawn_train(tmp_path, case):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_train_worker, args=(2, (tmp_path / "init").as_uri(), str(tmp_path), case), nprocs=2, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed gloo unavailable")
+def test_a_loss_breaking_on_one_rank_stops_every_rank_with_a_divergence_error(tmp_path):
+    # the healthy rank must not go on into DDP's gradient all-reduce, where it would wait for ever
+    results = _spawn_train(tmp_path, "nan")
+    assert [r.get("error") for r in results] == ["TrainingDivergedError"] * 2, results
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed gloo unavailable")
+def test_training_statistics_are_reduced_over_ranks(tmp_path):
+    results = _spawn_train(tmp_path, "ok")
+    n = sum(r["n"] for r in results)
+    acc = sum(r["correct"] for r in results) / n
+    loss = sum(r["loss_sum"] for r in results) / n
+    for r in results:
+        assert "error" not in r, r
+        assert r["stats"]["acc"] == pytest.approx(acc), (r, acc)  # the global batch's, not this rank's share
+        assert r["stats"]["loss"] == pytest.approx(loss, rel=1e-5)

@@ -210,5 +210,51 @@ def test_resume_under_a_changed_config_is_refused(tmp_path):
         run_method(load_config(None, base + ["wfn.delta=0.02"]), "wfn")
     with pytest.raises(ConfigError, match=r"baseline\.epochs"):
         run_method(load_config(None, base + ["baseline.epochs=4"]), "wfn")
+    with pytest.raises(ConfigError, match=r"precision: 'fp32' -> 'bf16'"):  # bf16 training changes the results
+        run_method(load_config(None, base + ["precision=bf16"]), "wfn")
     # resume-neutral keys (progress, device, threads ...) and other methods' sections may change
     run_method(load_config(None, base + ["threads=1", "pwfn.k=3"]), "wfn")
+
+
+def _tiny_bnn():
+    import bayes
+
+    torch.manual_seed(0)
+    return bayes.bayesianize(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)))
+
+
+def test_mc_predictive_leaves_the_global_rng_untouched(loaders):
+    from pwfn.train import predict_mc
+
+    model = _tiny_bnn()
+    before = torch.get_rng_state()
+    probs, labels = predict_mc(model, loaders.test, torch.device("cpu"), samples=2, seed=0)
+    assert torch.equal(torch.get_rng_state(), before), "training after an MC evaluation must see the same RNG"
+    assert probs.shape == (labels.numel(), 10)
+
+
+def test_mc_predictive_accepts_every_valid_seed(loaders):
+    from pwfn.train import predict_mc
+
+    model = _tiny_bnn()
+    big = load_config(None, ["seed=9223372036854775807"]).seed  # the largest seed the config accepts
+    probs, _ = predict_mc(model, loaders.test, torch.device("cpu"), samples=2, seed=big)
+    assert torch.isfinite(probs).all()
+    # small seeds keep their draws
+    a, _ = predict_mc(model, loaders.test, torch.device("cpu"), samples=2, seed=3)
+    b, _ = predict_mc(model, loaders.test, torch.device("cpu"), samples=2, seed=3)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rng_state_of_a_checkpoint_loaded_onto_cuda_can_be_restored(tmp_path):
+    """Run checkpoints are loaded onto the run's device: the RNG state inside must still restore."""
+    from pwfn.io import load_checkpoint, save_checkpoint
+    from pwfn.train import rng_state, set_rng_state
+
+    torch.manual_seed(5)
+    save_checkpoint(tmp_path / "c.pt", {"rng": rng_state()}, kind="baseline")
+    expected = torch.rand(3)
+    state = load_checkpoint(tmp_path / "c.pt", kind="baseline", map_location=torch.device("cuda"))
+    set_rng_state(state["rng"])
+    assert torch.equal(torch.rand(3), expected)
