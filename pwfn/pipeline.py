@@ -400,6 +400,10 @@ class FixingRun:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.recipe = recipe
         self.on_round_end = on_round_end
+        if method == "pwfn" and cfg.pwfn.objective == "elbo" and _dataset_size(train_loader) is None:
+            # without it the KL would not be scaled per example and would swamp the cross-entropy
+            raise ConfigError("pwfn.objective=elbo scales the KL by the training-set size, but the train loader has "
+                              "no sized .dataset; use a DataLoader over a sized dataset, or objective=regulariser")
         self._rounds_done = 0
 
     # -- helpers ----------------------------------------------------------------------------
@@ -414,13 +418,14 @@ class FixingRun:
         path = self._checkpoint_path()
         if path is None:
             return
-        if not self.dist.is_main:  # rank 0 writes; the others wait so nobody runs ahead of a checkpoint
-            self.dist.barrier()
-            return
+        # every rank checks (weights are identical across ranks) so all raise together, none hangs
         bad = first_nonfinite_weight(model)
         if bad is not None:  # never replace a good checkpoint with a broken model
             raise TrainingDivergedError(f"{self.method}: refusing to checkpoint a non-finite model: {bad}. "
                                         f"{divergence_advice(self.cfg, self.method)} {self._kept_note()}")
+        if not self.dist.is_main:  # rank 0 writes; the others wait so nobody runs ahead of a checkpoint
+            self.dist.barrier()
+            return
         save_checkpoint(
             path,
             {

@@ -258,3 +258,10 @@ def test_rng_state_of_a_checkpoint_loaded_onto_cuda_can_be_restored(tmp_path):
     state = load_checkpoint(tmp_path / "c.pt", kind="baseline", map_location=torch.device("cuda"))
     set_rng_state(state["rng"])
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_elbo_needs_a_known_training_set_size(loaders):
+    batches = list(loaders.train)  # a plain list of batches: no .dataset, so no size to scale the KL by
+    with pytest.raises(ConfigError, match="elbo.*training-set size"):
+        compress(_trained_mlp(loaders), batches, loaders.val, method="pwfn",
+                 config={"progress": False, "pwfn": {"objective": "elbo"}})
