@@ -182,6 +182,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads `name: 2024` as a number; the user meant the text
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     if tp is list or origin is list:
         if isinstance(value, (list, tuple)):

@@ -100,3 +100,10 @@ def test_bad_files(tmp_path):
     scalar.write_text("3\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(scalar)
+
+
+def test_numbers_given_for_text_fields_are_read_as_text():
+    cfg = load_config(None, ["name=2024", "data.root=123"])
+    assert cfg.name == "2024" and cfg.data.root == "123"
+    with pytest.raises(ConfigError, match="expected a string"):
+        load_config(None, ["name=true"])  # a YAML boolean is not a name
