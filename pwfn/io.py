@@ -8,6 +8,7 @@ the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -146,7 +147,21 @@ def _json_default(obj: Any) -> Any:
         return str(obj)
     if hasattr(obj, "item"):
         return obj.item()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def _json_default_lenient(obj: Any) -> Any:
+    try:
+        return _json_default(obj)
+    except TypeError:
+        return str(obj)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Plain JSON data from ``obj`` (tensors, numpy scalars, dataclasses; anything else as text)."""
+    return json.loads(json.dumps(obj, default=_json_default_lenient))
 
 
 def write_jsonl(path: PathLike, rows: list[dict]) -> None:

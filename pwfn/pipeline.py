@@ -51,6 +51,7 @@ from .io import (
     load_state_dict_strict,
     remove_stale_temp_files,
     save_checkpoint,
+    to_jsonable,
     write_jsonl,
 )
 from .models import create_model
@@ -541,7 +542,7 @@ class FixingRun:
                                     f"{self.method} round {t + 1}/{len(fractions)}", guard)
                 row["after_train"] = {**self._eval(model, self.val_loader), "train": stats}
             row.update(quant_metrics(view, engine_cfg.b, engine_cfg.signed_terms))
-            row["engine"] = _jsonable(result.summary)
+            row["engine"] = to_jsonable(result.summary)
             sig = s.sigma_summary(model)
             if sig is not None:
                 row["sigma"] = sig
@@ -593,7 +594,7 @@ class FixingRun:
         }
         if self.run_dir is not None and self.dist.is_main:
             save_point_model(point, self.run_dir, self.recipe)
-            atomic_write_json(self.run_dir / "report.json", _jsonable(report))
+            atomic_write_json(self.run_dir / "report.json", to_jsonable(report))
         self.dist.barrier()
         return FixingResult(self.method, model, point, report, history)
 
@@ -632,22 +633,6 @@ def _dataset_size(loader) -> Optional[int]:
         return len(ds) if ds is not None else None
     except TypeError:
         return None
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=_json_fallback))
-
-
-def _json_fallback(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    if hasattr(obj, "__dataclass_fields__"):
-        import dataclasses
-
-        return dataclasses.asdict(obj)
-    return str(obj)
 
 
 def save_point_model(model: nn.Module, folder: Path, recipe: Optional[dict]) -> None:
@@ -898,7 +883,7 @@ def _run_one(cfg: RunConfig, prep: Prepared, method: str, resume: bool,
                     dist=prep.dist).run(resume=resume)
     res.report["baseline"] = prep.baseline
     if prep.dist.is_main:
-        atomic_write_json(run_dir / "report.json", _jsonable(res.report))
+        atomic_write_json(run_dir / "report.json", to_jsonable(res.report))
     return res
 
 
@@ -927,7 +912,7 @@ def compare(cfg: RunConfig, *, resume: bool = True, fresh: bool = False) -> dict
         out["methods"][method] = {"final": res.report["final"], "seconds": time.perf_counter() - t0}
     out["table"] = comparison_rows(out)
     if prep.dist.is_main:
-        atomic_write_json(_folder(cfg) / "compare.json", _jsonable(out))
+        atomic_write_json(_folder(cfg) / "compare.json", to_jsonable(out))
         atomic_write_text(_folder(cfg) / "compare.md", format_table(out["table"]) + "\n")
     return out
 
