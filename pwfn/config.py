@@ -19,10 +19,12 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from . import schedules
 from .errors import ConfigError
 
-PWFN_FRACTIONS = [0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0]
-WFN_FRACTIONS = [0.3, 0.6, 0.8, 0.9, 0.95, 0.975, 0.99, 0.9975, 0.999, 1.0]
+# the papers' schedules, as lists (config values are plain YAML data)
+PWFN_FRACTIONS = list(schedules.PWFN_FRACTIONS)
+WFN_FRACTIONS = list(schedules.WFN_FRACTIONS)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import json
 import logging
@@ -57,6 +58,7 @@ from .io import (
 from .models import create_model
 from .plumbing import FixedGuard, QuantView, strip_masks
 from .regularizers import cluster_attraction, unfixed_values
+from .schedules import Schedule, pwfn_schedule, tolerance_for_round, wfn_schedule
 from .train import (
     EpochCounter,
     evaluate,
@@ -154,7 +156,12 @@ class PWFNStrategy(_Strategy):
                               sigma_divisor=p.sigma_divisor, sigma_floor=p.sigma_floor)
 
     def tolerance(self, view: QuantView, round_index: int) -> torch.Tensor:
-        return self.cfg.pwfn.k * view.sigmas().clamp_min(self.cfg.pwfn.sigma_floor)
+        sigma = view.sigmas().clamp_min(self.cfg.pwfn.sigma_floor)
+        return tolerance_for_round(self.schedule, round_index, sigma=sigma)
+
+    @functools.cached_property
+    def schedule(self) -> Schedule:
+        return pwfn_schedule(self.cfg.pwfn.k, self.cfg.pwfn.fractions)
 
     @property
     def fractions(self) -> list[float]:
@@ -211,9 +218,11 @@ class WFNStrategy(_Strategy):
         return _engine_config(self.cfg.wfn.engine, signed_terms=True, sigma_update="keep")
 
     def tolerance(self, view: QuantView, round_index: int) -> torch.Tensor:
-        w = self.cfg.wfn
-        delta_t = w.delta * (len(w.fractions) - round_index)
-        return delta_t * view.values().abs()
+        return tolerance_for_round(self.schedule, round_index, values=view.values())
+
+    @functools.cached_property
+    def schedule(self) -> Schedule:
+        return wfn_schedule(self.cfg.wfn.delta, self.cfg.wfn.fractions)
 
     @property
     def fractions(self) -> list[float]:

@@ -157,15 +157,16 @@ class Schedule:
                    delta_multipliers=data.get("delta_multipliers"), k=data.get("k", 1.0))
 
 
-def pwfn_schedule(k: float = 1.0) -> Schedule:
-    """The PWFN paper's schedule; tolerance ``k * sigma``."""
-    return Schedule(fractions=PWFN_FRACTIONS, k=k)
+def pwfn_schedule(k: float = 1.0, fractions: Sequence[float] = PWFN_FRACTIONS) -> Schedule:
+    """The PWFN schedule (the paper's fractions by default); tolerance ``k * sigma``."""
+    return Schedule(fractions=fractions, k=k)
 
 
-def wfn_schedule(delta: float) -> Schedule:
-    """The WFN paper's schedule; ``delta_t = delta * (T - t)``, so the last round uses delta."""
-    n = len(WFN_FRACTIONS)
-    return Schedule(fractions=WFN_FRACTIONS, delta=delta,
+def wfn_schedule(delta: float, fractions: Sequence[float] = WFN_FRACTIONS) -> Schedule:
+    """The WFN schedule (the paper's fractions by default); ``delta_t = delta * (T - t)``, so the
+    last round uses delta."""
+    n = len(fractions)
+    return Schedule(fractions=fractions, delta=delta,
                     delta_multipliers=tuple(float(n - t) for t in range(n)))
 
 
