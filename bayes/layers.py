@@ -1,35 +1,58 @@
-"""Mean-field Gaussian Linear and Conv layers.
+"""Mean-field Gaussian weights on any parameter of any ``nn.Module``.
 
-Each layer holds ``weight_mu``/``weight_sigma`` (and ``bias_mu``/``bias_sigma``) as ordinary
-Parameters. Nothing is ever attached to a Parameter object, so state_dict, ``.to()``, DDP,
-deepcopy and pickling behave exactly as for any ``nn.Module``.
+Design: a weight becomes Gaussian through ``torch.nn.utils.parametrize``. The module keeps its
+own class (``isinstance(m, nn.Linear)`` still holds, ``nn.LSTM`` stays an LSTM, a Hugging Face
+layer stays itself); its parameter ``weight`` becomes a computed attribute whose leaf tensors
+are ``parametrizations.weight.original`` (mu, the trained value) and
+``parametrizations.weight.0.sigma``. Every reader of ``module.weight`` therefore sees the
+posterior draw: the module's own forward, a parent that reads it directly (the fused
+``TransformerEncoderLayer`` fast path, ``MultiheadAttention``'s packed ``in_proj_weight``),
+RNN flat-weight buffers and tied weights alike. Why this rather than subclassing each layer
+type (the Pyro ``PyroModule[cls]`` route): a subclass must re-implement every layer's forward
+and would still miss code that reads ``.weight`` from outside the layer; a parametrization is
+one mechanism for every parameter, and ``to_point_estimate`` removes it, leaving the user's
+module with its own state_dict keys.
 
-Three forward modes:
+Three forward modes, per Gaussian parameter:
 
-* ``sample`` — one reparameterised weight sample ``w = mu + sigma * eps`` per forward (the
-  paper's choice); the drawn ``eps`` is remembered for the sigma regulariser.
-* ``local`` — local reparameterisation: pre-activations are drawn from their exact Gaussian
-  (mean ``f(x, mu)``, variance ``f(x**2, sigma**2)``); lower variance, one noise draw per output.
-* ``mean`` — ``w = mu``: a converted model computes exactly what the original did.
+* ``sample`` — ``w = mu + sigma * eps``. ``eps`` is drawn once per *draw window*: a new window
+  opens at each forward of the converted root module, so one forward of the network reads one
+  draw per parameter however often, and by however many modules, it is read (an LSTM reads its
+  weights twice; tied embedding/output weights are one draw). A module that owns a Gaussian
+  parameter and is called on its own, outside a root forward, opens its own window. The drawn
+  ``eps`` is remembered for the sigma regulariser.
+* ``local`` — local reparameterisation: for owners with a registered variance rule (Linear,
+  Conv/ConvTranspose 1-3d, Hugging Face ``Conv1D``, or yours via :func:`register_local_rule`)
+  the output is ``f(x, mu) + sqrt(f(x**2, sigma**2)) * noise``. Parameters of other owners
+  (RNNs, attention, embeddings, free parameters) have no such closed form and are sampled
+  as in ``sample`` mode; :func:`local_mode_coverage` tells which.
+* ``mean`` — ``w = mu`` itself (the same tensor): a converted model computes exactly what the
+  original did.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import BayesError
-from .init import DEFAULT_SIGMA_FLOOR, SigmaInit, resolve_sigma_init
+from .init import DEFAULT_SIGMA_FLOOR
+
+log = logging.getLogger(__name__)
 
 MODES = ("sample", "local", "mean")
 
-_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# A global draw counter: a Gaussian parameter draws a new eps the first time it is read after
+# the counter moved. The converted root's forward pre-hook moves it; an owner's pre-hook moves it
+# only when no root forward is under way (``_depth`` counts root forwards in progress).
+_window = [0]
+_depth = [0]
 
 
 def check_mode(mode: str) -> str:
@@ -42,408 +65,285 @@ def _floored(sigma: torch.Tensor, floor: float) -> torch.Tensor:
     """max(sigma, floor) whose gradient passes straight through.
 
     A plain clamp would zero the gradient below the floor, so a sigma pushed under it could
-    never be pulled back up by the regulariser. Built from native ops rather than a Python
-    ``autograd.Function`` (whose per-call forward/backward overhead cost ~5 % of a LeNet-5
-    training step on a CPU, see benchmarks/results/bayes_layer_cost.md): the value is exactly
-    the clamp of the detached sigma, and ``sigma - sigma.detach()`` (exactly zero) carries the
-    identity gradient.
+    never be pulled back up by the regulariser. Built from native ops (no Python
+    ``autograd.Function``): the value is exactly the clamp of the detached sigma, and
+    ``sigma - sigma.detach()`` (exactly zero) carries the identity gradient.
     """
     d = sigma.detach()
     return d.clamp_min(floor) + (sigma - d)
 
 
-class BayesianLayer(nn.Module):
-    """Base of every variational layer: parameters, modes, sampling and conversion hooks."""
+def root_forward_starts(*_: Any, **__: Any) -> None:
+    """Forward pre-hook of a converted root: a new draw window for the whole network."""
+    _window[0] += 1
+    _depth[0] += 1
 
-    #: names of the quantisable parameter pairs, e.g. ("weight", "bias")
-    param_names: tuple[str, ...] = ("weight", "bias")
 
-    def _init_bayes(self, mode: str, sigma_floor: float) -> None:
+def root_forward_ends(*_: Any, **__: Any) -> None:
+    """Forward hook of a converted root (also called when the forward raised)."""
+    _depth[0] = max(0, _depth[0] - 1)
+
+
+def owner_forward_starts(*_: Any, **__: Any) -> None:
+    """Forward pre-hook of a module owning a Gaussian parameter: a new window only when it is
+    called on its own (inside a root forward the root's window holds)."""
+    if _depth[0] == 0:
+        _window[0] += 1
+
+
+class GaussianParameter(nn.Module):
+    """The parametrization ``mu -> mu + sigma * eps`` of one tensor (see the module docstring)."""
+
+    def __init__(self, sigma: torch.Tensor, *, mode: str = "sample", sigma_floor: float = DEFAULT_SIGMA_FLOOR,
+                 local_owner: bool = False) -> None:
+        super().__init__()
         if not sigma_floor > 0:
             raise BayesError(f"sigma_floor must be positive, got {sigma_floor}")
+        self.sigma = nn.Parameter(sigma)
         self.mode = check_mode(mode)
         self.sigma_floor = float(sigma_floor)
-        # eps drawn by the last sample-mode forward, per parameter name; not state.
-        self._last_eps: dict[str, torch.Tensor] = {}
+        #: every owner of this tensor has a local-reparameterisation rule
+        self.local_owner = bool(local_owner)
+        self._eps: Optional[torch.Tensor] = None
+        self._window = -1
+        self._sample: Optional[torch.Tensor] = None  # this window's draw, reused by repeated reads
+        self._sample_key: tuple = ()
 
-    # -- parameter access -------------------------------------------------------------------
-    def mu(self, name: str) -> Optional[torch.Tensor]:
-        return getattr(self, f"{name}_mu")
-
-    def sigma(self, name: str) -> Optional[torch.Tensor]:
-        return getattr(self, f"{name}_sigma")
-
-    def present_params(self) -> list[str]:
-        """Names of the parameter pairs that exist (``bias`` is absent when bias=False)."""
-        return [n for n in self.param_names if getattr(self, f"{n}_mu") is not None]
-
-    def floored_sigma(self, name: str) -> torch.Tensor:
-        return _floored(self.sigma(name), self.sigma_floor)
-
-    def last_eps(self, name: str) -> Optional[torch.Tensor]:
-        """The eps drawn for parameter ``name`` by the last ``sample``-mode forward, if any."""
-        return self._last_eps.get(name)
+    def floored_sigma(self) -> torch.Tensor:
+        """sigma, floored at ``sigma_floor`` with a straight-through gradient."""
+        return _floored(self.sigma, self.sigma_floor)
 
     @property
-    def weight(self) -> torch.Tensor:
-        """Read-only view of ``weight_mu`` for code that inspects ``module.weight``."""
-        return self.weight_mu
+    def last_eps(self) -> Optional[torch.Tensor]:
+        """The eps of the current draw (``None`` before any sample-mode read, or after a mean/local forward)."""
+        return self._eps
 
-    @property
-    def bias(self) -> Optional[torch.Tensor]:
-        return self.bias_mu
+    def compute(self, mu: torch.Tensor) -> torch.Tensor:
+        """The tensor the owner sees: mu (mean mode, local-mode owners) or this window's draw."""
+        d = self.__dict__  # plain attribute writes: Module.__setattr__ is slow on this hot path
+        if self.mode == "mean" or (self.mode == "local" and self.local_owner):
+            d["_eps"] = None
+            return mu
+        window = _window[0]
+        key = (window, torch.is_grad_enabled(), mu.data_ptr(), mu._version, self.sigma._version)
+        if d["_sample_key"] == key:
+            return d["_sample"]  # read again in the same window (an LSTM reads its weights twice)
+        eps = d["_eps"]
+        if eps is None or d["_window"] != window or eps.shape != mu.shape or eps.device != mu.device \
+                or eps.dtype != mu.dtype:
+            eps = torch.randn_like(mu)
+            d["_eps"] = eps
+            d["_window"] = window
+        w = torch.addcmul(mu, self.floored_sigma(), eps)  # mu + sigma * eps, one kernel and one autograd node
+        d["_sample"] = w
+        d["_sample_key"] = key
+        return w
 
-    # -- construction helpers ---------------------------------------------------------------
-    def _make_pair(self, name: str, shape: Sequence[int], factory_kwargs: dict) -> None:
-        self.register_parameter(f"{name}_mu", nn.Parameter(torch.empty(*shape, **factory_kwargs)))
-        self.register_parameter(f"{name}_sigma", nn.Parameter(torch.empty(*shape, **factory_kwargs)))
-
-    def _absent_pair(self, name: str) -> None:
-        self.register_parameter(f"{name}_mu", None)
-        self.register_parameter(f"{name}_sigma", None)
-
-    @torch.no_grad()
-    def init_sigma(self, sigma_init: SigmaInit = "power_of_two", **kwargs) -> None:
-        """(Re)initialise every sigma from its mu with a named, constant or callable rule."""
-        fn = resolve_sigma_init(sigma_init, **kwargs)
-        for name in self.present_params():
-            mu = self.mu(name)
-            self.sigma(name).copy_(fn(mu).to(mu.dtype).clamp_min(self.sigma_floor))
-
-    @torch.no_grad()
-    def reset_parameters(self, sigma_init: SigmaInit = "power_of_two") -> None:
-        """Fresh layer: mu like torch's default init, sigma from ``sigma_init``."""
-        nn.init.kaiming_uniform_(self.weight_mu, a=math.sqrt(5))
-        if self.bias_mu is not None:
-            fan_in = self.weight_mu[0].numel() if self.weight_mu.shape[0] > 0 else 0  # zero-sized layer
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            nn.init.uniform_(self.bias_mu, -bound, bound)
-        self.init_sigma(sigma_init)
-
-    # -- forward ----------------------------------------------------------------------------
-    def _apply_fn(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _sampled(self, name: str) -> Optional[torch.Tensor]:
-        mu = self.mu(name)
-        if mu is None:
-            return None
-        eps = torch.randn_like(mu)
-        self._last_eps[name] = eps
-        return mu + self.floored_sigma(name) * eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "mean":
-            self._last_eps = {}
-            return self._apply_fn(x, self.weight_mu, self.bias_mu)
-        if self.mode == "sample":
-            return self._apply_fn(x, self._sampled("weight"), self._sampled("bias"))
-        # local reparameterisation
-        self._last_eps = {}
-        mean = self._apply_fn(x, self.weight_mu, self.bias_mu)
-        w_var = self.floored_sigma("weight") ** 2
-        b_var = self.floored_sigma("bias") ** 2 if self.bias_mu is not None else None
-        var = self._apply_fn(x * x, w_var, b_var)
-        # var is exactly 0 where the input patch is all zeros and there is no bias (common after
-        # ReLU); sqrt'(0) = inf would turn the backward pass into NaN. Take the root only where
-        # var > 0 (std = 0 elsewhere, with a zero gradient) so values are unchanged.
-        positive = var > 0
-        std = torch.where(positive, var, torch.ones_like(var)).sqrt()
-        std = torch.where(positive, std, torch.zeros_like(std))
-        return mean + std * torch.randn_like(mean)
-
-    # -- conversion -------------------------------------------------------------------------
-    @classmethod
-    def from_module(cls, module: nn.Module, **kwargs) -> BayesianLayer:  # pragma: no cover
-        raise NotImplementedError
-
-    def to_module(self) -> nn.Module:  # pragma: no cover
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def _copy_from(self, module: nn.Module) -> None:
-        # A frozen (requires_grad=False) torch parameter stays frozen: mu and sigma alike.
-        self.weight_mu.copy_(module.weight)
-        self.weight_mu.requires_grad_(module.weight.requires_grad)
-        self.weight_sigma.requires_grad_(module.weight.requires_grad)
-        if module.bias is not None:
-            self.bias_mu.copy_(module.bias)
-            self.bias_mu.requires_grad_(module.bias.requires_grad)
-            self.bias_sigma.requires_grad_(module.bias.requires_grad)
-
-    @torch.no_grad()
-    def _copy_to(self, module: nn.Module) -> nn.Module:
-        module.weight.copy_(self.weight_mu)
-        module.weight.requires_grad_(self.weight_mu.requires_grad)
-        if self.bias_mu is not None:
-            module.bias.copy_(self.bias_mu)
-            module.bias.requires_grad_(self.bias_mu.requires_grad)
-        module.train(self.training)
-        return module
+    def forward(self, mu: torch.Tensor) -> torch.Tensor:
+        """Called by ``torch.nn.utils.parametrize``: see :meth:`compute`."""
+        return self.compute(mu)
 
     def extra_repr(self) -> str:
-        return f"{self._hyper_repr()}, mode={self.mode}"
-
-    def _hyper_repr(self) -> str:  # pragma: no cover
-        return ""
+        return f"mode={self.mode}, sigma_floor={self.sigma_floor:g}"
 
     def __getstate__(self):
-        # The remembered eps is scratch state: do not pickle or deepcopy it. Start from
-        # nn.Module's own state (it drops a ``compile()``d call wrapper, which cannot be pickled).
         state = super().__getstate__()
-        state["_last_eps"] = {}
+        state = dict(state)
+        state.update(_eps=None, _sample=None, _sample_key=())  # scratch: never pickled or deep-copied
         return state
 
 
-class BayesLinear(BayesianLayer):
-    """Gaussian ``nn.Linear``: same arguments, ``weight_mu/sigma`` and ``bias_mu/sigma``."""
+# --------------------------------------------------------------------------------------------
+# local reparameterisation rules: owner type -> (module, args, kwargs, {param: sigma^2}) -> variance
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        mode: str = "sample",
-        sigma_floor: float = DEFAULT_SIGMA_FLOOR,
-        sigma_init: SigmaInit = "power_of_two",
-    ) -> None:
-        super().__init__()
-        self._init_bayes(mode, sigma_floor)
-        self.in_features = in_features
-        self.out_features = out_features
-        fk = {"device": device, "dtype": dtype}
-        self._make_pair("weight", (out_features, in_features), fk)
-        if bias:
-            self._make_pair("bias", (out_features,), fk)
-        else:
-            self._absent_pair("bias")
-        self.reset_parameters(sigma_init)
-
-    def _apply_fn(self, x, weight, bias):
-        return F.linear(x, weight, bias)
-
-    @classmethod
-    def from_module(cls, module: nn.Linear, **kwargs) -> BayesLinear:
-        w = module.weight
-        layer = cls(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-            **kwargs,
-        )
-        layer._copy_from(module)
-        layer.init_sigma(kwargs.get("sigma_init", "power_of_two"))
-        layer.train(module.training)
-        return layer
-
-    def to_module(self) -> nn.Linear:
-        w = self.weight_mu
-        m = nn.Linear(self.in_features, self.out_features, bias=self.bias_mu is not None,
-                      device=w.device, dtype=w.dtype)
-        return self._copy_to(m)
-
-    def _hyper_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias_mu is not None}"
+LocalRule = Callable[[nn.Module, tuple, dict, dict], torch.Tensor]
+_LOCAL_RULES: dict[Union[type, str], LocalRule] = {}
 
 
-def _ntuple(value: Union[int, Sequence[int]], n: int, what: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * n
-    t = tuple(int(v) for v in value)
-    if len(t) != n:
-        raise BayesError(f"{what} must be an int or a sequence of {n} ints, got {value!r}")
-    return t
+def register_local_rule(owner: Union[type, str], rule: LocalRule) -> None:
+    """Teach ``local`` mode an owner type (a class, or its qualified name ``"pkg.mod.Class"``).
+
+    ``rule(module, args, kwargs, var)`` returns the output variance for the forward's inputs,
+    where ``var`` maps each Gaussian parameter name of the module (``"weight"``, ``"bias"``) to
+    its sigma squared; the output must be linear in those parameters.
+    """
+    _LOCAL_RULES[owner] = rule
 
 
-class _BayesConvNd(BayesianLayer):
-    """Gaussian convolution with every hyper-parameter of ``nn.ConvNd``."""
-
-    _dims: int = 2
-    _torch_cls: type = nn.Conv2d
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size,
-        stride=1,
-        padding: Union[str, int, Sequence[int]] = 0,
-        dilation=1,
-        groups: int = 1,
-        bias: bool = True,
-        padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
-        *,
-        mode: str = "sample",
-        sigma_floor: float = DEFAULT_SIGMA_FLOOR,
-        sigma_init: SigmaInit = "power_of_two",
-    ) -> None:
-        super().__init__()
-        self._init_bayes(mode, sigma_floor)
-        n = self._dims
-        if groups <= 0 or in_channels % groups or out_channels % groups:
-            raise BayesError(
-                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
-            )
-        if padding_mode not in _PADDING_MODES:
-            raise BayesError(f"padding_mode must be one of {list(_PADDING_MODES)}, got {padding_mode!r}")
-        self.in_channels = in_channels
-        self.out_channels = out_channels
-        self.kernel_size = _ntuple(kernel_size, n, "kernel_size")
-        self.stride = _ntuple(stride, n, "stride")
-        self.dilation = _ntuple(dilation, n, "dilation")
-        self.groups = groups
-        self.padding_mode = padding_mode
-        if isinstance(padding, str):
-            if padding not in ("same", "valid"):
-                raise BayesError(f"string padding must be 'same' or 'valid', got {padding!r}")
-            if padding == "same" and any(s != 1 for s in self.stride):
-                raise BayesError("padding='same' is not supported for strided convolutions")
-            self.padding: Union[str, tuple[int, ...]] = padding
-        else:
-            self.padding = _ntuple(padding, n, "padding")
-        self._explicit_pad = self._explicit_padding()
-        fk = {"device": device, "dtype": dtype}
-        self._make_pair("weight", (out_channels, in_channels // groups, *self.kernel_size), fk)
-        if bias:
-            self._make_pair("bias", (out_channels,), fk)
-        else:
-            self._absent_pair("bias")
-        self.reset_parameters(sigma_init)
-
-    def _explicit_padding(self) -> list[int]:
-        """Padding for ``F.pad`` (last dimension first, (left, right) each) for non-zero modes."""
-        pads: list[int] = []
-        for i in reversed(range(self._dims)):
-            if self.padding == "valid":
-                left = right = 0
-            elif self.padding == "same":
-                total = self.dilation[i] * (self.kernel_size[i] - 1)
-                left, right = total // 2, total - total // 2
-            else:
-                left = right = self.padding[i]
-            pads += [left, right]
-        return pads
-
-    def _conv(self, x, weight, bias, padding):
-        raise NotImplementedError
-
-    def _apply_fn(self, x, weight, bias):
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._explicit_pad, mode=self.padding_mode)
-            return self._conv(x, weight, bias, 0)
-        return self._conv(x, weight, bias, self.padding)
-
-    @classmethod
-    def from_module(cls, module: nn.Module, **kwargs) -> _BayesConvNd:
-        w = module.weight
-        layer = cls(
-            module.in_channels,
-            module.out_channels,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            groups=module.groups,
-            bias=module.bias is not None,
-            padding_mode=module.padding_mode,
-            device=w.device,
-            dtype=w.dtype,
-            **kwargs,
-        )
-        layer._copy_from(module)
-        layer.init_sigma(kwargs.get("sigma_init", "power_of_two"))
-        layer.train(module.training)
-        return layer
-
-    def to_module(self) -> nn.Module:
-        w = self.weight_mu
-        m = self._torch_cls(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            groups=self.groups,
-            bias=self.bias_mu is not None,
-            padding_mode=self.padding_mode,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        return self._copy_to(m)
-
-    def _hyper_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-            f"bias={self.bias_mu is not None}, padding_mode={self.padding_mode}"
-        )
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
-class BayesConv1d(_BayesConvNd):
-    _dims = 1
-    _torch_cls = nn.Conv1d
-
-    def _conv(self, x, weight, bias, padding):
-        return F.conv1d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
-
-
-class BayesConv2d(_BayesConvNd):
-    _dims = 2
-    _torch_cls = nn.Conv2d
-
-    def _conv(self, x, weight, bias, padding):
-        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+def local_rule_for(module: nn.Module) -> Optional[LocalRule]:
+    """The local-reparameterisation rule registered for the module's class (or a base class), if any."""
+    for cls in type(module).__mro__:
+        if cls in _LOCAL_RULES:
+            return _LOCAL_RULES[cls]
+        name = _qualname(cls)
+        if name in _LOCAL_RULES:
+            return _LOCAL_RULES[name]
+    return None
 
 
-class BayesConv3d(_BayesConvNd):
-    _dims = 3
-    _torch_cls = nn.Conv3d
-
-    def _conv(self, x, weight, bias, padding):
-        return F.conv3d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+def _linear_rule(m, args, kwargs, var):
+    x = args[0] if args else kwargs["input"]
+    return F.linear(x * x, var["weight"], var.get("bias"))
 
 
-#: torch layer type -> its Bayesian counterpart (exact types: subclasses are not converted).
-BAYESIAN_COUNTERPARTS: dict[type, type] = {
-    nn.Linear: BayesLinear,
-    nn.Conv1d: BayesConv1d,
-    nn.Conv2d: BayesConv2d,
-    nn.Conv3d: BayesConv3d,
-}
+def _conv_rule(m, args, kwargs, var):
+    x = args[0] if args else kwargs["input"]
+    return m._conv_forward(x * x, var["weight"], var.get("bias"))
 
 
-def bayesian_layers(model: nn.Module) -> Iterator[tuple[str, BayesianLayer]]:
-    """Every Bayesian layer of ``model`` with its qualified name (shared layers once)."""
+def _conv_transpose_rule(m, args, kwargs, var):
+    x = args[0] if args else kwargs["input"]
+    output_size = args[1] if len(args) > 1 else kwargs.get("output_size")
+    n = len(m.kernel_size)
+    pad = m._output_padding(x, output_size, m.stride, m.padding, m.kernel_size, n, m.dilation)
+    fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[n]
+    return fn(x * x, var["weight"], var.get("bias"), m.stride, m.padding, pad, m.groups, m.dilation)
+
+
+def _hf_conv1d_rule(m, args, kwargs, var):
+    # transformers' Conv1D: y = x @ W + b with W of shape (in, out)
+    x = args[0] if args else kwargs["x"]
+    out = torch.matmul(x * x, var["weight"])
+    return out + var["bias"] if "bias" in var else out
+
+
+register_local_rule(nn.Linear, _linear_rule)
+for _cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register_local_rule(_cls, _conv_rule)
+for _cls in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    register_local_rule(_cls, _conv_transpose_rule)
+register_local_rule("transformers.pytorch_utils.Conv1D", _hf_conv1d_rule)
+
+
+def _local_hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
+    gps = {n: p for n, p in gaussians_of(module).items()}
+    if not gps or not all(p.mode == "local" for p in gps.values()):
+        return output
+    rule = local_rule_for(module)
+    var = {n: p.floored_sigma() ** 2 for n, p in gps.items()}
+    v = rule(module, args, kwargs, var)
+    # var is exactly 0 where the input patch is all zeros and there is no bias (common after
+    # ReLU); sqrt'(0) = inf would make the backward pass NaN. Take the root only where var > 0.
+    positive = v > 0
+    std = torch.where(positive, v, torch.ones_like(v)).sqrt()
+    std = torch.where(positive, std, torch.zeros_like(std))
+    return output + std * torch.randn_like(output)
+
+
+# --------------------------------------------------------------------------------------------
+# access
+
+
+def gaussians_of(module: nn.Module) -> dict[str, GaussianParameter]:
+    """The Gaussian parameters a module owns directly, by tensor name (``{}`` for none)."""
+    # straight through the module's registry: getattr on a missing attribute is slow in torch,
+    # and this runs for every module at every regulariser call
+    plist = module.__dict__.get("_modules", {}).get("parametrizations")
+    if not isinstance(plist, nn.ModuleDict):
+        return {}
+    out = {}
+    for name, chain in plist._modules.items():
+        last = chain._modules.get(str(len(chain._modules) - 1)) if chain is not None else None
+        if isinstance(last, GaussianParameter):
+            out[name] = last
+    return out
+
+
+def mu_of(module: nn.Module, name: str) -> torch.Tensor:
+    """The mu (leaf parameter) of a Gaussian tensor ``name`` owned by ``module``."""
+    if name not in gaussians_of(module):
+        raise BayesError(f"{type(module).__name__}.{name} is not a Gaussian parameter")
+    return module.parametrizations[name].original
+
+
+class GaussianEntry:
+    """One distinct Gaussian tensor of a model: its qualified name(s), owner(s), mu and sigma."""
+
+    __slots__ = ("name", "aliases", "module", "param", "gaussian")
+
+    def __init__(self, name: str, module: nn.Module, param: str, gaussian: GaussianParameter) -> None:
+        self.name = name
+        self.aliases: list[str] = []
+        self.module = module
+        self.param = param
+        self.gaussian = gaussian
+
+    @property
+    def mu(self) -> torch.Tensor:
+        return self.module.parametrizations[self.param].original
+
+    @property
+    def sigma(self) -> torch.Tensor:
+        return self.gaussian.sigma
+
+    def __repr__(self) -> str:
+        return f"GaussianEntry({self.name!r}, aliases={self.aliases})"
+
+
+def gaussian_parameters(model: nn.Module) -> list[GaussianEntry]:
+    """Every distinct Gaussian tensor of ``model``, named as in the point-estimate model.
+
+    A tensor shared by several modules (tied weights) or a module used twice appears once, under
+    its first name; the other names are in ``aliases``.
+    """
+    seen: dict[int, GaussianEntry] = {}
+    out: list[GaussianEntry] = []
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, gp in gaussians_of(module).items():
+            qual = f"{mname}.{pname}" if mname else pname
+            entry = seen.get(id(gp))
+            if entry is None:
+                entry = GaussianEntry(qual, module, pname, gp)
+                seen[id(gp)] = entry
+                out.append(entry)
+            elif qual != entry.name and qual not in entry.aliases:
+                entry.aliases.append(qual)
+    return out
+
+
+def sigma_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The sigma parameters of ``model`` (each once), e.g. for their own optimizer group."""
+    return [e.sigma for e in gaussian_parameters(model)]
+
+
+def bayesian_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every module of ``model`` that owns a Gaussian parameter, with its qualified name (once each)."""
     for name, module in model.named_modules():
-        if isinstance(module, BayesianLayer):
+        if gaussians_of(module):
             yield name, module
 
 
+def is_bayesian(model: nn.Module) -> bool:
+    """Whether ``model`` has at least one Gaussian parameter."""
+    return any(True for _ in bayesian_modules(model))
+
+
+def local_mode_coverage(model: nn.Module) -> dict[str, bool]:
+    """Qualified Gaussian tensor name -> whether ``local`` mode uses local reparameterisation for it."""
+    return {e.name: e.gaussian.local_owner for e in gaussian_parameters(model)}
+
+
 def set_forward_mode(model: nn.Module, mode: str) -> None:
-    """Switch every Bayesian layer of ``model`` (or the layer itself) to ``mode``."""
+    """Switch every Gaussian parameter of ``model`` to ``mode``."""
     check_mode(mode)
-    for _, layer in bayesian_layers(model):
-        layer.mode = mode
+    for e in gaussian_parameters(model):
+        e.gaussian.mode = mode
 
 
 @contextmanager
 def forward_mode(model: nn.Module, mode: str):
-    """Temporarily run every Bayesian layer in ``mode``; each layer's own mode is restored after."""
+    """Temporarily run every Gaussian parameter in ``mode``; each one's own mode is restored after."""
     check_mode(mode)
-    layers = [layer for _, layer in bayesian_layers(model)]
-    previous = [layer.mode for layer in layers]
+    gps = [e.gaussian for e in gaussian_parameters(model)]
+    previous = [g.mode for g in gps]
     try:
-        for layer in layers:
-            layer.mode = mode
+        for g in gps:
+            g.mode = mode
         yield model
     finally:
-        for layer, old in zip(layers, previous):
-            layer.mode = old
+        for g, old in zip(gps, previous):
+            g.mode = old

@@ -6,34 +6,33 @@ import torch
 from torch import nn
 
 from .init import quantile
-from .layers import bayesian_layers
+from .layers import gaussian_parameters
 
 
 @torch.no_grad()
 def sigma_stats(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Per Bayesian parameter (``"<layer>.<param>"``): mean, min, max of the floored sigma and
+    """Per Gaussian tensor (its qualified name, ``"<module>.<param>"``): mean, min, max of the floored sigma and
     mean/median of sigma/|mu| over entries with mu != 0, plus the entry count."""
     out: dict[str, dict[str, float]] = {}
-    for lname, layer in bayesian_layers(model):
-        for pname in layer.present_params():
-            sigma = layer.sigma(pname).detach().clamp_min(layer.sigma_floor).float().reshape(-1)
-            mu = layer.mu(pname).detach().float().reshape(-1)
-            key = f"{lname + '.' if lname else ''}{pname}"
-            if sigma.numel() == 0:
-                out[key] = {"count": 0}
-                continue
-            nz = mu != 0
-            rel = sigma[nz] / mu[nz].abs()
-            out[key] = {
-                "count": int(sigma.numel()),
-                "mean": float(sigma.mean()),
-                "min": float(sigma.min()),
-                "max": float(sigma.max()),
-                "rel_mean": float(rel.mean()) if rel.numel() else float("nan"),
-                # quantile(0.5), not Tensor.median(): the latter returns the lower of the two
-                # middle values for an even count instead of their mean.
-                "rel_median": float(quantile(rel, 0.5)) if rel.numel() else float("nan"),
-            }
+    for e in gaussian_parameters(model):
+        sigma = e.sigma.detach().clamp_min(e.gaussian.sigma_floor).float().reshape(-1)
+        mu = e.mu.detach().float().reshape(-1)
+        key = e.name
+        if sigma.numel() == 0:
+            out[key] = {"count": 0}
+            continue
+        nz = mu != 0
+        rel = sigma[nz] / mu[nz].abs()
+        out[key] = {
+            "count": int(sigma.numel()),
+            "mean": float(sigma.mean()),
+            "min": float(sigma.min()),
+            "max": float(sigma.max()),
+            "rel_mean": float(rel.mean()) if rel.numel() else float("nan"),
+            # quantile(0.5), not Tensor.median(): the latter returns the lower of the two
+            # middle values for an even count instead of their mean.
+            "rel_median": float(quantile(rel, 0.5)) if rel.numel() else float("nan"),
+        }
     return out
 
 

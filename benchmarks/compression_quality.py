@@ -44,11 +44,11 @@ import _bench as BE  # noqa: E402  (puts the repository root on sys.path)
 import baselines as BL  # noqa: E402
 import torch  # noqa: E402
 
+import bayes  # noqa: E402
 from pwfn import metrics as M  # noqa: E402
 from pwfn.config import load_config  # noqa: E402
 from pwfn.packing import pack  # noqa: E402
 from pwfn.pipeline import FixingRun, prepare_run  # noqa: E402
-from pwfn.plumbing import strip_masks  # noqa: E402
 from pwfn.train import evaluate, seed_everything  # noqa: E402
 
 DATASETS: dict[str, dict[str, Any]] = {
@@ -75,8 +75,10 @@ CIFAR_QUICK_SET = ["data.train_subset=5000", "data.eval_subset=2000", "baseline.
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    m = strip_masks(copy.deepcopy(model))
-    return {k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}
+    # the point model's state (fixed masks live in pwfn's QuantView, never in the model; a Bayesian
+    # model's mu is renamed to the parameter's own name and its sigma dropped)
+    state = bayes.point_state_dict(model.state_dict())
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def _fp32_bytes(state: dict[str, torch.Tensor]) -> int:

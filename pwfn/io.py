@@ -23,7 +23,7 @@ from typing import Any, Union
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, StorageError, storage_error
 
 CHECKPOINT_FORMAT = 1
 _CHECKPOINT_MAGIC = "pwfn-checkpoint"
@@ -46,35 +46,48 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
+#: signals held back while a file is written: Ctrl-C, and SIGTERM when the CLI handles it like Ctrl-C
+_DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def _sigint_deferred() -> Iterator[None]:
-    """Hold Ctrl-C back until the block is done, then deliver it (a write is never cut in half).
+    """Hold Ctrl-C (and a handled SIGTERM) back until the block is done, then deliver it (a write
+    is never cut in half).
 
-    Only the main thread can handle signals; elsewhere (or with no Python-level handler to
-    restore) the block runs as is.
+    Only signals with a Python-level handler are held (a SIGTERM left at its default still kills
+    at once, as the user asked). Only the main thread can handle signals; elsewhere the block
+    runs as is.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is None:
-        yield
-        return
-    received: list[Any] = []
+    previous: dict[int, Any] = {}
+    received: list[tuple[int, Any]] = []
     try:
-        signal.signal(signal.SIGINT, lambda signum, frame: received.append(frame))
+        for sig in _DEFERRED_SIGNALS:
+            handler = signal.getsignal(sig)
+            if handler is None or (sig != signal.SIGINT and not callable(handler)):
+                continue
+            previous[sig] = handler
+            signal.signal(sig, lambda signum, frame: received.append((signum, frame)))
     except (ValueError, OSError):  # pragma: no cover - not the main interpreter
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if received:
-            if callable(previous):
-                previous(signal.SIGINT, received[0])  # default_int_handler raises KeyboardInterrupt
-            elif previous == signal.SIG_DFL:
-                os.kill(os.getpid(), signal.SIGINT)
+            signum, frame = received[0]
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)  # default_int_handler raises KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
@@ -84,6 +97,25 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     the write is delivered once the file is complete, and any failure removes the temp file.
     """
     path = Path(path)
+    try:
+        _write_replace(path, data)
+    except StorageError:
+        raise
+    except OSError as exc:  # a full disk, a read-only filesystem, a name too long ...: say which file
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise storage_error(exc, "cannot write") from exc
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def _write_replace(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with _sigint_deferred():
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -100,14 +132,6 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             except FileNotFoundError:
                 pass
             raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def stale_temp_files(folder: PathLike) -> list[Path]:
@@ -183,7 +207,12 @@ def save_checkpoint(path: PathLike, payload: dict, *, kind: str) -> None:
 
 def load_checkpoint(path: PathLike, *, kind: str, map_location: Any = "cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint`; any damage raises ``CheckpointError``."""
+    from .manifest import regular_file_problem
+
     path = Path(path)
+    problem = regular_file_problem(path)
+    if problem is not None:  # a FIFO or a device would block or never end
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: it {problem}")
     try:
         raw = path.read_bytes()
     except OSError as exc:

@@ -284,6 +284,8 @@ def size_report(
                 fixed_width_bytes=float(raw),
                 entropy_bound_bytes=float(raw),
                 per_tensor_entropy_bound_bytes=float(raw),
+                # a float value stays a real multiplication (same per-stored-value model)
+                multiplications_kept=numel if t.is_floating_point() else 0,
                 **common,
             )
             continue
@@ -317,7 +319,8 @@ def size_report(
         bits_per_index=bits_per_index,
         global_entropy_bits=h_global,
         notes={
-            "arithmetic": "per stored weight: zero skipped; n terms -> n shifts + n-1 adds",
+            "arithmetic": "per stored value: zero skipped; n terms -> n shifts + n-1 adds; every value of a "
+                          "float (unquantised) tensor keeps its multiplication",
             "unquantised": "fixed-width and entropy-bound fields are the raw bytes",
         },
     )

@@ -34,6 +34,7 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
 
 def list_models() -> list[str]:
+    """Names of the registered models, sorted (``pwfn models`` shows them with a description)."""
     return sorted(_REGISTRY)
 
 
@@ -184,7 +185,7 @@ def _import_optional(module: str, extra: str = "vision"):
     except Exception as exc:  # ImportError, or a binary mismatch with the installed torch
         raise ModelError(
             f"this model needs {module!r}, which could not be imported ({exc.__class__.__name__}: {exc}). "
-            f"Install the optional extra: pip install 'pwfn[{extra}]'"
+            f"Install the optional extra: pip install 'pwfn-compress[{extra}]'"
         ) from exc
 
 

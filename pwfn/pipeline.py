@@ -9,10 +9,8 @@ into its folder: ``config.yaml``, ``metrics.jsonl`` (one row per round), ``repor
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import inspect
-import json
 import logging
 import math
 import shutil
@@ -27,25 +25,24 @@ from torch import nn
 import bayes
 
 from . import metrics as M
-from .config import RunConfig, config_diff, config_to_dict, dump_config, load_config
+from .config import RunConfig, config_diff, config_to_dict, dump_config
+from .coverage import Coverage, plan
 from .distributed import (
     ContiguousShard,
     DistContext,
     GlobalBatchShard,
     init_distributed,
-    tensor_checksum,
 )
-from .engine import EngineConfig, fix_round
+from .engine import EngineConfig
 from .errors import (
-    ArtefactError,
     CheckpointError,
     ConfigError,
     ModelError,
     PwfnError,
     TrainingDivergedError,
 )
+from .fixer import Fixer
 from .io import (
-    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
@@ -55,10 +52,29 @@ from .io import (
     to_jsonable,
     write_jsonl,
 )
+from .lock import RunLock, acquire, check_free
+from .manifest import (
+    data_fingerprint,
+    file_fingerprint,
+    load_manifest,
+    model_fingerprint,
+    new_manifest,
+    quantised_tensors,
+    read_point_model,
+    read_report,
+    refuse_changed_inputs,
+    regular_file_problem,
+    splits_fingerprint,
+    write_manifest,
+    write_point_model,
+)
 from .models import create_model
-from .plumbing import FixedGuard, QuantView, strip_masks
+from .plumbing import QuantView
 from .regularizers import cluster_attraction, unfixed_values
+from .report import format_table  # the comparison table lives in the torch-free report module
+from .runlog import open_tensorboard, round_line, write_metrics_csv
 from .schedules import Schedule, pwfn_schedule, tolerance_for_round, wfn_schedule
+from .tasks import BatchAdapter, ClassificationTask, CustomTask, Task, resolve_task, to_device
 from .train import (
     EpochCounter,
     evaluate,
@@ -86,12 +102,41 @@ class _Strategy:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.coverage: Optional[Coverage] = None
+        self.folded: list[str] = []
 
-    def prepare(self, float_model: nn.Module) -> nn.Module:
+    @property
+    def quantise_norms(self) -> bool:
+        return bool(getattr(self.cfg, self.name).quantise_norms)
+
+    def plan(self, float_model: nn.Module, inplace: bool = False) -> nn.Module:
+        """A copy of the float model (the model itself with ``inplace``) with foreign parametrizations
+        folded, and the coverage decided."""
+        model = _unwrap_compiled(float_model)
+        if not inplace:
+            model = bayes.copy_model(model)
+        self.folded = bayes.fold_parametrizations(model)
+        for item in self.folded:
+            log.warning("%s: folded %s into a plain parameter: its effective value is what gets fixed, and the "
+                        "point model holds it as a plain weight", self.name, item)
+        q = self.cfg.quantise
+        self.coverage = plan(model, quantise_norms=self.quantise_norms, include=q.include, exclude=q.exclude,
+                             norms_option=f"{self.name}.quantise_norms")
+        if not self.coverage.names:
+            left = "; ".join(f"{t.name}: {t.reason}" for t in self.coverage.left_float[:3])
+            raise ModelError(f"{self.name}: the model has no quantisable tensor (no floating-point parameter is chosen"
+                             + (f"; {left}" if left else "") + "); nothing to fix")
+        if q.strict:
+            self.coverage.require_complete(self.name)
+        return model
+
+    def prepare(self, float_model: nn.Module, inplace: bool = False) -> nn.Module:
         raise NotImplementedError
 
     def view(self, model: nn.Module) -> QuantView:
-        raise NotImplementedError
+        if self.coverage is None:
+            raise ModelError("prepare() must run before view()")
+        return QuantView(model, self.coverage.names)
 
     def engine_config(self) -> EngineConfig:
         raise NotImplementedError
@@ -135,20 +180,19 @@ class PWFNStrategy(_Strategy):
 
     name = "pwfn"
 
-    def prepare(self, float_model: nn.Module) -> nn.Module:
+    def prepare(self, float_model: nn.Module, inplace: bool = False) -> nn.Module:
         p = self.cfg.pwfn
         init: Any = p.sigma_init
         if p.sigma_init == "power_of_two":
             def init(mu: torch.Tensor) -> torch.Tensor:  # the paper's rule with the config's constants
                 return bayes.power_of_two_sigma(mu, scale=p.sigma_init_scale, ceiling=p.sigma_init_max,
                                                 floor=p.sigma_floor)
+        model = self.plan(float_model, inplace)
         try:
-            return bayes.bayesianize(float_model, sigma_init=init, sigma_floor=p.sigma_floor, mode=p.forward_mode)
+            return bayes.bayesianize(model, params=self.coverage.names, sigma_init=init, sigma_floor=p.sigma_floor,
+                                     mode=p.forward_mode, inplace=True)
         except bayes.ConversionError as exc:
             raise ModelError(f"cannot make the model Bayesian: {exc}") from exc
-
-    def view(self, model: nn.Module) -> QuantView:
-        return QuantView(model)
 
     def engine_config(self) -> EngineConfig:
         p = self.cfg.pwfn
@@ -177,8 +221,9 @@ class PWFNStrategy(_Strategy):
         if previous is not None:
             return previous
         p = self.cfg.pwfn
-        mus = [prm for n, prm in model.named_parameters() if not n.endswith("_sigma")]
-        sigmas = [prm for n, prm in model.named_parameters() if n.endswith("_sigma")]
+        sigmas = bayes.sigma_parameters(model)
+        sigma_ids = {id(prm) for prm in sigmas}
+        mus = [prm for prm in model.parameters() if id(prm) not in sigma_ids]
         # weight decay pulls mu towards 0 as in the paper; on sigma it would fight the regulariser.
         groups = [{"params": mus, "weight_decay": p.weight_decay}, {"params": sigmas, "weight_decay": 0.0}]
         return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum)
@@ -208,11 +253,8 @@ class WFNStrategy(_Strategy):
 
     name = "wfn"
 
-    def prepare(self, float_model: nn.Module) -> nn.Module:
-        return copy.deepcopy(float_model)
-
-    def view(self, model: nn.Module) -> QuantView:
-        return QuantView(model, plain=True, batchnorm=self.cfg.wfn.quantise_batchnorm)
+    def prepare(self, float_model: nn.Module, inplace: bool = False) -> nn.Module:
+        return self.plan(float_model, inplace)
 
     def engine_config(self) -> EngineConfig:
         return _engine_config(self.cfg.wfn.engine, signed_terms=True, sigma_update="keep")
@@ -243,7 +285,7 @@ class WFNStrategy(_Strategy):
         centres = torch.unique(values[fixed])
         if centres.numel() == 0 or w.reg_ratio == 0:
             return None
-        pairs = [(s.value, s.mask) for s in view.slots]
+        pairs = view.parameters_with_masks()
 
         def loss(model: nn.Module, ce: torch.Tensor) -> torch.Tensor:
             free = unfixed_values(pairs)
@@ -271,25 +313,19 @@ def divergence_advice(cfg: RunConfig, section: str) -> str:
     return "To fix it, " + ", ".join(tips[:-1]) + " or " + tips[-1] + "."
 
 
-def _refuse_tied_weights(model: nn.Module) -> None:
-    """One tensor under two names cannot be fixed once and saved twice: refuse it up front (both methods)."""
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    tied = [n for n in names.values() if len(n) > 1]
-    if tied:
-        shown = "; ".join(" = ".join(n) for n in tied[:3])
-        raise ModelError(
-            f"the model has tied weights ({shown}): one tensor under several names cannot be fixed and "
-            "exported consistently. Untie them first, e.g. "
-            "`model.b.weight = nn.Parameter(model.a.weight.detach().clone())`"
-        )
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile(model)``: fixing works on it (compile the point model again after)."""
+    inner = getattr(model, "_orig_mod", None)
+    if isinstance(inner, nn.Module):
+        log.info("fixing the module inside torch.compile(...): its state_dict keys have no '_orig_mod.' prefix")
+        return inner
+    return model
 
 
 def check_model(method: str, cfg: RunConfig, float_model: nn.Module) -> nn.Module:
     """Everything about ``float_model`` that would stop ``method`` later, checked before anything is written.
 
-    Tied weights and models without a (non-empty) quantisable tensor are refused. Frozen
+    Models without a (non-empty) quantisable tensor are refused; shared and tied tensors are fixed once. Frozen
     parameters (``requires_grad=False``) are quantised like the others but never trained, by
     both methods; a model with no trainable parameter at all is refused unless the method's
     training epochs are 0 (fixing without retraining). Zero-sized tensors hold no weight and
@@ -322,7 +358,6 @@ def load_run_checkpoint(ckpt: Path, method: str, device: Any = "cpu") -> dict:
 
 
 def _check_float_model(float_model: nn.Module) -> None:
-    _refuse_tied_weights(float_model)
     bad = first_nonfinite_weight(float_model)
     if bad is not None:
         raise ModelError(f"the model to fix is not finite: {bad}. Fix the float model (or its checkpoint) first")
@@ -369,6 +404,13 @@ def quant_metrics(view: QuantView, b: int, signed_terms: bool) -> dict[str, Any]
 
 @dataclass
 class FixingResult:
+    """What :func:`compress` returns: the fixed model, its plain copy, the report and the rounds.
+
+    ``model`` is the fixed model as trained (Bayesian layers for PWFN, with the fixed masks);
+    ``point_model`` holds plain torch layers with every quantised weight on the codebook;
+    ``report`` is what ``report.json`` holds; ``history`` the per-round rows of ``metrics.jsonl``.
+    """
+
     method: str
     model: nn.Module  # the fixed model (Bayesian for PWFN, with masks)
     point_model: nn.Module  # plain layers, no masks
@@ -393,6 +435,9 @@ class FixingRun:
         recipe: Optional[dict] = None,
         on_round_end: Optional[Callable[[int], None]] = None,
         dist: Optional[DistContext] = None,
+        inputs: Optional[dict] = None,
+        task: Optional[Union[str, Task]] = None,
+        adapter: Optional[BatchAdapter] = None,
     ) -> None:
         if method not in STRATEGIES:
             raise ConfigError(f"unknown method {method!r}; choose one of {list(STRATEGIES)}")
@@ -408,8 +453,20 @@ class FixingRun:
         self.dist = dist or DistContext(device=device or resolve_device(cfg.device))
         self.device = device or self.dist.device
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None and self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ConfigError(f"run_dir {str(self.run_dir)!r} is a file, not a folder: choose another run_dir")
         self.recipe = recipe
         self.on_round_end = on_round_end
+        self.task = resolve_task(task if task is not None else cfg.task)
+        self.adapter = adapter or BatchAdapter()
+        self.fixer: Optional[Fixer] = None
+        # fingerprints of the inputs (data, model.checkpoint) a config run computed; a Python-API
+        # run fingerprints its loaders itself. The float model's are added when the run starts.
+        self._given_inputs = inputs
+        self.inputs: dict[str, Any] = {}
+        self._lock: Optional[RunLock] = None
+        self._manifest: Optional[dict] = None
+        self._previous_manifest: Optional[dict] = None
         if method == "pwfn" and cfg.pwfn.objective == "elbo" and _dataset_size(train_loader) is None:
             # without it the KL would not be scaled per example and would swamp the cross-entropy
             raise ConfigError("pwfn.objective=elbo scales the KL by the training-set size, but the train loader has "
@@ -419,7 +476,7 @@ class FixingRun:
     # -- helpers ----------------------------------------------------------------------------
     def _eval(self, model: nn.Module, loader) -> dict[str, float]:
         with self.strategy.eval_context(model):
-            return evaluate(model, loader, self.device, self.dist)
+            return evaluate(model, loader, self.device, self.dist, self.task, self.adapter)
 
     def _checkpoint_path(self) -> Optional[Path]:
         return self.run_dir / "checkpoint.pt" if self.run_dir else None
@@ -442,6 +499,7 @@ class FixingRun:
                 "method": self.method,
                 "next_round": next_round,
                 "model": model.state_dict(),
+                "masks": self._view.mask_state(),
                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
                 "epoch_counter": counter.value,
                 "history": history,
@@ -449,10 +507,12 @@ class FixingRun:
                 "rng": rng_state(),
                 "fractions": self.strategy.fractions,
                 "config": config_to_dict(self.cfg),
+                "inputs": self.inputs,
             },
             kind=f"run-{self.method}",
         )
         write_jsonl(self.run_dir / "metrics.jsonl", history)
+        write_metrics_csv(self.run_dir / "metrics.csv", history)
         self._rounds_done = next_round
         self.dist.barrier()
 
@@ -464,43 +524,74 @@ class FixingRun:
                 "rounds done) is kept unchanged; a changed setting starts the method over (--fresh, or "
                 "another --set name=...).")
 
-    def _train(self, train_model, model, view, optimizer, epochs, counter, desc, guard=None):
-        s = self.strategy
+    def _train(self, train_model, model, optimizer, epochs, counter, desc):
+        s, fixer = self.strategy, self.fixer
+        assert fixer is not None
         try:
+            # fixed entries stay exact through the Fixer's gradient and optimizer-step hooks
             return train_epochs(train_model, self.train_loader, optimizer, epochs, self.device, counter=counter,
-                                extra_loss=s.extra_loss(view), guard=guard, grad_clip=s.grad_clip(), desc=desc,
+                                extra_loss=lambda _model, ce: fixer.loss_term(ce), grad_clip=s.grad_clip(), desc=desc,
                                 progress=self.cfg.progress and self.dist.is_main, dist=self.dist, inner=model,
-                                bf16=self.cfg.precision == "bf16", advice=divergence_advice(self.cfg, self.method))
+                                bf16=self.cfg.precision == "bf16", advice=divergence_advice(self.cfg, self.method),
+                                task=self.task, adapter=self.adapter, batchnorm=self.cfg.batchnorm)
         except TrainingDivergedError as exc:
             raise TrainingDivergedError(f"{exc} {self._kept_note()}") from exc
 
     def _load_resume_state(self, ckpt: Path) -> dict:
         return load_run_checkpoint(ckpt, self.method, self.device)
 
-    def _fix(self, view: QuantView, t: int, frac: float, engine_cfg: EngineConfig):
-        """One engine round on every rank; rank 0's result is broadcast so all ranks agree bit for bit."""
-        values, fixed = view.values(), view.fixed()
-        sigma = view.sigmas() if view.has_sigma else None
-        result = fix_round(values, self.strategy.tolerance(view, t), fixed, frac, sigma=sigma, config=engine_cfg)
-        new_sigma = result.sigma if sigma is not None else None
-        if self.dist.enabled:
-            for tensor in (result.values, result.fixed) + ((new_sigma,) if new_sigma is not None else ()):
-                self.dist.broadcast_(tensor)
-        view.write(result.values, result.fixed, new_sigma)
-        return result, tensor_checksum(view.values(), view.fixed())
-
     # -- main -------------------------------------------------------------------------------
     def run(self, resume: bool = True) -> FixingResult:
+        """Fix the model round by round (resuming from ``run_dir`` when it holds a checkpoint).
+
+        With a ``run_dir`` the folder's lock is held from the first write to the end; a second
+        writer fails at once. A resume whose inputs (data, float model, model.checkpoint) differ
+        from the checkpoint's raises ``InputsChangedError`` naming them, before anything is written.
+        """
+        try:
+            return self._run(resume)
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _check_inputs(self) -> None:
+        """Loaders yield batches the model accepts; fingerprint the data and the float model."""
+        s = self.strategy
+        trains = s.pre_epochs() > 0 or s.round_epochs() > 0
+        first = {"train": check_first_batch(self.float_model, self.train_loader, self.device, "training loader",
+                                            required=trains, task=self.task, adapter=self.adapter),
+                 "val": check_first_batch(self.float_model, self.val_loader, self.device, "evaluation loader",
+                                          required=True, task=self.task, adapter=self.adapter)}
+        if self._given_inputs is not None:
+            inputs = dict(self._given_inputs)
+        else:
+            inputs = {"data": data_fingerprint(self.train_loader, self.val_loader,
+                                               self.test_loader if self.test_loader is not self.val_loader else None,
+                                               first_batches=first)}
+        inputs["model"] = model_fingerprint(self.float_model)
+        self.inputs = inputs
+
+    def _run(self, resume: bool) -> FixingResult:
         s = self.strategy
         started = time.perf_counter()
         _check_float_model(self.float_model)
-        model = s.prepare(self.float_model).to(self.device)
-        view = s.view(model)
-        _check_trainable(self.method, s, model)
+        if self.run_dir is not None and self.dist.is_main:
+            check_free(self.run_dir)  # another writer: fail now, before any work
+        self._check_inputs()
+        self._previous_manifest = _manifest_or_none(self.run_dir) if self.run_dir is not None else None
+        # the Fixer prepares the model (and budget mode's allowed values) and keeps fixed values exact
+        fixer = Fixer(self.float_model, self.method, self.cfg, device=self.device,
+                      dataset_size=_dataset_size(self.train_loader))
+        self.fixer, self.strategy = fixer, fixer.strategy
+        s = self.strategy
+        model, view = fixer.model, fixer.view
+        self._view = view
+        if self.dist.is_main:
+            s.coverage.log(self.method)
         train_model = _wrap_ddp(model, self.dist)
-        if isinstance(s, PWFNStrategy):
-            s._dataset_size = _dataset_size(self.train_loader)
-        engine_cfg = s.engine_config()
+        engine_cfg = fixer.engine_config
+        self._budget = fixer.budget
         counter = EpochCounter()
         history: list[dict[str, Any]] = []
         optimizer: Optional[torch.optim.Optimizer] = None
@@ -511,67 +602,83 @@ class FixingRun:
         if resume and ckpt is not None and ckpt.exists():
             state = self._load_resume_state(ckpt)
             _refuse_changed_config(state.get("config"), self.cfg, ckpt, RUN_SECTIONS[self.method])
-            load_state_dict_strict(model, state["model"], str(ckpt))
+            saved_inputs = state.get("inputs") or (self._previous_manifest or {}).get("inputs")
+            refuse_changed_inputs(saved_inputs, self.inputs, ckpt, api=self._given_inputs is None)
+            if not isinstance(state.get("masks"), dict):
+                raise CheckpointError(f"{str(ckpt)!r} holds no fixed masks: it was written by an older pwfn; "
+                                      "start this method over with --fresh")
+            fixer.load_state_dict({"format": 1, "method": self.method, "round": int(state["next_round"]),
+                                   "model": state["model"], "masks": state["masks"], "history": state["history"],
+                                   "config": state.get("config") or config_to_dict(self.cfg)}, str(ckpt))
             optimizer = s.optimizer(model, view, None)
             if state.get("optimizer") is not None and self.method == "pwfn":
                 optimizer.load_state_dict(state["optimizer"])
             counter.value = int(state["epoch_counter"])
-            history = list(state["history"])
+            history = fixer.history
             pre_metrics = dict(state.get("pre_metrics") or {})
             start_round = int(state["next_round"])
             set_rng_state(state["rng"])
             self._rounds_done = start_round
-            self._write_config()
+            self._write_config(view, engine_cfg)
             if self.dist.is_main:  # the round log may lag the checkpoint when a run was killed between the two
                 write_jsonl(ckpt.parent / "metrics.jsonl", history)
+                write_metrics_csv(ckpt.parent / "metrics.csv", history)
             log.info("%s: resuming at round %d of %d from %s", self.method, start_round, len(s.fractions), ckpt)
         else:
-            self._write_config()
+            self._write_config(view, engine_cfg)
             optimizer = s.optimizer(model, view, None)
             pre_metrics = {"initial": self._eval(model, self.val_loader)}
             if s.pre_epochs() > 0:
-                stats = self._train(train_model, model, view, optimizer, s.pre_epochs(), counter,
-                                    f"{self.method} warm-up")
+                stats = self._train(train_model, model, optimizer, s.pre_epochs(), counter, f"{self.method} warm-up")
                 pre_metrics["after_warmup"] = {**self._eval(model, self.val_loader), "train": stats}
+            history = fixer.history
             self._save(model, optimizer, counter, history, 0, pre_metrics)
 
         fractions = s.fractions
+        tb = open_tensorboard(self.cfg.tensorboard, self.run_dir, self.dist.is_main)
         for t in range(start_round, len(fractions)):
             t0 = time.perf_counter()
             frac = fractions[t]
-            result, checksum = self._fix(view, t, frac, engine_cfg)
+            # one engine round on every rank; rank 0's result is broadcast so all ranks agree bit for bit
+            row = fixer.fix_next(broadcast=self.dist.broadcast_ if self.dist.enabled else None).row
             fix_seconds = time.perf_counter() - t0
-            log.info("%s round %d: values+masks checksum %s (rank %d)", self.method, t + 1, checksum, self.dist.rank)
-            row: dict[str, Any] = {"round": t, "fraction": frac, "checksum": checksum,
-                                   "after_fix": self._eval(model, self.val_loader)}
+            log.debug("%s round %d: values+masks checksum %s (rank %d)", self.method, t + 1, row["checksum"],
+                      self.dist.rank)
+            row["after_fix"] = self._eval(model, self.val_loader)
             if frac < 1.0 and s.round_epochs() > 0:
                 optimizer = s.optimizer(model, view, optimizer)
-                guard = FixedGuard(view.parameters_with_masks())
-                stats = self._train(train_model, model, view, optimizer, s.round_epochs(), counter,
-                                    f"{self.method} round {t + 1}/{len(fractions)}", guard)
+                stats = self._train(train_model, model, optimizer, s.round_epochs(), counter,
+                                    f"{self.method} round {t + 1}/{len(fractions)}")
                 row["after_train"] = {**self._eval(model, self.val_loader), "train": stats}
-            row.update(quant_metrics(view, engine_cfg.b, engine_cfg.signed_terms))
-            row["engine"] = to_jsonable(result.summary)
             sig = s.sigma_summary(model)
             if sig is not None:
                 row["sigma"] = sig
             row["fix_seconds"] = fix_seconds
             row["wall_seconds"] = time.perf_counter() - t0
-            history.append(row)
-            acc = row.get("after_train", row["after_fix"])["top1"]
-            log.info("%s round %d/%d: %.1f%% fixed, top-1 %.2f, unique %s, entropy %.3f bits", self.method, t + 1,
-                     len(fractions), 100 * row["fixed_fraction"], acc, row.get("unique"), row.get("entropy", float("nan")))
+            if self.dist.is_main:
+                log.info("%s", round_line(self.method, row, len(fractions), self.task.primary))
+            if tb is not None:
+                tb.log_round(row)
             self._save(model, optimizer, counter, history, t + 1, pre_metrics)
             if self.on_round_end is not None:
                 self.on_round_end(t)
 
+        if tb is not None:
+            tb.close()
         return self._finish(model, view, engine_cfg, history, pre_metrics, time.perf_counter() - started)
 
-    def _write_config(self) -> None:
-        """The run folder's config.yaml, written once every check passed (a refused run changes nothing)."""
+    def _write_config(self, view: QuantView, engine_cfg: EngineConfig) -> None:
+        """The run folder's lock, config.yaml and manifest, once every check passed (a refused run
+        changes nothing)."""
         if self.run_dir is not None and self.dist.is_main:
+            if self._lock is None:
+                self._lock = acquire(self.run_dir)
             remove_stale_temp_files(self.run_dir)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
+            self._manifest = new_manifest(
+                method=self.method, engine=_engine_record(engine_cfg), recipe=self.recipe, inputs=self.inputs,
+                quantised=quantised_tensors(view, self.strategy.coverage), config=config_to_dict(self.cfg))
+            write_manifest(self.run_dir, self._manifest)
 
     def _finish(self, model, view, engine_cfg, history, pre_metrics, seconds) -> FixingResult:
         s = self.strategy
@@ -579,18 +686,19 @@ class FixingRun:
             raise ModelError(f"{self.method}: the final round left {int((~view.fixed()).sum())} weights unfixed")
         final: dict[str, Any] = {"test": self._eval(model, self.test_loader), "val": self._eval(model, self.val_loader)}
         final.update(quant_metrics(view, engine_cfg.b, engine_cfg.signed_terms))
-        if self.method == "pwfn":
+        if self.method == "pwfn" and self.task.calibrated:  # MC calibration only where it means something
             probs, labels = predict_mc(model, self.test_loader, self.device, self.cfg.pwfn.mc_samples,
-                                       seed=self.cfg.seed, dist=self.dist)
+                                       seed=self.cfg.seed, dist=self.dist, adapter=self.adapter)
             final["mc"] = {
                 "samples": self.cfg.pwfn.mc_samples,
                 "nll": M.nll(probs, labels),
                 "ece": M.expected_calibration_error(probs, labels),
                 "top1": 100.0 * float((probs.argmax(1) == labels).float().mean()),
             }
+        if self.method == "pwfn":
             final["sigma"] = s.sigma_summary(model)
-        point = strip_masks(bayes.to_point_estimate(model) if self.method == "pwfn" else copy.deepcopy(model))
-        point_eval = evaluate(point, self.test_loader, self.device, self.dist)
+        point = self.fixer.finalize() if self.fixer is not None else bayes.to_point_estimate(model)
+        point_eval = evaluate(point, self.test_loader, self.device, self.dist, self.task, self.adapter)
         final["point_model_test"] = point_eval
         report = {
             "method": self.method,
@@ -598,11 +706,22 @@ class FixingRun:
             "pre": pre_metrics,
             "rounds": history,
             "final": final,
+            "task": self.task.describe(),
             "quantised_tensors": view.names(),
+            "coverage": {**s.coverage.summary(), "folded_parametrizations": list(s.folded)},
             "seconds_this_session": seconds,
         }
+        if getattr(self, "_budget", None) is not None:
+            report["budget"] = self._budget.report(view)
         if self.run_dir is not None and self.dist.is_main:
-            save_point_model(point, self.run_dir, self.recipe)
+            # point model, then the manifest that vouches for it, then the report
+            record = save_point_model(point, self.run_dir, self.recipe, method=self.method, b=engine_cfg.b,
+                                      signed_terms=engine_cfg.signed_terms, quantised_tensors=view.names(),
+                                      codebook=final.get("codebook", []))
+            manifest = dict(self._manifest or {})
+            manifest.update(status="finished", codebook=final.get("codebook", []), point_model=record)
+            write_manifest(self.run_dir, manifest)
+            _carry_export_sections(report, self.run_dir, self._previous_manifest, record)
             atomic_write_json(self.run_dir / "report.json", to_jsonable(report))
         self.dist.barrier()
         return FixingResult(self.method, model, point, report, history)
@@ -610,8 +729,9 @@ class FixingRun:
 
 #: config sections whose values shape each stage's results (a resume under other values is refused);
 #: ``precision`` (bf16 autocast) trains the baseline and both methods differently
-BASELINE_SECTIONS = ("seed", "precision", "data", "model", "baseline")
-RUN_SECTIONS = {"pwfn": BASELINE_SECTIONS + ("pwfn",), "wfn": BASELINE_SECTIONS + ("wfn",)}
+BASELINE_SECTIONS = ("seed", "precision", "data", "model", "baseline", "quantise", "task")
+RUN_SECTIONS = {"pwfn": BASELINE_SECTIONS + ("pwfn", "budget", "batchnorm"),
+                "wfn": BASELINE_SECTIONS + ("wfn", "budget", "batchnorm")}
 
 
 def _refuse_changed_config(saved: Optional[dict], cfg: RunConfig, path: Path, sections: tuple[str, ...]) -> None:
@@ -644,36 +764,136 @@ def _dataset_size(loader) -> Optional[int]:
         return None
 
 
-def save_point_model(model: nn.Module, folder: Path, recipe: Optional[dict]) -> None:
-    """The point-estimate model as safetensors plus its construction recipe (no ``bayes`` needed)."""
-    from safetensors.torch import save as st_save
+def save_point_model(model: nn.Module, folder: Path, recipe: Optional[dict], **description: Any) -> dict:
+    """The point-estimate model as safetensors plus its checksummed description (recipe, tensor
+    order, SHA-256; ``description`` adds method, b, codebook ...); returns the manifest's record."""
+    from .export import shared_keys
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(folder / "point_model.safetensors", st_save(state))
-    atomic_write_json(folder / "point_model.json", {"recipe": recipe, "tensors": list(state)})
+    full = model.state_dict()
+    shared = shared_keys(full)  # a tied tensor is stored once; the description records its other names
+    state = {k: v.detach().cpu().contiguous() for k, v in full.items() if k not in shared}
+    return write_point_model(folder, state, recipe, shared=shared, **description)
+
+
+def _engine_record(engine_cfg: EngineConfig) -> dict[str, Any]:
+    return {"b": int(engine_cfg.b), "max_order": int(engine_cfg.max_order), "signed_terms": bool(engine_cfg.signed_terms)}
+
+
+def _manifest_or_none(folder: Path) -> Optional[dict]:
+    """The folder's manifest, or None when it has none or it is unreadable (it is rewritten by this run)."""
+    try:
+        return load_manifest(folder)
+    except PwfnError as exc:
+        log.warning("%s; this run rewrites it", exc)
+        return None
+
+
+def _carry_export_sections(report: dict, folder: Path, previous: Optional[dict], record: dict) -> None:
+    """A finished run rerun to the same point model keeps the size/export sections its export added."""
+    old_pm = (previous or {}).get("point_model") or {}
+    if old_pm.get("sha256") != record["sha256"] or not (folder / "report.json").exists():
+        return
+    try:
+        old = read_report(folder / "report.json")
+    except PwfnError:
+        return
+    for key in ("size", "export"):
+        if key in old:
+            report[key] = old[key]
+
+
+def check_first_batch(model: nn.Module, loader, device, what: str, *, required: bool = True,
+                      num_classes: Optional[int] = None, task: Optional[Task] = None,
+                      adapter: Optional[BatchAdapter] = None) -> Optional[tuple]:
+    """The loader's first batch, after checking that ``model`` accepts it and outputs enough classes.
+
+    Raises ``ConfigError`` for an empty loader (when ``required``), a batch the model cannot take,
+    or outputs and targets the ``task`` cannot work with (probability targets for the
+    classification loss, labels beyond the model's outputs, per-token outputs for a classifier...),
+    naming the problem and the option to use. ``adapter`` reads any batch layout (tuples, dicts).
+    Leaves the RNG state, the loader's epoch and the model's mode and buffers as they were.
+    """
+    if loader is None:
+        return None
+    state = rng_state()
+    epoch = getattr(loader, "epoch", None)
+    try:
+        try:
+            batch = next(iter(loader), None)
+        except PwfnError:
+            raise
+        except Exception as exc:  # a user loader can fail in any way
+            raise ConfigError(f"the {what} fails to produce a batch: {type(exc).__name__}: {exc}") from exc
+    finally:
+        set_rng_state(state)
+        if isinstance(epoch, int) and hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+    if batch is None:
+        if required:
+            raise ConfigError(f"the {what} yields no batch (its dataset is empty): there is nothing to "
+                              "train or evaluate on")
+        return None
+    task = task or ClassificationTask()
+    adapter = adapter or BatchAdapter()
+    head = _batch_head(batch, 16)
+    inputs, targets = adapter.split(head)
+    was_training = model.training
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = adapter.call(model, to_device(inputs, device))
+    except PwfnError:
+        raise
+    except Exception as exc:  # shape mismatches and the like: the model's settings do not fit the data
+        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+        raise ConfigError(f"the model cannot take the {what}'s batches (inputs: {shape}): "
+                          f"{type(exc).__name__}: {exc}. Check the model's settings (model.kwargs) against the "
+                          "data") from exc
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                if k in buffers and v.shape == buffers[k].shape:
+                    v.copy_(buffers[k])
+        set_rng_state(state)
+    targets = to_device(targets, device)
+    task.validate(out, targets, what)
+    if isinstance(task, ClassificationTask) and num_classes and int(out.shape[1]) < num_classes:
+        raise ConfigError(f"the model outputs {int(out.shape[1])} classes but the data has {num_classes}: the "
+                          "model's settings do not fit the data; fix model.kwargs (e.g. num_classes) or leave "
+                          "num_classes out to take it from the data")
+    return batch if isinstance(batch, tuple) else tuple(batch) if isinstance(batch, list) else (inputs, targets)
+
+
+def _batch_head(batch: Any, n: int) -> Any:
+    """The first ``n`` examples of a (nested) batch: every tensor with a batch dimension is cut."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n] if batch.dim() else batch
+    if isinstance(batch, dict):
+        return type(batch)({k: _batch_head(v, n) for k, v in batch.items()}) if type(batch) is dict else \
+            {k: _batch_head(v, n) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_batch_head(v, n) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_batch_head(v, n) for v in batch)
+    return batch
 
 
 def load_point_model(folder: Union[str, Path]) -> nn.Module:
-    """Rebuild a plain torch model from ``point_model.safetensors`` and its recipe."""
-    from safetensors.torch import load as st_load
+    """Rebuild a plain torch model from ``point_model.safetensors`` and its recipe.
 
+    The file is checked against its description's SHA-256 and, when the folder has a manifest,
+    against the manifest (checksum, recipe, finite values, codebook): a damaged point model
+    raises ``DamagedPointModelError``.
+    """
     folder = Path(folder)
-    try:
-        meta = json.loads((folder / "point_model.json").read_text(encoding="utf-8"))
-        data = (folder / "point_model.safetensors").read_bytes()
-    except (OSError, ValueError) as exc:
-        raise ArtefactError(f"{folder} holds no readable point model (point_model.json + .safetensors): {exc}") from exc
-    recipe = meta.get("recipe") if isinstance(meta, dict) else None
+    desc, state = read_point_model(folder, load_manifest(folder))
+    recipe = desc.get("recipe")
     if not recipe:
         raise ModelError(f"{folder} holds no model recipe (the model was passed in from Python); "
                          "load the safetensors into your own model instead")
-    if not isinstance(recipe, dict) or not isinstance(recipe.get("name"), str) or not isinstance(recipe.get("kwargs", {}), dict):
-        raise ArtefactError(f"{folder / 'point_model.json'} holds a malformed recipe {recipe!r}")
     model = _create({"name": recipe["name"], "kwargs": recipe.get("kwargs", {})})
-    try:
-        state = st_load(data)
-    except Exception as exc:  # safetensors raises its own error types
-        raise ArtefactError(f"cannot read {folder / 'point_model.safetensors'}: {exc}") from exc
     load_state_dict_strict(model, state, str(folder / "point_model.safetensors"))
     return model
 
@@ -715,6 +935,19 @@ def model_recipe(cfg: RunConfig, loaders) -> dict:
     kwargs = dict(cfg.model.kwargs)
     if cfg.model.name in _REGISTRY:
         params = inspect.signature(_REGISTRY[cfg.model.name]).parameters
+        swallow = [p for p in params.values() if p.kind == inspect.Parameter.VAR_KEYWORD and p.name.startswith("_")]
+        if swallow:  # the constructor would silently ignore a misspelt key: refuse it instead
+            import difflib
+
+            named = [n for n, p in params.items()
+                     if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+            for key in kwargs:
+                if key not in named:
+                    close = difflib.get_close_matches(str(key).split(":")[0], named, n=1)
+                    hint = f" Did you mean {close[0]!r}?" if close else ""
+                    yaml_hint = " (YAML needs a space after ':' in {key: value})" if ":" in str(key) else ""
+                    raise ConfigError(f"model.kwargs has the key {key!r}, which model {cfg.model.name!r} does not "
+                                      f"take{yaml_hint}.{hint} It takes: {', '.join(named)}")
         c, h, w = loaders.input_shape
         derived = {"num_classes": loaders.num_classes, "in_channels": c, "in_features": c * h * w, "input_size": h}
         for key, value in derived.items():
@@ -748,10 +981,18 @@ class Prepared:
     recipe: dict
     model: nn.Module
     baseline: dict
+    inputs: dict = field(default_factory=dict)  # fingerprints of the data and model.checkpoint
+    lock: Optional[RunLock] = None  # the run folder's lock, held until release()
 
     @property
     def device(self) -> torch.device:
         return self.dist.device
+
+    def release(self) -> None:
+        """Release the run folder's lock (the command is done with the folder)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def __iter__(self):
         # unpacks like the earlier tuple: device, loaders, recipe, model, baseline
@@ -769,7 +1010,12 @@ def prepare_run(cfg: RunConfig, methods: tuple[str, ...] = (), *, resume: bool =
     a refused run creates no folder and changes no file in an existing one. ``fresh`` deletes
     the run folder at that point (after the checks, so a refused ``--fresh`` deletes nothing).
     """
+    folder = _folder(cfg)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"the run folder {str(folder)!r} is a file, not a folder: choose another name or --out")
     dist = init_distributed(cfg.device)
+    if dist.is_main:
+        check_free(folder)  # another process writes this run folder: fail now, before loading anything
     seed_everything(cfg.seed)  # identical on every rank: weight noise must agree across ranks
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -780,7 +1026,18 @@ def prepare_run(cfg: RunConfig, methods: tuple[str, ...] = (), *, resume: bool =
                           "data.val_fraction or data.test_fraction above 0")
     recipe = model_recipe(cfg, loaders)
     model = _create(recipe).to(dist.device)
-    folder = _folder(cfg)
+    # the model's settings must fit the data (e.g. num_classes): checked on the first batch
+    check_first_batch(model, loaders.train, dist.device, "training data", required=True,
+                      num_classes=loaders.num_classes)
+    inputs: dict[str, Any] = {"data": splits_fingerprint(loaders)}
+    if cfg.model.checkpoint:
+        problem = regular_file_problem(cfg.model.checkpoint)
+        if problem is not None:  # a FIFO or /dev/zero would block or never end
+            raise ConfigError(f"model.checkpoint {cfg.model.checkpoint!r} {problem}")
+        try:
+            inputs["checkpoint"] = file_fingerprint(cfg.model.checkpoint)
+        except OSError as exc:
+            raise ConfigError(f"model.checkpoint {cfg.model.checkpoint!r} cannot be read: {exc}") from exc
     base_path = folder / "baseline.pt"
     resume = resume and not fresh
     info: dict[str, Any] = {}
@@ -799,22 +1056,53 @@ def prepare_run(cfg: RunConfig, methods: tuple[str, ...] = (), *, resume: bool =
             raise CheckpointError(f"{exc}. Delete it to retrain the float baseline, or start over with "
                                   "--fresh") from exc
         _refuse_changed_config(base_state.get("config"), cfg, base_path, BASELINE_SECTIONS)
+        refuse_changed_inputs(base_state.get("inputs"), inputs, base_path, keys=("data",))
         load_state_dict_strict(model, base_state["model"], str(base_path))
+    known = dict(inputs)
+    if cfg.model.checkpoint or base_state is not None:  # the float model is known before training
+        known["model"] = model_fingerprint(model)
     for method in methods:
         fixed_model = check_model(method, cfg, model)
         ckpt = folder / method / "checkpoint.pt"
         if resume and ckpt.exists():
             saved = load_run_checkpoint(ckpt, method)
             _refuse_changed_config(saved.get("config"), cfg, ckpt, RUN_SECTIONS[method])
+            saved_inputs = saved.get("inputs") or (_manifest_or_none(folder / method) or {}).get("inputs")
+            refuse_changed_inputs(saved_inputs, known, ckpt)
             try:
                 load_state_dict_strict(fixed_model, saved["model"], str(ckpt))
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}. Start this method over with --fresh (or delete the file)") from exc
-    # every check passed: from here on the run folder is written
+    # every check passed: from here on the run folder is written, under its lock
+    lock = acquire(folder) if dist.is_main else None
+    try:
+        return _prepare_in_folder(cfg, dist, loaders, recipe, model, folder, base_state, info, inputs, lock, fresh)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _clear_folder(folder: Path) -> None:
+    """Delete everything in a run folder but its lock file (``--fresh``; the lock stays held)."""
+    from .lock import LOCK_FILE
+
+    for child in folder.iterdir():
+        if child.name == LOCK_FILE:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def _prepare_in_folder(cfg: RunConfig, dist: DistContext, loaders, recipe: dict, model: nn.Module, folder: Path,
+                       base_state: Optional[dict], info: dict[str, Any], inputs: dict[str, Any],
+                       lock: Optional[RunLock], fresh: bool) -> Prepared:
+    base_path = folder / "baseline.pt"
     if dist.is_main:
-        if fresh and folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            _clear_folder(folder)
         remove_stale_temp_files(folder)
         atomic_write_text(folder / "config.yaml", dump_config(cfg))
     if base_state is not None:
@@ -828,13 +1116,17 @@ def prepare_run(cfg: RunConfig, methods: tuple[str, ...] = (), *, resume: bool =
         info["seconds"] = time.perf_counter() - t0
         if dist.is_main:
             save_checkpoint(base_path, {"model": model.state_dict(), "rng": rng_state(), "info": info,
-                                        "config": config_to_dict(cfg)}, kind="baseline")
+                                        "config": config_to_dict(cfg), "inputs": {"data": inputs["data"]}},
+                            kind="baseline")
         dist.barrier()
     eval_loader = loaders.test or loaders.val
     info["test"] = evaluate(model, eval_loader, dist.device, dist)
     if loaders.val is not None:
         info["val"] = evaluate(model, loaders.val, dist.device, dist)
-    return Prepared(dist, loaders, recipe, model, info)
+    if dist.is_main:
+        how = "reused from " + str(base_path) if info.get("reused") else info.get("source", "trained")
+        log.info("float baseline (%s): test top-1 %.2f%%", how, info["test"]["top1"])
+    return Prepared(dist, loaders, recipe, model, info, inputs=inputs, lock=lock)
 
 
 def _create(recipe: dict) -> nn.Module:
@@ -850,12 +1142,9 @@ def _create(recipe: dict) -> nn.Module:
 
 def _load_user_checkpoint(path: str) -> dict:
     p = Path(path)
-    try:
-        is_file = p.is_file()
-    except (OSError, ValueError):
-        is_file = False
-    if not is_file:
-        raise ConfigError(f"model.checkpoint {path!r} does not exist")
+    problem = regular_file_problem(p)
+    if problem is not None:  # a FIFO or /dev/zero would block or never end
+        raise ConfigError(f"model.checkpoint {path!r} {problem}")
     try:
         with p.open("rb") as fh:
             head = fh.read(4100)
@@ -889,7 +1178,7 @@ def _run_one(cfg: RunConfig, prep: Prepared, method: str, resume: bool,
     run_dir = _folder(cfg) / method
     res = FixingRun(method, cfg, prep.model, prep.loaders.train, prep.loaders.val, prep.loaders.test,
                     device=prep.device, run_dir=run_dir, recipe=prep.recipe, on_round_end=on_round_end,
-                    dist=prep.dist).run(resume=resume)
+                    dist=prep.dist, inputs=prep.inputs).run(resume=resume)
     res.report["baseline"] = prep.baseline
     if prep.dist.is_main:
         atomic_write_json(run_dir / "report.json", to_jsonable(res.report))
@@ -907,23 +1196,80 @@ def run_method(cfg: RunConfig, method: Optional[str] = None, *, resume: bool = T
         raise ConfigError(f"unknown method {method!r}; choose one of {list(STRATEGIES)}")
     resume = resume and not fresh
     prep = prepare_run(cfg, (method,), resume=resume, fresh=fresh)
-    return _run_one(cfg, prep, method, resume, on_round_end).report
+    try:
+        return _run_one(cfg, prep, method, resume, on_round_end).report
+    finally:
+        prep.release()
 
 
 def compare(cfg: RunConfig, *, resume: bool = True, fresh: bool = False) -> dict[str, Any]:
     """`pwfn compare`: one float baseline, then WFN and PWFN from it; returns the comparison."""
     resume = resume and not fresh
     prep = prepare_run(cfg, ("wfn", "pwfn"), resume=resume, fresh=fresh)
-    out: dict[str, Any] = {"baseline": prep.baseline, "methods": {}}
-    for method in ("wfn", "pwfn"):
-        t0 = time.perf_counter()
-        res = _run_one(cfg, prep, method, resume)
-        out["methods"][method] = {"final": res.report["final"], "seconds": time.perf_counter() - t0}
-    out["table"] = comparison_rows(out)
-    if prep.dist.is_main:
-        atomic_write_json(_folder(cfg) / "compare.json", to_jsonable(out))
-        atomic_write_text(_folder(cfg) / "compare.md", format_table(out["table"]) + "\n")
-    return out
+    try:
+        out: dict[str, Any] = {"baseline": prep.baseline, "methods": {}}
+        earlier = _earlier_comparison(_folder(cfg)) if resume else {}
+        for method in ("wfn", "pwfn"):
+            done_before = _rounds_on_disk(_folder(cfg) / method) if resume else []
+            t0 = time.perf_counter()
+            res = _run_one(cfg, prep, method, resume)
+            out["methods"][method] = {"final": res.report["final"],
+                                      "seconds": _method_seconds(time.perf_counter() - t0, done_before, len(res.history),
+                                                                 (earlier.get("methods") or {}).get(method))}
+        out["table"] = comparison_rows(out)
+        if prep.dist.is_main:
+            atomic_write_json(_folder(cfg) / "compare.json", to_jsonable(out))
+            atomic_write_text(_folder(cfg) / "compare.md", format_table(out["table"]) + "\n")
+        return out
+    finally:
+        prep.release()
+
+
+def _earlier_comparison(folder: Path) -> dict[str, Any]:
+    """The compare.json of an earlier, finished comparison in this folder ({} when none or unreadable)."""
+    from .manifest import load_json
+
+    if not (folder / "compare.json").exists():
+        return {}
+    try:  # bounded and depth-checked: a hand-edited file is ignored, never a traceback
+        data = load_json(folder / "compare.json", "comparison")
+    except PwfnError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _rounds_on_disk(method_dir: Path) -> list[dict[str, Any]]:
+    """The round rows an earlier session left in ``metrics.jsonl`` ([] when none)."""
+    rows = []
+    try:
+        text = (method_dir / "metrics.jsonl").read_text(encoding="utf-8")
+    except OSError:
+        return []
+    from .manifest import parse_json
+
+    for line in text.splitlines():
+        try:
+            row = parse_json(line, "round log")
+        except PwfnError:
+            break
+        if not isinstance(row, dict):
+            break
+        rows.append(row)
+    return rows
+
+
+def _method_seconds(session: float, done_before: list[dict[str, Any]], rounds_now: int,
+                    earlier: Optional[dict[str, Any]]) -> float:
+    """A method's own compute time across sessions, for compare.json.
+
+    A rerun that found the method finished (no round left to do) keeps the time the earlier
+    comparison recorded instead of the seconds spent reloading and re-evaluating it; a resumed
+    method adds the wall time of the rounds finished in earlier sessions to this session's.
+    """
+    if done_before and len(done_before) >= rounds_now and earlier and earlier.get("seconds") is not None:
+        return float(earlier["seconds"])
+    before = sum(float(r.get("wall_seconds") or 0.0) for r in done_before[:rounds_now])
+    return before + session
 
 
 def comparison_rows(out: dict[str, Any]) -> list[dict[str, Any]]:
@@ -937,23 +1283,6 @@ def comparison_rows(out: dict[str, Any]) -> list[dict[str, Any]]:
                      "entropy": f.get("entropy"), "entropy_nonzero": f.get("entropy_nonzero"),
                      "seconds": m.get("seconds")})
     return rows
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["method", "top1", "top5", "unique", "unique_nonzero", "entropy", "entropy_nonzero", "seconds"]
-    heads = ["method", "top-1 %", "top-5 %", "unique", "unique (no 0)", "entropy bits", "entropy (no 0)", "time s"]
-
-    def fmt(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -972,32 +1301,42 @@ def compress(
     device: Optional[Union[str, torch.device]] = None,
     resume: bool = True,
     overrides: Optional[list[str]] = None,
+    task: Optional[Union[str, Task]] = None,
+    loss: Optional[Callable[[torch.Tensor, Any], torch.Tensor]] = None,
+    metrics: Optional[Callable[[torch.Tensor, Any], dict]] = None,
+    adapter: Optional[BatchAdapter] = None,
 ) -> FixingResult:
     """Fix every weight of a trained ``model`` onto one power-of-two codebook.
 
     ``method`` is "pwfn" (Bayesian) or "wfn" (deterministic). ``config`` is a RunConfig, a dict,
-    or a YAML path (defaults otherwise). Returns the fixed model, its plain point-estimate copy
-    and the report. With ``run_dir`` the run is checkpointed after every round and resumable.
+    or a YAML path (defaults otherwise); its ``seed`` and ``threads`` are applied as by the CLI.
+    ``task`` (a name such as ``"regression"``, ``"bce"``, ``"language_model"``, or a
+    :class:`pwfn.Task`; default the config's ``task``, i.e. classification) gives the training
+    loss and the metrics; or pass your own ``loss(outputs, targets)`` (and optionally
+    ``metrics(outputs, targets) -> dict``). ``adapter`` (:class:`pwfn.BatchAdapter`) reads
+    dict / tuple / nested batches (Hugging Face dicts with ``labels`` work without one). The
+    first batch goes through the model and the loss before anything is written. Returns the
+    fixed model, its plain point-estimate copy and the report. With ``run_dir`` the run is
+    checkpointed after every round and resumable. The rounds run on a :class:`pwfn.Fixer`.
     """
-    from .config import config_from_dict
+    from .fixer import resolve_config
 
-    if isinstance(config, RunConfig):
-        cfg = copy.deepcopy(config)
-        if overrides:
-            from .config import apply_overrides
-
-            cfg = config_from_dict(apply_overrides(config_to_dict(cfg), overrides))
-    elif isinstance(config, dict):
-        from .config import apply_overrides
-
-        cfg = config_from_dict(apply_overrides(copy.deepcopy(config), overrides or []))
-    else:
-        cfg = load_config(config, overrides)
+    cfg = resolve_config(config, overrides)
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if loss is not None:
+        if task is not None:
+            raise ConfigError("pass either task= or loss= (a loss makes a custom task), not both")
+        task = CustomTask(loss, metrics)
+    elif metrics is not None:
+        raise ConfigError("metrics= goes with loss= (your own task); built-in tasks have their own metrics")
+    task_obj = resolve_task(task if task is not None else cfg.task)
+    seed_everything(cfg.seed)  # as the CLI does: the same run from the same seed
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     dist = init_distributed(str(device) if device is not None else cfg.device)
     dev = dist.device
     # the run writes its config.yaml into run_dir itself, once the model and any checkpoint passed their checks
     return FixingRun(method, cfg, model.to(dev), train_loader, val_loader, test_loader, device=dev,
-                     run_dir=run_dir, dist=dist).run(resume=resume)
+                     run_dir=run_dir, dist=dist, task=task_obj, adapter=adapter).run(resume=resume)
 

@@ -1,118 +1,119 @@
-"""Model plumbing: every quantisable tensor of a model as one flat vector, and back.
+"""Model plumbing: the quantised tensors of a model as one flat vector, and back.
 
 The engine works on one flat vector for the whole network (one codebook for everything).
-``QuantView`` fixes a stable layout (module order of ``named_modules``, weight before bias),
-gathers values/sigmas into it and scatters results back. The fixed mask of each tensor lives
-in a bool buffer ``<param>_fixed`` on the module that owns it, so it travels with the
-state_dict, ``.to()``, DDP and checkpoints. A parameter shared by several modules is counted once.
-
-What is quantised:
-* Bayesian layers (``bayes.BayesianLayer``): ``weight_mu``/``bias_mu`` with their sigma;
-* with ``plain=True``: plain Linear/Conv1d/2d/3d ``weight``/``bias`` (the WFN point network);
-* with ``batchnorm=True``: BatchNorm affine ``weight``/``bias`` (WFN quantises them too).
+``QuantView`` takes the qualified parameter names chosen by :mod:`pwfn.coverage` (point-model
+names, one per shared tensor), fixes a stable layout in that order, gathers values (mu for a
+Gaussian tensor) and sigmas into it and scatters results back. The fixed mask of each tensor is
+held here, keyed by the same names, never in the user's model: nothing is added to or removed
+from the model's own buffers. ``mask_state``/``load_mask_state`` save and restore the masks
+(for checkpoints).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
 
-from bayes import BayesianLayer
+import bayes
 
 from .errors import ModelError
-
-PLAIN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-BATCHNORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def mask_buffer_name(param: str) -> str:
-    return f"{param}_fixed"
 
 
 @dataclass
 class QuantSlot:
-    """One quantisable tensor: where it lives and where it sits in the flat vector."""
+    """One quantised tensor: its name(s), its leaf tensors and where it sits in the flat vector."""
 
-    name: str  # qualified, e.g. "features.0.weight"
-    module: nn.Module
-    param: str  # "weight" or "bias"
-    value_attr: str  # "weight_mu" (Bayesian) or "weight" (plain)
-    sigma_attr: Optional[str]
+    name: str  # qualified point-model name, e.g. "features.0.weight"
+    value: torch.Tensor  # the leaf parameter holding the value (mu for a Gaussian tensor)
+    sigma: Optional[torch.Tensor]
     offset: int
     numel: int
-
-    @property
-    def value(self) -> torch.Tensor:
-        return getattr(self.module, self.value_attr)
-
-    @property
-    def sigma(self) -> Optional[torch.Tensor]:
-        return getattr(self.module, self.sigma_attr) if self.sigma_attr else None
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return getattr(self.module, mask_buffer_name(self.param))
+    mask: torch.Tensor
+    aliases: list[str] = field(default_factory=list)
 
     @property
     def sl(self) -> slice:
         return slice(self.offset, self.offset + self.numel)
 
 
-def _candidate_tensors(model: nn.Module, plain: bool, batchnorm: bool) -> Iterator[tuple[str, nn.Module, str, str, Optional[str]]]:
-    for mname, module in model.named_modules():
-        prefix = f"{mname}." if mname else ""
-        if isinstance(module, BayesianLayer):
-            for p in module.present_params():
-                yield prefix + p, module, p, f"{p}_mu", f"{p}_sigma"
-        elif (plain and isinstance(module, PLAIN_LAYERS)) or (batchnorm and isinstance(module, BATCHNORM_LAYERS)):
-            for p in ("weight", "bias"):
-                if getattr(module, p, None) is not None:
-                    yield prefix + p, module, p, p, None
+def resolve_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, Optional[torch.Tensor], list[str]]]:
+    """Every name (canonical and alias) of ``model``'s parameters -> (value leaf, sigma or None, aliases)."""
+    sigma_of = {id(e.mu): e.sigma for e in bayes.gaussian_parameters(model)}
+    out = {}
+    for site in bayes.parameter_sites(model):
+        entry = (site.tensor, sigma_of.get(id(site.tensor)), list(site.aliases))
+        for n in (site.name, *site.aliases):
+            out[n] = entry
+    return out
 
 
 class QuantView:
-    """The flat, stable layout of a model's quantisable tensors."""
+    """The flat, stable layout of a model's quantised tensors, with their fixed masks."""
 
-    def __init__(self, model: nn.Module, *, plain: bool = False, batchnorm: bool = False) -> None:
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
         self.model = model
         self.slots: list[QuantSlot] = []
+        table = resolve_tensors(model)
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise ModelError(f"the model has no parameter named {missing[:5]}")
         seen: set[int] = set()
         offset = 0
-        for name, module, param, vattr, sattr in _candidate_tensors(model, plain, batchnorm):
-            tensor = getattr(module, vattr)
-            if id(tensor) in seen:
-                continue  # shared parameter: counted once, under its first name
-            seen.add(id(tensor))
-            if tensor.numel() == 0:
+        for name in names:
+            value, sigma, aliases = table[name]
+            if id(value) in seen:
+                continue  # one tensor under two names: counted once, under its first name
+            seen.add(id(value))
+            if value.numel() == 0:
                 continue
-            self.slots.append(QuantSlot(name, module, param, vattr, sattr, offset, tensor.numel()))
-            offset += tensor.numel()
+            if value.dtype not in (torch.float32, torch.float64):
+                raise ModelError(
+                    f"{name} is {str(value.dtype).replace('torch.', '')}: pwfn fixes float32 (or float64) master "
+                    "weights. Cast the model with model.float() before fixing, and train in bfloat16 with "
+                    "precision=bf16 (autocast) if you want the speed."
+                )
+            mask = torch.zeros(value.shape, dtype=torch.bool, device=value.device)
+            self.slots.append(QuantSlot(name, value, sigma, offset, value.numel(), mask, aliases))
+            offset += value.numel()
         self.numel = offset
         if not self.slots:
-            kinds = "Bayesian layers" + (", Linear/Conv layers" if plain else "") + (", BatchNorm layers" if batchnorm else "")
-            raise ModelError(f"the model has no quantisable tensor (looked for {kinds}); nothing to fix")
-        self.has_sigma = all(s.sigma_attr is not None for s in self.slots)
-        self.attach_masks()
+            raise ModelError("the model has no quantisable tensor (no floating-point parameter was chosen); "
+                             "nothing to fix")
+        self.has_sigma = all(s.sigma is not None for s in self.slots)
 
     # -- masks ------------------------------------------------------------------------------
-    def attach_masks(self) -> None:
-        """Give every quantised tensor's module a ``<param>_fixed`` bool buffer (all False if new)."""
-        for s in self.slots:
-            buf = mask_buffer_name(s.param)
-            existing = getattr(s.module, buf, None)
-            if existing is None or existing.shape != s.value.shape:
-                s.module.register_buffer(buf, torch.zeros_like(s.value, dtype=torch.bool))
+    def _mask(self, s: QuantSlot) -> torch.Tensor:
+        if s.mask.device != s.value.device:
+            s.mask = s.mask.to(s.value.device)
+        return s.mask
 
     def masks(self) -> dict[str, torch.Tensor]:
-        return {s.name: s.mask for s in self.slots}
+        return {s.name: self._mask(s) for s in self.slots}
+
+    def mask_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the masks (CPU), for a checkpoint."""
+        return {s.name: s.mask.detach().cpu().clone() for s in self.slots}
+
+    def load_mask_state(self, state: Mapping[str, torch.Tensor], where: str = "checkpoint") -> None:
+        names = {s.name for s in self.slots}
+        if set(state) != names:
+            extra, missing = sorted(set(state) - names), sorted(names - set(state))
+            raise ModelError(f"the {where}'s fixed masks do not fit this model's quantised tensors "
+                             f"(unexpected {extra[:3]}, missing {missing[:3]})")
+        for s in self.slots:
+            m = state[s.name]
+            if tuple(m.shape) != tuple(s.value.shape) or m.dtype != torch.bool:
+                raise ModelError(f"the {where}'s fixed mask for {s.name} has shape {tuple(m.shape)} / {m.dtype}, "
+                                 f"expected {tuple(s.value.shape)} / bool")
+            s.mask = m.to(s.value.device).clone()
 
     def frozen_sigma_masks(self) -> dict[str, torch.Tensor]:
-        """Masks keyed like ``bayes`` losses expect (``"<layer>.<param>_sigma"``)."""
-        return {f"{s.name}_sigma": s.mask for s in self.slots if s.sigma_attr}
+        """Masks keyed by tensor name, as ``bayes`` losses expect (fixed entries get no sigma gradient)."""
+        return {s.name: self._mask(s) for s in self.slots if s.sigma is not None}
 
     # -- gather / scatter -------------------------------------------------------------------
     def _cat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -127,7 +128,7 @@ class QuantView:
         return self._cat([s.sigma for s in self.slots])
 
     def fixed(self) -> torch.Tensor:
-        return self._cat([s.mask for s in self.slots])
+        return self._cat([self._mask(s) for s in self.slots])
 
     @torch.no_grad()
     def write(self, values: torch.Tensor, fixed: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> None:
@@ -136,32 +137,27 @@ class QuantView:
             raise ModelError(f"flat vectors have {values.numel()} entries, the model has {self.numel}")
         for s in self.slots:
             s.value.copy_(values[s.sl].view_as(s.value))
-            s.mask.copy_(fixed[s.sl].view_as(s.mask))
-            if sigma is not None and s.sigma_attr:
+            self._mask(s).copy_(fixed[s.sl].view_as(s.mask))
+            if sigma is not None and s.sigma is not None:
                 s.sigma.copy_(sigma[s.sl].view_as(s.sigma))
 
     def parameters_with_masks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(parameter, mask) pairs whose fixed entries must never move — mu *and* sigma."""
         out = []
         for s in self.slots:
-            out.append((s.value, s.mask))
-            if s.sigma_attr:
-                out.append((s.sigma, s.mask))
+            out.append((s.value, self._mask(s)))
+            if s.sigma is not None:
+                out.append((s.sigma, self._mask(s)))
         return out
 
     def names(self) -> list[str]:
         return [s.name for s in self.slots]
 
+    def shared(self) -> dict[str, list[str]]:
+        return {s.name: list(s.aliases) for s in self.slots if s.aliases}
+
     def fraction_fixed(self) -> float:
         return float(self.fixed().sum()) / self.numel
-
-
-def strip_masks(model: nn.Module) -> nn.Module:
-    """Remove every ``*_fixed`` buffer (for exporting a plain model)."""
-    for module in model.modules():
-        for name in [n for n in list(module._buffers) if n.endswith("_fixed")]:
-            del module._buffers[name]
-    return model
 
 
 class FixedGuard:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from .errors import PwfnError
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PwfnError(f"cannot read {path}: {exc}") from exc
+    """A run-folder JSON file, validated (limits, depth, schema: ``pwfn.rundata.read_json``)."""
+    from .rundata import read_json
+
+    return read_json(path)
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -24,23 +25,49 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return str(v)
 
 
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The comparison table of ``pwfn compare`` (float, WFN, PWFN) as Markdown."""
+    cols = ["method", "top1", "top5", "unique", "unique_nonzero", "entropy", "entropy_nonzero", "seconds"]
+    heads = ["method", "top-1 %", "top-5 %", "unique", "unique (no 0)", "entropy bits", "entropy (no 0)", "time s"]
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 10 else f"{v:.2f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
 def summarise_report(report: dict) -> str:
-    lines = [f"method: {report.get('method')}"]
-    lines.append("| round | fraction | fixed % | top-1 after fix | top-1 after train | unique | entropy | entropy (no 0) | s |")
+    """One method's ``report.json`` as text: the table of rounds, the final metrics and the codebook."""
+    task = report.get("task") if isinstance(report.get("task"), dict) else {}
+    metric = str(task.get("primary") or "top1")
+    label = "top-1" if metric == "top1" else metric
+    digits = 2 if metric == "top1" else 4
+    lines = [f"method: {report.get('method')}" + (f", task: {task.get('name')}" if task.get("name") else "")]
+    lines.append(f"| round | fraction | fixed % | {label} after fix | {label} after train | unique | entropy | "
+                 "entropy (no 0) | s |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in report.get("rounds", []):
         lines.append(
             f"| {r['round'] + 1} | {r['fraction']} | {100 * r.get('fixed_fraction', 0):.1f} | "
-            f"{_fmt(r['after_fix'].get('top1'), 2)} | {_fmt(r.get('after_train', {}).get('top1'), 2)} | "
+            f"{_fmt(r['after_fix'].get(metric), digits)} | {_fmt(r.get('after_train', {}).get(metric), digits)} | "
             f"{_fmt(r.get('unique'))} | {_fmt(r.get('entropy'))} | {_fmt(r.get('entropy_nonzero'))} | "
             f"{_fmt(r.get('wall_seconds'), 1)} |"
         )
     f = report.get("final", {})
     if f:
         t = f.get("test", {})
+        shown = (f"top-1 {_fmt(t.get('top1'), 2)}%" + (f", top-5 {_fmt(t.get('top5'), 2)}%" if t.get("top5") is not None
+                                                        else "")) if metric == "top1" else \
+            ", ".join(f"{k} {_fmt(v, 4)}" for k, v in t.items() if isinstance(v, (int, float)))
         lines.append(
-            f"final: top-1 {_fmt(t.get('top1'), 2)}%"
-            + (f", top-5 {_fmt(t.get('top5'), 2)}%" if t.get("top5") is not None else "")
+            f"final: {shown}"
             + f", unique {f.get('unique')} ({f.get('unique_nonzero')} without 0), entropy {_fmt(f.get('entropy'))} bits "
             f"({_fmt(f.get('entropy_nonzero'))} without 0)"
         )
@@ -50,15 +77,140 @@ def summarise_report(report: dict) -> str:
         if "mc" in f:
             lines.append(f"calibration ({f['mc']['samples']} MC samples): NLL {_fmt(f['mc']['nll'], 4)}, "
                          f"ECE {_fmt(f['mc']['ece'], 4)}")
-        if "size" in report:
-            lines.append(f"sizes: {json.dumps(report['size'].get('total', {}))}")
+        if f.get("codebook"):
+            lines.append("")
+            lines.append(format_codebook(f["codebook"], f.get("codebook_counts")))
+    cov = report.get("coverage")
+    if isinstance(cov, dict) and isinstance(cov.get("by_owner_type"), dict):
+        lines.append("")
+        lines.append(format_coverage(cov))
     base = report.get("baseline")
     if base:
         lines.append(f"float baseline: top-1 {_fmt(base['test'].get('top1'), 2)}%")
     return "\n".join(lines)
 
 
+def format_coverage(cov: dict) -> str:
+    """The report's coverage section: quantised share of parameters and bytes, by owner type."""
+    lines = [f"coverage: {100 * float(cov.get('share', 0)):.1f}% of parameters quantised "
+             f"({cov.get('quantised_parameters')} of {cov.get('parameters')}), "
+             f"{100 * float(cov.get('byte_share', 0)):.1f}% of parameter bytes"]
+    lines.append("| owner type | tensors | parameters | quantised % | bytes |")
+    lines.append("|---|---|---|---|---|")
+    for owner, row in cov["by_owner_type"].items():
+        if isinstance(row, dict):
+            lines.append(f"| {owner} | {row.get('tensors')} | {row.get('parameters')} | "
+                         f"{100 * float(row.get('share', 0)):.1f} | {row.get('bytes')} |")
+    left = cov.get("left_float") or []
+    if isinstance(left, list) and left:
+        lines.append("left float: " + "; ".join(
+            f"{t.get('name')} ({t.get('owner_type')}, {t.get('numel')}): {t.get('reason')}"
+            for t in left[:10] if isinstance(t, dict)) + (f"; ... ({len(left)} in all)" if len(left) > 10 else ""))
+    shared = cov.get("shared") or {}
+    if isinstance(shared, dict) and shared:
+        lines.append("shared (fixed once): " + "; ".join(f"{k} = {', '.join(map(str, v))}"
+                                                         for k, v in list(shared.items())[:10]))
+    folded = cov.get("folded_parametrizations") or []
+    if isinstance(folded, list) and folded:
+        lines.append("folded parametrizations: " + "; ".join(map(str, folded)))
+    return "\n".join(lines)
+
+
+def power_of_two_terms(value: float, max_terms: int = 8) -> Optional[list[tuple[int, int]]]:
+    """``value`` as a signed sum of powers of two: ``0.375 -> [(1, -2), (1, -3)]`` (sign, exponent).
+
+    The terms are the set bits of the value's float32 mantissa, so the answer is exact; None
+    when more than ``max_terms`` terms are needed (not a power-of-two codebook value).
+    """
+    if value == 0:
+        return []
+    if not math.isfinite(value):
+        return None
+    sign = 1 if value > 0 else -1
+    mantissa, exponent = math.frexp(abs(value))  # abs(value) = mantissa * 2**exponent, 0.5 <= mantissa < 1
+    bits = int(mantissa * 2**53)
+    terms = []
+    for i in range(53, -1, -1):
+        if bits >> i & 1:
+            terms.append((sign, exponent - 53 + i))
+    return terms if len(terms) <= max_terms else None
+
+
+def format_terms(terms: Optional[list[tuple[int, int]]]) -> str:
+    """``[(1, -2), (-1, -5)] -> "2^-2 - 2^-5"``; ``[] -> "0"``."""
+    if terms is None:
+        return "(not a short sum of powers of two)"
+    if not terms:
+        return "0"
+    out = ""
+    for i, (sign, exp) in enumerate(terms):
+        if i == 0:
+            out += ("-" if sign < 0 else "") + f"2^{exp}"
+        else:
+            out += (" - " if sign < 0 else " + ") + f"2^{exp}"
+    return out
+
+
+def format_codebook(codebook: list, counts: Optional[list] = None, terms: Optional[list] = None) -> str:
+    """The shared codebook as a table: value, its power-of-two terms, and how many weights use it."""
+    total = sum(counts) if counts else 0
+    lines = [f"codebook ({len(codebook)} values):", "| value | power-of-two terms | weights | share % |", "|---|---|---|---|"]
+    for i, v in enumerate(codebook):
+        t = [tuple(x) for x in terms[i]] if terms is not None else power_of_two_terms(float(v))
+        c = counts[i] if counts and i < len(counts) else None
+        share = f"{100 * c / total:.2f}" if c is not None and total else "-"
+        lines.append(f"| {float(v):.8g} | {format_terms(t)} | {'-' if c is None else c} | {share} |")
+    return "\n".join(lines)
+
+
+def format_layers(rows: list[dict[str, Any]]) -> str:
+    """Per-layer table: parameters, coverage, values, bits per weight (entropy, fixed width, packed)."""
+    lines = ["per layer:", "| layer | params | quantised % | unique | entropy bits | fixed-width bits | packed bits |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['params']:,} | {100 * r['coverage']:.1f} | {_fmt(r['unique'])} | "
+                     f"{_fmt(r['entropy_bits'])} | {_fmt(r['fixed_bits'], 0)} | {_fmt(r['packed_bits'])} |")
+    return "\n".join(lines)
+
+
+def format_sizes(s: dict[str, Any]) -> str:
+    """Sizes of the quantised weights (before export: the bounds; after: also the packed bytes)."""
+    def b(v: Any) -> str:
+        return "-" if v is None else f"{int(round(v)):,} B"
+
+    text = (f"size of the {s['weights']:,} quantised weights: fp32 {b(s['fp32_bytes'])}, fixed width "
+            f"{b(s['fixed_width_bytes'])}, entropy bound {b(s['entropy_bound_bytes'])}")
+    if s.get("packed_bytes") is not None:
+        text += f", packed {b(s['packed_bytes'])} (whole file {b(s.get('packed_file_bytes'))})"
+    else:
+        text += " (run `pwfn export` for the packed size)"
+    return text
+
+
+def summarise_method_folder(folder: Path) -> str:
+    """The report of one method folder with its per-layer table and sizes (when finished)."""
+    from .rundata import layer_table, read_method, size_summary
+
+    method = read_method(folder)
+    if method["report"] is None:
+        return ("run in progress or interrupted; completed rounds:\n"
+                + summarise_report({"method": method["method"], "rounds": method["rounds"]}))
+    parts = [summarise_report(method["report"])]
+    sizes = size_summary(method)
+    if sizes:
+        parts += ["", format_sizes(sizes)]
+    layers = layer_table(method)
+    if layers:
+        parts += ["", format_layers(layers)]
+    return "\n".join(parts)
+
+
 def summarise_run_dir(run_dir: Union[str, Path], as_json: bool = False) -> str:
+    """``pwfn report RUN_DIR``: a comparison or method folder as text (or its raw JSON with ``as_json``).
+
+    A folder whose run is still going (only ``metrics.jsonl``) shows the completed rounds.
+    Raises ``PwfnError`` for a folder that is not a run folder. Needs no torch.
+    """
     folder = Path(run_dir)
     if not folder.is_dir():
         raise PwfnError(f"run folder {str(folder)!r} does not exist")
@@ -66,19 +218,19 @@ def summarise_run_dir(run_dir: Union[str, Path], as_json: bool = False) -> str:
         data = _read_json(folder / "compare.json")
         if as_json:
             return json.dumps(data, indent=2)
-        from .pipeline import format_table
-
         parts = [format_table(data["table"])]
         for method in data.get("methods", {}):
-            rep = folder / method / "report.json"
-            if rep.exists():
+            if (folder / method / "report.json").exists():
                 parts.append("")
-                parts.append(summarise_report(_read_json(rep)))
+                parts.append(summarise_method_folder(folder / method))
         return "\n".join(parts)
     if (folder / "report.json").exists():
-        data = _read_json(folder / "report.json")
-        return json.dumps(data, indent=2) if as_json else summarise_report(data)
+        if as_json:
+            return json.dumps(_read_json(folder / "report.json"), indent=2)
+        return summarise_method_folder(folder)
     if (folder / "metrics.jsonl").exists():
-        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        from .manifest import read_metrics
+
+        rows = read_metrics(folder / "metrics.jsonl")
         return "run in progress or interrupted; completed rounds:\n" + summarise_report({"method": folder.name, "rounds": rows})
     raise PwfnError(f"{str(folder)!r} holds no report.json, compare.json or metrics.jsonl: is it a pwfn run folder?")

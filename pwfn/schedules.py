@@ -13,11 +13,12 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pwfn.errors import ConfigError
+
+if TYPE_CHECKING:  # torch only in annotations: configs (and so the CLI) load without it
+    import torch
 
 __all__ = [
     "PWFN_FRACTIONS",

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .distributed import DistContext
 from .errors import ConfigError, TrainingDivergedError
 from .plumbing import FixedGuard
+from .tasks import BatchAdapter, ClassificationTask, Task, evaluate_task, to_device
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,16 @@ def resolve_device(spec: str = "auto") -> torch.device:
         raise ConfigError(f"device {spec!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N' ({exc})") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {spec!r} was requested but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {spec!r} was requested but this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device {spec!r} was requested but Apple's MPS backend is not available in this "
+                              "PyTorch build or machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {spec!r} is not supported: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     return dev
 
 
@@ -142,15 +153,16 @@ def first_nonfinite_output(model: nn.Module, x: torch.Tensor, bf16: bool = False
     return found[0] if found else None
 
 
-def _diverged(where: str, loss: torch.Tensor, ce: torch.Tensor, inner: nn.Module, x: torch.Tensor, step: int,
+def _diverged(where: str, loss: torch.Tensor, ce: torch.Tensor, inner: nn.Module, x: Any, step: int,
               advice: Optional[str], bf16: bool) -> TrainingDivergedError:
     cause = first_nonfinite_weight(inner)
     if cause is None and not bool(torch.isfinite(ce.detach()).all()):
-        cause = first_nonfinite_output(inner, x, bf16) or (
+        found = first_nonfinite_output(inner, x, bf16) if isinstance(x, torch.Tensor) else None
+        cause = found or (
             "every layer's output was finite in a diagnostic forward pass of the failing batch (the random "
             "weight noise of that step may have caused it)")
     elif cause is None:
-        cause = "the cross-entropy is finite, the extra loss term (regulariser) is not"
+        cause = "the task loss is finite, the extra loss term (regulariser) is not"
     return TrainingDivergedError(
         f"{where}: training diverged, the loss became {float(loss.detach())} at step {step}. "
         f"{cause[0].upper() + cause[1:]}. {advice or DEFAULT_DIVERGENCE_ADVICE}"
@@ -175,6 +187,9 @@ def train_epochs(
     inner: Optional[nn.Module] = None,
     bf16: bool = False,
     advice: Optional[str] = None,
+    task: Optional[Task] = None,
+    adapter: Optional[BatchAdapter] = None,
+    batchnorm: str = "train",
 ) -> dict[str, float]:
     """Train for ``epochs`` passes (fractions allowed: 0.05 = the first 5 % of one pass).
 
@@ -182,13 +197,21 @@ def train_epochs(
     (extra loss terms see ``inner``, whose parameter names carry no ``module.`` prefix). Each
     rank's cross-entropy is ``sum * world / global_batch``, so DDP's average of the ranks'
     gradients is exactly the gradient of the global-batch mean. ``bf16`` runs forward passes
-    under bfloat16 autocast. Returns mean loss and accuracy over the steps taken.
+    under bfloat16 autocast. ``task`` gives the loss (classification's cross-entropy by default)
+    and ``adapter`` turns each batch (tuples, dicts, nested) into inputs and targets on the
+    device. ``batchnorm="frozen"`` keeps BatchNorm layers in eval mode while the rest trains.
+    Returns the mean loss (and, for classification, accuracy) over the steps taken.
 
     A NaN/inf loss, or weights left NaN/inf by the last step, raise ``TrainingDivergedError``
     naming the first layer that holds non-finite weights or produces non-finite output, plus
     ``advice`` (which settings to change).
     """
+    from .fixer import apply_batchnorm_policy
+
     inner = inner if inner is not None else model
+    task = task or ClassificationTask()
+    adapter = adapter or BatchAdapter()
+    classify = isinstance(task, ClassificationTask)
     world = dist.world_size if dist is not None and dist.enabled else 1
     if epochs <= 0:
         return {"loss": float("nan"), "acc": float("nan"), "steps": 0}
@@ -200,6 +223,7 @@ def train_epochs(
     if total_steps is not None:
         total_steps = max(total_steps, 1)
     model.train()
+    apply_batchnorm_policy(model, batchnorm)
     seen = correct = 0
     loss_sum = 0.0
     steps = 0
@@ -209,19 +233,20 @@ def train_epochs(
         while total_steps is None or steps < total_steps:
             _set_epoch(loader, counter.value)
             counter.value += 1
-            for x, y in loader:
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
+            for batch in loader:
+                x, y = adapter.split(to_device(batch, device, non_blocking=True))
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(x)
+                    logits = adapter.call(model, x)
                 logits = logits.float()
+                n = adapter.size(y)
                 if world > 1:
-                    ce_sum = F.cross_entropy(logits, y, reduction="sum")
-                    total, count = dist.all_reduce_sum([float(ce_sum.detach()), float(y.numel())])
-                    ce = ce_sum * (world / count)
+                    # the task loss is a mean over this rank's n examples: as a share of the global batch
+                    local = task.loss(logits, y)
+                    total, count = dist.all_reduce_sum([float(local.detach()) * n, float(n)])
+                    ce = local * (n * world / count)
                     ce_mean = torch.tensor(total / count, dtype=ce.dtype, device=ce.device)  # global mean
                 else:
-                    ce = ce_mean = F.cross_entropy(logits, y)
+                    ce = ce_mean = task.loss(logits, y)
                 loss = ce + extra_loss(inner, ce_mean) if extra_loss is not None else ce
                 # Under DDP ce_mean is the global mean, so a NaN/inf on any rank stops every rank here
                 # together (a rank that went on would wait for ever in DDP's gradient all-reduce).
@@ -242,11 +267,12 @@ def train_epochs(
                     scheduler.step()
                 steps += 1
                 with torch.no_grad():
-                    loss_sum += float((loss - ce + ce_mean).detach()) * y.numel()
-                    correct += int((logits.argmax(1) == y).sum())
-                    seen += y.numel()
+                    loss_sum += float((loss - ce + ce_mean).detach()) * n
+                    if classify:
+                        correct += int((logits.argmax(1) == y).sum())
+                    seen += n
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
+                bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", refresh=False)
                 if total_steps is not None and steps >= total_steps:
                     break
             if total_steps is None:
@@ -259,25 +285,35 @@ def train_epochs(
                                     f"{bad[0].upper() + bad[1:]}. {advice or DEFAULT_DIVERGENCE_ADVICE}")
     if world > 1:  # every rank took the same steps: report the global batches, not this rank's share
         loss_sum, correct, seen = dist.all_reduce_sum([loss_sum, float(correct), float(seen)])
-    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "steps": steps}
+    out = {"loss": loss_sum / max(seen, 1), "steps": steps}
+    if classify:
+        out["acc"] = correct / max(seen, 1)
+    return out
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and labels over a whole loader (eval mode)."""
+def predict(model: nn.Module, loader: Iterable, device: torch.device,
+            adapter: Optional[BatchAdapter] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs and targets over a whole loader (eval mode)."""
+    adapter = adapter or BatchAdapter()
     was_training = model.training
     model.eval()
     outs, labels = [], []
-    for x, y in loader:
-        outs.append(model(x.to(device)).float().cpu())
+    for batch in loader:
+        x, y = adapter.split(to_device(batch, device))
+        outs.append(adapter.call(model, x).float().cpu())
         labels.append(y.cpu())
     model.train(was_training)
     return torch.cat(outs), torch.cat(labels)
 
 
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
-             dist: Optional[DistContext] = None) -> dict[str, float]:
-    """top-1/top-5/loss over a loader; under DDP each rank holds a shard and the sums are reduced."""
+             dist: Optional[DistContext] = None, task: Optional[Task] = None,
+             adapter: Optional[BatchAdapter] = None) -> dict[str, float]:
+    """The task's metrics over a loader (classification: top-1/top-5/loss); under DDP each rank
+    holds a shard and the sums are reduced."""
+    if task is not None and not isinstance(task, ClassificationTask) or adapter is not None:
+        return evaluate_task(model, loader, device, task or ClassificationTask(), adapter, dist)
     logits, labels = predict(model, loader, device)
     n = labels.numel()
     sums = [float((logits.argmax(1) == labels).sum()) if n else 0.0,
@@ -299,7 +335,8 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
 
 @torch.no_grad()
 def predict_mc(model: nn.Module, loader: Iterable, device: torch.device, samples: int, seed: int = 0,
-               dist: Optional[DistContext] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               dist: Optional[DistContext] = None,
+               adapter: Optional[BatchAdapter] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MC predictive probabilities of a Bayesian model: the mean over ``samples`` drawn networks.
 
     Draw ``s`` uses a generator seeded by ``(seed, s)``: the same networks on every rank and in
@@ -316,7 +353,7 @@ def predict_mc(model: nn.Module, loader: Iterable, device: torch.device, samples
             # modulo 2^63: manual_seed takes a signed 64-bit seed, and any config seed is valid
             gen = torch.Generator().manual_seed((seed * 1_000_003 + s) % 2**63)
             net = bayes.sample_point_estimate(model, gen)
-            logits, labels = predict(net, loader, device)
+            logits, labels = predict(net, loader, device, adapter)
             p = logits.softmax(1)
             probs_sum = p if probs_sum is None else probs_sum + p
     finally:

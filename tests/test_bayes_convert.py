@@ -1,4 +1,4 @@
-"""Conversion to and from Bayesian layers: bit-exact mean mode and point estimates, semantics."""
+"""Conversion to and from Gaussian parameters: bit-exact mean mode and point estimates, semantics."""
 
 from __future__ import annotations
 
@@ -8,14 +8,27 @@ import itertools
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import bayes
-from bayes import BayesianLayer, ConversionError, bayesianize, forward_mode, to_point_estimate
+from bayes import ConversionError, bayesianize, forward_mode, set_forward_mode, to_point_estimate
 from pwfn.models import create_model
 
 CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
               "padding_mode", "output_padding", "transposed", "_reversed_padding_repeated_twice")
 LINEAR_ATTRS = ("in_features", "out_features")
+
+
+def _mu(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    return bayes.mu_of(module, name)
+
+
+def _sigma(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    return bayes.gaussians_of(module)[name].sigma
+
+
+def _bayesian_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in bayes.bayesian_modules(model)]
 
 
 def _randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
@@ -31,8 +44,9 @@ def _randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
 
 
 def _assert_plain_copy(point: nn.Module, original: nn.Module) -> None:
-    """``point`` has the same module tree as ``original``, plain torch layers only, same weights."""
-    assert not any(isinstance(m, BayesianLayer) for m in point.modules())
+    """``point`` has the same module tree as ``original``, plain torch modules only, same weights."""
+    assert not bayes.is_bayesian(point)
+    assert not any(parametrize.is_parametrized(m) for m in point.modules())
     assert repr(point) == repr(original)
     pm, om = dict(point.named_modules()), dict(original.named_modules())
     assert pm.keys() == om.keys()
@@ -43,8 +57,11 @@ def _assert_plain_copy(point: nn.Module, original: nn.Module) -> None:
         for a in attrs:
             assert getattr(p, a) == getattr(o, a), (name, a)
         assert p.training == o.training
+        # the draw-window and local-reparameterisation hooks are gone too
+        assert len(p._forward_pre_hooks) == len(o._forward_pre_hooks), name
+        assert len(p._forward_hooks) == len(o._forward_hooks), name
     psd, osd = point.state_dict(), original.state_dict()
-    assert psd.keys() == osd.keys()
+    assert list(psd) == list(osd)
     for k in osd:
         assert psd[k].dtype == osd[k].dtype and torch.equal(psd[k], osd[k]), k
 
@@ -56,17 +73,27 @@ def _check_roundtrip(model: nn.Module, x: torch.Tensor) -> None:
         for mode in ("mean", "sample", "local"):
             bm = bayesianize(model, mode=mode)
             bm.eval()
-            assert sum(1 for _ in bayes.bayesian_layers(bm)) > 0
+            assert bayes.is_bayesian(bm)
             with forward_mode(bm, "mean"):
                 assert torch.equal(bm(x), ref)
         bm = bayesianize(model, mode="mean").eval()
+        # the distinct parameters of the Bayesian model are the original's, under the same names
+        # (mu stands for a Gaussian tensor; sigmas and parametrization internals are not listed)
+        assert [s.name for s in bayes.parameter_sites(bm)] == [n for n, _ in model.named_parameters()]
+        with pytest.raises(ConversionError, match="nothing to convert"):
+            bayesianize(bm)  # converting again finds nothing left (never a sigma)
         out = bm(x)
         assert torch.equal(out, ref)
         point = to_point_estimate(bm)
         assert torch.equal(point(x), out)
         _assert_plain_copy(point, model)
         # to_point_estimate copies by default: the Bayesian model is untouched
-        assert sum(1 for _ in bayes.bayesian_layers(bm)) > 0
+        assert bayes.is_bayesian(bm)
+        assert torch.equal(bm(x), ref)
+        # the point state_dict computed from the Bayesian one is the original's
+        psd = bayes.point_state_dict(bm.state_dict())
+        osd = model.state_dict()
+        assert list(psd) == list(osd) and all(torch.equal(psd[k], osd[k]) for k in osd)
 
 
 def test_mlp_roundtrip_bit_exact():
@@ -88,10 +115,16 @@ def test_resnet20_eval_roundtrip_bit_exact_with_batchnorm():
     x = torch.randn(2, 3, 16, 16)
     _check_roundtrip(model, x)
     bm = bayesianize(model)
-    # BatchNorm layers are kept, and are the same kind of module in the same places
+    # BatchNorm layers are kept and not made Gaussian by default; every conv and the fc are
     assert sum(isinstance(m, nn.BatchNorm2d) for m in bm.modules()) == 19
-    assert sum(isinstance(m, bayes.BayesConv2d) for m in bm.modules()) == 19
-    assert isinstance(bm.fc, bayes.BayesLinear)
+    assert not any(bayes.is_bayesian(m) for m in bm.modules() if isinstance(m, nn.BatchNorm2d))
+    assert sum(isinstance(m, nn.Conv2d) and bayes.is_bayesian(m) for m in bm.modules()) == 19
+    assert isinstance(bm.fc, nn.Linear) and set(bayes.gaussians_of(bm.fc)) == {"weight", "bias"}
+    # norms=True makes the BatchNorm affine parameters Gaussian too, still bit-exact in mean mode
+    with torch.no_grad():
+        bn = bayesianize(model.eval(), norms=True, mode="mean")
+        assert sum(isinstance(m, nn.BatchNorm2d) and bayes.is_bayesian(m) for m in bn.modules()) == 19
+        assert torch.equal(bn(x), model(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,11 +148,13 @@ def test_single_conv_roundtrip(dims, padding_mode, padding):
     x = torch.randn(*_SIZE[dims])
     _check_roundtrip(conv, x)
     b = bayesianize(conv)
-    assert type(b) is {1: bayes.BayesConv1d, 2: bayes.BayesConv2d, 3: bayes.BayesConv3d}[dims]
-    assert (b.bias_mu is None) == (conv.bias is None)
-    # a layer rebuilt from the Bayesian one keeps every hyper-parameter
-    back = b.to_module()
+    assert isinstance(b, _CONV[dims])
+    assert ("bias" in bayes.gaussians_of(b)) == (conv.bias is not None)
+    # the Bayesian module and the point estimate keep every hyper-parameter
+    back = to_point_estimate(b)
+    assert type(back) is _CONV[dims]
     for a in CONV_ATTRS:
+        assert getattr(b, a) == getattr(conv, a), a
         assert getattr(back, a) == getattr(conv, a), a
 
 
@@ -166,9 +201,8 @@ def test_custom_nested_model_roundtrip_bit_exact():
     with torch.no_grad():
         ref = model(x1, x3)
         bm = bayesianize(model, mode="mean")
-        names = [n for n, _ in bayes.bayesian_layers(bm)]
-        assert names == ["c1", "c1b", "c3", "to2d", "inner.pair.0", "inner.pair.1", "inner.heads.a.1",
-                         "inner.heads.b"]
+        assert _bayesian_names(bm) == ["c1", "c1b", "c3", "to2d", "inner.pair.0", "inner.pair.1",
+                                       "inner.heads.a.1", "inner.heads.b"]
         assert torch.equal(bm(x1, x3), ref)
         point = to_point_estimate(bm)
         assert torch.equal(point(x1, x3), ref)
@@ -180,16 +214,32 @@ def test_custom_nested_model_roundtrip_bit_exact():
 def test_to_point_estimate_inplace_and_bare_layers():
     lin = nn.Linear(4, 3)
     b = bayesianize(lin)
-    assert isinstance(b, bayes.BayesLinear) and isinstance(lin, nn.Linear) and type(lin) is nn.Linear
+    assert isinstance(b, nn.Linear) and bayes.is_bayesian(b)
+    assert type(lin) is nn.Linear and not bayes.is_bayesian(lin)  # the original is untouched
     back = to_point_estimate(b)
     assert type(back) is nn.Linear and torch.equal(back.weight, lin.weight) and torch.equal(back.bias, lin.bias)
+    assert bayes.is_bayesian(b)
     model = bayesianize(nn.Sequential(nn.Linear(4, 3), nn.ReLU()))
     same = to_point_estimate(model, inplace=True)
-    assert same is model and type(model[0]) is nn.Linear
+    assert same is model and type(model[0]) is nn.Linear and not bayes.is_bayesian(model)
+    assert len(model._forward_pre_hooks) == 0 and len(model[0]._forward_pre_hooks) == 0
     # nothing Bayesian: a plain copy
     plain = nn.Sequential(nn.ReLU())
     assert isinstance(to_point_estimate(plain)[0], nn.ReLU)
 
+
+def test_point_state_dict_loads_into_the_plain_model():
+    torch.manual_seed(9)
+    model = create_model("lenet5", input_size=12)
+    bm = bayesianize(model, sigma_init=0.01)
+    with torch.no_grad():
+        for e in bayes.gaussian_parameters(bm):
+            e.mu.add_(0.5)
+    fresh = create_model("lenet5", input_size=12)
+    fresh.load_state_dict(bayes.point_state_dict(bm.state_dict()))
+    point = to_point_estimate(bm)
+    for k, v in point.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
 
 
 def test_bare_layer_draw_is_the_draw_of_the_same_layer_in_a_container():
@@ -199,6 +249,7 @@ def test_bare_layer_draw_is_the_draw_of_the_same_layer_in_a_container():
     bare = bayes.sample_point_estimate(layer, torch.Generator().manual_seed(7))
     wrapped = bayes.sample_point_estimate(nn.Sequential(layer), torch.Generator().manual_seed(7))[0]
     assert torch.equal(bare.weight, wrapped.weight) and torch.equal(bare.bias, wrapped.bias)
+    assert type(bare) is nn.Linear and not bayes.is_bayesian(bare)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,11 +271,12 @@ def test_copy_by_default_leaves_original_untouched():
     assert bm is not model
     assert [type(m) for m in model.modules()] == [nn.Sequential, nn.Conv2d, nn.ReLU, nn.Sequential, nn.Conv2d,
                                                  nn.Flatten, nn.Linear]
+    assert not bayes.is_bayesian(model) and len(model._forward_pre_hooks) == 0
     with torch.no_grad():
-        bm[0].weight_mu.add_(1.0)
+        _mu(bm[0]).add_(1.0)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
-    assert bm[0].weight_mu.data_ptr() != model[0].weight.data_ptr()
+    assert _mu(bm[0]).data_ptr() != model[0].weight.data_ptr()
 
 
 def test_inplace_conversion():
@@ -232,8 +284,8 @@ def test_inplace_conversion():
     w = model[3].weight.detach().clone()
     out = bayesianize(model, inplace=True)
     assert out is model
-    assert isinstance(model[0], bayes.BayesConv2d) and isinstance(model[2][0], bayes.BayesConv2d)
-    assert isinstance(model[3], bayes.BayesLinear) and torch.equal(model[3].weight_mu, w)
+    assert isinstance(model[0], nn.Conv2d) and bayes.is_bayesian(model[0]) and bayes.is_bayesian(model[2][0])
+    assert isinstance(model[3], nn.Linear) and torch.equal(_mu(model[3]), w)
 
 
 def test_train_eval_flag_and_dtype_preserved():
@@ -241,36 +293,41 @@ def test_train_eval_flag_and_dtype_preserved():
     model[0].eval()
     bm = bayesianize(model)
     assert not bm[0].training and bm[3].training
-    assert bm[3].weight_mu.dtype == torch.float64 and bm[3].weight_sigma.dtype == torch.float64
+    assert _mu(bm[3]).dtype == torch.float64 and _sigma(bm[3]).dtype == torch.float64
     point = to_point_estimate(bm)
     assert not point[0].training and point[3].training and point[3].weight.dtype == torch.float64
 
 
-def _types(model):
-    return {n: type(m).__name__ for n, m in model.named_modules() if n}
-
-
 def test_include_exclude_by_name_pattern():
     bm = bayesianize(_model(), include="2.*")
-    assert _types(bm)["2.0"] == "BayesConv2d" and _types(bm)["0"] == "Conv2d" and _types(bm)["3"] == "Linear"
+    assert _bayesian_names(bm) == ["2.0"]
     bm = bayesianize(_model(), exclude=["2.*", "3"])
-    assert [n for n, _ in bayes.bayesian_layers(bm)] == ["0"]
+    assert _bayesian_names(bm) == ["0"]
     bm = bayesianize(_model(), include=["0", "3"], exclude="3")
-    assert [n for n, _ in bayes.bayesian_layers(bm)] == ["0"]
+    assert _bayesian_names(bm) == ["0"]
     lenet = create_model("lenet5")
     bm = bayesianize(lenet, include="features.*")
-    assert [n for n, _ in bayes.bayesian_layers(bm)] == ["features.0", "features.3"]
+    assert _bayesian_names(bm) == ["features.0", "features.3"]
     bm = bayesianize(lenet, exclude="classifier.[15]")
-    assert [n for n, _ in bayes.bayesian_layers(bm)] == ["features.0", "features.3", "classifier.3"]
+    assert _bayesian_names(bm) == ["features.0", "features.3", "classifier.3"]
+    # patterns on parameter names, and an explicit list of parameters
+    bm = bayesianize(_model(), include="*.weight")
+    assert [e.name for e in bayes.gaussian_parameters(bm)] == ["0.weight", "2.0.weight", "3.weight"]
+    bm = bayesianize(_model(), exclude="*.bias")
+    assert [e.name for e in bayes.gaussian_parameters(bm)] == ["0.weight", "2.0.weight", "3.weight"]
+    bm = bayesianize(_model(), params=["3.bias", "0.weight"])
+    assert [e.name for e in bayes.gaussian_parameters(bm)] == ["0.weight", "3.bias"]
+    with pytest.raises(ConversionError, match="params"):
+        bayesianize(_model(), params=["3.wieght"])
 
 
 def test_include_exclude_by_type():
     bm = bayesianize(_model(), include=nn.Conv2d)
-    assert [n for n, _ in bayes.bayesian_layers(bm)] == ["0", "2.0"]
+    assert _bayesian_names(bm) == ["0", "2.0"]
     bm = bayesianize(_model(), exclude=[nn.Conv2d])
-    assert [n for n, _ in bayes.bayesian_layers(bm)] == ["3"]
+    assert _bayesian_names(bm) == ["3"]
     bm = bayesianize(_model(), include=[nn.Linear, "0"])
-    assert [n for n, _ in bayes.bayesian_layers(bm)] == ["0", "3"]
+    assert _bayesian_names(bm) == ["0", "3"]
     with pytest.raises(ConversionError):
         bayesianize(_model(), include=[3])
 
@@ -287,6 +344,9 @@ def test_nothing_to_convert_raises():
         bayesianize(nn.Linear(3, 2), exclude=nn.Linear)
     with pytest.raises(ConversionError):
         bayesianize(nn.Conv2d(3, 2, 1), include="features.*")
+    # a norm layer is converted when asked for
+    bn = bayesianize(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)), norms=True)
+    assert [e.name for e in bayes.gaussian_parameters(bn)] == ["1.weight", "1.bias"]
 
 
 def test_bad_arguments_raise():
@@ -300,6 +360,7 @@ def test_bad_arguments_raise():
     with pytest.raises(bayes.BayesError):
         bayesianize(model, inplace=True, sigma_init="nope")
     assert type(model[0]) is nn.Conv2d and type(model[3]) is nn.Linear
+    assert not bayes.is_bayesian(model) and len(model._forward_pre_hooks) == 0
 
 
 class _TwoNames(nn.Module):
@@ -323,9 +384,14 @@ def test_shared_module_converted_once_and_stays_shared():
     ref = model(x)
     bm = bayesianize(model, mode="mean")
     refs = [bm.a, bm.b, bm.seq1[0], bm.seq2[1]]
-    assert isinstance(bm.a, bayes.BayesLinear)
+    assert isinstance(bm.a, nn.Linear) and bayes.is_bayesian(bm.a)
     assert all(r is bm.a for r in refs)
-    assert [n for n, _ in bayes.bayesian_layers(bm)] == ["a", "other"]
+    assert _bayesian_names(bm) == ["a", "other"]
+    entries = bayes.gaussian_parameters(bm)
+    assert [e.name for e in entries] == ["a.weight", "a.bias", "other.weight", "other.bias"]
+    assert entries[0].aliases == ["b.weight", "seq1.0.weight", "seq2.1.weight"]
+    # one hook per module, not one per name
+    assert len(bm.a._forward_pre_hooks) == 1
     assert torch.equal(bm(x), ref)
     # parameters are not duplicated
     assert len(list(bm.parameters())) == 8
@@ -340,14 +406,14 @@ def test_shared_module_converted_once_and_stays_shared():
     model2 = _TwoNames()
     bayesianize(model2, inplace=True)
     assert all(r is model2.a for r in (model2.b, model2.seq1[0], model2.seq2[1]))
-    assert isinstance(model2.b, bayes.BayesLinear)
+    assert bayes.is_bayesian(model2.b)
 
 
 def test_shared_in_modulelist_twice():
     shared = nn.Linear(3, 3)
     model = nn.ModuleList([shared, shared, nn.Linear(3, 1)])
     bm = bayesianize(model)
-    assert bm[0] is bm[1] and isinstance(bm[1], bayes.BayesLinear)
+    assert bm[0] is bm[1] and bayes.is_bayesian(bm[1])
     point = to_point_estimate(bm)
     assert point[0] is point[1] and type(point[1]) is nn.Linear
 
@@ -360,20 +426,54 @@ class _Tied(nn.Module):
         self.dec = nn.Linear(4, 4)
         self.dec.weight = self.enc.weight  # two distinct modules, one parameter
         self.head = nn.Linear(4, 10, bias=False)
-        self.head.weight = self.emb.weight  # LM-style tying with a non-convertible module
+        self.head.weight = self.emb.weight  # LM-style tying
         self.free = nn.Linear(4, 4)
 
+    def forward(self, ids):
+        return self.head(self.free(self.dec(self.enc(self.emb(ids)))))
 
-def test_tied_parameters_between_modules_raise():
-    with pytest.raises(ConversionError, match="tied"):
-        bayesianize(_Tied())
-    with pytest.raises(ConversionError):
-        bayesianize(_Tied(), include="dec")
-    with pytest.raises(ConversionError):
-        bayesianize(_Tied(), include="head")
-    # excluding every tied layer is fine
-    bm = bayesianize(_Tied(), exclude=["enc", "dec", "head"])
-    assert [n for n, _ in bayes.bayesian_layers(bm)] == ["free"]
+
+def test_tied_parameters_stay_tied_and_share_one_sigma():
+    torch.manual_seed(6)
+    model = _Tied()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 9]])
+    ref = model(ids)
+    bm = bayesianize(model, mode="mean")
+    g = bayes.gaussians_of
+    # one mu, one sigma, one parametrization per tied tensor
+    assert g(bm.enc)["weight"] is g(bm.dec)["weight"] and g(bm.emb)["weight"] is g(bm.head)["weight"]
+    assert _mu(bm.enc) is _mu(bm.dec) and _mu(bm.emb) is _mu(bm.head)
+    assert bm.enc.weight is bm.dec.weight  # mean mode: both read mu itself
+    entries = {e.name: e.aliases for e in bayes.gaussian_parameters(bm)}
+    assert entries == {"emb.weight": ["head.weight"], "enc.weight": ["dec.weight"], "enc.bias": [],
+                       "dec.bias": [], "free.weight": [], "free.bias": []}
+    assert len(bayes.sigma_parameters(bm)) == 6
+    assert len(list(bm.parameters())) == 12
+    assert torch.equal(bm(ids), ref)
+    # the sigma is shared: a change through one owner is seen by the other
+    with torch.no_grad():
+        _sigma(bm.enc).fill_(0.125)
+    assert (_sigma(bm.dec) == 0.125).all()
+    # a sample-mode step trains the one sigma through both reads
+    set_forward_mode(bm, "sample")
+    bm(ids).sum().backward()
+    assert _sigma(bm.enc).grad is not None and (_sigma(bm.enc).grad != 0).any()
+    set_forward_mode(bm, "mean")
+    # back to a point estimate: still tied, holding mu, same outputs and state_dict keys
+    for point in (to_point_estimate(bm), to_point_estimate(copy.deepcopy(bm), inplace=True)):
+        assert point.dec.weight is point.enc.weight and point.head.weight is point.emb.weight
+        assert type(point.enc) is nn.Linear and type(point.emb) is nn.Embedding
+        assert list(point.state_dict()) == list(model.state_dict())
+        assert torch.equal(point(ids), ref)
+    # sample_point_estimate draws once per tied tensor
+    s = bayes.sample_point_estimate(bm, torch.Generator().manual_seed(0))
+    assert s.dec.weight is s.enc.weight and not torch.equal(s.enc.weight, model.enc.weight)
+    # selecting a tied tensor under either name converts it for both owners
+    for sel in ("dec", "dec.weight"):
+        part = bayesianize(_Tied(), include=sel)
+        assert g(part.dec)["weight"] is g(part.enc)["weight"]
+    bm = bayesianize(_Tied(), exclude=["enc", "dec", "head", "emb"])
+    assert _bayesian_names(bm) == ["free"]
     assert bm.dec.weight is bm.enc.weight
 
 
@@ -381,31 +481,55 @@ class _MyLinear(nn.Linear):
     pass
 
 
-def test_exact_type_policy_leaves_subclasses_alone():
+def test_subclasses_and_attention_keep_their_class():
     model = nn.Sequential(_MyLinear(4, 4), nn.Linear(4, 4))
     bm = bayesianize(model)
-    assert type(bm[0]) is _MyLinear and isinstance(bm[1], bayes.BayesLinear)
-    with pytest.raises(ConversionError):
-        bayesianize(nn.Sequential(_MyLinear(4, 4)))
-    with pytest.raises(ConversionError):
-        bayesianize(_MyLinear(4, 4))
-    # MultiheadAttention's out_proj (a Linear subclass) is left alone; the MHA still runs
+    assert isinstance(bm[0], _MyLinear) and bayes.is_bayesian(bm[0]) and bayes.is_bayesian(bm[1])
+    assert type(to_point_estimate(bm)[0]) is _MyLinear
+    # MultiheadAttention's packed in_proj_weight and its out_proj (a Linear subclass) are converted;
+    # the MHA still runs, bit-exact in mean mode
     torch.manual_seed(6)
     mha = nn.Sequential(nn.Linear(8, 8))
     mha.attn = nn.MultiheadAttention(8, 2, batch_first=True)
     bm = bayesianize(mha, mode="mean")
-    assert type(bm.attn.out_proj) is type(mha.attn.out_proj)
+    names = [e.name for e in bayes.gaussian_parameters(bm)]
+    assert "attn.in_proj_weight" in names and "attn.out_proj.weight" in names
+    assert isinstance(bm.attn.out_proj, type(mha.attn.out_proj))
     x = torch.randn(2, 3, 8)
     out, _ = bm.attn(x, x, x)
     ref, _ = mha.attn(x, x, x)
     assert torch.equal(out, ref)
+    with forward_mode(bm, "sample"):
+        assert not torch.equal(bm.attn(x, x, x)[0], ref)
+
+
+def test_foreign_parametrizations_refused_unless_folded():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 3)), nn.ReLU(),
+                          nn.utils.weight_norm(nn.Linear(3, 2)))
+    x = torch.randn(5, 4)
+    with torch.no_grad():  # (a grad-mode forward leaves the legacy weight_norm model un-deep-copyable)
+        ref = model(x)
+    with pytest.raises(ConversionError, match="fold=True"):
+        bayesianize(model)
+    # excluding the computed tensors is fine
+    bm = bayesianize(model, include="*.bias")
+    assert [e.name for e in bayes.gaussian_parameters(bm)] == ["0.bias", "2.bias"]
+    bm = bayesianize(model, fold=True, mode="mean")
+    assert [e.name for e in bayes.gaussian_parameters(bm)] == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert torch.allclose(bm(x), ref, rtol=1e-6, atol=1e-7)
+    point = to_point_estimate(bm)
+    assert type(point[0]) is nn.Linear and set(point.state_dict()) == {"0.weight", "0.bias", "2.weight",
+                                                                        "2.bias"}
+    assert parametrize.is_parametrized(model[0])  # the original is untouched
 
 
 def test_converted_layers_are_independent_between_calls():
     model = _model()
     a, b = bayesianize(model), bayesianize(model)
     assert a[0] is not b[0]
-    assert a[0].weight_mu.data_ptr() != b[0].weight_mu.data_ptr()
+    assert _mu(a[0]).data_ptr() != _mu(b[0]).data_ptr()
+    assert _sigma(a[0]) is not _sigma(b[0])
 
 
 def test_all_combinations_of_padding_mode_and_string_padding_in_local_and_sample_run():
@@ -418,6 +542,7 @@ def test_all_combinations_of_padding_mode_and_string_padding_in_local_and_sample
         x = torch.randn(*_SIZE[dims])
         want = conv(x).shape
         for mode in bayes.MODES:
-            b.mode = mode
+            set_forward_mode(b, mode)
             assert b(x).shape == want
-    copy.deepcopy(b)
+    c = copy.deepcopy(b)
+    assert torch.equal(c(x), b(x))  # b is in mean mode

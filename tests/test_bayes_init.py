@@ -9,8 +9,6 @@ share the implementation's log2-based search.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -261,7 +259,9 @@ def test_non_positive_floor_raises(floor):
     with pytest.raises(bayes.BayesError):
         bayes.resolve_sigma_init("moped", floor=floor)(mu)
     with pytest.raises(bayes.BayesError):
-        bayes.BayesLinear(3, 2, sigma_floor=floor)
+        bayes.bayesianize(nn.Linear(3, 2), sigma_floor=floor)
+    with pytest.raises(bayes.BayesError):
+        bayes.GaussianParameter(torch.ones(2), sigma_floor=floor)
 
 
 def test_bad_initialiser_arguments_raise():
@@ -278,7 +278,9 @@ def test_bad_initialiser_arguments_raise():
         with pytest.raises(bayes.BayesError):
             bayes.moped_sigma(mu, delta)
     with pytest.raises(bayes.BayesError):
-        bayes.BayesLinear(3, 2, sigma_init="nope")
+        bayes.bayesianize(nn.Linear(3, 2), sigma_init="nope")
+    with pytest.raises(bayes.ConversionError, match="shape"):
+        bayes.bayesianize(nn.Linear(3, 2), sigma_init=lambda mu: mu.reshape(-1))
     with pytest.raises(bayes.BayesError):
         bayes.bayesianize(nn.Sequential(nn.Linear(3, 2)), sigma_init="nope")
     assert issubclass(bayes.BayesError, ValueError)
@@ -286,44 +288,47 @@ def test_bad_initialiser_arguments_raise():
 
 
 # ---------------------------------------------------------------------------------------------
-# initialisers wired into the layers
-def test_from_module_uses_power_of_two_rule_per_tensor():
+# initialisers wired into the conversion
+def _entries(model):
+    return bayes.gaussian_parameters(model)
+
+
+def test_bayesianize_uses_power_of_two_rule_per_tensor():
     torch.manual_seed(0)
     lin = nn.Linear(37, 29).double()
-    layer = bayes.BayesLinear.from_module(lin)
-    for name in ("weight", "bias"):
-        mu = getattr(lin, name).detach().numpy()
-        assert torch.equal(layer.mu(name), getattr(lin, name))
-        np.testing.assert_allclose(layer.sigma(name).detach().numpy(), ref_sigma(mu.reshape(-1)).reshape(mu.shape),
+    layer = bayes.bayesianize(lin)
+    for e in _entries(layer):
+        mu = getattr(lin, e.name).detach().numpy()
+        assert torch.equal(e.mu, getattr(lin, e.name))
+        np.testing.assert_allclose(e.sigma.detach().numpy(), ref_sigma(mu.reshape(-1)).reshape(mu.shape),
                                    rtol=1e-12)
+    assert [e.name for e in _entries(layer)] == ["weight", "bias"]
 
 
 def test_bayesianize_sigma_init_options():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4, 3))
     m = bayes.bayesianize(model, sigma_init=0.003)
-    for _, layer in bayes.bayesian_layers(m):
-        for n in layer.present_params():
-            assert torch.equal(layer.sigma(n), torch.full_like(layer.mu(n), 0.003))
+    for e in _entries(m):
+        assert torch.equal(e.sigma, torch.full_like(e.mu, 0.003))
     m = bayes.bayesianize(model, sigma_init="moped")
-    for _, layer in bayes.bayesian_layers(m):
-        for n in layer.present_params():
-            mu = layer.mu(n).detach().numpy()
-            np.testing.assert_allclose(layer.sigma(n).detach().numpy(), np.maximum(0.1 * np.abs(mu), FLOOR),
-                                       rtol=1e-6)
+    for e in _entries(m):
+        mu = e.mu.detach().numpy()
+        np.testing.assert_allclose(e.sigma.detach().numpy(), np.maximum(0.1 * np.abs(mu), FLOOR), rtol=1e-6)
     m = bayes.bayesianize(model, sigma_init=lambda mu: torch.full_like(mu, 0.5))
-    assert (m[0].weight_sigma == 0.5).all()
-    # the layer's own (larger) floor applies on top of the initialiser
+    assert all((e.sigma == 0.5).all() for e in _entries(m))
+    # the (larger) sigma floor applies on top of the initialiser
     m = bayes.bayesianize(model, sigma_init=1e-9, sigma_floor=1e-4)
-    assert (m[2].weight_sigma == torch.tensor(1e-4)).all()
+    assert all((e.sigma == torch.tensor(1e-4)).all() for e in _entries(m))
 
 
-def test_layer_init_sigma_and_reset():
-    layer = bayes.BayesLinear(10, 4, sigma_init=0.01)
-    assert (layer.weight_sigma == 0.01).all() and (layer.bias_sigma == 0.01).all()
-    layer.init_sigma("moped", delta=0.5)
-    np.testing.assert_allclose(layer.weight_sigma.detach().numpy(),
-                               np.maximum(0.5 * np.abs(layer.weight_mu.detach().numpy()), FLOOR), rtol=1e-6)
-    # torch's default init range for mu
-    bound = 1 / math.sqrt(10)
-    assert layer.weight_mu.abs().max() <= bound and layer.bias_mu.abs().max() <= bound
+def test_bayesianize_sigma_init_with_initialiser_arguments():
+    torch.manual_seed(2)
+    lin = nn.Linear(10, 4)
+    m = bayes.bayesianize(lin, sigma_init=0.01)
+    assert all((e.sigma == 0.01).all() for e in _entries(m))
+    m = bayes.bayesianize(lin, sigma_init=bayes.resolve_sigma_init("moped", delta=0.5))
+    for e in _entries(m):
+        np.testing.assert_allclose(e.sigma.detach().numpy(), np.maximum(0.5 * np.abs(e.mu.detach().numpy()), FLOOR),
+                                   rtol=1e-6)
+        assert torch.equal(e.mu, getattr(lin, e.name))  # mu is the trained value, untouched

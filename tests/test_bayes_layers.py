@@ -1,4 +1,4 @@
-"""Bayesian layers behave as plain nn.Modules; forward modes; the sigma floor."""
+"""Gaussian parameters on plain nn.Modules: state, copies, forward modes, the sigma floor."""
 
 from __future__ import annotations
 
@@ -13,60 +13,74 @@ import torch.nn.functional as F
 from torch import nn
 
 import bayes
-from bayes import (
-    BayesConv1d,
-    BayesConv2d,
-    BayesConv3d,
-    BayesLinear,
-    bayesianize,
-    forward_mode,
-    set_forward_mode,
-)
+from bayes import GaussianParameter, bayesianize, forward_mode, set_forward_mode
 from pwfn.models import create_model
+
+
+def _gp(module: nn.Module, name: str = "weight") -> GaussianParameter:
+    return bayes.gaussians_of(module)[name]
+
+
+def _mu(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    return bayes.mu_of(module, name)
+
+
+def _sigma(module: nn.Module, name: str = "weight") -> torch.Tensor:
+    return _gp(module, name).sigma
+
+
+def _modes(model: nn.Module) -> list[str]:
+    return [e.gaussian.mode for e in bayes.gaussian_parameters(model)]
 
 
 def _layers():
     torch.manual_seed(0)
     return [
-        (BayesLinear(5, 3), torch.randn(4, 5)),
-        (BayesLinear(5, 3, bias=False), torch.randn(4, 5)),
-        (BayesConv1d(2, 4, 3, padding=1, padding_mode="reflect"), torch.randn(2, 2, 7)),
-        (BayesConv2d(2, 4, 3, groups=2, bias=False), torch.randn(2, 2, 6, 6)),
-        (BayesConv3d(1, 2, 2, stride=2), torch.randn(2, 1, 4, 4, 4)),
+        (bayesianize(nn.Linear(5, 3)), torch.randn(4, 5)),
+        (bayesianize(nn.Linear(5, 3, bias=False)), torch.randn(4, 5)),
+        (bayesianize(nn.Conv1d(2, 4, 3, padding=1, padding_mode="reflect")), torch.randn(2, 2, 7)),
+        (bayesianize(nn.Conv2d(2, 4, 3, groups=2, bias=False)), torch.randn(2, 2, 6, 6)),
+        (bayesianize(nn.Conv3d(1, 2, 2, stride=2)), torch.randn(2, 1, 4, 4, 4)),
     ]
 
 
 # ---------------------------------------------------------------------------------------------
-# state_dict, dtype, copies, pickling, parameters
+# state_dict, dtype, copies, parameters
 def test_state_dict_keys_and_bias_free():
     for layer, _ in _layers():
-        has_bias = layer.bias_mu is not None
-        want = {"weight_mu", "weight_sigma"} | ({"bias_mu", "bias_sigma"} if has_bias else set())
+        has_bias = "bias" in bayes.gaussians_of(layer)
+        want = {"parametrizations.weight.original", "parametrizations.weight.0.sigma"} | (
+            {"parametrizations.bias.original", "parametrizations.bias.0.sigma"} if has_bias else set())
         assert set(layer.state_dict()) == want
         assert {n for n, _ in layer.named_parameters()} == want
         assert list(layer.buffers()) == []
         if not has_bias:
-            assert layer.bias_mu is None and layer.bias_sigma is None and layer.bias is None
-            assert layer.present_params() == ["weight"]
-        assert layer.weight is layer.weight_mu
-        assert layer.weight_sigma.shape == layer.weight_mu.shape
-    conv = BayesConv2d(4, 6, (3, 5), groups=2)
-    assert conv.weight_mu.shape == nn.Conv2d(4, 6, (3, 5), groups=2).weight.shape
-    assert conv.bias_sigma.shape == (6,)
+            assert layer.bias is None
+            assert list(bayes.gaussians_of(layer)) == ["weight"]
+        with forward_mode(layer, "mean"):
+            assert layer.weight is _mu(layer)  # mean mode reads mu itself
+        assert _sigma(layer).shape == _mu(layer).shape
+    conv = bayesianize(nn.Conv2d(4, 6, (3, 5), groups=2))
+    assert isinstance(conv, nn.Conv2d)  # the module keeps its class
+    assert _mu(conv).shape == nn.Conv2d(4, 6, (3, 5), groups=2).weight.shape
+    assert _sigma(conv, "bias").shape == (6,)
 
 
 def test_nested_state_dict_keys():
     bm = bayesianize(create_model("mlp", in_features=8, hidden=(4,), num_classes=2))
-    assert list(bm.state_dict()) == [
-        "net.1.weight_mu", "net.1.weight_sigma", "net.1.bias_mu", "net.1.bias_sigma",
-        "net.3.weight_mu", "net.3.weight_sigma", "net.3.bias_mu", "net.3.bias_sigma",
-    ]
+    keys = []
+    for m in ("net.1", "net.3"):
+        for p in ("weight", "bias"):
+            keys += [f"{m}.parametrizations.{p}.original", f"{m}.parametrizations.{p}.0.sigma"]
+    assert list(bm.state_dict()) == keys
+    assert list(bayes.point_state_dict(bm.state_dict())) == ["net.1.weight", "net.1.bias", "net.3.weight",
+                                                             "net.3.bias"]
 
 
 def test_state_dict_load_round_trip():
     for layer, x in _layers():
         with torch.no_grad():
-            layer.weight_sigma.uniform_(0.01, 0.1)
+            _sigma(layer).uniform_(0.01, 0.1)
         sd = layer.state_dict()
         fresh = copy.deepcopy(layer)
         with torch.no_grad():
@@ -76,7 +90,8 @@ def test_state_dict_load_round_trip():
         for k, v in layer.state_dict().items():
             assert torch.equal(fresh.state_dict()[k], v)
         for mode in bayes.MODES:
-            layer.mode = fresh.mode = mode
+            set_forward_mode(layer, mode)
+            set_forward_mode(fresh, mode)
             torch.manual_seed(1)
             a = layer(x)
             torch.manual_seed(1)
@@ -95,12 +110,12 @@ def test_to_float64():
         assert all(p.dtype == torch.float64 for p in layer.parameters())
         x = x.double()
         for mode in bayes.MODES:
-            layer.mode = mode
+            set_forward_mode(layer, mode)
             out = layer(x)
             assert out.dtype == torch.float64 and torch.isfinite(out).all()
-    lin = BayesLinear(5, 3, mode="mean").double()
+    lin = bayesianize(nn.Linear(5, 3), mode="mean").double()
     x = torch.randn(4, 5, dtype=torch.float64)
-    assert torch.equal(lin(x), F.linear(x, lin.weight_mu, lin.bias_mu))
+    assert torch.equal(lin(x), F.linear(x, _mu(lin), _mu(lin, "bias")))
 
 
 def _same_values(a: nn.Module, b: nn.Module) -> None:
@@ -112,58 +127,56 @@ def _same_values(a: nn.Module, b: nn.Module) -> None:
 
 def test_deepcopy_after_sample_forward():
     for layer, x in _layers():
-        layer.mode = "sample"
+        set_forward_mode(layer, "sample")
         layer(x).sum().backward()
-        assert layer.last_eps("weight") is not None
+        assert _gp(layer).last_eps is not None
         c = copy.deepcopy(layer)
         _same_values(layer, c)
-        assert c.mode == "sample" and c.sigma_floor == layer.sigma_floor
-        assert c.last_eps("weight") is None  # scratch state is not copied
-        assert layer.last_eps("weight") is not None  # ... nor dropped from the original
-        c.mode = "mean"
-        layer.mode = "mean"
+        assert isinstance(c, type(layer).__mro__[1])  # still the user's class (nn.Linear, nn.Conv2d ...)
+        assert _gp(c).mode == "sample" and _gp(c).sigma_floor == _gp(layer).sigma_floor
+        assert _gp(c).last_eps is None  # scratch state is not copied
+        assert _gp(layer).last_eps is not None  # ... nor dropped from the original
+        set_forward_mode(c, "mean")
+        set_forward_mode(layer, "mean")
         assert torch.equal(c(x), layer(x))
-
-
-def test_pickle_round_trip_after_sample_forward():
-    for layer, x in _layers():
-        layer.mode = "sample"
+        # the copy is independent: removing its Gaussians leaves the original Bayesian and working
+        plain = bayes.to_point_estimate(c, inplace=True)
+        assert not bayes.is_bayesian(plain) and bayes.is_bayesian(layer)
+        assert torch.equal(plain(x), layer(x))
+        set_forward_mode(layer, "sample")
         layer(x).sum().backward()
-        c = pickle.loads(pickle.dumps(layer))
-        _same_values(layer, c)
-        assert type(c) is type(layer) and c.mode == "sample"
-        assert c.last_eps("weight") is None
-        c.mode = layer.mode = "mean"
-        assert torch.equal(c(x), layer(x))
-        c.mode = "sample"
-        c(x).sum().backward()  # still a working module
-        assert c.weight_sigma.grad is not None
 
 
-def test_pickle_whole_model_and_torch_save():
+def test_deepcopy_whole_model_and_state_dict_save():
     torch.manual_seed(2)
     bm = bayesianize(create_model("lenet5", input_size=12))
     x = torch.randn(2, 1, 12, 12)
     bm(x)
-    for c in (pickle.loads(pickle.dumps(bm)), copy.deepcopy(bm)):
-        _same_values(bm, c)
-        with forward_mode(bm, "mean"), forward_mode(c, "mean"):
-            assert torch.equal(c(x), bm(x))
-    buf = io.BytesIO()
-    torch.save(bm, buf)
-    buf.seek(0)
-    c = torch.load(buf, weights_only=False)
+    c = copy.deepcopy(bm)
     _same_values(bm, c)
+    with forward_mode(bm, "mean"), forward_mode(c, "mean"):
+        assert torch.equal(c(x), bm(x))
+    # torch.save of the state_dict (pickling a parametrized module is not supported by torch)
+    buf = io.BytesIO()
+    torch.save(bm.state_dict(), buf)
+    buf.seek(0)
+    fresh = bayesianize(create_model("lenet5", input_size=12))
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    _same_values(bm, fresh)
 
 
-def test_pickle_after_compile_call_wrapper():
-    # nn.Module.__getstate__ drops the wrapper that ``compile()`` stores in _compiled_call_impl;
-    # an override must keep doing so. (A lambda stands in for the torch.compile wrapper: both are
-    # unpicklable, and importing dynamo would cost seconds.)
-    layer = BayesLinear(3, 2)
-    layer._compiled_call_impl = lambda *a, **k: None
-    c = pickle.loads(pickle.dumps(layer))
-    _same_values(layer, c)
+def test_gaussian_parameter_pickles_without_scratch_or_compile_wrapper():
+    # the parametrization module on its own is picklable; its __getstate__ drops the eps scratch
+    # and must keep dropping what nn.Module.__getstate__ drops (the ``compile()`` wrapper in
+    # _compiled_call_impl; a lambda stands in for it: both are unpicklable).
+    layer = bayesianize(nn.Linear(3, 2))
+    layer(torch.randn(2, 3))
+    gp = _gp(layer)
+    assert gp.last_eps is not None
+    gp._compiled_call_impl = lambda *a, **k: None
+    c = pickle.loads(pickle.dumps(gp))
+    assert type(c) is GaussianParameter and c.mode == gp.mode and c.last_eps is None
+    assert torch.equal(c.sigma, gp.sigma)
 
 
 def test_parameters_carry_no_extra_attributes():
@@ -184,28 +197,25 @@ def test_parameters_carry_no_extra_attributes():
 
 
 def test_repr_mentions_hyper_parameters_and_mode():
-    r = repr(BayesConv2d(2, 4, 3, stride=2, padding="valid", bias=False, padding_mode="circular", mode="local"))
+    r = repr(bayesianize(nn.Conv2d(2, 4, 3, stride=2, padding="valid", bias=False, padding_mode="circular"),
+                         mode="local"))
     for piece in ("kernel_size=(3, 3)", "stride=(2, 2)", "padding=valid", "bias=False", "padding_mode=circular",
                   "mode=local"):
         assert piece in r
-    assert "in_features=5, out_features=3, bias=True, mode=sample" in repr(BayesLinear(5, 3))
+    r = repr(bayesianize(nn.Linear(5, 3)))
+    assert "in_features=5, out_features=3, bias=True" in r and "mode=sample" in r
 
 
-def test_constructor_argument_checks():
+def test_argument_checks():
     with pytest.raises(bayes.BayesError):
-        BayesConv2d(3, 4, 3, groups=2)
+        bayesianize(nn.Linear(4, 4), mode="mc")
     with pytest.raises(bayes.BayesError):
-        BayesConv2d(4, 4, 3, groups=0)
+        GaussianParameter(torch.ones(2), mode="mc")
+    for floor in (0.0, -1.0, float("nan")):
+        with pytest.raises(bayes.BayesError):
+            GaussianParameter(torch.ones(2), sigma_floor=floor)
     with pytest.raises(bayes.BayesError):
-        BayesConv2d(4, 4, (3, 3, 3))
-    with pytest.raises(bayes.BayesError):
-        BayesConv2d(4, 4, 3, padding="full")
-    with pytest.raises(bayes.BayesError):
-        BayesConv2d(4, 4, 3, padding="same", stride=2)
-    with pytest.raises(bayes.BayesError):
-        BayesConv1d(4, 4, 3, padding_mode="mirror")
-    with pytest.raises(bayes.BayesError):
-        BayesLinear(4, 4, mode="mc")
+        set_forward_mode(bayesianize(nn.Linear(4, 4)), "mc")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,66 +260,66 @@ def to_point(model):
 # forward modes
 def test_mode_semantics_per_layer():
     torch.manual_seed(4)
-    layer = BayesLinear(6, 3, sigma_init=0.1)
+    layer = bayesianize(nn.Linear(6, 3), sigma_init=0.1)
     x = torch.randn(5, 6)
-    layer.mode = "mean"
+    w_mu, b_mu, w_s, b_s = _mu(layer), _mu(layer, "bias"), _sigma(layer), _sigma(layer, "bias")
+    set_forward_mode(layer, "mean")
     a, b = layer(x), layer(x)
-    assert torch.equal(a, b) and torch.equal(a, F.linear(x, layer.weight_mu, layer.bias_mu))
-    assert layer.last_eps("weight") is None
-    layer.mode = "sample"
+    assert torch.equal(a, b) and torch.equal(a, F.linear(x, w_mu, b_mu))
+    assert _gp(layer).last_eps is None
+    set_forward_mode(layer, "sample")
     s1 = layer(x)
-    eps_w, eps_b = layer.last_eps("weight"), layer.last_eps("bias")
-    assert eps_w.shape == layer.weight_mu.shape and eps_b.shape == layer.bias_mu.shape
+    eps_w, eps_b = _gp(layer).last_eps, _gp(layer, "bias").last_eps
+    assert eps_w.shape == w_mu.shape and eps_b.shape == b_mu.shape
     # the output is exactly the linear map with the drawn weight
-    want = F.linear(x, layer.weight_mu + layer.weight_sigma * eps_w, layer.bias_mu + layer.bias_sigma * eps_b)
+    want = F.linear(x, w_mu + w_s * eps_w, b_mu + b_s * eps_b)
     assert torch.allclose(s1, want, rtol=1e-6, atol=1e-7)
     s2 = layer(x)
-    assert not torch.equal(s1, s2) and not torch.equal(layer.last_eps("weight"), eps_w)
-    layer.mode = "local"
+    assert not torch.equal(s1, s2) and not torch.equal(_gp(layer).last_eps, eps_w)
+    set_forward_mode(layer, "local")
     l1 = layer(x)
-    assert layer.last_eps("weight") is None  # local/mean draw no per-weight eps
+    assert _gp(layer).last_eps is None  # local/mean draw no per-weight eps
     assert not torch.equal(l1, layer(x)) and not torch.equal(l1, a)
 
 
 def test_set_forward_mode_whole_model():
     bm = bayesianize(create_model("lenet5", input_size=12))
-    assert {lay.mode for _, lay in bayes.bayesian_layers(bm)} == {"sample"}
+    assert set(_modes(bm)) == {"sample"}
     set_forward_mode(bm, "local")
-    assert {lay.mode for _, lay in bayes.bayesian_layers(bm)} == {"local"}
+    assert set(_modes(bm)) == {"local"}
     set_forward_mode(bm.features, "mean")
-    assert [lay.mode for _, lay in bayes.bayesian_layers(bm)] == ["mean", "mean", "local", "local", "local"]
+    assert _modes(bm) == ["mean"] * 4 + ["local"] * 6
     set_forward_mode(bm.features[0], "sample")  # a layer itself
-    assert bm.features[0].mode == "sample"
+    assert _gp(bm.features[0]).mode == _gp(bm.features[0], "bias").mode == "sample"
     with pytest.raises(bayes.BayesError):
         set_forward_mode(bm, "bogus")
-    assert [lay.mode for _, lay in bayes.bayesian_layers(bm)] == ["sample", "mean", "local", "local", "local"]
+    assert _modes(bm) == ["sample"] * 2 + ["mean"] * 2 + ["local"] * 6
 
 
-def test_forward_mode_restores_each_layer():
+def test_forward_mode_restores_each_parameter():
     bm = bayesianize(create_model("lenet5", input_size=12))
-    initial = ["sample", "mean", "local", "local", "sample"]
-    for (_, lay), m in zip(bayes.bayesian_layers(bm), initial):
-        lay.mode = m
-    modes = lambda: [lay.mode for _, lay in bayes.bayesian_layers(bm)]  # noqa: E731
+    initial = ["sample", "mean", "local", "local", "sample", "mean", "local", "sample", "sample", "mean"]
+    for e, m in zip(bayes.gaussian_parameters(bm), initial):
+        e.gaussian.mode = m
     with forward_mode(bm, "mean") as got:
         assert got is bm
-        assert modes() == ["mean"] * 5
+        assert _modes(bm) == ["mean"] * 10
         with forward_mode(bm.classifier, "local"):
-            assert modes() == ["mean", "mean", "local", "local", "local"]
-        assert modes() == ["mean"] * 5
-    assert modes() == initial
+            assert _modes(bm) == ["mean"] * 4 + ["local"] * 6
+        assert _modes(bm) == ["mean"] * 10
+    assert _modes(bm) == initial
     with pytest.raises(RuntimeError, match="boom"):
         with forward_mode(bm, "local"):
-            assert modes() == ["local"] * 5
+            assert _modes(bm) == ["local"] * 10
             raise RuntimeError("boom")
-    assert modes() == initial
+    assert _modes(bm) == initial
     with pytest.raises(bayes.BayesError):
         with forward_mode(bm, "bogus"):
             pass  # pragma: no cover
-    assert modes() == initial
+    assert _modes(bm) == initial
     with forward_mode(bm.features[0], "mean"):  # a bare layer
-        assert bm.features[0].mode == "mean"
-    assert modes() == initial
+        assert _gp(bm.features[0]).mode == "mean"
+    assert _modes(bm) == initial
 
 
 def test_forward_mode_mean_is_deterministic_for_a_model():
@@ -323,63 +333,93 @@ def test_forward_mode_mean_is_deterministic_for_a_model():
         assert not torch.equal(bm(x), model(x))
 
 
+def test_local_mode_coverage_and_registered_rule():
+    class Scale(nn.Module):  # y = x * w: linear in w, so a variance rule exists
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.full((3,), 0.5))
+
+        def forward(self, x):
+            return x * self.w
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.Embedding(4, 3), Scale())
+    bm = bayesianize(model, sigma_init=0.3, mode="local")
+    cov = bayes.local_mode_coverage(bm)
+    assert cov == {"0.weight": True, "0.bias": True, "1.weight": False, "2.w": False}
+    # an owner without a rule is sampled in local mode (and so draws an eps)
+    bm[1](torch.tensor([0, 1]))
+    assert _gp(bm[1]).last_eps is not None
+    bayes.register_local_rule(Scale, lambda m, args, kwargs, var: args[0] ** 2 * var["w"])
+    try:
+        bm = bayesianize(model, sigma_init=0.3, mode="local")
+        assert bayes.local_mode_coverage(bm)["2.w"] is True
+        x = torch.ones(20000, 3)
+        with torch.no_grad():
+            out = bm[2](x)
+        assert _gp(bm[2], "w").last_eps is None
+        assert not torch.equal(out[0], out[1])  # one noise draw per output
+        assert torch.allclose(out.std(0), torch.full((3,), 0.3), rtol=0.05)
+    finally:
+        bayes.layers._LOCAL_RULES.pop(Scale, None)
+
+
 # ---------------------------------------------------------------------------------------------
 # sigma floor
 @pytest.mark.parametrize("bad", [0.0, -0.3, -5.0])
 def test_floored_sigma_gives_positive_std_in_sample_mode(bad):
     torch.manual_seed(6)
     floor = 0.25
-    layer = BayesLinear(4, 3, sigma_floor=floor)
+    layer = bayesianize(nn.Linear(4, 3), sigma_floor=floor)
     with torch.no_grad():
-        layer.weight_mu.zero_()
-        layer.bias_mu.zero_()
-        layer.weight_sigma.fill_(bad)
-        layer.bias_sigma.fill_(bad)
+        _mu(layer).zero_()
+        _mu(layer, "bias").zero_()
+        _sigma(layer).fill_(bad)
+        _sigma(layer, "bias").fill_(bad)
     x = torch.randn(5, 4)
     out = layer(x)
-    eps_w, eps_b = layer.last_eps("weight"), layer.last_eps("bias")
+    eps_w, eps_b = _gp(layer).last_eps, _gp(layer, "bias").last_eps
     assert torch.allclose(out, F.linear(x, floor * eps_w, floor * eps_b), rtol=1e-6, atol=1e-7)
     assert (out != 0).all()
     # the floor passes gradients straight through (a clamp would give zero)
     out.sum().backward()
     want_w = eps_w * x.sum(0)[None, :]
     want_b = eps_b * x.shape[0]
-    assert torch.allclose(layer.weight_sigma.grad, want_w, rtol=1e-6, atol=1e-6)
-    assert torch.allclose(layer.bias_sigma.grad, want_b, rtol=1e-6, atol=1e-6)
-    assert (layer.weight_sigma.grad != 0).all()
+    assert torch.allclose(_sigma(layer).grad, want_w, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(_sigma(layer, "bias").grad, want_b, rtol=1e-6, atol=1e-6)
+    assert (_sigma(layer).grad != 0).all()
 
 
 def test_floored_sigma_in_local_mode():
     torch.manual_seed(7)
     floor = 0.5
-    layer = BayesLinear(3, 2, sigma_floor=floor, mode="local")
+    layer = bayesianize(nn.Linear(3, 2), sigma_floor=floor, mode="local")
     with torch.no_grad():
-        layer.weight_sigma.fill_(-1.0)
-        layer.bias_sigma.zero_()
+        _sigma(layer).fill_(-1.0)
+        _sigma(layer, "bias").zero_()
     x = torch.randn(1, 3).expand(4000, 3)
     out = layer(x)
-    mean = F.linear(x[:1], layer.weight_mu, layer.bias_mu)
+    mean = F.linear(x[:1], _mu(layer), _mu(layer, "bias"))
     std = floor * (x[0].pow(2).sum() + 1).sqrt()
     z = (out - mean) / std
     # standardised with the floored std, the draws are N(0, 1)
     assert abs(z.mean()) < 5 / 4000**0.5 * 1.5
     assert abs(z.var() - 1) < 5 * (2 / 4000) ** 0.5
     out.sum().backward()
-    assert torch.isfinite(layer.weight_sigma.grad).all() and (layer.weight_sigma.grad != 0).all()
+    assert torch.isfinite(_sigma(layer).grad).all() and (_sigma(layer).grad != 0).all()
 
 
 def test_sigma_floor_default_is_tiny_and_positive():
-    layer = BayesLinear(2, 2)
-    assert layer.sigma_floor == bayes.DEFAULT_SIGMA_FLOOR == 2.0**-30
+    layer = bayesianize(nn.Linear(2, 2))
+    assert _gp(layer).sigma_floor == bayes.DEFAULT_SIGMA_FLOOR == 2.0**-30
     with torch.no_grad():
-        layer.weight_sigma.fill_(-1)
-    assert (layer.floored_sigma("weight") == 2.0**-30).all()
+        _sigma(layer).fill_(-1)
+    assert (_gp(layer).floored_sigma() == 2.0**-30).all()
 
 
 def test_local_mode_zero_variance_has_finite_gradients():
     # an all-zero input patch and no bias give variance exactly 0: sqrt must not make NaN
     torch.manual_seed(8)
-    lin = BayesLinear(4, 3, bias=False, mode="local", sigma_init=0.01)
+    lin = bayesianize(nn.Linear(4, 3, bias=False), mode="local", sigma_init=0.01)
     x = torch.zeros(3, 4)
     x[1] = 1.0
     out = lin(x)
@@ -387,7 +427,7 @@ def test_local_mode_zero_variance_has_finite_gradients():
     out.sum().backward()
     for p in lin.parameters():
         assert torch.isfinite(p.grad).all()
-    conv = BayesConv2d(2, 2, 3, bias=False, mode="local", sigma_init=0.01)
+    conv = bayesianize(nn.Conv2d(2, 2, 3, bias=False), mode="local", sigma_init=0.01)
     x = torch.relu(torch.randn(2, 2, 8, 8))
     x[:, :, :4] = 0  # dead region larger than the kernel
     conv(x).pow(2).sum().backward()

@@ -13,8 +13,10 @@ import contextlib
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from bayes import BayesConv2d, BayesLinear
+import bayes
+from bayes import bayesianize, gaussian_parameters, set_forward_mode
 
 Z = 5.0  # standard errors
 
@@ -30,11 +32,20 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
+def _mu(layer, name="weight"):
+    return bayes.mu_of(layer, name) if name in bayes.gaussians_of(layer) else None
+
+
+def _sigma(layer, name="weight"):
+    gps = bayes.gaussians_of(layer)
+    return gps[name].sigma if name in gps else None
+
+
 def _set(layer, seed, sigma_lo=0.05, sigma_hi=0.4):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name in layer.present_params():
-            mu, sigma = layer.mu(name), layer.sigma(name)
+        for e in bayes.gaussian_parameters(layer):  # weight, then bias
+            mu, sigma = e.mu, e.sigma
             mu.copy_(torch.randn(mu.shape, generator=g, dtype=mu.dtype) * 0.5)
             sigma.copy_(torch.rand(sigma.shape, generator=g, dtype=sigma.dtype) * (sigma_hi - sigma_lo) + sigma_lo)
 
@@ -55,7 +66,7 @@ def _check_moments(samples: np.ndarray, mean: np.ndarray, var: np.ndarray) -> No
 # ---------------------------------------------------------------------------------------------
 # Linear
 def _linear_moments(layer, x):
-    mu, sigma, b, sb = (_np(layer.weight_mu), _np(layer.weight_sigma), _np(layer.bias_mu), _np(layer.bias_sigma))
+    mu, sigma, b, sb = (_np(_mu(layer)), _np(_sigma(layer)), _np(_mu(layer, "bias")), _np(_sigma(layer, "bias")))
     x = _np(x)[0]
     mean = mu @ x + b
     var = (sigma**2) @ (x**2) + sb**2
@@ -64,7 +75,7 @@ def _linear_moments(layer, x):
 
 def test_linear_sample_mode_moments():
     torch.manual_seed(0)
-    layer = BayesLinear(6, 3, mode="sample", dtype=torch.float64)
+    layer = bayesianize(nn.Linear(6, 3, dtype=torch.float64), mode="sample")
     _set(layer, 1)
     x = torch.randn(1, 6, dtype=torch.float64)
     n = 8000
@@ -79,18 +90,18 @@ def test_linear_sample_mode_moments():
 
 def test_linear_sample_mode_one_weight_per_forward():
     torch.manual_seed(2)
-    layer = BayesLinear(4, 2, mode="sample", sigma_init=0.3)
+    layer = bayesianize(nn.Linear(4, 2), mode="sample", sigma_init=0.3)
     x = torch.randn(1, 4).expand(5, 4)
     out = layer(x)
     assert torch.equal(out, out[:1].expand(5, 2))  # every row saw the same sampled weight
-    layer.mode = "local"
+    set_forward_mode(layer, "local")
     out = layer(x)
     assert not torch.equal(out[0], out[1])  # local: one noise draw per output
 
 
 def test_linear_local_mode_moments():
     torch.manual_seed(3)
-    layer = BayesLinear(7, 4, mode="local", dtype=torch.float64)
+    layer = bayesianize(nn.Linear(7, 4, dtype=torch.float64), mode="local")
     _set(layer, 4)
     x = torch.randn(1, 7, dtype=torch.float64)
     n = 20000
@@ -102,13 +113,13 @@ def test_linear_local_mode_moments():
 
 def test_linear_local_mode_moments_bias_free():
     torch.manual_seed(5)
-    layer = BayesLinear(5, 2, bias=False, mode="local", dtype=torch.float64)
+    layer = bayesianize(nn.Linear(5, 2, bias=False, dtype=torch.float64), mode="local")
     _set(layer, 6)
     x = torch.randn(1, 5, dtype=torch.float64)
     n = 20000
     with torch.no_grad():
         draws = layer(x.expand(n, 5)).numpy()
-    mu, sigma = _np(layer.weight_mu), _np(layer.weight_sigma)
+    mu, sigma = _np(_mu(layer)), _np(_sigma(layer))
     xx = _np(x)[0]
     _check_moments(draws, mu @ xx, (sigma**2) @ (xx**2))
 
@@ -116,7 +127,7 @@ def test_linear_local_mode_moments_bias_free():
 def test_moment_check_can_fail():
     # guard against a vacuous tolerance: a 10 % error in the variance is detected
     torch.manual_seed(7)
-    layer = BayesLinear(7, 4, mode="local", dtype=torch.float64)
+    layer = bayesianize(nn.Linear(7, 4, dtype=torch.float64), mode="local")
     _set(layer, 8)
     x = torch.randn(1, 7, dtype=torch.float64)
     with torch.no_grad():
@@ -169,9 +180,9 @@ def _conv_moments(layer, x):
     args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
                 padding_mode=layer.padding_mode)
     xx = _np(x)[0]
-    sb = _np(layer.bias_sigma)
-    mean = np_conv2d(xx, _np(layer.weight_mu), _np(layer.bias_mu), **args)
-    var = np_conv2d(xx**2, _np(layer.weight_sigma) ** 2, None if sb is None else sb**2, **args)
+    sb = _np(_sigma(layer, "bias"))
+    mean = np_conv2d(xx, _np(_mu(layer)), _np(_mu(layer, "bias")), **args)
+    var = np_conv2d(xx**2, _np(_sigma(layer)) ** 2, None if sb is None else sb**2, **args)
     return mean, var
 
 
@@ -181,7 +192,7 @@ def test_numpy_reference_conv_matches_torch_mean_mode():
         torch.manual_seed(10 + i)
         conv = torch.nn.Conv2d(**case).double()
         x = torch.randn(1, case["in_channels"], 6, 5, dtype=torch.float64)
-        layer = BayesConv2d.from_module(conv, mode="mean")
+        layer = bayesianize(conv, mode="mean")
         mean, _ = _conv_moments(layer, x)
         np.testing.assert_allclose(conv(x).detach().numpy()[0], mean, rtol=1e-12, atol=1e-12)
 
@@ -191,7 +202,7 @@ def test_conv2d_local_mode_moments(case):
     torch.manual_seed(20 + case)
     kw = CONV_CASES[case]
     # float32: float64 convolutions take a slow path on CPU; sampling error dominates anyway
-    layer = BayesConv2d(**kw, mode="local")
+    layer = bayesianize(nn.Conv2d(**kw), mode="local")
     _set(layer, 30 + case)
     x = torch.randn(1, kw["in_channels"], 6, 5)
     n = 4000
@@ -206,7 +217,7 @@ def test_conv2d_sample_mode_moments():
     torch.manual_seed(40)
     kw = CONV_CASES[1]
     # float32 here: float64 convolutions take a slow path on CPU; sampling error dominates anyway
-    layer = BayesConv2d(**kw, mode="sample")
+    layer = bayesianize(nn.Conv2d(**kw), mode="sample")
     _set(layer, 41)
     x = torch.randn(1, kw["in_channels"], 6, 5)
     n = 3000
@@ -214,3 +225,91 @@ def test_conv2d_sample_mode_moments():
         draws = torch.cat([layer(x) for _ in range(n)]).numpy()
     mean, var = _conv_moments(layer, x)
     _check_moments(draws, mean, var)
+
+
+# ---------------------------------------------------------------------------------------------
+# draw windows
+class _TwoReads(nn.Module):
+    """Reads its weight twice in one forward (as an LSTM does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return x @ self.weight.T - 2 * (x @ self.weight.T)
+
+
+def test_one_draw_per_forward_however_often_a_weight_is_read():
+    torch.manual_seed(50)
+    m = bayesianize(_TwoReads(), sigma_init=0.3)
+    x = torch.randn(5, 4)
+    out = m(x)
+    gp = bayes.gaussians_of(m)["weight"]
+    w = bayes.mu_of(m, "weight") + gp.sigma * gp.last_eps
+    torch.testing.assert_close(out, -(x @ w.T))  # both reads saw the same draw
+    # a fresh draw at the next forward, of the module itself or of a parent
+    eps = gp.last_eps
+    m(x)
+    assert not torch.equal(gp.last_eps, eps)
+    eps = gp.last_eps
+    nn.Sequential(m)(x)
+    assert not torch.equal(gp.last_eps, eps)
+
+
+def test_rnn_sample_mode_moments_of_one_step():
+    # an RNN has no local rule: both modes sample its weights (and a one-step, zero-state tanh RNN's
+    # pre-activation is Gaussian: mean W_ih x + b_ih + b_hh, variance sigma_ih^2 x^2 + sigma_b^2's)
+    torch.manual_seed(51)
+    rnn = bayesianize(nn.RNN(3, 2, nonlinearity="relu", batch_first=True, dtype=torch.float64), mode="local")
+    assert not any(bayes.local_mode_coverage(rnn).values())
+    _set(rnn, 52)
+    with torch.no_grad():
+        bayes.mu_of(rnn, "bias_ih_l0").fill_(5.0)  # keep the pre-activation positive: relu is the identity
+    x = torch.randn(1, 1, 3, dtype=torch.float64)
+    n = 4000
+    with torch.no_grad(), _one_thread():
+        draws = torch.cat([rnn(x)[0].reshape(1, 2) for _ in range(n)]).numpy()
+    w, sw = _np(_mu(rnn, "weight_ih_l0")), _np(_sigma(rnn, "weight_ih_l0"))
+    bi, sbi = _np(_mu(rnn, "bias_ih_l0")), _np(_sigma(rnn, "bias_ih_l0"))
+    bh, sbh = _np(_mu(rnn, "bias_hh_l0")), _np(_sigma(rnn, "bias_hh_l0"))
+    xx = _np(x).reshape(3)
+    assert (draws > 0).all()
+    _check_moments(draws, w @ xx + bi + bh, (sw**2) @ (xx**2) + sbi**2 + sbh**2)
+
+
+def test_one_draw_per_network_forward_for_tied_weights_and_fresh_draws_for_direct_calls():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.out = nn.Linear(4, 10, bias=False)
+            self.out.weight = self.emb.weight
+            self.seen = []
+
+        def forward(self, ids):
+            h = self.emb(ids)
+            self.seen.append(self.emb.weight)
+            y = self.out(h)
+            self.seen.append(self.out.weight)
+            return y
+
+    torch.manual_seed(0)
+    b = bayesianize(Tied(), sigma_init=0.1)
+    ids = torch.tensor([[1, 2, 3]])
+    b(ids)
+    first, second = b.seen
+    assert first is second, "a tied weight is one draw within one forward of the network"
+    eps1 = gaussian_parameters(b)[0].gaussian.last_eps.clone()
+    b(ids)
+    assert not torch.equal(b.seen[2], first), "the next forward draws again"
+    assert not torch.equal(gaussian_parameters(b)[0].gaussian.last_eps, eps1)
+    # a module called on its own, outside a forward of the root, draws afresh every call
+    lin = b.out
+    w1 = lin(torch.ones(1, 4))
+    w2 = lin(torch.ones(1, 4))
+    assert not torch.equal(w1, w2)
+    # an exception inside the root's forward does not leave later direct calls without fresh draws
+    with pytest.raises(IndexError):
+        b(torch.tensor([[99]]))
+    assert not torch.equal(lin(torch.ones(1, 4)), lin(torch.ones(1, 4)))

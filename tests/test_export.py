@@ -207,18 +207,18 @@ def test_export_model_from_a_bayesian_model_with_masks(tmp_path: Path) -> None:
 
     model, q = fixed_model("lenet5")
     bmodel = bayes.bayesianize(model, sigma_init=0.01)
-    view = QuantView(bmodel)
+    view = QuantView(bmodel, q)
     view.write(view.values(), torch.ones(view.numel, dtype=torch.bool))
     assert view.names() == q
     recipe = {"name": "lenet5", "kwargs": {}}
-    result = export_model(bmodel, view.names(), tmp_path / "out", recipe)
+    result = export_model(bmodel, view.names(), tmp_path / "out", recipe, masks=view.masks())
     assert result["fixed"]
     x = torch.randn(2, 1, 28, 28)
     assert_same_model(model, load_packed_model(tmp_path / "out" / "model.pwfn"), x)
     # An unfixed mask entry makes the value unfixed even though it is a codebook value.
     view.write(view.values(), torch.arange(view.numel) > 0)
     with pytest.raises(ExportError, match="1 of"):
-        export_model(bmodel, view.names(), tmp_path / "out2", recipe)
+        export_model(bmodel, view.names(), tmp_path / "out2", recipe, masks=view.masks())
     # Without a recipe the loaders need model=.
     export_model(model, q, tmp_path / "norecipe")
     with pytest.raises(ModelError, match="no model recipe"):
@@ -338,7 +338,7 @@ def test_interrupted_run_is_exported_from_its_checkpoint_only_when_allowed(tmp_p
     kwargs = {"in_features": 64, "hidden": [16], "num_classes": 10}
     model, q = fixed_model("mlp", **kwargs)
     bmodel = bayes.bayesianize(model, sigma_init=0.01)
-    view = QuantView(bmodel)
+    view = QuantView(bmodel, q)
     fixed = torch.rand(view.numel, generator=torch.Generator().manual_seed(0)) < 0.8
     values = view.values()
     values[~fixed] += 1e-4  # the unfixed weights have moved off the grid during training
@@ -346,7 +346,8 @@ def test_interrupted_run_is_exported_from_its_checkpoint_only_when_allowed(tmp_p
     top = tmp_path / "demo"
     run = top / "pwfn"
     run.mkdir(parents=True)
-    save_checkpoint(run / "checkpoint.pt", {"model": bmodel.state_dict(), "next_round": 3}, kind="run-pwfn")
+    save_checkpoint(run / "checkpoint.pt", {"model": bmodel.state_dict(), "masks": view.mask_state(),
+                                            "next_round": 3}, kind="run-pwfn")
     (run / "metrics.jsonl").write_text(json.dumps({"round": 2, "fixed_fraction": 0.8}) + "\n")
     # The sibling method finished: its recipe describes the same model.
     write_run(top / "wfn", model, {"name": "mlp", "kwargs": kwargs}, q, method="wfn")
@@ -356,9 +357,7 @@ def test_interrupted_run_is_exported_from_its_checkpoint_only_when_allowed(tmp_p
     assert result["unfixed_weights"] == int((~fixed).sum())
     back = load_packed_model(run / "export" / "model.pwfn")
     point = bayes.to_point_estimate(bmodel)
-    from pwfn.plumbing import strip_masks
-
-    assert_same_model(strip_masks(point), back, torch.randn(2, 64))
+    assert_same_model(point, back, torch.randn(2, 64))
     assert not (run / "report.json").exists()  # an unfinished run must not look finished
     assert json.loads((run / "export" / "size.json").read_text())["unfixed"]["weights"] == result["unfixed_weights"]
 
@@ -384,15 +383,20 @@ def test_resnet20_packed_size_is_within_the_entropy_bound(resnet_run) -> None:
     assert abs(sum(size["order_shares"].values()) - 1.0) < 1e-9
     assert set(size["order_shares"]) <= {"0", "1", "2", "3"}
     a = size["arithmetic"]
-    assert a["multiplications_replaced"] + a["zeros_skipped"] + a["multiplications_kept"] == n
-    assert a["multiplications_kept"] == 0 and a["shifts"] - a["adds"] == a["multiplications_replaced"]
+    assert a["multiplications_replaced"] + a["zeros_skipped"] + a["multiplications_kept_quantised"] == n
+    assert a["multiplications_kept_quantised"] == 0 and a["shifts"] - a["adds"] == a["multiplications_replaced"]
+    # whole model: every float value (BatchNorm parameters and statistics here) keeps its multiplication
+    sd = model.state_dict()
+    floats = sum(sd[k].numel() for k in sd if k not in set(q) and sd[k].is_floating_point())
+    assert a["multiplications_kept"] == floats > 0
+    assert size["coverage"]["share"] == pytest.approx(n / sum(t.numel() for t in sd.values()))
     assert set(size["per_tensor"]) == set(model.state_dict())
     # Merged into report.json, where `pwfn report` shows the totals.
     report = json.loads((folder / "report.json").read_text())
     assert report["size"]["total"]["packed_bytes"] == pf["total"]
     from pwfn.report import summarise_run_dir
 
-    assert "sizes:" in summarise_run_dir(folder)
+    assert "size of the" in summarise_run_dir(folder) and "quantised weights" in summarise_run_dir(folder)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -448,7 +452,7 @@ def test_cli_onnx_export_or_clear_skip(tmp_path: Path, capsys, monkeypatch) -> N
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now fails
     assert cli_main(["export", str(run), "--onnx"]) == 0
     out = capsys.readouterr().out
-    assert "onnx: skipped" in out and "pip install 'pwfn[onnx]'" in out
+    assert "onnx: skipped" in out and "pip install 'pwfn-compress[onnx]'" in out
     assert not (run / "export" / "model.onnx").exists()  # the earlier one would be stale
 
 

@@ -48,7 +48,11 @@ class _Recorder:
 
     def __init__(self):
         self.snapshots = []
-        self.view = None
+        self.run = None
+
+    @property
+    def view(self):
+        return self.run.fixer.view  # the round state, read through the run's Fixer
 
     def __call__(self, t):
         self.snapshots.append((self.view.values().clone(), self.view.fixed().clone()))
@@ -63,14 +67,7 @@ def test_compress_end_to_end_invariants(method, loaders, tmp_path):
     rec = _Recorder()
     run = FixingRun(method, cfg, model, loaders.train, loaders.val, loaders.test, device=torch.device("cpu"),
                     run_dir=tmp_path / method, recipe=None, on_round_end=rec)
-    # expose the run's view to the recorder through the first callback
-    original_prepare = run.strategy.view
-
-    def view_hook(m):
-        rec.view = original_prepare(m)
-        return rec.view
-
-    run.strategy.view = view_hook
+    rec.run = run
     result = run.run()
     final_view = rec.view
     values, fixed = final_view.values(), final_view.fixed()
@@ -89,9 +86,13 @@ def test_compress_end_to_end_invariants(method, loaders, tmp_path):
         assert snap_fixed.float().mean() >= frac - 1e-9
     # metrics consistent with the exported point model
     point = result.point_model
-    q = QuantView(point, plain=True, batchnorm=(method == "wfn"))
+    q = QuantView(point, result.report["quantised_tensors"])
     exported = q.values()
-    assert torch.equal(torch.sort(exported).values, torch.sort(values).values)
+    # tensor by tensor, in place: values written into the wrong tensor would fail here
+    assert q.names() == final_view.names()
+    assert torch.equal(exported, values)
+    cov = result.report["coverage"]
+    assert cov["share"] == (1.0 if method == "wfn" else cov["share"]) and not cov["shared"]
     final = result.report["final"]
     assert final["unique"] == int(torch.unique(exported).numel())
     assert final["unique_nonzero"] == int(torch.unique(exported[exported != 0]).numel())
@@ -177,7 +178,7 @@ def test_missing_data_path_raises_data_error(tmp_path):
 
 def test_model_without_quantisable_layer(loaders):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Identity())
-    with pytest.raises(ModelError, match="nothing to convert"):
+    with pytest.raises(ModelError, match="no quantisable tensor.*nothing to fix"):
         compress(model, loaders.train, loaders.val, method="pwfn", config={"progress": False})
     with pytest.raises(ModelError, match="no quantisable"):
         compress(model, loaders.train, loaders.val, method="wfn", config={"progress": False})
@@ -190,7 +191,7 @@ def test_unknown_method(loaders):
 
 def test_quant_metrics_of_partly_fixed_view():
     model = torch.nn.Linear(4, 2, bias=False)
-    view = QuantView(model, plain=True)
+    view = QuantView(model, ["weight"])
     view.write(torch.tensor([0.5, 0.5, 0.25, 0.0, 0.3, 0.1, 0.0, 0.75]),
                torch.tensor([True, True, True, True, False, False, True, True]))
     m = quant_metrics(view, b=7, signed_terms=False)

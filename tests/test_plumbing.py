@@ -1,4 +1,4 @@
-"""Model plumbing: flat layout, scatter/gather, mask buffers, shared parameters, FixedGuard."""
+"""Model plumbing: flat layout, scatter/gather, masks held in the view, shared parameters, FixedGuard."""
 
 import copy
 import io
@@ -10,7 +10,7 @@ from torch import nn
 import bayes
 from pwfn.errors import ModelError
 from pwfn.models import create_model
-from pwfn.plumbing import FixedGuard, QuantView, strip_masks
+from pwfn.plumbing import FixedGuard, QuantView
 
 
 def _bnn():
@@ -18,51 +18,119 @@ def _bnn():
     return bayes.bayesianize(create_model("lenet5", input_size=8))
 
 
-def test_layout_covers_every_mu_once_in_module_order():
-    model = _bnn()
-    view = QuantView(model)
-    expected = [n for n, _ in model.named_parameters() if n.endswith("_mu")]
-    assert [s.name + "_mu" for s in view.slots] == [n.replace("_mu", "") + "_mu" for n in expected]
-    assert view.numel == sum(p.numel() for n, p in model.named_parameters() if n.endswith("_mu"))
-    flat = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters() if n.endswith("_mu")])
-    assert torch.equal(view.values(), flat)
-    sig = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters() if n.endswith("_sigma")])
-    assert torch.equal(view.sigmas(), sig)
+def _names(model):
+    return [e.name for e in bayes.gaussian_parameters(model)]
 
 
-def test_write_then_read_round_trip_and_masks_in_state_dict():
+def test_layout_covers_every_mu_once_in_the_given_order():
     model = _bnn()
-    view = QuantView(model)
+    names = _names(model)
+    view = QuantView(model, names)
+    assert view.names() == [s.name for s in view.slots] == names
+    entries = bayes.gaussian_parameters(model)
+    assert view.numel == sum(e.mu.numel() for e in entries)
+    assert torch.equal(view.values(), torch.cat([e.mu.detach().reshape(-1) for e in entries]))
+    assert torch.equal(view.sigmas(), torch.cat([e.sigma.detach().reshape(-1) for e in entries]))
+    assert view.has_sigma
+    assert all(s.value is e.mu and s.sigma is e.sigma for s, e in zip(view.slots, entries))
+    # the layout follows the order of the names it is given
+    rev = QuantView(model, names[::-1])
+    assert rev.names() == names[::-1]
+    assert torch.equal(rev.values()[:10], entries[-1].mu.detach())  # classifier.5.bias comes first
+
+
+def test_write_then_read_round_trip_and_masks_kept_in_the_view():
+    model = _bnn()
+    keys = list(model.state_dict())
+    buffers = list(model.buffers())
+    view = QuantView(model, _names(model))
     v = torch.randn(view.numel)
     f = torch.rand(view.numel) < 0.3
     s = torch.rand(view.numel)
     view.write(v, f, s)
     assert torch.equal(view.values(), v) and torch.equal(view.fixed(), f) and torch.equal(view.sigmas(), s)
-    sd = model.state_dict()
-    assert any(k.endswith("weight_fixed") for k in sd)
-    # masks survive .to(), deepcopy and a state_dict round trip into a fresh model
-    m2 = copy.deepcopy(model).to(torch.float64)
-    assert torch.equal(QuantView(m2).fixed(), f)
-    fresh = _bnn()
-    QuantView(fresh)  # attaches mask buffers so the state_dict fits
+    assert view.fraction_fixed() == pytest.approx(float(f.sum()) / view.numel)
+    # nothing is added to the user's model: same state_dict keys, same buffers
+    assert list(model.state_dict()) == keys and list(model.buffers()) == buffers
+    assert not any("fixed" in k for k in bayes.to_point_estimate(model).state_dict())
+    masks = view.masks()
+    assert list(masks) == view.names() and all(m.dtype == torch.bool for m in masks.values())
+    assert torch.equal(torch.cat([m.reshape(-1) for m in masks.values()]), f)
+    # the masks travel as their own state (a checkpoint), and load into a fresh view of a fresh model
+    state = view.mask_state()
+    assert all(m.device.type == "cpu" for m in state.values())
+    state[view.names()[0]][...] = ~state[view.names()[0]]  # a copy: the view is unchanged
+    assert torch.equal(view.fixed(), f)
+    state = view.mask_state()
     buf = io.BytesIO()
-    torch.save(sd, buf)
+    torch.save({"model": model.state_dict(), "masks": state}, buf)
     buf.seek(0)
-    fresh.load_state_dict(torch.load(buf))
-    assert torch.equal(QuantView(fresh).fixed(), f)
+    ckpt = torch.load(buf, weights_only=True)
+    fresh = _bnn()
+    fresh.load_state_dict(ckpt["model"])
+    fview = QuantView(fresh, _names(fresh))
+    assert not fview.fixed().any()
+    fview.load_mask_state(ckpt["masks"])
+    assert torch.equal(fview.fixed(), f) and torch.equal(fview.values(), v) and torch.equal(fview.sigmas(), s)
+    # a deep copy of the model gets its own view; the masks are carried over by the state
+    m2 = copy.deepcopy(model)
+    v2 = QuantView(m2, _names(m2))
+    v2.load_mask_state(view.mask_state())
+    assert torch.equal(v2.fixed(), f) and torch.equal(v2.values(), v)
+    # .to() keeps the leaves the view holds
+    model.double()
+    assert view.values().dtype == torch.float64 and torch.equal(view.values(), v.double())
+
+
+def test_load_mask_state_checks_names_and_shapes():
+    model = _bnn()
+    view = QuantView(model, _names(model))
+    state = view.mask_state()
+    missing = dict(state)
+    missing.pop("features.0.bias")
+    with pytest.raises(ModelError, match="missing"):
+        view.load_mask_state(missing)
+    with pytest.raises(ModelError, match="unexpected"):
+        view.load_mask_state({**state, "extra.weight": torch.zeros(2, dtype=torch.bool)})
+    with pytest.raises(ModelError, match="shape"):
+        view.load_mask_state({**state, "features.0.bias": torch.zeros(7, dtype=torch.bool)})
+    with pytest.raises(ModelError, match="bool"):
+        view.load_mask_state({**state, "features.0.bias": torch.zeros(6)})
+
+
+def test_frozen_sigma_masks_fit_the_bayes_losses():
+    model = _bnn()
+    view = QuantView(model, _names(model))
+    f = torch.rand(view.numel, generator=torch.Generator().manual_seed(1)) < 0.5
+    view.write(view.values(), f, torch.full((view.numel,), 0.01))
+    model(torch.randn(2, 1, 8, 8))
+    frozen = view.frozen_sigma_masks()
+    reg = bayes.sigma_regularizer(model, frozen=frozen)
+    grads = torch.autograd.grad(reg, [s.sigma for s in view.slots])
+    g = torch.cat([x.reshape(-1) for x in grads])
+    assert (g[f] == 0).all() and (g[~f] != 0).all()
 
 
 def test_plain_and_batchnorm_views():
     model = create_model("resnet20")
-    plain = QuantView(model, plain=True)
-    with_bn = QuantView(model, plain=True, batchnorm=True)
+    conv = [f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+            for p, _ in m.named_parameters(recurse=False)]
+    bn = [f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+          for p, _ in m.named_parameters(recurse=False)]
+    plain = QuantView(model, conv)
+    with_bn = QuantView(model, conv + bn)
     n_conv = sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
                  for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     n_bn = sum(m.weight.numel() + m.bias.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     assert plain.numel == n_conv
     assert with_bn.numel == n_conv + n_bn
+    assert not plain.has_sigma and plain.frozen_sigma_masks() == {}
     with pytest.raises(ModelError, match="sigma"):
         plain.sigmas()
+    # a partly Bayesian model: sigma where there is one
+    bm = bayes.bayesianize(model, include="fc")
+    mixed = QuantView(bm, conv)
+    assert not mixed.has_sigma and list(mixed.frozen_sigma_masks()) == ["fc.weight", "fc.bias"]
 
 
 def test_shared_parameter_counted_once():
@@ -70,25 +138,38 @@ def test_shared_parameter_counted_once():
     b = nn.Linear(4, 4)
     b.weight = a.weight
     model = nn.Sequential(a, nn.ReLU(), b)
-    view = QuantView(model, plain=True)
+    view = QuantView(model, ["0.weight", "0.bias", "2.weight", "2.bias"])
     assert view.numel == 16 + 4 + 4
+    assert view.names() == ["0.weight", "0.bias", "2.bias"] and view.shared() == {"0.weight": ["2.weight"]}
+    # an alias alone names the tensor too
+    assert QuantView(model, ["2.weight"]).numel == 16
     shared_module = nn.Linear(3, 3)
     model2 = nn.Sequential(shared_module, shared_module)
-    assert QuantView(model2, plain=True).numel == 12
+    assert QuantView(model2, ["0.weight", "0.bias", "1.weight", "1.bias"]).numel == 12
+    # tied and Gaussian: one slot, one mu, one sigma
+    bm = bayes.bayesianize(model)
+    bview = QuantView(bm, ["0.weight", "0.bias", "2.weight", "2.bias"])
+    assert bview.numel == 24 and bview.has_sigma
+    assert bview.slots[0].value is bayes.mu_of(bm[2], "weight")
+    assert bview.slots[0].sigma is bayes.gaussians_of(bm[2])["weight"].sigma
 
 
-def test_no_quantisable_tensor_is_a_clear_error():
+def test_no_quantisable_tensor_and_unknown_names_are_clear_errors():
     with pytest.raises(ModelError, match="no quantisable tensor"):
-        QuantView(nn.Sequential(nn.ReLU()))
-    with pytest.raises(ModelError, match="no quantisable tensor"):
-        QuantView(create_model("mlp"))  # plain layers, but only Bayesian ones were asked for
+        QuantView(nn.Sequential(nn.ReLU()), [])
+    with pytest.raises(ModelError, match="no parameter named"):
+        QuantView(_bnn(), ["features.0.weight_mu"])
+    with pytest.raises(ModelError, match="no parameter named"):
+        QuantView(_bnn(), ["features.0.parametrizations.weight.0.sigma"])  # a sigma is not a weight
+    with pytest.raises(ModelError, match="float32"):
+        QuantView(nn.Linear(2, 2).half(), ["weight"])
 
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adam", "adamw"])
 def test_fixed_guard_keeps_fixed_entries_bit_exact(opt_name):
     torch.manual_seed(1)
     model = _bnn()
-    view = QuantView(model)
+    view = QuantView(model, _names(model))
     fixed = torch.rand(view.numel) < 0.5
     view.write(view.values(), fixed)
     before = view.values().clone()
@@ -117,7 +198,7 @@ def test_without_guard_weight_decay_moves_fixed_entries():
     """The reason FixedGuard exists: masking gradients alone does not stop decay/momentum."""
     torch.manual_seed(1)
     model = _bnn()
-    view = QuantView(model)
+    view = QuantView(model, _names(model))
     fixed = torch.ones(view.numel, dtype=torch.bool)
     view.write(view.values(), fixed)
     before = view.values().clone()
@@ -128,12 +209,3 @@ def test_without_guard_weight_decay_moves_fixed_entries():
         p.grad.zero_()
     opt.step()
     assert not torch.equal(view.values(), before)
-
-
-def test_strip_masks():
-    model = _bnn()
-    QuantView(model)
-    plain = strip_masks(bayes.to_point_estimate(model))
-    assert not any(k.endswith("_fixed") for k in plain.state_dict())
-    strip_masks(model)
-    assert not any(k.endswith("_fixed") for k in model.state_dict())

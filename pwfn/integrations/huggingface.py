@@ -1,0 +1,70 @@
+"""Hugging Face ``Trainer``: fixing rounds as a ``TrainerCallback`` (extra ``hf``).
+
+::
+
+    fixer = pwfn.Fixer(model, method="pwfn", config=cfg, inplace=True)
+    cb = FixingTrainerCallback(fixer, epochs_per_round=1)
+    trainer = Trainer(model=model, args=TrainingArguments(num_train_epochs=cb.epochs_needed(), ...),
+                      train_dataset=..., callbacks=[cb], compute_loss_func=fixing_loss(fixer))
+    trainer.train()
+    point = fixer.finalize()
+
+``fixing_loss`` adds the method's loss term to the model's own loss (``outputs.loss``) or, when
+the model computes none, to the task's loss on ``outputs.logits`` and the labels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # pragma: no cover - depends on the extra
+    raise ImportError("pwfn.integrations.huggingface needs transformers: pip install 'pwfn-compress[hf]'") from exc
+
+from ..fixer import Fixer
+from ..tasks import BatchAdapter, Task, resolve_task
+from ._schedule import RoundSchedule
+
+
+class FixingTrainerCallback(TrainerCallback):
+    """Runs a :class:`pwfn.Fixer`'s rounds inside ``Trainer.train`` (see the module docstring)."""
+
+    def __init__(self, fixer: Fixer, epochs_per_round: int = 1, warmup_epochs: int = 0) -> None:
+        self.schedule = RoundSchedule(fixer, epochs_per_round, warmup_epochs)
+        self.fixer = fixer
+
+    def epochs_needed(self) -> int:
+        return self.schedule.epochs_needed()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.schedule.start()
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.schedule.train_mode()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        logs = {k: v for k, v in (state.log_history[-1] if state.log_history else {}).items()
+                if isinstance(v, (int, float))}
+        if self.schedule.epoch_end(logs):
+            control.should_training_stop = True
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.schedule.end()
+
+
+def fixing_loss(fixer: Fixer, task: Optional[Any] = None):
+    """A ``compute_loss_func`` for ``Trainer``: the model's (or the task's) loss plus the method's term."""
+    task_obj: Task = resolve_task(task or fixer.cfg.task)
+    adapter = BatchAdapter()
+
+    def compute_loss(outputs, labels, num_items_in_batch=None):
+        base = getattr(outputs, "loss", None)
+        if base is None and isinstance(outputs, dict):
+            base = outputs.get("loss")
+        if base is None:
+            base = task_obj.loss(adapter.unwrap(outputs), labels)
+        return base + (fixer.loss_term(base) if not fixer.done else 0.0)
+
+    return compute_loss

@@ -1,0 +1,241 @@
+"""``pwfn plot RUN_DIR``: the pictures of a run folder as PNG files (the ``plot`` extra, matplotlib).
+
+For a method folder (``runs/<name>/pwfn``) or a comparison folder (``runs/<name>``):
+
+- ``rounds.png``: per round and method, the task metric (validation top-1 after fixing and after
+  the retraining that follows), the number of unique values, and their entropy in bits;
+- ``weights_<method>.png``: the fixed weights' distribution against the shared codebook (one bar
+  per codebook value), over the float baseline's weight histogram when ``baseline.pt`` is there;
+- ``layers_<method>.png``: bits per weight (entropy, fixed width, packed after ``pwfn export``)
+  and the share of parameters quantised, per layer;
+- ``compare.png`` (comparison folders): test top-1 against entropy, each method's path over its
+  rounds and its final point, with the float baseline as a line.
+
+Every file is written at ``DPI`` dots per inch with the figure sizes below, so a picture's
+pixel size is known in advance (the tests check it). Files go to ``RUN_DIR/plots`` unless
+``out`` names another folder.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from .errors import PwfnError
+from .rundata import (
+    float_values,
+    folder_kind,
+    layer_table,
+    method_folders,
+    read_json,
+    read_method,
+    weight_values,
+)
+
+DPI = 100
+#: figure sizes in inches (width, height): a picture is (width * DPI) x (height * DPI) pixels
+SIZES = {"rounds": (12.0, 3.8), "weights": (9.0, 4.5), "layers": (10.0, 4.5), "compare": (7.0, 5.0)}
+COLOURS = {"pwfn": "#1f77b4", "wfn": "#d62728", "float": "#444444"}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise PwfnError("pictures need matplotlib, which is not installed: pip install 'pwfn-compress[plot]' "
+                        f"(or pip install matplotlib). ({exc})") from exc
+    matplotlib.use("Agg", force=True)  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=DPI, format="png")
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)  # pyplot keeps every figure until it is closed
+    tmp.replace(path)
+    return path
+
+
+def _colour(method: str) -> str:
+    return COLOURS.get(method, "#2ca02c")
+
+
+def plot_rounds(methods: Mapping[str, Mapping[str, Any]], path: Path) -> Optional[Path]:
+    """Task metric, unique values and entropy per round, one line per method (None without rounds)."""
+    if not any(m["rounds"] for m in methods.values()):
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=SIZES["rounds"], layout="constrained")
+    float_drawn = False
+    for name, m in methods.items():
+        rows = m["rounds"]
+        x = [int(r.get("round", i)) + 1 for i, r in enumerate(rows)]
+        fix = [(r.get("after_fix") or {}).get("top1") for r in rows]
+        train = [(r.get("after_train") or {}).get("top1") for r in rows]
+        c = _colour(name)
+        axes[0].plot(x, [math.nan if v is None else v for v in fix], "o--", color=c, alpha=0.6, label=f"{name} after fix")
+        if any(v is not None for v in train):
+            axes[0].plot(x, [math.nan if v is None else v for v in train], "o-", color=c, label=f"{name} after retraining")
+        axes[1].plot(x, [r.get("unique", math.nan) for r in rows], "o-", color=c, label=name)
+        axes[2].plot(x, [r.get("entropy", math.nan) for r in rows], "o-", color=c, label=f"{name} (with 0)")
+        axes[2].plot(x, [r.get("entropy_nonzero", math.nan) for r in rows], "s:", color=c, alpha=0.6,
+                     label=f"{name} (without 0)")
+        base = ((m.get("report") or {}).get("baseline") or {}).get("val") or {}
+        if base.get("top1") is not None and not float_drawn:
+            float_drawn = True
+            axes[0].axhline(base["top1"], color=_colour("float"), lw=1, ls=":", label="float (val)")
+    axes[0].set(title="validation top-1 per round", xlabel="round", ylabel="top-1 %")
+    axes[1].set(title="unique values", xlabel="round", ylabel="values in the codebook")
+    axes[2].set(title="entropy of the fixed weights", xlabel="round", ylabel="bits per weight")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_weights(method: Mapping[str, Any], path: Path) -> Optional[Path]:
+    """The fixed weights against the codebook (None before the run finished)."""
+    final = (method.get("report") or {}).get("final") or {}
+    codebook, counts = final.get("codebook"), final.get("codebook_counts")
+    if not codebook or not counts:
+        values = weight_values(method)
+        if not values:
+            return None
+        import numpy as np
+
+        cb, cnt = np.unique(np.asarray(values, dtype="float32"), return_counts=True)
+        codebook, counts = cb.tolist(), cnt.tolist()
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=SIZES["weights"], layout="constrained")
+    total = float(sum(counts))
+    floats = float_values(method)
+    if floats:
+        ax.hist(floats, bins=120, density=False, color="#bbbbbb", alpha=0.8,
+                weights=[1.0 / len(floats)] * len(floats), label="float baseline (share per bin)")
+    span = (max(codebook) - min(codebook)) if len(codebook) > 1 else 1.0
+    width = max(span / 400.0, 1e-6)
+    ax.bar(codebook, [c / total for c in counts], width=width * 2, color=_colour(method["method"]),
+           label=f"fixed: {len(codebook)} codebook values (share of weights)")
+    ax.set_yscale("log")
+    ax.set(title=f"{method['method']}: weights against the shared codebook", xlabel="weight value",
+           ylabel="share of weights (log scale)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_layers(method: Mapping[str, Any], path: Path) -> Optional[Path]:
+    """Bits per weight and share quantised per layer (None before the run finished)."""
+    rows = layer_table(method)
+    if not rows:
+        return None
+    plt = _pyplot()
+    import numpy as np
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=SIZES["layers"], layout="constrained",
+                                  gridspec_kw={"width_ratios": [3, 2]})
+    x = np.arange(len(rows))
+    series = [("entropy_bits", "entropy"), ("fixed_bits", "fixed width log2(K)"), ("packed_bits", "packed")]
+    shown = [(k, label) for k, label in series if any(r.get(k) is not None for r in rows)]
+    w = 0.8 / max(len(shown), 1)
+    for i, (key, label) in enumerate(shown):
+        vals = [r.get(key) if r.get(key) is not None else 0.0 for r in rows]
+        ax.bar(x + (i - (len(shown) - 1) / 2) * w, vals, width=w, label=label)
+    labels = [r["layer"] for r in rows]
+    ax.set_xticks(x, labels, rotation=60 if len(rows) > 6 else 0, ha="right" if len(rows) > 6 else "center",
+                  fontsize=7 if len(rows) > 12 else 9)
+    ax.set(title=f"{method['method']}: bits per weight per layer", ylabel="bits per weight")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax2.barh(x, [100 * r["coverage"] for r in rows], color=_colour(method["method"]))
+    ax2.set_yticks(x, labels, fontsize=7 if len(rows) > 12 else 9)
+    ax2.invert_yaxis()
+    ax2.set(title="parameters quantised", xlabel="% of the layer's parameters", xlim=(0, 105))
+    ax2.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_compare(folder: Path, methods: Mapping[str, Mapping[str, Any]], path: Path) -> Optional[Path]:
+    """Test top-1 against entropy for a comparison folder (None for a method folder)."""
+    if not (folder / "compare.json").exists():
+        return None
+    data = read_json(folder / "compare.json")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=SIZES["compare"], layout="constrained")
+    for row in data.get("table", []):
+        name = row.get("method")
+        if name == "float":
+            if row.get("top1") is not None:
+                ax.axhline(row["top1"], color=_colour("float"), ls="--", lw=1, label=f"float {row['top1']:.2f}%")
+            continue
+        m = methods.get(name)
+        if m and m["rounds"]:
+            ent = [r.get("entropy") for r in m["rounds"]]
+            acc = [(r.get("after_train") or r.get("after_fix") or {}).get("top1") for r in m["rounds"]]
+            pts = [(e, a) for e, a in zip(ent, acc) if e is not None and a is not None]
+            if pts:
+                ax.plot(*zip(*pts), ".-", color=_colour(name), alpha=0.35, label=f"{name} rounds (validation)")
+        if row.get("entropy") is not None and row.get("top1") is not None:
+            ax.scatter([row["entropy"]], [row["top1"]], s=90, color=_colour(name), edgecolor="black", zorder=3,
+                       label=f"{name}: {row['top1']:.2f}%, {row['entropy']:.2f} bits, {row.get('unique')} values")
+    ax.set(title="accuracy against weight entropy", xlabel="entropy of the weights (bits per weight)",
+           ylabel="top-1 %")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_run_dir(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = None) -> list[Path]:
+    """Write every picture the folder has data for; returns the files written (at least one)."""
+    folder = Path(run_dir)
+    folder_kind(folder)  # a clear error for a folder that is not a run folder
+    _pyplot()  # a clear error before any work when matplotlib is missing
+    target = Path(out) if out is not None else folder / "plots"
+    methods = {name: read_method(path) for name, path in method_folders(folder).items()}
+    written: list[Path] = []
+
+    def keep(p: Optional[Path]) -> None:
+        if p is not None:
+            written.append(p)
+
+    try:
+        keep(plot_rounds(methods, target / "rounds.png"))
+        for name, m in methods.items():
+            keep(plot_weights(m, target / f"weights_{name}.png"))
+            keep(plot_layers(m, target / f"layers_{name}.png"))
+        keep(plot_compare(folder, methods, target / "compare.png"))
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close("all")
+    if not written:
+        raise PwfnError(f"{str(folder)!r} has no completed round yet: nothing to draw")
+    return written
+
+
+def png_size(path: Union[str, Path]) -> tuple[int, int]:
+    """(width, height) in pixels of a PNG, read from its header."""
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if head[:8] != b"\x89PNG\r\n\x1a\n":
+        raise PwfnError(f"{path} is not a PNG file")
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def expected_size(kind: str) -> tuple[int, int]:
+    """The pixel size of a picture of ``kind`` (``rounds``, ``weights``, ``layers``, ``compare``)."""
+    w, h = SIZES[kind]
+    return round(w * DPI), round(h * DPI)
+
+
+__all__: Sequence[str] = ["plot_run_dir", "plot_rounds", "plot_weights", "plot_layers", "plot_compare",
+                          "png_size", "expected_size", "SIZES", "DPI"]

@@ -1,0 +1,202 @@
+"""Export targets: the fixed network in formats real toolchains run.
+
+=========  ==========================================================================  =========
+name       what                                                                         extra
+=========  ==========================================================================  =========
+onnx       ``model.onnx``: weights as value tables + packed indices, decoded by Gather   onnx
+tflm       ``model.tflite``: TFLite-Micro flatbuffer, per-tensor LUT-compressed          tflm
+hls4ml     ``hls4ml_prj.tar.gz``: HLS project, power-of-two (shift) products, C-sim'd    hls4ml
+=========  ==========================================================================  =========
+
+Each target checks itself end to end before anything is written (see its module) and reports
+its file sizes and the multiplications it leaves. ``shiftadd`` is the reference integer
+forward they are held to. ``export_targets(folder, names)`` adds targets to an export folder
+written by ``pwfn.export`` (``pwfn export RUN --to onnx,tflm,hls4ml``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import PwfnError
+
+__all__ = ["TARGETS", "Target", "TargetError", "check_targets", "export_targets", "format_targets", "parse_targets",
+           "run_target"]
+
+log = logging.getLogger(__name__)
+
+TARGETS_FILE = "targets.json"
+
+
+class TargetError(PwfnError, ValueError):
+    """An unknown target, or a target whose optional dependency is missing."""
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    extra: str
+    modules: tuple[str, ...]  # importable names the target needs
+    description: str
+    build: Callable[..., tuple[dict[str, bytes], dict[str, Any]]]
+
+
+def _onnx(model: nn.Module, example: Tensor, *, codebook: Tensor | None, **_: Any):
+    from .onnx import export_onnx
+
+    data, info = export_onnx(model, example, codebook)
+    info["multiplications_left"] = "all (weights are decoded to float once; onnxruntime multiplies)"
+    return {"model.onnx": data}, info
+
+
+def _tflm(model: nn.Module, example: Tensor, **_: Any):
+    from .tflm import export_tflm
+
+    files, info = export_tflm(model, example[:1])
+    info["multiplications_left"] = "all (DECODE restores float weights; the kernels multiply)"
+    return files, info
+
+
+def _hls4ml(model: nn.Module, example: Tensor, *, b: int, signed_terms: bool, **_: Any):
+    from .hls4ml import export_hls4ml
+
+    data, info = export_hls4ml(model, example, b=b, signed_terms=signed_terms)
+    return {"hls4ml_prj.tar.gz": data}, info
+
+
+TARGETS: dict[str, Target] = {
+    "onnx": Target("onnx", "onnx", ("onnx", "onnxruntime"),
+                   "ONNX, weights as value tables + packed indices decoded by Gather", _onnx),
+    "tflm": Target("tflm", "tflm", ("tflite_micro", "flatbuffers"),
+                   "TFLite-Micro .tflite with per-tensor lookup-table compression", _tflm),
+    "hls4ml": Target("hls4ml", "hls4ml", ("hls4ml",),
+                     "hls4ml HLS project with power-of-two (shift) products, C-simulated", _hls4ml),
+}
+
+
+def _check_available(t: Target) -> None:
+    import importlib.util
+
+    missing = [m for m in t.modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise TargetError(f"target {t.name!r} needs the '{t.extra}' extra ({', '.join(missing)} not installed): "
+                          f"pip install 'pwfn-compress[{t.extra}]'")
+
+
+def run_target(name: str, model: nn.Module, example: Tensor, *, codebook: Tensor | None = None, b: int = 7,
+               signed_terms: bool = False) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Build and check one target in memory: (files, info)."""
+    if name not in TARGETS:
+        raise TargetError(f"unknown export target {name!r}; choose from {', '.join(TARGETS)}")
+    t = TARGETS[name]
+    _check_available(t)
+    files, info = t.build(model, example, codebook=codebook, b=b, signed_terms=signed_terms)
+    info["files"] = {k: len(v) for k, v in files.items()}
+    return files, info
+
+
+def _fixed_counts(model: nn.Module, example: Tensor, b: int, signed_terms: bool) -> dict[str, Any] | None:
+    from .shiftadd import ShiftAddError, ShiftAddNet
+
+    try:
+        return ShiftAddNet(model, b=b, signed_terms=signed_terms).operation_counts(tuple(example.shape[1:]))
+    except ShiftAddError as exc:
+        log.info("no shift-add operation counts: %s", exc)
+        return None
+
+
+def parse_targets(spec: Iterable[str]) -> list[str]:
+    """``["onnx,tflm", "hls4ml"]`` -> ``["onnx", "tflm", "hls4ml"]`` (validated, no duplicates)."""
+    out: list[str] = []
+    for item in spec:
+        for name in (s.strip() for s in str(item).split(",")):
+            if not name:
+                continue
+            if name not in TARGETS:
+                raise TargetError(f"unknown export target {name!r}; choose from {', '.join(TARGETS)}")
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def check_targets(spec: Iterable[str]) -> list[str]:
+    """Parse target names and check their extras are installed (before anything is written)."""
+    names = parse_targets(spec)
+    for n in names:
+        _check_available(TARGETS[n])
+    return names
+
+
+def export_targets(folder: str | Path, names: Iterable[str], *, example: Tensor | None = None) -> dict[str, Any]:
+    """Add targets to an export folder (``model.json`` + ``model.safetensors`` from ``pwfn.export``).
+
+    Every target is built and checked before any file is written; then each file and
+    ``targets.json`` (sizes against fp32 and int8, checks, multiplications) are written atomically.
+    """
+    from ..export import _example_input, load_exported_model
+    from ..io import atomic_write_bytes, atomic_write_json
+
+    folder = Path(folder)
+    names = check_targets(names)
+    meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    model = load_exported_model(folder).eval()
+    b = int(meta.get("b", 7))
+    signed = bool(meta.get("signed_terms", False))
+    cb = meta.get("codebook")
+    codebook = torch.tensor(cb, dtype=torch.float32) if isinstance(cb, list) and cb else None
+    if example is None:
+        example = _example_input(model, meta.get("recipe"), None)
+    state = model.state_dict()
+    numel = sum(t.numel() for t in state.values() if t.is_floating_point())
+    fp32 = 4 * numel
+    int8 = numel + 4 * sum(1 for t in state.values() if t.is_floating_point())  # + one scale per tensor
+    counts = _fixed_counts(model, example, b, signed)
+    built: dict[str, tuple[dict[str, bytes], dict[str, Any]]] = {}
+    for n in names:
+        built[n] = run_target(n, model, example, codebook=codebook, b=b, signed_terms=signed)
+    summary: dict[str, Any] = {"folder": str(folder), "fp32_bytes": fp32, "int8_bytes": int8,
+                               "operations": counts, "targets": {}}
+    for n, (files, info) in built.items():
+        for fname, data in files.items():
+            atomic_write_bytes(folder / fname, data)
+        main = next(iter(files))
+        size = len(files[main])
+        summary["targets"][n] = {"file": main, "bytes": size, "vs_fp32": fp32 / size if size else None,
+                                 "vs_int8": int8 / size if size else None, **info}
+    atomic_write_json(folder / TARGETS_FILE, summary)
+    return summary
+
+
+def format_targets(summary: Mapping[str, Any]) -> str:
+    """The lines ``pwfn export --to`` prints."""
+    lines = [f"  targets (fp32 weights {summary['fp32_bytes']:,} B, int8 {summary['int8_bytes']:,} B):",
+             "  | target | file | bytes | fp32 / file | int8 / file | check | multiplications left |",
+             "  |---|---|---|---|---|---|---|"]
+    ops = summary.get("operations") or {}
+    macs = (ops.get("total") or {}).get("macs")
+    for n, t in summary["targets"].items():
+        if n == "onnx":
+            check = "weights bit-identical, outputs = fp32 ONNX bit for bit"
+        elif n == "tflm":
+            check = "TFLM interpreter: LUT = uncompressed bit for bit"
+        else:
+            check = "C simulation = shift-add reference bit for bit"
+        left = t.get("multiplications_left")
+        left_s = f"{left:,} of {macs:,}" if isinstance(left, int) and macs else str(left)
+        lines.append(f"  | {n} | {t['file']} | {t['bytes']:,} | {t['vs_fp32']:.1f}x | {t['vs_int8']:.2f}x | "
+                     f"{check} (max |diff| to torch {t.get('max_abs_diff', t.get('max_abs_diff_to_float', 0)):.2g}) "
+                     f"| {left_s} |")
+    if ops:
+        tot = ops["total"]
+        lines.append(f"  shift-add reference: {tot['macs']:,} multiply-accumulates per input become "
+                     f"{tot['shifts']:,} shifts + {tot['adds']:,} adds ({tot['zero_weight_macs_skipped']:,} "
+                     "zero-weight products skipped), 0 multiplications")
+    return "\n".join(lines)

@@ -1,0 +1,428 @@
+"""Tasks: how a batch feeds the model, what loss trains it and which metrics judge it.
+
+Fixing is task-agnostic; the training between rounds and the evaluations are not. A
+:class:`Task` bundles the loss ``(outputs, targets) -> scalar``, additive metric sums (so they
+reduce across DDP ranks), the metrics computed from them, a check of the first batch, and
+whether Monte-Carlo calibration means anything. A :class:`BatchAdapter` turns any batch —
+``(x, y)`` tuples, Hugging Face dicts, nested structures — into model inputs and targets and
+moves it to the device. Built in (by name, see :data:`TASKS`):
+
+* ``classification`` — logits ``(N, C)`` and integer labels ``(N,)``: cross-entropy; top-1,
+  top-5, loss; MC calibration (NLL, ECE);
+* ``regression`` / ``regression_l1`` — outputs and float targets of one shape: MSE / L1; mse,
+  mae, loss (lower is better);
+* ``bce`` — multi-label or soft targets in [0, 1] against logits (``bce`` ) or probabilities
+  (``bce_probs``, for a model that ends in a sigmoid): binary cross-entropy; loss, mae and
+  accuracy at 0.5;
+* ``language_model`` — per-token logits ``(N, T, V)`` and token ids ``(N, T)``, the next token
+  predicted (``shift``), ``-100`` ignored: per-token cross-entropy; loss, perplexity, token
+  accuracy.
+
+Your own task: ``pwfn.CustomTask(loss=lambda outputs, targets: ..., metrics=...)``, or a
+``Task`` subclass registered with :func:`register_task`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+Batch = Any
+
+
+def to_device(batch: Batch, device: Union[str, torch.device], non_blocking: bool = False) -> Batch:
+    """``batch`` with every tensor moved to ``device``, through dicts, lists, tuples and named tuples."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, Mapping):
+        moved = {k: to_device(v, device, non_blocking) for k, v in batch.items()}
+        try:
+            return type(batch)(moved)  # e.g. a Hugging Face BatchEncoding
+        except Exception:  # a mapping type that cannot be rebuilt from a dict
+            return moved
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(v, device, non_blocking) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device, non_blocking) for v in batch)
+    return batch
+
+
+def _first_tensor(obj: Any) -> Optional[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+@dataclass
+class BatchAdapter:
+    """Splits a batch into model inputs and targets, calls the model, unwraps its output.
+
+    * a ``(inputs, targets, ...)`` tuple or list: ``model(inputs)``;
+    * a mapping (Hugging Face style): ``model(**inputs)`` with every key but ``target_key``
+      (``"labels"``, else ``"label"``) and the targets from that key;
+    * ``output_key``: which part of a structured output is the prediction (default: ``logits``
+      of a ``ModelOutput``, element 0 of a tuple, the tensor itself otherwise).
+    """
+
+    target_key: Optional[str] = None
+    output_key: Optional[Union[str, int]] = None
+
+    def split(self, batch: Batch) -> tuple[Any, Any]:
+        """(model inputs, targets) of a batch."""
+        if isinstance(batch, Mapping):
+            key = self.target_key or ("labels" if "labels" in batch else "label" if "label" in batch else None)
+            if key is None or key not in batch:
+                raise ConfigError(f"a dict batch needs its targets under {self.target_key or 'labels'!r}; it has "
+                                  f"keys {sorted(batch)[:8]}. Set the batch adapter's target_key")
+            return {k: v for k, v in batch.items() if k != key}, batch[key]
+        if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+            return batch[0], batch[1]
+        raise ConfigError(f"a batch must be (inputs, targets) or a dict with targets under 'labels', got "
+                          f"{type(batch).__name__}")
+
+    def call(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        """The model's predictions for ``inputs`` (keyword arguments for a dict)."""
+        out = model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
+        return self.unwrap(out)
+
+    def unwrap(self, out: Any) -> torch.Tensor:
+        """The prediction tensor out of a model's output (tensor, ModelOutput, dict or tuple)."""
+        key = self.output_key
+        if key is not None:
+            out = out[key] if isinstance(key, int) or isinstance(out, Mapping) else getattr(out, key)
+        elif not isinstance(out, torch.Tensor):
+            logits = getattr(out, "logits", None)
+            if isinstance(logits, torch.Tensor):
+                out = logits
+            elif isinstance(out, Mapping) and isinstance(out.get("logits"), torch.Tensor):
+                out = out["logits"]
+            elif isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+                out = out[0]
+        if not isinstance(out, torch.Tensor):
+            raise ConfigError(f"the model's output is a {type(out).__name__}, not a tensor; set the batch adapter's "
+                              "output_key to the field that holds the predictions")
+        return out
+
+    def size(self, targets: Any) -> int:
+        """Number of examples in a batch (the first dimension of its first target tensor)."""
+        t = _first_tensor(targets)
+        return int(t.shape[0]) if t is not None and t.dim() else 1
+
+
+class Task:
+    """Base of a task; subclasses set the class attributes and implement the methods."""
+
+    name: str = "task"
+    #: the metric tables and round summaries show first
+    primary: str = "loss"
+    higher_is_better: bool = False
+    #: Monte-Carlo calibration (NLL, ECE) applies: class probabilities against integer labels
+    calibrated: bool = False
+
+    def loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        """The training loss: a scalar, the mean over the batch."""
+        raise NotImplementedError
+
+    def sums(self, outputs: torch.Tensor, targets: Any) -> dict[str, float]:
+        """Additive sums over a batch (``count`` included); reduced across ranks, then :meth:`finish`."""
+        n = float(_first_tensor(targets).shape[0]) if _first_tensor(targets) is not None else 1.0
+        return {"loss": float(self.loss(outputs, targets)) * n, "count": n}
+
+    def finish(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """The metrics from the (reduced) sums of :meth:`sums`."""
+        count = max(float(sums.get("count", 0.0)), 1.0)
+        return {"loss": sums.get("loss", 0.0) / count}
+
+    def validate(self, outputs: torch.Tensor, targets: Any, where: str) -> None:
+        """Raise ``ConfigError`` naming the problem and the option to use when the batch cannot work."""
+        loss = self.loss(outputs.float(), targets)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ConfigError(f"the {self.name} loss on the {where}'s first batch is not a scalar tensor")
+
+    def describe(self) -> dict[str, Any]:
+        """Name, primary metric and its direction, for reports."""
+        return {"name": self.name, "primary": self.primary, "higher_is_better": self.higher_is_better}
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    primary = "top1"
+    higher_is_better = True
+    calibrated = True
+
+    def loss(self, outputs, targets):
+        return F.cross_entropy(outputs.float(), targets)
+
+    def sums(self, outputs, targets):
+        n = targets.numel()
+        out = {"count": float(n), "correct": float((outputs.argmax(1) == targets).sum()),
+               "loss": float(F.cross_entropy(outputs.float(), targets, reduction="sum")) if n else 0.0}
+        if outputs.shape[1] > 5:
+            out["correct5"] = float((outputs.topk(5, dim=1).indices == targets[:, None]).any(1).sum())
+        return out
+
+    def finish(self, sums):
+        count = max(sums.get("count", 0.0), 1.0)
+        out = {"top1": 100.0 * sums.get("correct", 0.0) / count, "loss": sums.get("loss", 0.0) / count}
+        if "correct5" in sums:
+            out["top5"] = 100.0 * sums["correct5"] / count
+        return out
+
+    def validate(self, outputs, targets, where):
+        _need(isinstance(targets, torch.Tensor), f"the {where}'s targets are a {type(targets).__name__}, not a tensor")
+        _need(outputs.dim() == 2, f"classification needs (batch, classes) logits, but the model's output on the "
+                                  f"{where}'s batch has shape {tuple(outputs.shape)}. For per-token outputs use "
+                                  "task=language_model; for other outputs task=regression or your own loss")
+        if targets.is_floating_point():
+            raise ConfigError(
+                f"the {where}'s targets are floating point (shape {tuple(targets.shape)}): classification needs "
+                "integer class labels. For probability or multi-label targets use task=bce (task=bce_probs when "
+                "the model ends in a sigmoid); for real-valued targets task=regression")
+        _need(targets.dim() == 1 and targets.shape[0] == outputs.shape[0],
+              f"classification needs one label per example: labels of shape {tuple(targets.shape)} for outputs of "
+              f"shape {tuple(outputs.shape)}")
+        if targets.numel():
+            lo, hi = int(targets.min()), int(targets.max())
+            _need(lo >= 0 and hi < outputs.shape[1],
+                  f"the {where}'s labels range over [{lo}, {hi}] but the model outputs {outputs.shape[1]} classes: "
+                  "the model's settings do not fit the data (check its number of classes)")
+
+
+class RegressionTask(Task):
+    primary = "mse"
+
+    def __init__(self, kind: str = "mse") -> None:
+        _need(kind in ("mse", "l1"), f"regression loss must be mse or l1, got {kind!r}")
+        self.kind = kind
+        self.name = "regression" if kind == "mse" else "regression_l1"
+        self.primary = "mse" if kind == "mse" else "mae"
+
+    def loss(self, outputs, targets):
+        o, t = outputs.float(), targets.float()
+        return F.mse_loss(o, t) if self.kind == "mse" else F.l1_loss(o, t)
+
+    def sums(self, outputs, targets):
+        o, t = outputs.float(), targets.float().reshape(outputs.shape)
+        n = float(t.shape[0]) if t.dim() else 1.0
+        per = float(t[0].numel()) if t.dim() and t.shape[0] else 1.0
+        return {"count": n, "values": n * per, "se": float((o - t).square().sum()), "ae": float((o - t).abs().sum())}
+
+    def finish(self, sums):
+        v = max(sums.get("values", 0.0), 1.0)
+        mse, mae = sums.get("se", 0.0) / v, sums.get("ae", 0.0) / v
+        return {"mse": mse, "mae": mae, "rmse": math.sqrt(mse), "loss": mse if self.kind == "mse" else mae}
+
+    def validate(self, outputs, targets, where):
+        _need(isinstance(targets, torch.Tensor), f"the {where}'s targets are a {type(targets).__name__}, not a tensor")
+        _need(targets.is_floating_point(), f"regression needs float targets; the {where}'s are {targets.dtype} "
+                                           "(integer class labels: use task=classification)")
+        _need(outputs.numel() == targets.numel(),
+              f"regression outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} differ in size")
+
+
+class BCETask(Task):
+    primary = "loss"
+
+    def __init__(self, from_logits: bool = True) -> None:
+        self.from_logits = from_logits
+        self.name = "bce" if from_logits else "bce_probs"
+
+    def loss(self, outputs, targets):
+        o, t = outputs.float(), targets.float().reshape(outputs.shape)
+        if self.from_logits:
+            return F.binary_cross_entropy_with_logits(o, t)
+        return F.binary_cross_entropy(o.clamp(0.0, 1.0), t)
+
+    def _probs(self, outputs):
+        return outputs.float().sigmoid() if self.from_logits else outputs.float().clamp(0.0, 1.0)
+
+    def sums(self, outputs, targets):
+        t = targets.float().reshape(outputs.shape)
+        p = self._probs(outputs)
+        values = float(t.numel())
+        if self.from_logits:
+            bce = float(F.binary_cross_entropy_with_logits(outputs.float(), t, reduction="sum"))
+        else:
+            bce = float(F.binary_cross_entropy(p, t, reduction="sum"))
+        return {"count": float(t.shape[0]), "values": values, "bce": bce, "ae": float((p - t).abs().sum()),
+                "agree": float(((p >= 0.5) == (t >= 0.5)).sum())}
+
+    def finish(self, sums):
+        v = max(sums.get("values", 0.0), 1.0)
+        return {"loss": sums.get("bce", 0.0) / v, "mae": sums.get("ae", 0.0) / v,
+                "accuracy@0.5": 100.0 * sums.get("agree", 0.0) / v}
+
+    def validate(self, outputs, targets, where):
+        _need(isinstance(targets, torch.Tensor), f"the {where}'s targets are a {type(targets).__name__}, not a tensor")
+        _need(outputs.numel() == targets.numel(),
+              f"{self.name}: outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} differ in size")
+        t = targets.float()
+        _need(bool(((t >= 0) & (t <= 1)).all()), f"{self.name} needs targets in [0, 1]; the {where}'s range over "
+                                                f"[{float(t.min()):g}, {float(t.max()):g}]")
+        if not self.from_logits:
+            o = outputs.float()
+            _need(bool(((o >= 0) & (o <= 1)).all()),
+                  f"bce_probs needs probabilities in [0, 1] from the model, but its outputs range over "
+                  f"[{float(o.min()):g}, {float(o.max()):g}]; if the model outputs logits use task=bce")
+
+
+class LanguageModelTask(Task):
+    name = "language_model"
+    primary = "perplexity"
+
+    def __init__(self, shift: bool = True, ignore_index: int = -100) -> None:
+        self.shift = shift
+        self.ignore_index = ignore_index
+
+    def _flat(self, outputs, targets):
+        o, t = outputs, targets
+        if self.shift:
+            o, t = o[:, :-1], t[:, 1:]
+        return o.reshape(-1, o.shape[-1]).float(), t.reshape(-1)
+
+    def loss(self, outputs, targets):
+        o, t = self._flat(outputs, targets)
+        return F.cross_entropy(o, t, ignore_index=self.ignore_index)
+
+    def sums(self, outputs, targets):
+        o, t = self._flat(outputs, targets)
+        keep = t != self.ignore_index
+        return {"count": float(targets.shape[0]), "tokens": float(keep.sum()),
+                "nll": float(F.cross_entropy(o, t, ignore_index=self.ignore_index, reduction="sum")),
+                "correct": float(((o.argmax(1) == t) & keep).sum())}
+
+    def finish(self, sums):
+        n = max(sums.get("tokens", 0.0), 1.0)
+        loss = sums.get("nll", 0.0) / n
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": 100.0 * sums.get("correct", 0.0) / n}
+
+    def validate(self, outputs, targets, where):
+        _need(isinstance(targets, torch.Tensor) and not targets.is_floating_point(),
+              f"language_model needs integer token ids as targets; the {where}'s are "
+              f"{getattr(targets, 'dtype', type(targets).__name__)}")
+        _need(outputs.dim() == 3 and tuple(outputs.shape[:2]) == tuple(targets.shape),
+              f"language_model needs (batch, tokens, vocabulary) logits for (batch, tokens) ids; got outputs "
+              f"{tuple(outputs.shape)} for targets {tuple(targets.shape)}")
+        keep = targets[targets != self.ignore_index]
+        if keep.numel():
+            _need(int(keep.min()) >= 0 and int(keep.max()) < outputs.shape[-1],
+                  f"token ids range over [{int(keep.min())}, {int(keep.max())}] but the model outputs "
+                  f"{outputs.shape[-1]} logits per token")
+
+
+class CustomTask(Task):
+    """A task from your own functions.
+
+    ``loss(outputs, targets) -> scalar tensor`` trains; ``metrics(outputs, targets) -> {name: value}``
+    (optional) is averaged over examples for evaluations (weighted by batch size). ``primary``
+    names the metric tables lead with; ``higher_is_better`` says which way is better.
+    """
+
+    def __init__(self, loss: Callable[[torch.Tensor, Any], torch.Tensor],
+                 metrics: Optional[Callable[[torch.Tensor, Any], Mapping[str, float]]] = None, *,
+                 name: str = "custom", primary: str = "loss", higher_is_better: bool = False) -> None:
+        if not callable(loss):
+            raise ConfigError("CustomTask needs a callable loss(outputs, targets)")
+        self._loss, self._metrics = loss, metrics
+        self.name, self.primary, self.higher_is_better = name, primary, higher_is_better
+
+    def loss(self, outputs, targets):
+        return self._loss(outputs, targets)
+
+    def sums(self, outputs, targets):
+        t = _first_tensor(targets)
+        n = float(t.shape[0]) if t is not None and t.dim() else 1.0
+        out = {"count": n, "loss": float(self._loss(outputs, targets)) * n}
+        if self._metrics is not None:
+            for k, v in dict(self._metrics(outputs, targets)).items():
+                out[f"m:{k}"] = float(v) * n
+        return out
+
+    def finish(self, sums):
+        count = max(sums.get("count", 0.0), 1.0)
+        out = {"loss": sums.get("loss", 0.0) / count}
+        out.update({k[2:]: v / count for k, v in sums.items() if k.startswith("m:")})
+        return out
+
+
+TASKS: dict[str, Callable[[], Task]] = {
+    "classification": ClassificationTask,
+    "regression": lambda: RegressionTask("mse"),
+    "regression_l1": lambda: RegressionTask("l1"),
+    "bce": lambda: BCETask(from_logits=True),
+    "bce_probs": lambda: BCETask(from_logits=False),
+    "language_model": LanguageModelTask,
+    "language_model_unshifted": lambda: LanguageModelTask(shift=False),
+}
+
+
+def register_task(name: str, factory: Callable[[], Task]) -> None:
+    """Make ``task=name`` (config, CLI, ``compress``) build ``factory()``."""
+    TASKS[name] = factory
+
+
+def resolve_task(task: Union[None, str, Task]) -> Task:
+    """A Task from a name in :data:`TASKS`, a Task instance, or None (classification)."""
+    if task is None:
+        return ClassificationTask()
+    if isinstance(task, Task):
+        return task
+    if isinstance(task, str) and task in TASKS:
+        return TASKS[task]()
+    raise ConfigError(f"unknown task {task!r}; choose one of {sorted(TASKS)} or pass a pwfn.Task / pwfn.CustomTask")
+
+
+@torch.no_grad()
+def evaluate_task(model: nn.Module, loader, device, task: Task, adapter: Optional[BatchAdapter] = None,
+                  dist=None) -> dict[str, float]:
+    """The task's metrics of ``model`` (in eval mode) over ``loader``; sums reduced across DDP ranks."""
+    adapter = adapter or BatchAdapter()
+    was = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    try:
+        for batch in loader:
+            inputs, targets = adapter.split(to_device(batch, device))
+            outputs = adapter.call(model, inputs)
+            for k, v in task.sums(outputs, targets).items():
+                totals[k] = totals.get(k, 0.0) + v
+    finally:
+        model.train(was)
+    if dist is not None and getattr(dist, "enabled", False):
+        keys = sorted(totals)
+        keys = sorted(set(keys))
+        values = dist.all_reduce_sum([totals[k] for k in keys])
+        totals = dict(zip(keys, values))
+    return task.finish(totals)
+
+
+def primary_value(metrics: Mapping[str, Any], task: Task) -> Optional[float]:
+    """The task's primary metric out of an evaluation's metrics (None when absent)."""
+    v = metrics.get(task.primary)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+__all__: Sequence[str] = [
+    "BCETask", "BatchAdapter", "ClassificationTask", "CustomTask", "LanguageModelTask", "RegressionTask", "TASKS",
+    "Task", "evaluate_task", "primary_value", "register_task", "resolve_task", "to_device",
+]

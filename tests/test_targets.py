@@ -1,0 +1,306 @@
+"""Export targets (issue 16): shift-add reference, codebook ONNX, TFLite-Micro, hls4ml, CLI --to."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pwfn.centres import candidate_centres
+from pwfn.models import create_model
+from pwfn.targets.shiftadd import FixedPoint, ShiftAddError, ShiftAddNet, calibrate
+
+HAVE_ONNX = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxruntime") is not None
+HAVE_TFLM = importlib.util.find_spec("tflite_micro") is not None
+HAVE_HLS = importlib.util.find_spec("hls4ml") is not None and shutil.which("g++") is not None
+needs_onnx = pytest.mark.skipif(not HAVE_ONNX, reason="the 'onnx' extra (onnx, onnxruntime) is not installed")
+needs_tflm = pytest.mark.skipif(not HAVE_TFLM, reason="the 'tflm' extra (tflite-micro) is not installed")
+needs_hls = pytest.mark.skipif(not HAVE_HLS, reason="the 'hls4ml' extra or g++ (hls4ml's C simulation) is missing")
+
+
+def snapped(model: nn.Module, order: int = 2, signed: bool = False, seed: int = 0,
+            max_abs: float = 0.5) -> nn.Module:
+    """``model`` with every parameter on a power-of-two codebook (nearest value), like a fixed run."""
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        nn.init.uniform_(p, -0.4, 0.4) if p.dim() == 1 else None
+    cb = candidate_centres(max_abs, order, b=7, signed_terms=signed).values.double()
+    with torch.no_grad():
+        for p in model.parameters():
+            idx = (p.double().reshape(-1, 1) - cb).abs().argmin(1)
+            p.copy_(cb[idx].reshape(p.shape).to(p.dtype))
+    return model.eval()
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(1)
+    return snapped(create_model("mlp", hidden=[32, 16]))
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(2)
+    return snapped(create_model("lenet5", in_channels=1, input_size=8))
+
+
+class Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(2 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x)) + x
+        return self.fc(torch.flatten(self.pool(y), 1))
+
+
+# -------------------------------------------------------------------------------- shift-add
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("make,shape", [(mlp, (64,)), (cnn, (1, 8, 8)), (lambda: snapped(Residual()), (2, 8, 8))])
+def test_shift_add_is_bit_exact_against_multiplies_and_close_to_float(make, shape, signed) -> None:
+    model = make()
+    if signed:  # WFN codebook: signed terms (7 = 8 - 1 has two terms, not three)
+        model = snapped(model, order=2, signed=True)
+    x = torch.randn(16, *shape, generator=torch.Generator().manual_seed(3))
+    fp = calibrate(model, x, frac_bits=12)
+    net = ShiftAddNet(model, b=7, fixed_point=fp, signed_terms=signed)
+    xi = fp.quantise(x)
+    shifted = net.forward_int(xi, "shift")
+    multiplied = net.forward_int(xi, "multiply")
+    assert shifted.dtype == torch.int64 and torch.equal(shifted, multiplied)
+    with torch.no_grad():
+        ref = model(x).double()
+    err = float((net(x) - ref).abs().max())
+    assert err <= net.error_bound()
+    assert err < 1e-2  # 12 fractional bits: a few ulps, not a different function
+    counts = net.operation_counts(shape)
+    assert counts["total"]["multiplications_left"] == 0
+    assert counts["total"]["terms"] >= counts["total"]["macs"] - counts["total"]["zero_weight_macs_skipped"]
+
+
+def test_shift_add_follows_truncation_exactly() -> None:
+    lin = nn.Linear(2, 1)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.5, -0.25]]))
+        lin.bias.copy_(torch.tensor([2.0**-7]))
+    fp = FixedPoint(frac_bits=2, width=8)
+    net = ShiftAddNet(nn.Sequential(lin), b=7, fixed_point=fp)
+    # x = (0.75, 0.25) -> 0.375 - 0.0625 + 2^-7 = 0.3203...; floor to 2 fractional bits = 0.25
+    assert float(net(torch.tensor([[0.75, 0.25]]))[0, 0]) == 0.25
+    # negative values floor towards minus infinity: -0.3203... -> -0.5
+    assert float(net(torch.tensor([[-0.75, -0.25]]))[0, 0]) == -0.5
+
+
+def test_shift_add_refuses_what_it_cannot_do() -> None:
+    off = nn.Sequential(nn.Linear(4, 2))
+    with torch.no_grad():
+        off[0].weight.fill_(0.3)  # not a multiple of 2^-7
+    with pytest.raises(ShiftAddError, match="powers of two"):
+        ShiftAddNet(off)
+    with pytest.raises(ShiftAddError, match="Sigmoid"):
+        ShiftAddNet(snapped(nn.Sequential(nn.Linear(4, 2), nn.Sigmoid())))
+    net = ShiftAddNet(snapped(nn.Sequential(nn.Linear(4, 2))), fixed_point=FixedPoint(4, 6))
+    with pytest.raises(ShiftAddError, match="overflows"):
+        net(torch.full((1, 4), 100.0))
+
+
+# -------------------------------------------------------------------------------- ONNX
+
+
+@needs_onnx
+@pytest.mark.parametrize("make,shape", [(mlp, (64,)), (cnn, (1, 8, 8))])
+def test_codebook_onnx_is_exact_and_small(make, shape) -> None:
+    import onnx
+
+    from pwfn.targets.onnx import decode_weights, export_onnx
+
+    model = make()
+    cb = torch.unique(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    data, info = export_onnx(model, torch.randn(2, *shape), cb)
+    assert info["weights_bit_identical"] and info["bit_identical_to_fp32_onnx"]
+    assert info["coded_tensors"] >= len([p for p in model.parameters() if p.dim() > 1])
+    ops = {n.op_type for n in onnx.load_from_string(data).graph.node}
+    assert "Gather" in ops
+    # close to the packed indices: tables, the few float tensors and the graph are small extras
+    payload = info["index_bytes"] + info["table_bytes"] + info["float_bytes"]
+    assert info["bytes"] < payload + 4000
+    assert info["bytes"] < info["fp32_onnx_bytes"] / 2
+    sd = model.state_dict()
+    for name, arr in decode_weights(data).items():
+        assert np.array_equal(arr.view(np.uint32), sd[name].numpy().view(np.uint32))
+
+
+@needs_onnx
+def test_codebook_onnx_handles_any_module_and_keeps_off_codebook_tensors_float() -> None:
+    from pwfn.targets.onnx import export_onnx
+
+    class Tagger(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.norm = nn.LayerNorm(16)
+            self.fc = nn.Linear(16, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.norm(self.emb(x)).mean(1))
+
+    m = snapped(Tagger())
+    with torch.no_grad():
+        m.norm.weight.copy_(torch.linspace(0.9, 1.1, 16) + 1e-3)  # off the codebook: stays float
+    cb = torch.unique(torch.cat([m.emb.weight.reshape(-1), m.fc.weight.reshape(-1)]))
+    data, info = export_onnx(m, torch.randint(0, 50, (2, 7)), cb)
+    assert "emb.weight" in info["tensors"]
+    assert "norm.weight" not in info["tensors"]
+    assert info["weights_bit_identical"]
+
+
+# -------------------------------------------------------------------------------- TFLite-Micro
+
+
+@needs_tflm
+@pytest.mark.parametrize("make,shape", [(mlp, (64,)), (cnn, (1, 8, 8))])
+def test_tflm_lut_compressed_model_runs_bit_identically(make, shape) -> None:
+    from pwfn.targets.tflm import export_tflm, run_tflm
+
+    model = make()
+    files, info = export_tflm(model, torch.randn(1, *shape))
+    assert info["bit_identical_to_uncompressed"] and info["max_abs_diff"] <= 1e-5
+    assert info["compressed_tensors"] == sum(1 for _ in model.parameters())
+    assert len(files["model.tflite"]) < len(files["model_uncompressed.tflite"]) / 2
+    assert b"TFL3" == files["model.tflite"][4:8]
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = run_tflm(files["model.tflite"], x.numpy())
+    assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+
+
+@needs_tflm
+def test_tflm_leaves_tensors_with_too_many_values_uncompressed() -> None:
+    from pwfn.targets.tflm import export_tflm
+
+    model = snapped(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)), order=4, max_abs=2.0)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(64 * 32).reshape(32, 64).double().mul(2.0**-7).sub(8).float())
+    files, info = export_tflm(model, torch.randn(1, 64))
+    assert info["not_compressed"] == {"0.weight": 64 * 32}
+    assert info["compressed_tensors"] == 3 and info["bit_identical_to_uncompressed"]
+
+
+# -------------------------------------------------------------------------------- hls4ml
+
+
+def test_fill_terms_writes_every_value_with_exactly_T_nonzero_terms() -> None:
+    from pwfn.centres import decompose
+    from pwfn.targets.hls4ml import fill_terms
+
+    values = torch.tensor([0.0, 2.0**-7, -0.5, 0.75, 7 * 2.0**-7, -(2.0**-3) - 2.0**-7, 1.0], dtype=torch.float64)
+    d = decompose(values, b=7)
+    for T in (3, 4, 5):
+        s, e = fill_terms(d.signs.numpy(), d.exponents.numpy(), d.orders.numpy(), T, 7)
+        assert (s != 0).all()
+        assert np.array_equal((s * np.exp2(e.astype(np.float64))).sum(-1), values.numpy())
+    from pwfn.targets.hls4ml import Hls4mlError
+
+    with pytest.raises(Hls4mlError, match="3 terms"):
+        fill_terms(d.signs.numpy(), d.exponents.numpy(), d.orders.numpy(), 2, 7)
+
+
+@needs_hls
+@pytest.mark.slow
+@pytest.mark.parametrize("make,shape,mode", [(mlp, (64,), "auto"), (cnn, (1, 8, 8), "auto"), (mlp, (64,), "fixed")])
+def test_hls4ml_c_simulation_matches_the_shift_add_reference(make, shape, mode) -> None:
+    import io
+    import tarfile
+
+    from pwfn.targets.hls4ml import export_hls4ml
+
+    model = make()
+    if make is mlp and mode == "auto":
+        torch.manual_seed(5)  # values with three terms: three parallel layers, odd T
+        model = snapped(create_model("mlp", hidden=[32, 16]), order=3)
+    data, info = export_hls4ml(model, torch.rand(3, *shape), mode=mode,
+                               check_inputs=torch.randn(5, *shape, generator=torch.Generator().manual_seed(4)))
+    assert info["bit_identical_to_reference"]
+    assert info["max_abs_diff_to_float"] <= info["error_bound"]
+    if mode == "auto":
+        assert info["products"]["weight_exponential"] > 0 and info["products"]["mult"] == 0
+        assert info["multiplications_left"] == 0
+        assert all(v["path"] == "exponent" for v in info["layers"].values())
+        if make is mlp:
+            assert max(v["parallel_layers"] for v in info["layers"].values()) == 3
+    else:
+        assert info["products"]["weight_exponential"] == 0 and info["products"]["mult"] > 0
+        assert info["multiplications_left"] == info["macs"]
+    names = tarfile.open(fileobj=io.BytesIO(data)).getnames()
+    assert "hls4ml_prj/firmware/myproject.cpp" in names and not any(n.endswith(".so") for n in names)
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def _export_folder(tmp_path: Path) -> Path:
+    from pwfn.export import export_model
+
+    model = mlp()
+    names = [n for n, _ in model.named_parameters()]
+    out = tmp_path / "export"
+    export_model(model, names, out, {"name": "mlp", "kwargs": {"hidden": [32, 16]}})
+    return out
+
+
+@needs_onnx
+@needs_tflm
+@needs_hls
+@pytest.mark.slow
+def test_export_targets_writes_checked_files_and_reports_sizes(tmp_path: Path) -> None:
+    from pwfn.targets import export_targets, format_targets
+
+    out = _export_folder(tmp_path)
+    summary = export_targets(out, ["onnx,tflm", "hls4ml"])
+    for name, fname in (("onnx", "model.onnx"), ("tflm", "model.tflite"), ("hls4ml", "hls4ml_prj.tar.gz")):
+        t = summary["targets"][name]
+        assert (out / fname).stat().st_size == t["bytes"] and t["file"] == fname
+    assert summary["targets"]["onnx"]["vs_fp32"] > 2 and summary["targets"]["tflm"]["vs_fp32"] > 2
+    assert summary["targets"]["hls4ml"]["multiplications_left"] == 0
+    text = format_targets(summary)
+    assert "| hls4ml |" in text and "0 multiplications" in text
+    assert (out / "targets.json").exists()
+
+
+def test_cli_refuses_unknown_targets_before_writing(tmp_path: Path, capsys) -> None:
+    from pwfn.cli import main
+
+    assert main(["export", str(tmp_path / "nowhere"), "--to", "onnx,coreml"]) == 2
+    assert "unknown export target 'coreml'" in capsys.readouterr().err
+    assert not (tmp_path / "nowhere").exists()
+
+
+@needs_onnx
+@needs_tflm
+@needs_hls
+@pytest.mark.slow
+def test_device_targets_benchmark_dry_run(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "device_targets.py"), "--dry", "--out",
+                           str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, timeout=900, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "out" / "device_targets.json").read_text())
+    rows = doc["datasets"][0]["targets"]["rows"]
+    by = {r["target"].split(" ")[0]: r for r in rows}
+    assert by["ONNX"]["agree"] == 100.0 and by["TFLite-Micro,"]["agree"] == 100.0  # float runtimes: same
+    assert by["hls4ml"]["agree"] >= 95.0 and by["hls4ml"]["mult_left"] == 0  # fixed point: near-ties may flip
+    assert any(r["method"] == "PWFN budget" and r["met"] for r in doc["datasets"][0]["budget"])
+    assert "| K | method |" in (tmp_path / "out" / "device_targets.md").read_text()
