@@ -7,8 +7,9 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from test_tasks_e2e import _Dicts
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from pwfn.fixer import Fixer
 
@@ -78,19 +79,6 @@ def test_lightning_callback_runs_every_round(method, tmp_path):
     assert other.round == 3 and torch.equal(other.view.fixed(), fixer.view.fixed())
 
 
-class _Tokens(Dataset):
-    def __init__(self, n=64):
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(1, 20, (n, 8), generator=g)
-        self.labels = (self.ids[:, 0] > 10).long()
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": self.labels[i]}
-
-
 @pytest.mark.parametrize("method", ["pwfn", "wfn"])
 def test_huggingface_trainer_callback_runs_every_round(method, tmp_path):
     tr = pytest.importorskip("transformers")
@@ -114,7 +102,7 @@ def test_huggingface_trainer_callback_runs_every_round(method, tmp_path):
         def on_epoch_begin(self, args, state, control, **kw):
             snapshots.append((fixer.view.values().clone(), fixer.view.fixed().clone()))
 
-    trainer = tr.Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[cb, Capture()],
+    trainer = tr.Trainer(model=model, args=args, train_dataset=_Dicts(n=64, vocab=20), callbacks=[cb, Capture()],
                          compute_loss_func=fixing_loss(fixer))
     trainer.train()
     assert fixer.done and len(snapshots) == 2, "training stops once every weight is fixed"

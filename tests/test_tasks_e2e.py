@@ -79,10 +79,12 @@ def test_soft_target_bce_with_a_sigmoid_model(tmp_path):
 
 
 class _Dicts(Dataset):
-    def __init__(self, n=96, seed=0):
+    """Hugging Face style dict examples: token ids, attention mask, a label from the first token."""
+
+    def __init__(self, n=96, seed=0, vocab=30):
         g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(1, 30, (n, 8), generator=g)
-        self.labels = (self.ids[:, 0] > 15).long()
+        self.ids = torch.randint(1, vocab, (n, 8), generator=g)
+        self.labels = (self.ids[:, 0] > vocab // 2).long()
 
     def __len__(self):
         return len(self.ids)
