@@ -24,10 +24,12 @@ from .errors import BayesError, ConversionError
 from .init import (
     DEFAULT_SIGMA_FLOOR,
     constant_sigma,
+    laplace_sigma,
     moped_sigma,
     power_of_two_distance,
     power_of_two_sigma,
     resolve_sigma_init,
+    tensor_scale,
 )
 from .layers import (
     MODES,
@@ -69,6 +71,7 @@ __all__ = [
     "is_bayesian",
     "is_norm_module",
     "kl_divergence",
+    "laplace_sigma",
     "local_mode_coverage",
     "local_rule_for",
     "moped_sigma",
@@ -86,5 +89,6 @@ __all__ = [
     "sigma_regularizer",
     "sigma_stats",
     "summarize_sigma",
+    "tensor_scale",
     "to_point_estimate",
 ]

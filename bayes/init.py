@@ -103,6 +103,38 @@ def moped_sigma(mu: torch.Tensor, delta: float = 0.1, floor: float = DEFAULT_SIG
     return (delta * mu.detach().abs()).clamp(min=floor)
 
 
+def tensor_scale(mu: torch.Tensor) -> float:
+    """A tensor's own scale, mean |mu| (float64 sum): scaling mu by 2^k scales it by exactly 2^k."""
+    if mu.numel() == 0:
+        return 0.0
+    return float(mu.detach().abs().to(torch.float64).mean())
+
+
+def laplace_sigma(
+    fisher: torch.Tensor,
+    dataset_size: int,
+    prior_sigma: Union[float, torch.Tensor],
+    floor: float = DEFAULT_SIGMA_FLOOR,
+) -> torch.Tensor:
+    """Diagonal Laplace posterior std: ``1 / sqrt(N * F + 1 / prior_sigma^2)``, floored.
+
+    ``fisher`` is a per-weight (empirical) Fisher estimate of the per-example loss, e.g. the mean
+    of squared per-example gradients; ``N`` the training-set size. Weights the data pins down (large
+    curvature) get a small sigma, weights the loss ignores get the prior's. Never above the prior.
+    """
+    _check_floor(floor)
+    if dataset_size <= 0:
+        raise BayesError(f"dataset_size must be positive, got {dataset_size}")
+    f = fisher.detach().to(torch.float64)
+    if not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
+        raise BayesError("the Fisher estimate must be finite and non-negative")
+    prior = torch.as_tensor(prior_sigma, dtype=torch.float64, device=f.device)
+    if not bool((prior > 0).all()):
+        raise BayesError("prior_sigma must be positive")
+    sigma = (dataset_size * f + prior.reciprocal().square()).rsqrt()
+    return sigma.clamp_min(floor).to(fisher.dtype if fisher.is_floating_point() else torch.float32)
+
+
 def _check_floor(floor: float) -> None:
     if not floor > 0:
         raise BayesError(f"sigma floor must be positive, got {floor}")

@@ -60,6 +60,7 @@ def sigma_regularizer(
     tau: float = 0.05,
     lam: float = 2.0**-11,
     frozen: Optional[Mapping[str, torch.Tensor]] = None,
+    tau_scale: Optional[Mapping[str, float]] = None,
 ) -> torch.Tensor:
     """Loss term pushing every sigma below ``tau`` upwards, weighted by the drawn noise.
 
@@ -67,10 +68,24 @@ def sigma_regularizer(
     exactly ``-lam * relu(tau - sigma) * |eps|`` (zero for frozen entries), for the eps of the
     current ``sample``-mode draw. Tensors that drew no eps (``local``/``mean`` modes) use
     ``E|eps| = sqrt(2/pi)``. Call it after the forward pass, before ``backward``.
+
+    ``tau_scale`` (``"<parameter name>" -> s``) makes the target per tensor: ``tau * s`` (tensors
+    not named keep ``tau``). With ``s`` a tensor's own scale the push is scale-equivariant: scaling
+    that tensor (and its sigmas) by ``2^k`` scales its gradient by ``2^k``, so an SGD step moves sigma
+    by the same fraction of its size.
     """
     if tau < 0 or lam < 0:
         raise BayesError(f"tau and lam must be non-negative, got tau={tau}, lam={lam}")
     entries = _entries(model, frozen, "nothing to regularise")
+    taus: object = float(tau)
+    if tau_scale:
+        taus = []
+        for e in entries:
+            key = next((n for n in (e.name, *e.aliases) if n in tau_scale), None)
+            s = 1.0 if key is None else float(tau_scale[key])
+            if not (s >= 0 and math.isfinite(s)):
+                raise BayesError(f"tau_scale for {key!r} must be finite and >= 0, got {s}")
+            taus.append(float(tau) * s)
     sigmas = [e.sigma for e in entries]
     drawn = [e.gaussian.last_eps for e in entries]
     have = [i for i, (eps, s) in enumerate(zip(drawn, sigmas)) if eps is not None and eps.shape == s.shape]
@@ -87,7 +102,7 @@ def sigma_regularizer(
                 weights[i] = weights[i].masked_fill(mask, 0.0)  # frozen entries: no push, no gradient
     # One autograd node for the whole network: the gradient is known in closed form, and one
     # node instead of seven per tensor keeps a training step cheap (see bayes_layer_cost).
-    return _SigmaRegularizer.apply(float(tau), float(lam), weights, *sigmas)
+    return _SigmaRegularizer.apply(taus, float(lam), weights, *sigmas)
 
 
 class _SigmaRegularizer(torch.autograd.Function):
@@ -97,7 +112,7 @@ class _SigmaRegularizer(torch.autograd.Function):
     def forward(ctx, tau, lam, weights, *sigmas):
         # relu(tau - sigma) for every tensor at once (torch's multi-tensor ops)
         r = torch._foreach_neg(list(sigmas))
-        torch._foreach_add_(r, tau)
+        torch._foreach_add_(r, tau)  # one float, or one float per tensor
         torch._foreach_clamp_min_(r, 0.0)
         rw = torch._foreach_mul(r, list(weights))  # w * relu(tau - sigma)
         ctx.lam = lam

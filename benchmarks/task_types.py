@@ -119,8 +119,9 @@ def main(argv=None) -> int:
     lines = B.header("Non-classification tasks: float, WFN and PWFN", "task_types.py", argv, m)
     lines += [f"Default method settings (`pwfn.compress(..., task=...)`), training seeds {seeds}: mean "
               "(min-max) of the task metric on the validation split; lower is better for every metric here. "
-              "Unique values and entropy are the means over the seeds. The seed moves only PWFN's weight "
-              "noise (the float model and the loaders' order are fixed), so WFN's three runs are identical.", ""]
+              "Unique values and entropy are the means over the seeds. The seed sets PWFN's weight noise; the "
+              "training loader's own shuffling generator runs on from one run to the next, so every run also "
+              "sees another batch order (which is why WFN's runs differ slightly).", ""]
     lines.append(B.md_table(["case", "method", "metric", "min-max", "unique", "entropy bits", "time s"], [
         [r["case"], r["method"], f"{r['metric']:.4g}",
          f"{r['metric_min']:.4g}-{r['metric_max']:.4g}" if "metric_min" in r else "-",

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__
+from .config import METHODS
 from .errors import PwfnError
 
 
@@ -58,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="train/load a float model and fix it with one method")
     _common(p_run)
-    p_run.add_argument("--method", choices=["pwfn", "wfn"], default=None)
+    p_run.add_argument("--method", choices=list(METHODS), default=None)
     p_cmp = sub.add_parser("compare", help="float baseline, WFN and PWFN from the same baseline, one table")
     _common(p_cmp)
     p_rep = sub.add_parser("report", help="summarise a run folder")

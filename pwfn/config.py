@@ -22,6 +22,9 @@ import yaml
 from . import schedules
 from .errors import ConfigError
 
+#: the fixing methods (``pipeline.STRATEGIES`` holds one strategy class per name; torch-free here for the CLI)
+METHODS = ("pwfn", "wfn", "wfn_published")
+
 # the papers' schedules, as lists (config values are plain YAML data)
 PWFN_FRACTIONS = list(schedules.PWFN_FRACTIONS)
 WFN_FRACTIONS = list(schedules.WFN_FRACTIONS)
@@ -117,10 +120,12 @@ class PWFNConfig:
     """Tolerance in standard deviations: a weight may join value c when |mu - c| <= k * sigma."""
     sigma_init: str = "power_of_two"
     """How sigma starts: `power_of_two` (small near a power of two, the paper's rule), `constant` or `moped` (a share of |mu|)."""
+    scale: str = "absolute"
+    """Units of `sigma_init_scale`, `sigma_init_max`, `tau` and `laplace_prior`: `absolute` (weight units, the paper's; the default) or `tensor` (fractions of each tensor's mean |mu|, so scaling a tensor by 2^k scales its sigmas and target by 2^k: scale-equivariant; see the `pwfn_scaled` preset)."""
     sigma_init_scale: float = 0.0025
-    """Scale of the initial sigma (the paper's 0.0025)."""
+    """Scale of the initial sigma, in `scale` units (the paper's 0.0025 absolute; the `pwfn_scaled` preset uses 0.1 of the tensor's mean |mu|)."""
     sigma_init_max: float = 0.05
-    """Upper bound of the initial sigma (the paper's 0.05)."""
+    """Upper bound of the initial sigma, in `scale` units (the paper's 0.05 absolute, equal to its tau)."""
     sigma_floor: float = 2.0**-30
     """Smallest sigma allowed (keeps it positive)."""
     sigma_update: str = "std_mu"
@@ -130,9 +135,19 @@ class PWFNConfig:
     objective: str = "regulariser"  # or "elbo"
     """`regulariser` (the paper's sigma regulariser) or `elbo` (a KL to a Gaussian prior, scaled by the training-set size)."""
     tau: float = 0.05
-    """Target sigma of the regulariser: unfixed sigmas below tau are pushed up towards it."""
+    """Target sigma of the regulariser, in `scale` units: unfixed sigmas below tau are pushed up towards it (the paper's 0.05 absolute; the `pwfn_scaled` preset uses half a tensor's mean |mu|)."""
     lam: float = 2.0**-11
-    """Strength of the sigma regulariser (the paper's 2^-11, sized for ImageNet; small datasets need more)."""
+    """Strength of the sigma regulariser (the paper's 2^-11, sized for ImageNet's ~30k steps per round; see `sigma_steps_reference`)."""
+    sigma_steps_reference: Optional[float] = None
+    """Budget-aware regulariser: `lam` is multiplied by this number over the momentum-weighted number of SGD steps of the training phase in progress (and by 1e-3 / `lr`), so sigma moves as far in a 10-step round as in a round of this many steps at the paper's lr (30000: its ImageNet rounds; the `pwfn_scaled` preset); null (the default) uses `lam` as given. A `Fixer` in your own loop needs `set_training_steps`."""
+    clip_sigma: bool = True
+    """Include the sigmas in gradient-norm clipping (the paper's, the default); the `pwfn_scaled` preset leaves them out, so the budget-scaled regulariser's gradient does not shrink mu's steps."""
+    posterior: str = "trained"
+    """Where sigma comes from: `trained` (the initialiser, then the regulariser or ELBO during training, the paper's) or `laplace` (a diagonal Laplace posterior from squared gradients over a few training batches before every round, 1/sqrt(N * F + 1/prior^2); sigma is then not trained, mu still is)."""
+    laplace_batches: int = 8
+    """Training batches of the Laplace (empirical Fisher) estimate of `posterior: laplace`."""
+    laplace_prior: float = 1.0
+    """Prior standard deviation of `posterior: laplace`, in `scale` units: no sigma exceeds it."""
     prior_sigma: float = 0.1
     """Standard deviation of the Gaussian prior of `objective: elbo`."""
     forward_mode: str = "sample"
@@ -211,8 +226,8 @@ class RunConfig:
 
     name: str = "run"
     """Run name: the run folder is `<out_dir>/<name>`."""
-    method: str = "pwfn"  # for `pwfn run`: "pwfn" or "wfn"
-    """Method of `pwfn run`: `pwfn` or `wfn` (`--method` overrides it)."""
+    method: str = "pwfn"  # for `pwfn run`: one of METHODS
+    """Method of `pwfn run`: `pwfn`, `wfn` or `wfn_published` (`--method` overrides it)."""
     seed: int = 0
     """Seed of model initialisation, training order and weight noise."""
     device: str = "auto"
@@ -241,6 +256,8 @@ class RunConfig:
     """Settings of probabilistic weight fixing."""
     wfn: WFNConfig = field(default_factory=WFNConfig)
     """Settings of deterministic weight fixing."""
+    wfn_published: WFNConfig = field(default_factory=WFNConfig)
+    """Settings of `wfn_published`, the published WFN clustering (ALGORITHM.md 2b) with WFN's training between rounds: the same fields as `wfn`; the clustering itself ignores `engine` (its smallest term is 2^-(8 + order), at most 2^-30)."""
     quantise: QuantiseConfig = field(default_factory=QuantiseConfig)
     """What is fixed onto the codebook (coverage)."""
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -488,7 +505,7 @@ def _validate_engine(e: EngineSettings, where: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express; raise ConfigError naming the key."""
-    _check(cfg.method in ("pwfn", "wfn"), f"method = {cfg.method!r}: choose 'pwfn' or 'wfn'")
+    _check(cfg.method in METHODS, f"method = {cfg.method!r}: choose one of {', '.join(METHODS)}")
     # the name is a folder under out_dir (and `--fresh` deletes it): one plain path component
     _check(bool(cfg.name) and cfg.name not in (".", "..") and not any(c in cfg.name for c in "/\\\0"),
            f"name = {cfg.name!r}: the run name becomes a folder under out_dir; use a plain name "
@@ -541,6 +558,12 @@ def validate(cfg: RunConfig) -> None:
     _check(p.sigma_divisor > 0, "pwfn.sigma_divisor must be > 0")
     _check(p.objective in ("regulariser", "elbo"), f"pwfn.objective = {p.objective!r}: choose regulariser or elbo")
     _check(p.tau >= 0 and p.lam >= 0, "pwfn.tau and pwfn.lam must be >= 0")
+    _check(p.scale in ("tensor", "absolute"), f"pwfn.scale = {p.scale!r}: choose tensor or absolute")
+    _check(p.sigma_steps_reference is None or p.sigma_steps_reference >= 1,
+           f"pwfn.sigma_steps_reference = {p.sigma_steps_reference} must be >= 1 (steps) or null")
+    _check(p.posterior in ("trained", "laplace"), f"pwfn.posterior = {p.posterior!r}: choose trained or laplace")
+    _check(p.laplace_batches >= 1, f"pwfn.laplace_batches = {p.laplace_batches} must be >= 1")
+    _check(0 < p.laplace_prior <= 1e3, f"pwfn.laplace_prior = {p.laplace_prior} must be in (0, 1000]")
     _check(p.prior_sigma > 0, "pwfn.prior_sigma must be > 0")
     _check(p.forward_mode in ("sample", "local"), f"pwfn.forward_mode = {p.forward_mode!r}: choose sample or local")
     _check(p.lr > 0 and p.weight_decay >= 0 and 0 <= p.momentum < 1, "pwfn.lr > 0, weight_decay >= 0, 0 <= momentum < 1")
@@ -556,6 +579,15 @@ def validate(cfg: RunConfig) -> None:
     _check(w.reg_temperature > 0 and w.reg_ratio >= 0, "wfn.reg_temperature > 0 and wfn.reg_ratio >= 0")
     _check(w.round_epochs >= 0, "wfn.round_epochs must be >= 0")
     _validate_engine(w.engine, "wfn.engine")
+    wp = cfg.wfn_published
+    wp.fractions = validate_fractions(wp.fractions, "wfn_published.fractions")
+    _check(0 < wp.delta < 1, f"wfn_published.delta = {wp.delta} must be in (0, 1) (relative tolerance)")
+    _check(wp.lr > 0, "wfn_published.lr must be > 0")
+    _check(wp.grad_clip is None or wp.grad_clip > 0, "wfn_published.grad_clip must be > 0 or null")
+    _check(wp.reg_temperature > 0 and wp.reg_ratio >= 0,
+           "wfn_published.reg_temperature > 0 and wfn_published.reg_ratio >= 0")
+    _check(wp.round_epochs >= 0, "wfn_published.round_epochs must be >= 0")
+    _validate_engine(wp.engine, "wfn_published.engine")
     bu = cfg.budget
     _check(bu.max_values is None or bu.max_values >= 2,
            f"budget.max_values = {bu.max_values} must be >= 2 (zero and one other value) or null")

@@ -42,7 +42,7 @@ from .manifest import (
 )
 
 LEVELS = ("ok", "info", "warning", "problem")
-METHODS = ("pwfn", "wfn")
+from .config import METHODS  # noqa: E402  (one list of methods, torch-free)
 
 #: optional extras: (import name, extra, what needs it)
 OPTIONAL = (

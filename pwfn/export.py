@@ -90,7 +90,7 @@ SIZE_FILE = "size.json"
 # Side tensors of a partly fixed tensor; ':' never occurs in a state_dict key torch builds.
 _POS = "::unfixed_positions"
 _VAL = "::unfixed_values"
-_METHODS = ("pwfn", "wfn")
+from .config import METHODS as _METHODS  # noqa: E402  (one list of methods)
 
 
 class ExportError(PwfnError, ValueError):
@@ -190,6 +190,18 @@ def _clean_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
             raise ExportError(f"tensor name {name!r} uses a reserved suffix")
         out[name] = t.detach().cpu().contiguous().clone()
     return out
+
+
+def _infer_b(state: Mapping[str, Tensor], names: Iterable[str]) -> int:
+    """The smallest b in 7..24 at which all quantised values are multiples of 2^-b (7 when none is)."""
+    tensors = [state[n].detach().reshape(-1) for n in names if n in state and state[n].is_floating_point()]
+    if not tensors:
+        return 7
+    values = torch.cat([t.to(torch.float64) for t in tensors]).unique()
+    for bb in range(7, 25):
+        if bool(_decomposable(values, bb).all()):
+            return bb
+    return 7
 
 
 def _decomposable(values: Tensor, b: int) -> Tensor:
@@ -830,7 +842,7 @@ def export_model(
     recipe: Mapping[str, Any] | None = None,
     *,
     method: str = "pwfn",
-    b: int = 7,
+    b: int | None = None,
     codebook: Tensor | None = None,
     allow_unfixed: bool = False,
     onnx: bool = False,
@@ -845,9 +857,14 @@ def export_model(
     model; without it they need ``model=``. ``method`` picks the terms: PWFN positive, WFN
     signed. ``codebook`` (optional) restricts which values count as fixed; ``masks`` (name ->
     bool tensor, e.g. ``Fixer``/``QuantView.masks()``) do the same. Unfixed values raise ``ExportError`` unless
-    ``allow_unfixed``. ``model`` itself is not modified.
+    ``allow_unfixed``. ``model`` itself is not modified. ``b`` (smallest term 2^-b) defaults to the
+    smallest of 7..24 at which every quantised value is a sum of powers of two (7 when none is):
+    PWFN's tensor-scaled grid gives small tensors terms finer than 2^-7.
     """
     point, state, _ = _plain_state(model)
+    quantised_names = list(quantised_names)
+    if b is None:
+        b = _infer_b(state, quantised_names)
     if recipe:  # check now that the loaders will be able to rebuild it
         point = _build(recipe, _clean_state(state), "the given model")
     prepared = _prepare(

@@ -46,7 +46,8 @@ STATE_FORMAT = 1
 
 
 def resolve_config(config: Union[None, RunConfig, Mapping, str, Path], overrides: Optional[list[str]] = None) -> RunConfig:
-    """A RunConfig from a RunConfig, a dict, a YAML path or None (defaults), with ``--set``-style overrides."""
+    """A RunConfig from a RunConfig, a dict, a YAML path, a shipped config's name (``"paper_pwfn"``) or None
+    (defaults), with ``--set``-style overrides."""
     from .config import apply_overrides
 
     if isinstance(config, RunConfig):
@@ -55,6 +56,10 @@ def resolve_config(config: Union[None, RunConfig, Mapping, str, Path], overrides
     if isinstance(config, Mapping):
         return config_from_dict(apply_overrides(copy.deepcopy(dict(config)), overrides or []))
     if config is None or isinstance(config, (str, Path)):
+        if isinstance(config, str):  # a shipped config by name (e.g. the paper preset "paper_pwfn")
+            from .presets import resolve_config as resolve_shipped
+
+            config = resolve_shipped(config)
         return load_config(config, overrides)
     raise ConfigError(f"config must be a RunConfig, a dict, a YAML path or None, got {type(config).__name__}")
 
@@ -86,15 +91,18 @@ class Fixer:
     """Round-by-round fixing of one model with one method, driven by any training loop.
 
     ``model``: your trained ``nn.Module`` (copied unless ``inplace=True``, e.g. when a
-    LightningModule holds it). ``method``: ``"pwfn"`` or ``"wfn"``. ``config``: a RunConfig, a
+    LightningModule holds it). ``method``: ``"pwfn"``, ``"wfn"`` or ``"wfn_published"``. ``config``: a RunConfig, a
     dict (``{"pwfn": {"k": 2}}``), a YAML path or None for the defaults; only the method's
     section, ``quantise`` and ``batchnorm`` matter here. ``dataset_size``: the training-set size
-    (needed by ``pwfn.objective=elbo``).
+    (needed by ``pwfn.objective=elbo``). ``steps_per_round``: the optimizer steps your loop takes
+    between two rounds; PWFN's budget-aware regulariser scales ``lam`` by it
+    (``pwfn.sigma_steps_reference``; without it ``lam`` is used as given).
     """
 
     def __init__(self, model: nn.Module, method: str = "pwfn", config: Any = None, *,
                  device: Optional[Union[str, torch.device]] = None, inplace: bool = False,
-                 dataset_size: Optional[int] = None, overrides: Optional[list[str]] = None) -> None:
+                 dataset_size: Optional[int] = None, overrides: Optional[list[str]] = None,
+                 steps_per_round: Optional[int] = None) -> None:
         from .pipeline import STRATEGIES, _check_float_model, _check_trainable
 
         if method not in STRATEGIES:
@@ -106,6 +114,8 @@ class Fixer:
         self.strategy = STRATEGIES[method](self.cfg)
         if dataset_size is not None:
             self.strategy._dataset_size = int(dataset_size)
+        if method == "wfn_published" and self.cfg.budget != type(self.cfg.budget)():
+            raise ConfigError("budget mode works with the pwfn and wfn methods, not wfn_published")
         _check_float_model(model)
         prepared = self.strategy.prepare(model, inplace=inplace)
         self.model: nn.Module = prepared.to(device) if device is not None else prepared
@@ -129,6 +139,8 @@ class Fixer:
         self._active: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._saved: dict[int, list] = {}
         self._install_hooks()
+        if steps_per_round is not None:  # PWFN's budget-aware regulariser (pwfn.sigma_steps_reference)
+            self.set_training_steps(steps_per_round)
 
     # -- fixed values stay fixed --------------------------------------------------------------
     def _install_hooks(self) -> None:
@@ -207,6 +219,25 @@ class Fixer:
             return torch.zeros((), device=self.view.slots[0].value.device)
         return term
 
+    def set_training_steps(self, steps: Optional[int]) -> None:
+        """Tell the Fixer how many optimizer steps the training phase about to start takes.
+
+        PWFN's budget-aware regulariser (``pwfn.sigma_steps_reference``) scales ``lam`` by it, so
+        sigma moves as far in a short phase as in a long one; the built-in loop calls this before
+        the warm-up and before every round's training. ``None``: unknown (``lam`` as given).
+        """
+        if steps is not None and (isinstance(steps, bool) or int(steps) < 1):
+            raise ConfigError(f"training steps must be >= 1 (or None), got {steps!r}")
+        if hasattr(self.strategy, "phase_steps"):
+            self.strategy.phase_steps = None if steps is None else int(steps)
+            self._extra = None
+
+    def clip_parameters(self) -> Optional[list]:
+        """The tensors gradient clipping should see (None: all of the model's); PWFN leaves sigma out
+        unless ``pwfn.clip_sigma``. Pass them to ``torch.nn.utils.clip_grad_norm_``."""
+        fn = getattr(self.strategy, "clip_parameters", None)
+        return fn(self.model) if fn is not None else None
+
     def loss(self, task_loss: torch.Tensor) -> torch.Tensor:
         """``task_loss + loss_term(task_loss)``."""
         return task_loss + self.loss_term(task_loss)
@@ -242,15 +273,12 @@ class Fixer:
         t = self.round
         frac = self.fractions[t]
         view = self.view
-        values, fixed = view.values(), view.fixed()
-        sigma = view.sigmas() if view.has_sigma else None
-        result = fix_round(values, self.strategy.tolerance(view, t), fixed, frac, sigma=sigma,
-                           config=self.engine_config)
-        new_sigma = result.sigma if sigma is not None else None
+        new_values, new_fixed, new_sigma, summary = self.strategy.fix(view, t, frac, self.engine_config,
+                                                                      engine=fix_round)
         if broadcast is not None:
-            for tensor in (result.values, result.fixed) + ((new_sigma,) if new_sigma is not None else ()):
+            for tensor in (new_values, new_fixed) + ((new_sigma,) if new_sigma is not None else ()):
                 broadcast(tensor)
-        view.write(result.values, result.fixed, new_sigma)
+        view.write(new_values, new_fixed, new_sigma)
         if self.budget is not None:
             self.budget.enforce(view)  # budget mode: merge fixed values down to the limits
         self.round += 1
@@ -261,7 +289,7 @@ class Fixer:
         row.update(quant_metrics(view, self.engine_config.b, self.engine_config.signed_terms))
         from .io import to_jsonable
 
-        row["engine"] = to_jsonable(result.summary)
+        row["engine"] = to_jsonable(summary)
         self.history.append(row)
         return Round(index=t, fraction=frac, trains=frac < 1.0 and not self.done, row=row)
 

@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 from .errors import PwfnError
 
 LOCK_FILE = ".pwfn.lock"
-METHODS = ("pwfn", "wfn")
+from .config import METHODS  # noqa: E402  (one list of methods, torch-free)
 
 try:  # POSIX
     import fcntl

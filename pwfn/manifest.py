@@ -49,7 +49,7 @@ POINT_MODEL_JSON = "point_model.json"
 POINT_FORMAT = "pwfn-point-model"
 POINT_FORMAT_VERSION = 1
 
-METHODS = ("pwfn", "wfn")
+from .config import METHODS  # noqa: E402  (one list of methods, torch-free)
 
 #: limits on run-folder files read back (a hand-edited or hostile file is refused, never parsed at length)
 MAX_JSON_BYTES = 256 << 20

@@ -9,6 +9,7 @@ into its folder: ``config.yaml``, ``metrics.jsonl`` (one row per round), ``repor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -25,6 +26,7 @@ from torch import nn
 import bayes
 
 from . import metrics as M
+from .config import METHODS as _METHOD_NAMES
 from .config import RunConfig, config_diff, config_to_dict, dump_config
 from .coverage import Coverage, plan
 from .distributed import (
@@ -33,7 +35,7 @@ from .distributed import (
     GlobalBatchShard,
     init_distributed,
 )
-from .engine import EngineConfig
+from .engine import EngineConfig, fix_round
 from .errors import (
     CheckpointError,
     ConfigError,
@@ -90,7 +92,7 @@ from .train import (
 
 log = logging.getLogger(__name__)
 
-METHODS = ("pwfn", "wfn")
+METHODS = tuple(_METHOD_NAMES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,6 +146,18 @@ class _Strategy:
     def tolerance(self, view: QuantView, round_index: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def fix(self, view: QuantView, round_index: int, fraction: float, engine_config: EngineConfig,
+            engine: Callable = fix_round):
+        """One fixing round on the view's flat values: ``(values, fixed, sigma or None, summary)``.
+
+        ``engine`` is the greedy round (``pwfn.engine.fix_round``; the Fixer passes its own reference).
+        """
+        values, fixed = view.values(), view.fixed()
+        sigma = view.sigmas() if view.has_sigma else None
+        result = engine(values, self.tolerance(view, round_index), fixed, fraction, sigma=sigma,
+                        config=engine_config)
+        return result.values, result.fixed, result.sigma if sigma is not None else None, result.summary
+
     @property
     def fractions(self) -> list[float]:
         raise NotImplementedError
@@ -170,6 +184,42 @@ class _Strategy:
         return None
 
 
+def effective_steps(steps: float, momentum: float) -> float:
+    """How far ``steps`` SGD steps with heavy-ball ``momentum`` move a parameter under a constant gradient,
+    in steady-state steps (``lr * g / (1 - m)`` each): ``sum_{t=1..S} (1 - m^t) = S - m (1 - m^S) / (1 - m)``.
+
+    Why: the budget-aware regulariser scales ``lam`` by ``effective(reference) / effective(steps)``,
+    so a 10-step round (in which momentum has not yet built up) moves sigma as far as a long one.
+    """
+    s = float(steps)
+    if momentum <= 0:
+        return s
+    return max(s - momentum * (1.0 - momentum**s) / (1.0 - momentum), 1e-12)
+
+
+#: the PWFN paper's SGD learning rate, the reference of the budget-aware regulariser
+PAPER_LR = 1e-3
+
+#: ``pwfn.scale: tensor`` shifts a tensor for the engine only when its mean |mu| is above 2^REFERENCE_EXP,
+#: about the mean |w| of the papers' trained ImageNet networks (std 0.02-0.05)
+REFERENCE_EXP = -5
+
+
+def _budget_on(cfg: RunConfig) -> bool:
+    b = getattr(cfg, "budget", None)
+    return b is not None and any(getattr(b, k) is not None
+                                 for k in ("max_values", "max_entropy_bits", "max_values_per_tensor"))
+
+
+def _phase_steps(loader, epochs: float) -> Optional[int]:
+    """SGD steps ``train_epochs`` takes for ``epochs`` over ``loader`` (None for an unsized loader)."""
+    try:
+        per_epoch = len(loader)
+    except TypeError:
+        return None
+    return max(1, math.ceil(epochs * per_epoch)) if per_epoch and epochs > 0 else None
+
+
 def _engine_config(settings, *, signed_terms: bool, **extra: Any) -> EngineConfig:
     return EngineConfig(b=settings.b, max_order=settings.max_order, signed_terms=signed_terms,
                         zero_fix=settings.zero_fix, inc=settings.inc, **extra)
@@ -180,24 +230,86 @@ class PWFNStrategy(_Strategy):
 
     name = "pwfn"
 
+    #: momentum-weighted SGD steps of the training phase in progress (None: unknown, lam unscaled)
+    phase_steps: Optional[int] = None
+
+    def _unit(self, mu: torch.Tensor) -> float:
+        """What 1.0 of `sigma_init_scale`, `sigma_init_max`, `tau`, `laplace_prior` means for this tensor."""
+        return bayes.tensor_scale(mu) if self.cfg.pwfn.scale == "tensor" else 1.0
+
     def prepare(self, float_model: nn.Module, inplace: bool = False) -> nn.Module:
         p = self.cfg.pwfn
-        init: Any = p.sigma_init
-        if p.sigma_init == "power_of_two":
-            def init(mu: torch.Tensor) -> torch.Tensor:  # the paper's rule with the config's constants
-                return bayes.power_of_two_sigma(mu, scale=p.sigma_init_scale, ceiling=p.sigma_init_max,
+        unit = self._unit
+
+        def init(mu: torch.Tensor) -> torch.Tensor:  # the config's rule and constants, in `scale` units
+            u = unit(mu)
+            if u <= 0:  # an all-zero tensor: nothing to scale by
+                return torch.full_like(mu, p.sigma_floor)
+            if p.sigma_init == "power_of_two":
+                return bayes.power_of_two_sigma(mu, scale=p.sigma_init_scale * u, ceiling=p.sigma_init_max * u,
                                                 floor=p.sigma_floor)
+            if p.sigma_init == "constant":
+                return bayes.constant_sigma(mu, p.sigma_init_scale * u, floor=p.sigma_floor)
+            return bayes.moped_sigma(mu, p.sigma_init_scale, floor=p.sigma_floor)  # already relative to |mu|
+
         model = self.plan(float_model, inplace)
         try:
-            return bayes.bayesianize(model, params=self.coverage.names, sigma_init=init, sigma_floor=p.sigma_floor,
-                                     mode=p.forward_mode, inplace=True)
+            model = bayes.bayesianize(model, params=self.coverage.names, sigma_init=init, sigma_floor=p.sigma_floor,
+                                      mode=p.forward_mode, inplace=True)
         except bayes.ConversionError as exc:
             raise ModelError(f"cannot make the model Bayesian: {exc}") from exc
+        # each tensor's unit, fixed at the start (mu moves later): per-tensor tau and Laplace prior
+        self.units = {slot.name: unit(slot.value) for slot in QuantView(model, self.coverage.names).slots}
+        if p.posterior == "laplace":  # sigma comes from the curvature, never from training
+            for prm in bayes.sigma_parameters(model):
+                prm.requires_grad_(False)
+        return model
 
     def engine_config(self) -> EngineConfig:
+        """The engine's settings; with tensors shifted down (``shift_exponents`` < 0) ``b`` is what the reports
+        and exports need (the engine itself runs each round at ``pwfn.engine.b`` in the shifted space)."""
         p = self.cfg.pwfn
-        return _engine_config(p.engine, signed_terms=False, sigma_update=p.sigma_update,
-                              sigma_divisor=p.sigma_divisor, sigma_floor=p.sigma_floor)
+        cfg = _engine_config(p.engine, signed_terms=False, sigma_update=p.sigma_update,
+                             sigma_divisor=p.sigma_divisor, sigma_floor=p.sigma_floor)
+        lowest = min(self.shift_exponents().values(), default=0)
+        return dataclasses.replace(cfg, b=cfg.b - lowest) if lowest < 0 else cfg
+
+    def shift_exponents(self) -> dict[str, int]:
+        """``scale: tensor``: each tensor's power-of-two shift ``e_T >= 0`` for the engine (empty otherwise).
+
+        A tensor whose mean |mu| is ``s_T`` is fixed as ``values / 2^e_T`` with ``e_T =
+        round(log2(s_T / 2^REFERENCE_EXP))``, then multiplied back: its codebook grid (smallest term
+        ``2^-b``) and zero threshold sit at the same place relative to its own scale, so scaling the
+        tensor by ``2^k`` gives exactly the same engine input and its fixed values scale by exactly
+        ``2^k``. The values stay sums of the same number of powers of two (terms down to
+        ``2^-(b - e_T)``; ``e_T >= b - 24`` keeps them within what run files record). Tensors near the
+        reference scale (the papers' networks) are not shifted. Budget mode (its allowed values are
+        absolute) turns the shift off.
+        """
+        if self.cfg.pwfn.scale != "tensor" or _budget_on(self.cfg):
+            return {}
+        low = self.cfg.pwfn.engine.b - 24
+        out = {}
+        for name, unit in getattr(self, "units", {}).items():
+            if unit > 0:
+                out[name] = max(low, int(round(math.log2(unit) - REFERENCE_EXP)))
+        return {k: v for k, v in out.items() if v != 0}
+
+    def fix(self, view: QuantView, round_index: int, fraction: float, engine_config: EngineConfig,
+            engine: Callable = fix_round):
+        shifts = self.shift_exponents()
+        if not shifts:
+            return super().fix(view, round_index, fraction, engine_config, engine)
+        dtype, dev = view.slots[0].value.dtype, view.slots[0].value.device
+        factor = torch.cat([torch.full((sl.numel,), 2.0 ** -shifts.get(sl.name, 0), dtype=dtype, device=dev)
+                            for sl in view.slots])  # exact powers of two: scaling is exact
+        values, fixed, sigma = view.values(), view.fixed(), view.sigmas()
+        tol = self.tolerance(view, round_index)
+        base = dataclasses.replace(engine_config, b=self.cfg.pwfn.engine.b)  # the grid of the shifted space
+        result = engine(values * factor, tol * factor, fixed, fraction, sigma=sigma * factor, config=base)
+        summary = dict(result.summary)
+        summary["tensor_shift_exponents"] = dict(shifts)
+        return result.values / factor, result.fixed, result.sigma / factor, summary
 
     def tolerance(self, view: QuantView, round_index: int) -> torch.Tensor:
         sigma = view.sigmas().clamp_min(self.cfg.pwfn.sigma_floor)
@@ -225,21 +337,98 @@ class PWFNStrategy(_Strategy):
         sigma_ids = {id(prm) for prm in sigmas}
         mus = [prm for prm in model.parameters() if id(prm) not in sigma_ids]
         # weight decay pulls mu towards 0 as in the paper; on sigma it would fight the regulariser.
-        groups = [{"params": mus, "weight_decay": p.weight_decay}, {"params": sigmas, "weight_decay": 0.0}]
+        groups = [{"params": mus, "weight_decay": p.weight_decay}]
+        if p.posterior == "trained":
+            groups.append({"params": sigmas, "weight_decay": 0.0})
         return torch.optim.SGD(groups, lr=p.lr, momentum=p.momentum)
 
     def grad_clip(self):
         return self.cfg.pwfn.grad_clip
 
+    def clip_parameters(self, model: nn.Module):
+        """The parameters gradient clipping sees: all (the paper's, ``clip_sigma``) or all but sigma."""
+        if self.cfg.pwfn.clip_sigma:
+            return None
+        sigma_ids = {id(prm) for prm in bayes.sigma_parameters(model)}
+        return [prm for prm in model.parameters() if id(prm) not in sigma_ids]
+
+    def lam_factor(self) -> float:
+        """How much the budget-aware regulariser multiplies ``lam`` by in the phase in progress."""
+        ref = self.cfg.pwfn.sigma_steps_reference
+        if ref is None or not self.phase_steps:
+            return 1.0
+        m = self.cfg.pwfn.momentum
+        # the reference is the paper's round: `ref` steps at lr 1e-3; a larger lr already moves sigma further
+        return effective_steps(ref, m) / effective_steps(self.phase_steps, m) * (PAPER_LR / self.cfg.pwfn.lr)
+
     def extra_loss(self, view):
         p = self.cfg.pwfn
         frozen = view.frozen_sigma_masks()
+        if p.posterior == "laplace":
+            return None
         if p.objective == "regulariser":
-            return lambda model, ce: bayes.sigma_regularizer(model, tau=p.tau, lam=p.lam, frozen=frozen)
+            lam = p.lam * self.lam_factor()
+            units = self.units if p.scale == "tensor" else None
+            return lambda model, ce: bayes.sigma_regularizer(model, tau=p.tau, lam=lam, frozen=frozen,
+                                                             tau_scale=units)
         n = self._dataset_size
         return lambda model, ce: bayes.kl_divergence(model, prior_sigma=p.prior_sigma, dataset_size=n, frozen=frozen)
 
     _dataset_size: Optional[int] = None
+
+    @torch.no_grad()
+    def _write_free_sigma(self, view: QuantView, sigma: dict[str, torch.Tensor]) -> None:
+        for slot in view.slots:
+            if slot.name in sigma and slot.sigma is not None:
+                mask = view._mask(slot)
+                slot.sigma.copy_(torch.where(mask, slot.sigma, sigma[slot.name].to(slot.sigma)))
+
+    def laplace_update(self, model: nn.Module, view: QuantView, loader, device, task, adapter,
+                       dataset_size: Optional[int]) -> dict[str, float]:
+        """``posterior: laplace``: every free weight's sigma from a diagonal Laplace posterior at mu.
+
+        The empirical Fisher of the per-example loss is estimated from ``laplace_batches`` training
+        batches as ``B * g_B^2`` (``g_B`` a batch-mean gradient at the posterior mean, eval mode), and
+        sigma = 1 / sqrt(N F + 1 / prior^2) with the prior ``laplace_prior`` in ``scale`` units.
+        Fixed weights keep their sigma. Returns a small summary.
+        """
+        p = self.cfg.pwfn
+        slots = [sl for sl in view.slots if sl.sigma is not None]
+        fisher = {sl.name: torch.zeros_like(sl.value, dtype=torch.float64) for sl in slots}
+        was_training = model.training
+        model.eval()
+        batches = 0
+        n_seen = 0
+        try:
+            with bayes.forward_mode(model, "mean"), torch.enable_grad():
+                for batch in loader:
+                    x, y = adapter.split(to_device(batch, device, non_blocking=True))
+                    out = adapter.call(model, x).float()
+                    loss = task.loss(out, y)
+                    n = int(adapter.size(y))
+                    grads = torch.autograd.grad(loss, [sl.value for sl in slots], allow_unused=True)
+                    for sl, g in zip(slots, grads):
+                        if g is not None:
+                            fisher[sl.name] += g.detach().to(torch.float64).square() * n
+                    batches += 1
+                    n_seen += n
+                    if batches >= p.laplace_batches:
+                        break
+        finally:
+            model.train(was_training)
+        if batches == 0:
+            raise ConfigError("pwfn.posterior=laplace needs at least one training batch")
+        size = int(dataset_size) if dataset_size else n_seen
+        sigma = {}
+        for sl in slots:
+            prior = p.laplace_prior * self.units.get(sl.name, 1.0) if p.scale == "tensor" else p.laplace_prior
+            sigma[sl.name] = bayes.laplace_sigma(fisher[sl.name] / batches, size, max(prior, p.sigma_floor),
+                                                 floor=p.sigma_floor)
+        self._write_free_sigma(view, sigma)
+        free = ~view.fixed()
+        s = view.sigmas()[free]
+        return {"batches": batches, "dataset_size": size,
+                "mean_sigma_free": float(s.mean()) if s.numel() else float("nan")}
 
     def eval_context(self, model):
         return bayes.forward_mode(model, "mean")
@@ -280,26 +469,71 @@ class WFNStrategy(_Strategy):
         return self.cfg.wfn.grad_clip
 
     def extra_loss(self, view):
-        w = self.cfg.wfn
-        values, fixed = view.values(), view.fixed()
-        centres = torch.unique(values[fixed])
-        if centres.numel() == 0 or w.reg_ratio == 0:
-            return None
-        pairs = view.parameters_with_masks()
-
-        def loss(model: nn.Module, ce: torch.Tensor) -> torch.Tensor:
-            free = unfixed_values(pairs)
-            if free is None:
-                return ce * 0.0
-            reg = cluster_attraction(free, centres, temperature=w.reg_temperature)
-            # rescaled every step so the term is reg_ratio x the cross-entropy
-            scale = w.reg_ratio * ce.detach() / reg.detach().clamp_min(1e-12)
-            return scale * reg
-
-        return loss
+        return _attraction_loss(self.cfg.wfn, view)
 
 
-STRATEGIES = {"pwfn": PWFNStrategy, "wfn": WFNStrategy}
+def _attraction_loss(w, view: QuantView):
+    """WFN's "cosy up to clusters" term for the settings section ``w`` (None before any value is fixed)."""
+    values, fixed = view.values(), view.fixed()
+    centres = torch.unique(values[fixed])
+    if centres.numel() == 0 or w.reg_ratio == 0:
+        return None
+    pairs = view.parameters_with_masks()
+
+    def loss(model: nn.Module, ce: torch.Tensor) -> torch.Tensor:
+        free = unfixed_values(pairs)
+        if free is None:
+            return ce * 0.0
+        reg = cluster_attraction(free, centres, temperature=w.reg_temperature)
+        # rescaled every step so the term is reg_ratio x the cross-entropy
+        scale = w.reg_ratio * ce.detach() / reg.detach().clamp_min(1e-12)
+        return scale * reg
+
+    return loss
+
+
+class PublishedWFNStrategy(WFNStrategy):
+    """WFN's training between rounds with the published WFN clustering (ALGORITHM.md 2b) instead of
+    pwfn's greedy: ``pwfn.wfn_published.published_wfn_round``; settings in ``cfg.wfn_published``."""
+
+    name = "wfn_published"
+
+    def engine_config(self) -> EngineConfig:
+        # the clustering's smallest term is 2^-(8 + order), at most 2^-24: reports count terms down to it
+        e = self.cfg.wfn_published.engine
+        return EngineConfig(b=24, max_order=32, signed_terms=True, zero_fix=e.zero_fix, inc=e.inc,
+                            sigma_update="keep")
+
+    @functools.cached_property
+    def schedule(self) -> Schedule:
+        return wfn_schedule(self.cfg.wfn_published.delta, self.cfg.wfn_published.fractions)
+
+    @property
+    def fractions(self) -> list[float]:
+        return self.cfg.wfn_published.fractions
+
+    def fix(self, view, round_index, fraction, engine_config, engine=None):
+        # its own clustering: ``engine`` is not used
+        from .wfn_published import published_wfn_round
+
+        values, fixed, summary = published_wfn_round(view.values(), view.fixed(),
+                                                     self.schedule.delta_for_round(round_index), fraction)
+        return values, fixed, None, summary
+
+    def round_epochs(self) -> float:
+        return self.cfg.wfn_published.round_epochs
+
+    def optimizer(self, model, view, previous):
+        return torch.optim.Adam(model.parameters(), lr=self.cfg.wfn_published.lr)
+
+    def grad_clip(self):
+        return self.cfg.wfn_published.grad_clip
+
+    def extra_loss(self, view):
+        return _attraction_loss(self.cfg.wfn_published, view)
+
+
+STRATEGIES = {"pwfn": PWFNStrategy, "wfn": WFNStrategy, "wfn_published": PublishedWFNStrategy}
 
 
 def divergence_advice(cfg: RunConfig, section: str) -> str:
@@ -527,15 +761,26 @@ class FixingRun:
     def _train(self, train_model, model, optimizer, epochs, counter, desc):
         s, fixer = self.strategy, self.fixer
         assert fixer is not None
+        fixer.set_training_steps(_phase_steps(self.train_loader, epochs))  # PWFN's budget-aware regulariser
+        clip_params = fixer.clip_parameters()
         try:
             # fixed entries stay exact through the Fixer's gradient and optimizer-step hooks
             return train_epochs(train_model, self.train_loader, optimizer, epochs, self.device, counter=counter,
-                                extra_loss=lambda _model, ce: fixer.loss_term(ce), grad_clip=s.grad_clip(), desc=desc,
+                                extra_loss=lambda _model, ce: fixer.loss_term(ce), grad_clip=s.grad_clip(),
+                                clip_parameters=clip_params, desc=desc,
                                 progress=self.cfg.progress and self.dist.is_main, dist=self.dist, inner=model,
                                 bf16=self.cfg.precision == "bf16", advice=divergence_advice(self.cfg, self.method),
                                 task=self.task, adapter=self.adapter, batchnorm=self.cfg.batchnorm)
         except TrainingDivergedError as exc:
             raise TrainingDivergedError(f"{exc} {self._kept_note()}") from exc
+
+    def _laplace(self) -> Optional[dict]:
+        """``pwfn.posterior=laplace``: refresh the free weights' sigma from the curvature (None otherwise)."""
+        s = self.strategy
+        if not isinstance(s, PWFNStrategy) or self.cfg.pwfn.posterior != "laplace":
+            return None
+        return s.laplace_update(self.fixer.model, self._view, self.train_loader, self.device, self.task,
+                                self.adapter, _dataset_size(self.train_loader))
 
     def _load_resume_state(self, ckpt: Path) -> dict:
         return load_run_checkpoint(ckpt, self.method, self.device)
@@ -628,6 +873,9 @@ class FixingRun:
             self._write_config(view, engine_cfg)
             optimizer = s.optimizer(model, view, None)
             pre_metrics = {"initial": self._eval(model, self.val_loader)}
+            laplace = self._laplace()
+            if laplace is not None:
+                pre_metrics["laplace"] = laplace
             if s.pre_epochs() > 0:
                 stats = self._train(train_model, model, optimizer, s.pre_epochs(), counter, f"{self.method} warm-up")
                 pre_metrics["after_warmup"] = {**self._eval(model, self.val_loader), "train": stats}
@@ -639,11 +887,14 @@ class FixingRun:
         for t in range(start_round, len(fractions)):
             t0 = time.perf_counter()
             frac = fractions[t]
+            laplace = self._laplace() if t > 0 or start_round > 0 else None  # round 0: done before warm-up
             # one engine round on every rank; rank 0's result is broadcast so all ranks agree bit for bit
             row = fixer.fix_next(broadcast=self.dist.broadcast_ if self.dist.enabled else None).row
             fix_seconds = time.perf_counter() - t0
             log.debug("%s round %d: values+masks checksum %s (rank %d)", self.method, t + 1, row["checksum"],
                       self.dist.rank)
+            if laplace is not None:
+                row["laplace"] = laplace
             row["after_fix"] = self._eval(model, self.val_loader)
             if frac < 1.0 and s.round_epochs() > 0:
                 optimizer = s.optimizer(model, view, optimizer)
@@ -730,8 +981,7 @@ class FixingRun:
 #: config sections whose values shape each stage's results (a resume under other values is refused);
 #: ``precision`` (bf16 autocast) trains the baseline and both methods differently
 BASELINE_SECTIONS = ("seed", "precision", "data", "model", "baseline", "quantise", "task")
-RUN_SECTIONS = {"pwfn": BASELINE_SECTIONS + ("pwfn", "budget", "batchnorm"),
-                "wfn": BASELINE_SECTIONS + ("wfn", "budget", "batchnorm")}
+RUN_SECTIONS = {m: BASELINE_SECTIONS + (m, "budget", "batchnorm") for m in METHODS}
 
 
 def _refuse_changed_config(saved: Optional[dict], cfg: RunConfig, path: Path, sections: tuple[str, ...]) -> None:

@@ -76,14 +76,24 @@ class BatchAdapter:
     * a mapping (Hugging Face style): ``model(**inputs)`` with every key but ``target_key``
       (``"labels"``, else ``"label"``) and the targets from that key;
     * ``output_key``: which part of a structured output is the prediction (default: ``logits``
-      of a ``ModelOutput``, element 0 of a tuple, the tensor itself otherwise).
+      of a ``ModelOutput``, element 0 of a tuple, the tensor itself otherwise);
+    * ``targets_are_batch``: the loss receives the whole batch as its targets
+      (``loss(outputs, batch)``, e.g. to use an attention mask), for a :class:`CustomTask`.
     """
 
     target_key: Optional[str] = None
     output_key: Optional[Union[str, int]] = None
+    targets_are_batch: bool = False
 
     def split(self, batch: Batch) -> tuple[Any, Any]:
         """(model inputs, targets) of a batch."""
+        if self.targets_are_batch:
+            if isinstance(batch, Mapping):
+                key = self.target_key or ("labels" if "labels" in batch else "label" if "label" in batch else None)
+                return {k: v for k, v in batch.items() if k != key}, batch
+            if isinstance(batch, (list, tuple)) and batch:
+                return batch[0], batch
+            return batch, batch
         if isinstance(batch, Mapping):
             key = self.target_key or ("labels" if "labels" in batch else "label" if "label" in batch else None)
             if key is None or key not in batch:
@@ -120,6 +130,10 @@ class BatchAdapter:
 
     def size(self, targets: Any) -> int:
         """Number of examples in a batch (the first dimension of its first target tensor)."""
+        if isinstance(targets, Mapping) and self.targets_are_batch:
+            key = self.target_key or ("labels" if "labels" in targets else "label" if "label" in targets else None)
+            if key is not None and isinstance(targets.get(key), torch.Tensor):
+                targets = targets[key]
         t = _first_tensor(targets)
         return int(t.shape[0]) if t is not None and t.dim() else 1
 

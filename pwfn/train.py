@@ -180,6 +180,7 @@ def train_epochs(
     extra_loss: Optional[ExtraLoss] = None,
     guard: Optional[FixedGuard] = None,
     grad_clip: Optional[float] = None,
+    clip_parameters: Optional[list] = None,
     scheduler: Optional[Any] = None,
     desc: str = "train",
     progress: bool = True,
@@ -197,7 +198,7 @@ def train_epochs(
     (extra loss terms see ``inner``, whose parameter names carry no ``module.`` prefix). Each
     rank's cross-entropy is ``sum * world / global_batch``, so DDP's average of the ranks'
     gradients is exactly the gradient of the global-batch mean. ``bf16`` runs forward passes
-    under bfloat16 autocast. ``task`` gives the loss (classification's cross-entropy by default)
+    under bfloat16 autocast. ``clip_parameters`` (default: all) are the tensors ``grad_clip`` applies to. ``task`` gives the loss (classification's cross-entropy by default)
     and ``adapter`` turns each batch (tuples, dicts, nested) into inputs and targets on the
     device. ``batchnorm="frozen"`` keeps BatchNorm layers in eval mode while the rest trains.
     Returns the mean loss (and, for classification, accuracy) over the steps taken.
@@ -259,7 +260,8 @@ def train_epochs(
                 if guard is not None:
                     guard.before_step()
                 if grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                    nn.utils.clip_grad_norm_(model.parameters() if clip_parameters is None else clip_parameters,
+                                             grad_clip)
                 optimizer.step()
                 if guard is not None:
                     guard.after_step()

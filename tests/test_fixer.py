@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,7 +211,9 @@ def test_compress_and_a_hand_written_fixer_loop_give_bit_identical_weights(metho
     s = fixer.strategy
     opt = s.optimizer(fixer.model, fixer.view, None)
     counter = EpochCounter()
-    kw = dict(counter=counter, extra_loss=lambda m, ce: fixer.loss_term(ce), grad_clip=s.grad_clip(), progress=False)
+    kw = dict(counter=counter, extra_loss=lambda m, ce: fixer.loss_term(ce), grad_clip=s.grad_clip(), progress=False,
+              clip_parameters=fixer.clip_parameters())
+    steps = len(loaders.train)  # PWFN's regulariser is scaled to each phase's steps (pwfn.sigma_steps_reference)
 
     def check():  # the built-in loop evaluates at these points (iterating a DataLoader draws its base seed)
         with fixer.evaluating():
@@ -217,12 +221,14 @@ def test_compress_and_a_hand_written_fixer_loop_give_bit_identical_weights(metho
 
     check()
     if fixer.warmup_epochs:
+        fixer.set_training_steps(math.ceil(fixer.warmup_epochs * steps))
         train_epochs(fixer.model, loaders.train, opt, fixer.warmup_epochs, torch.device("cpu"), **kw)
         check()
     for rnd in fixer.rounds():
         check()
         if rnd.trains:
             opt = s.optimizer(fixer.model, fixer.view, opt)
+            fixer.set_training_steps(math.ceil(fixer.round_epochs * steps))
             train_epochs(fixer.model, loaders.train, opt, fixer.round_epochs, torch.device("cpu"), **kw)
             check()
     mine = fixer.finalize().state_dict()
