@@ -442,34 +442,39 @@ class WFNStrategy(_Strategy):
 
     name = "wfn"
 
+    @property
+    def settings(self):
+        """This method's config section (``cfg.wfn``; a subclass reads its own)."""
+        return getattr(self.cfg, self.name)
+
     def prepare(self, float_model: nn.Module, inplace: bool = False) -> nn.Module:
         return self.plan(float_model, inplace)
 
     def engine_config(self) -> EngineConfig:
-        return _engine_config(self.cfg.wfn.engine, signed_terms=True, sigma_update="keep")
+        return _engine_config(self.settings.engine, signed_terms=True, sigma_update="keep")
 
     def tolerance(self, view: QuantView, round_index: int) -> torch.Tensor:
         return tolerance_for_round(self.schedule, round_index, values=view.values())
 
     @functools.cached_property
     def schedule(self) -> Schedule:
-        return wfn_schedule(self.cfg.wfn.delta, self.cfg.wfn.fractions)
+        return wfn_schedule(self.settings.delta, self.settings.fractions)
 
     @property
     def fractions(self) -> list[float]:
-        return self.cfg.wfn.fractions
+        return self.settings.fractions
 
     def round_epochs(self) -> float:
-        return self.cfg.wfn.round_epochs
+        return self.settings.round_epochs
 
     def optimizer(self, model, view, previous):
-        return torch.optim.Adam(model.parameters(), lr=self.cfg.wfn.lr)
+        return torch.optim.Adam(model.parameters(), lr=self.settings.lr)
 
     def grad_clip(self):
-        return self.cfg.wfn.grad_clip
+        return self.settings.grad_clip
 
     def extra_loss(self, view):
-        return _attraction_loss(self.cfg.wfn, view)
+        return _attraction_loss(self.settings, view)
 
 
 def _attraction_loss(w, view: QuantView):
@@ -500,17 +505,9 @@ class PublishedWFNStrategy(WFNStrategy):
 
     def engine_config(self) -> EngineConfig:
         # the clustering's smallest term is 2^-(8 + order), at most 2^-24: reports count terms down to it
-        e = self.cfg.wfn_published.engine
+        e = self.settings.engine
         return EngineConfig(b=24, max_order=32, signed_terms=True, zero_fix=e.zero_fix, inc=e.inc,
                             sigma_update="keep")
-
-    @functools.cached_property
-    def schedule(self) -> Schedule:
-        return wfn_schedule(self.cfg.wfn_published.delta, self.cfg.wfn_published.fractions)
-
-    @property
-    def fractions(self) -> list[float]:
-        return self.cfg.wfn_published.fractions
 
     def fix(self, view, round_index, fraction, engine_config, engine=None):
         # its own clustering: ``engine`` is not used
@@ -519,18 +516,6 @@ class PublishedWFNStrategy(WFNStrategy):
         values, fixed, summary = published_wfn_round(view.values(), view.fixed(),
                                                      self.schedule.delta_for_round(round_index), fraction)
         return values, fixed, None, summary
-
-    def round_epochs(self) -> float:
-        return self.cfg.wfn_published.round_epochs
-
-    def optimizer(self, model, view, previous):
-        return torch.optim.Adam(model.parameters(), lr=self.cfg.wfn_published.lr)
-
-    def grad_clip(self):
-        return self.cfg.wfn_published.grad_clip
-
-    def extra_loss(self, view):
-        return _attraction_loss(self.cfg.wfn_published, view)
 
 
 STRATEGIES = {"pwfn": PWFNStrategy, "wfn": WFNStrategy, "wfn_published": PublishedWFNStrategy}
