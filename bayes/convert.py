@@ -195,6 +195,12 @@ def fold_parametrizations(model: nn.Module) -> list[str]:
     return folded
 
 
+def _own_class(cls: type) -> type:
+    """A fresh copy of a parametrized module's generated class (same bases, same properties)."""
+    return type(cls.__name__, cls.__bases__,
+                {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+
+
 def _deepcopy_with_own_class(self, memo):
     """``copy.deepcopy`` for a parametrized module whose copy gets its own class.
 
@@ -205,9 +211,7 @@ def _deepcopy_with_own_class(self, memo):
     found = memo.get(id(self))
     if found is not None:
         return found
-    cls = type(self)
-    own = type(cls.__name__, cls.__bases__,
-               {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+    own = _own_class(type(self))
     replica = own.__new__(own)
     memo[id(self)] = replica
     state = dict(self.__dict__)
@@ -244,9 +248,7 @@ def copy_model(model: nn.Module) -> nn.Module:
     # parametrization from the copy would break the original: give each copy a class of its own
     for module in copied.modules():
         if parametrize.is_parametrized(module) and type(module).__deepcopy__ is not _deepcopy_with_own_class:
-            cls = type(module)
-            module.__class__ = type(cls.__name__, cls.__bases__,
-                                    {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+            module.__class__ = _own_class(type(module))
     return copied
 
 

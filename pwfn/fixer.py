@@ -38,7 +38,7 @@ import bayes
 from .config import RunConfig, config_diff, config_from_dict, config_to_dict, load_config
 from .engine import fix_round
 from .errors import CheckpointError, ConfigError, ModelError
-from .plumbing import QuantSlot
+from .plumbing import FixedGuard, QuantSlot
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Fixer:
         self._extra = None
         self._closed = False
         self._active: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._saved: dict[int, list] = {}
+        self._saved: dict[int, FixedGuard] = {}  # per optimizer, between its step's pre and post hooks
         self._install_hooks()
         if steps_per_round is not None:  # PWFN's budget-aware regulariser (pwfn.sigma_steps_reference)
             self.set_training_steps(steps_per_round)
@@ -181,12 +181,15 @@ class Fixer:
         ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
         pairs = [(p, m) for p, m in self._active if id(p) in ids]
         if pairs:
-            self._saved[id(optimizer)] = [(p, m, p.detach()[m].clone()) for p, m in pairs]
+            guard = FixedGuard(pairs)
+            guard.before_step()
+            self._saved[id(optimizer)] = guard
 
     @torch.no_grad()
     def _after_step(self, optimizer: torch.optim.Optimizer) -> None:
-        for p, m, values in self._saved.pop(id(optimizer), []):
-            p.data[m] = values
+        guard = self._saved.pop(id(optimizer), None)
+        if guard is not None:
+            guard.after_step()
 
     def close(self) -> None:
         """Remove the hooks (``finalize`` does it too); the model stays as it is."""

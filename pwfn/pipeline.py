@@ -76,7 +76,15 @@ from .regularizers import cluster_attraction, unfixed_values
 from .report import format_table  # the comparison table lives in the torch-free report module
 from .runlog import open_tensorboard, round_line, write_metrics_csv
 from .schedules import Schedule, pwfn_schedule, tolerance_for_round, wfn_schedule
-from .tasks import BatchAdapter, ClassificationTask, CustomTask, Task, resolve_task, to_device
+from .tasks import (
+    BatchAdapter,
+    ClassificationTask,
+    CustomTask,
+    Task,
+    map_tensors,
+    resolve_task,
+    to_device,
+)
 from .train import (
     EpochCounter,
     evaluate,
@@ -1103,16 +1111,7 @@ def check_first_batch(model: nn.Module, loader, device, what: str, *, required: 
 
 def _batch_head(batch: Any, n: int) -> Any:
     """The first ``n`` examples of a (nested) batch: every tensor with a batch dimension is cut."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:n] if batch.dim() else batch
-    if isinstance(batch, dict):
-        return type(batch)({k: _batch_head(v, n) for k, v in batch.items()}) if type(batch) is dict else \
-            {k: _batch_head(v, n) for k, v in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_batch_head(v, n) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_batch_head(v, n) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t[:n] if t.dim() else t)
 
 
 def load_point_model(folder: Union[str, Path]) -> nn.Module:

@@ -38,21 +38,27 @@ from .errors import ConfigError
 Batch = Any
 
 
+def map_tensors(batch: Batch, fn: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+    """``batch`` with ``fn`` applied to every tensor, through dicts, lists, tuples and named tuples
+    (container types kept); anything else is left as it is."""
+    if isinstance(batch, torch.Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        mapped = {k: map_tensors(v, fn) for k, v in batch.items()}
+        try:
+            return type(batch)(mapped)  # e.g. a Hugging Face BatchEncoding
+        except Exception:  # a mapping type that cannot be rebuilt from a dict
+            return mapped
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(map_tensors(v, fn) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(map_tensors(v, fn) for v in batch)
+    return batch
+
+
 def to_device(batch: Batch, device: Union[str, torch.device], non_blocking: bool = False) -> Batch:
     """``batch`` with every tensor moved to ``device``, through dicts, lists, tuples and named tuples."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, Mapping):
-        moved = {k: to_device(v, device, non_blocking) for k, v in batch.items()}
-        try:
-            return type(batch)(moved)  # e.g. a Hugging Face BatchEncoding
-        except Exception:  # a mapping type that cannot be rebuilt from a dict
-            return moved
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(to_device(v, device, non_blocking) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device, non_blocking) for v in batch)
-    return batch
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=non_blocking))
 
 
 def _first_tensor(obj: Any) -> Optional[torch.Tensor]:
@@ -85,17 +91,21 @@ class BatchAdapter:
     output_key: Optional[Union[str, int]] = None
     targets_are_batch: bool = False
 
+    def _target_key(self, batch: Mapping) -> Optional[str]:
+        """The key of a dict batch that holds the targets: ``target_key``, else ``labels`` or ``label``."""
+        return self.target_key or ("labels" if "labels" in batch else "label" if "label" in batch else None)
+
     def split(self, batch: Batch) -> tuple[Any, Any]:
         """(model inputs, targets) of a batch."""
         if self.targets_are_batch:
             if isinstance(batch, Mapping):
-                key = self.target_key or ("labels" if "labels" in batch else "label" if "label" in batch else None)
+                key = self._target_key(batch)
                 return {k: v for k, v in batch.items() if k != key}, batch
             if isinstance(batch, (list, tuple)) and batch:
                 return batch[0], batch
             return batch, batch
         if isinstance(batch, Mapping):
-            key = self.target_key or ("labels" if "labels" in batch else "label" if "label" in batch else None)
+            key = self._target_key(batch)
             if key is None or key not in batch:
                 raise ConfigError(f"a dict batch needs its targets under {self.target_key or 'labels'!r}; it has "
                                   f"keys {sorted(batch)[:8]}. Set the batch adapter's target_key")
@@ -131,7 +141,7 @@ class BatchAdapter:
     def size(self, targets: Any) -> int:
         """Number of examples in a batch (the first dimension of its first target tensor)."""
         if isinstance(targets, Mapping) and self.targets_are_batch:
-            key = self.target_key or ("labels" if "labels" in targets else "label" if "label" in targets else None)
+            key = self._target_key(targets)
             if key is not None and isinstance(targets.get(key), torch.Tensor):
                 targets = targets[key]
         t = _first_tensor(targets)
@@ -423,9 +433,11 @@ def evaluate_task(model: nn.Module, loader, device, task: Task, adapter: Optiona
     finally:
         model.train(was)
     if dist is not None and getattr(dist, "enabled", False):
-        keys = sorted(totals)
-        keys = sorted(set(keys))
-        values = dist.all_reduce_sum([totals[k] for k in keys])
+        # ranks may hold different keys (a rank whose shard is empty has none, top-5 exists only for
+        # more than 5 classes): reduce over the union of every rank's keys, 0 where a rank lacks one
+        mine = torch.tensor(list(",".join(sorted(totals)).encode()), dtype=torch.uint8)
+        keys = sorted({k for t in dist.all_gather_tensors(mine) for k in bytes(t.tolist()).decode().split(",") if k})
+        values = dist.all_reduce_sum([totals.get(k, 0.0) for k in keys])
         totals = dict(zip(keys, values))
     return task.finish(totals)
 
@@ -438,5 +450,5 @@ def primary_value(metrics: Mapping[str, Any], task: Task) -> Optional[float]:
 
 __all__: Sequence[str] = [
     "BCETask", "BatchAdapter", "ClassificationTask", "CustomTask", "LanguageModelTask", "RegressionTask", "TASKS",
-    "Task", "evaluate_task", "primary_value", "register_task", "resolve_task", "to_device",
+    "Task", "evaluate_task", "map_tensors", "primary_value", "register_task", "resolve_task", "to_device",
 ]

@@ -1,7 +1,7 @@
 """Training and evaluation loops shared by the float baseline, PWFN and WFN.
 
-The loops know nothing about fixing beyond two hooks: an extra loss term, and a
-:class:`~pwfn.plumbing.FixedGuard` that keeps fixed entries bit-exact through each step.
+The loops know nothing about fixing beyond an extra loss term: fixed entries stay bit-exact
+through the hooks a :class:`~pwfn.fixer.Fixer` installs on the tensors and the optimizers.
 """
 
 from __future__ import annotations
@@ -15,13 +15,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from .distributed import DistContext
 from .errors import ConfigError, TrainingDivergedError
-from .plumbing import FixedGuard
 from .tasks import BatchAdapter, ClassificationTask, Task, evaluate_task, to_device
 
 log = logging.getLogger(__name__)
@@ -178,7 +176,6 @@ def train_epochs(
     *,
     counter: EpochCounter,
     extra_loss: Optional[ExtraLoss] = None,
-    guard: Optional[FixedGuard] = None,
     grad_clip: Optional[float] = None,
     clip_parameters: Optional[list] = None,
     scheduler: Optional[Any] = None,
@@ -257,14 +254,10 @@ def train_epochs(
                     raise _diverged(desc, loss, ce, inner, x, steps + 1, advice, bf16)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if guard is not None:
-                    guard.before_step()
                 if grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters() if clip_parameters is None else clip_parameters,
                                              grad_clip)
                 optimizer.step()
-                if guard is not None:
-                    guard.after_step()
                 if scheduler is not None:
                     scheduler.step()
                 steps += 1
@@ -314,25 +307,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
              adapter: Optional[BatchAdapter] = None) -> dict[str, float]:
     """The task's metrics over a loader (classification: top-1/top-5/loss); under DDP each rank
     holds a shard and the sums are reduced."""
-    if task is not None and not isinstance(task, ClassificationTask) or adapter is not None:
-        return evaluate_task(model, loader, device, task or ClassificationTask(), adapter, dist)
-    logits, labels = predict(model, loader, device)
-    n = labels.numel()
-    sums = [float((logits.argmax(1) == labels).sum()) if n else 0.0,
-            float(F.cross_entropy(logits, labels, reduction="sum")) if n else 0.0, float(n)]
-    with_top5 = logits.shape[1] > 5 if n else False
-    if with_top5:
-        sums.append(float((logits.topk(5, dim=1).indices == labels[:, None]).any(1).sum()))
-    if dist is not None and dist.enabled:
-        with_top5 = bool(dist.all_reduce_sum([float(with_top5)])[0])
-        if with_top5 and len(sums) == 3:
-            sums.append(0.0)
-        sums = dist.all_reduce_sum(sums)
-    count = max(sums[2], 1.0)
-    out = {"top1": 100.0 * sums[0] / count, "loss": sums[1] / count}
-    if with_top5:
-        out["top5"] = 100.0 * sums[3] / count
-    return out
+    return evaluate_task(model, loader, device, task or ClassificationTask(), adapter, dist)
 
 
 @torch.no_grad()

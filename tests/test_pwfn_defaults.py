@@ -41,6 +41,16 @@ def _fix_without_training(model: nn.Module, config=SCALED) -> Fixer:
     return fx
 
 
+def _rescaled(m: nn.Sequential, k: int) -> nn.Sequential:
+    """A copy of ``m`` with layer 0 times 2^k and layer 2 times 2^-k: the same ReLU network."""
+    s = copy.deepcopy(m)
+    with torch.no_grad():
+        s[0].weight.mul_(2.0**k)
+        s[0].bias.mul_(2.0**k)
+        s[2].weight.mul_(2.0**-k)
+    return s
+
+
 def _per_tensor(fx: Fixer) -> list[tuple[int, float]]:
     return [(unique_count(s.value.detach().reshape(-1), include_zero=True),
              entropy_bits(s.value.detach().reshape(-1), include_zero=True)) for s in fx.view.slots]
@@ -52,11 +62,7 @@ def test_rescaling_a_layer_and_its_consumer_changes_nothing_but_the_scale(k):
     tensor gets the same codes (its unique values and entropy are equal, its values exactly 2^k or
     2^-k times the original's), so the fixed networks compute the same function."""
     m = _mlp()
-    s = copy.deepcopy(m)
-    with torch.no_grad():
-        s[0].weight.mul_(2.0**k)
-        s[0].bias.mul_(2.0**k)
-        s[2].weight.mul_(2.0**-k)
+    s = _rescaled(m, k)
     a, b = _fix_without_training(m), _fix_without_training(s)
     assert _per_tensor(a) == _per_tensor(b)
     factors = {"0.weight": 2.0**k, "0.bias": 2.0**k, "2.weight": 2.0**-k}
@@ -71,11 +77,7 @@ def test_rescaling_a_layer_and_its_consumer_changes_nothing_but_the_scale(k):
 def test_the_paper_preset_is_not_scale_equivariant():
     """The contrast that shows the test above can fail: absolute sigma and grid (the paper's)."""
     m = _mlp()
-    s = copy.deepcopy(m)
-    with torch.no_grad():
-        s[0].weight.mul_(16.0)
-        s[0].bias.mul_(16.0)
-        s[2].weight.mul_(1 / 16)
+    s = _rescaled(m, 4)
     a, b = _fix_without_training(m, "paper_pwfn"), _fix_without_training(s, "paper_pwfn")
     ua, ub = _per_tensor(a)[0][0], _per_tensor(b)[0][0]
     assert ub > 2 * ua  # the scaled-up layer scatters over many more values
