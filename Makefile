@@ -1,4 +1,6 @@
 # Set-up and entry points. `make demo` and `make test` are the README's two commands.
+# `make test` is the fast part of the suite (-m "not slow"); `make test-slow` the subprocess-heavy
+# rest (-m slow: kill/Ctrl-C/SIGTERM, torchrun, benchmark dry runs); the two together are every test.
 #
 # The venv gets torch first, and says which one it chose:
 #   - torch already in the venv: kept;
@@ -23,7 +25,7 @@ comma := ,
 STAMP := $(VENV)/.pwfn-installed.$(subst $(comma),.,$(EXTRAS))
 SHELL := /bin/bash
 
-.PHONY: setup demo test docs docs-serve lint ci clean
+.PHONY: setup demo test test-slow docs docs-serve lint ci clean
 
 setup: $(STAMP)
 
@@ -49,8 +51,13 @@ $(STAMP): pyproject.toml setup.py
 demo: setup
 	$(VENV)/bin/pwfn compare digits_mlp
 
+PYTEST := $(PY) -m pytest -q -n 2
+
 test: setup
-	$(PY) -m pytest -q -n 2
+	$(PYTEST) -m "not slow"
+
+test-slow: setup
+	$(PYTEST) -m slow
 
 DOCS_STAMP := $(VENV)/.pwfn-docs-installed.$(subst $(comma),.,$(EXTRAS))
 
@@ -66,9 +73,11 @@ docs: $(DOCS_STAMP)
 docs-serve: $(DOCS_STAMP)
 	$(VENV)/bin/mkdocs serve
 
-# what CI runs: the full test suite with every optional extra installed, then the docs site
+# what CI runs, with every optional extra installed: the fast tests, the slow tests as their own
+# step, then the docs site
 ci:
 	$(MAKE) test EXTRAS=$(CI_EXTRAS)
+	$(MAKE) test-slow EXTRAS=$(CI_EXTRAS)
 	$(MAKE) docs EXTRAS=$(CI_EXTRAS)
 
 lint: setup

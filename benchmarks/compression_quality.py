@@ -13,7 +13,7 @@ one float baseline is trained (``pwfn.pipeline.prepare_run``) and every method s
 
 Baselines are in ``benchmarks/baselines.py``. Columns: top-1 on the test split, unique values
 and entropy (bits per weight; with and without the zero value) over the quantised tensors,
-the size of the whole state_dict packed with ``pwfn.packing.pack`` (quantised tensors as
+the size of the whole state_dict packed with ``pwfn.export.packing.pack`` (quantised tensors as
 entropy-coded codebook indices, the rest raw; for per-tensor-scale methods the codebook is the
 union of the tensors' values), compression vs the fp32 state_dict, and wall time (absolute and
 as a ratio to the float baseline's training time measured in the same invocation).
@@ -47,8 +47,9 @@ import torch  # noqa: E402
 import bayes  # noqa: E402
 from pwfn import metrics as M  # noqa: E402
 from pwfn.config import load_config  # noqa: E402
-from pwfn.packing import pack  # noqa: E402
-from pwfn.pipeline import FixingRun, prepare_run  # noqa: E402
+from pwfn.experiment import prepare_run  # noqa: E402
+from pwfn.export.packing import pack  # noqa: E402
+from pwfn.pipeline import FixingRun  # noqa: E402
 from pwfn.train import evaluate, seed_everything  # noqa: E402
 
 DATASETS: dict[str, dict[str, Any]] = {
@@ -298,7 +299,7 @@ def markdown(doc: dict[str, Any], argv) -> str:
         "Every method starts from the same float baseline (trained once per dataset in this invocation). "
         "Quantised tensors: every Linear/Conv weight and bias (WFN also quantises BatchNorm affine "
         "parameters, as the method prescribes). *unique*/*entropy* are over those tensors; *packed B* is the "
-        "whole state_dict through `pwfn.packing.pack` (quantised tensors as entropy-coded codebook indices, "
+        "whole state_dict through `pwfn.export.packing.pack` (quantised tensors as entropy-coded codebook indices, "
         "everything else raw; the float row packs everything raw); *x vs fp32* = fp32 state_dict bytes / "
         "packed bytes. Per-tensor-scale methods (uniform, APoT) get the union of their tensors' values as "
         "codebook. *time / float training* divides each method's wall time by the float baseline's training "

@@ -5,7 +5,7 @@ Per dataset (digits-MLP, MNIST-5k LeNet-5) one float baseline is trained
 
 1. **Targets** for the PWFN point model (config settings): the codebook ONNX, the
    LUT-compressed TFLite-Micro model and the hls4ml project (power-of-two products), each
-   checked by its exporter (``pwfn.targets``). Reported: file bytes against the fp32 and an
+   checked by its exporter (``pwfn.export.targets``). Reported: file bytes against the fp32 and an
    int8 copy of the weights, top-1 on the test split *as each runtime computes it* (onnxruntime,
    the TFLite-Micro interpreter, hls4ml's C simulation, the shift-add reference) against the
    point model, and multiplications left per input.
@@ -41,9 +41,10 @@ import torch  # noqa: E402
 
 from pwfn import metrics as M  # noqa: E402
 from pwfn.config import load_config  # noqa: E402
-from pwfn.pipeline import FixingRun, prepare_run  # noqa: E402
-from pwfn.targets import run_target  # noqa: E402
-from pwfn.targets.shiftadd import ShiftAddNet, calibrate  # noqa: E402
+from pwfn.experiment import prepare_run  # noqa: E402
+from pwfn.export.targets import run_target  # noqa: E402
+from pwfn.export.targets.shiftadd import ShiftAddNet, calibrate  # noqa: E402
+from pwfn.pipeline import FixingRun  # noqa: E402
 from pwfn.train import evaluate, seed_everything  # noqa: E402
 
 DATASETS = {
@@ -105,7 +106,7 @@ def targets_rows(point: torch.nn.Module, report: dict, x: torch.Tensor, y: torch
     log(f"  onnx: {len(files['model.onnx']):,} B")
     t = time.perf_counter()
     files, info = run_target("tflm", point, example, b=b)
-    from pwfn.targets.tflm import run_tflm
+    from pwfn.export.targets.tflm import run_tflm
 
     out = run_tflm(files["model.tflite"], x.numpy())
     rows.append({"target": "TFLite-Micro, LUT-compressed (TFLM interpreter)", "bytes": len(files["model.tflite"]),
@@ -115,7 +116,7 @@ def targets_rows(point: torch.nn.Module, report: dict, x: torch.Tensor, y: torch
                  "seconds": time.perf_counter() - t})
     log(f"  tflm: {len(files['model.tflite']):,} B")
     t = time.perf_counter()
-    from pwfn.targets.hls4ml import export_hls4ml
+    from pwfn.export.targets.hls4ml import export_hls4ml
 
     # the whole test split through the C simulation, checked bit for bit against the reference
     data, info = export_hls4ml(point, x[:2], b=b, fixed_point=fp, check_inputs=x[2:])

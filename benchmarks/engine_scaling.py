@@ -7,6 +7,7 @@ will own it), then
 * PWFN: 10 rounds, tolerance ``1.0 * sigma``, positive power-of-two terms, sigma update
   ``std_mu``;
 * WFN:  10 rounds, tolerance ``delta_t * |w|`` (delta = 0.01), signed terms, no sigma;
+  both with one ``EngineCache`` per schedule, as a run keeps one across its rounds;
 * floor: 10 ``np.sort`` passes over N float32 values of the same distribution, in the same
   process (numpy's sort is single-threaded; ``--threads 1`` compares like with like, and
   on a busy shared machine torch's default 2 threads can be far slower than 1).
@@ -52,7 +53,7 @@ import torch  # noqa: E402
 from _bench import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from bayes import power_of_two_sigma  # noqa: E402
-from pwfn.engine import EngineConfig, fix_round  # noqa: E402
+from pwfn.engine import EngineCache, EngineConfig, fix_round  # noqa: E402
 from pwfn.schedules import pwfn_schedule, tolerance_for_round, wfn_schedule  # noqa: E402
 
 SIGMA_FLOOR = 2.0**-30
@@ -110,6 +111,7 @@ def run_schedule(method: str, w: torch.Tensor, sigma: torch.Tensor, device: str,
     values = w.to(device)
     sig = sigma.to(device) if method == "pwfn" else None
     fixed = torch.zeros_like(values, dtype=torch.bool)
+    cache = EngineCache()
     rounds = []
     total = 0.0
     peak_kb = 0
@@ -123,7 +125,7 @@ def run_schedule(method: str, w: torch.Tensor, sigma: torch.Tensor, device: str,
             peak_ok = _reset_peak()
             rss0 = _status_kb("VmRSS")
         tr = time.perf_counter()
-        res = fix_round(values, tol, fixed, p, sigma=sig, config=cfg)
+        res = fix_round(values, tol, fixed, p, sigma=sig, config=cfg, cache=cache)
         if device == "cuda":
             torch.cuda.synchronize()
         dt += time.perf_counter() - tr
@@ -211,7 +213,9 @@ def markdown(doc: dict) -> str:
         f"{m.get('loadavg_at_start')} (shared machine).  ",
         f"Device: {doc['device']}.  Memory: {doc['memory_measure']}.  ",
         "Times: best of the repeats (interleaved with the sort floor); sort floor = 10 "
-        "`np.sort` passes over N float32.",
+        "`np.sort` passes over N float32.  Compare ratios only between runs on equally quiet "
+        "machines: under load from other processes the vectorised sort slows down far more "
+        "than the engine does.",
         "",
         "| N | PWFN s | WFN s | sort floor s | PWFN / floor | WFN / floor | PWFN peak B/w "
         "| WFN peak B/w | PWFN unique (w/o 0) | PWFN entropy bits (w/o 0) | WFN unique (w/o 0) "

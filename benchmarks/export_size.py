@@ -103,7 +103,8 @@ def write_run(folder: Path, model: nn.Module, recipe: dict, quantised: list[str]
         "rounds": [],
     }
     (folder / "report.json").write_text(json.dumps(report))
-    save_point_model(model, folder, recipe)
+    # no manifest: export reads the run's signed terms from the point model's description
+    save_point_model(model, folder, recipe, method=method, signed_terms=method == "wfn")
 
 
 def measure(run_dir: Path, label: str, method: str, repeat: int) -> dict[str, Any]:

@@ -34,7 +34,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from pwfn.config import load_config  # noqa: E402
-from pwfn.pipeline import FixingRun, load_point_model, prepare_run  # noqa: E402
+from pwfn.experiment import prepare_run  # noqa: E402
+from pwfn.pipeline import FixingRun, load_point_model  # noqa: E402
 from pwfn.train import evaluate, seed_everything  # noqa: E402
 
 CONFIGS = {"digits_mlp": ("configs/digits_mlp.yaml", "digits (8x8) - MLP"),

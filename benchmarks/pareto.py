@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import RESULTS, fmt, header, machine, md_table, pyplot, write_outputs  # noqa: E402
 
 import pwfn  # noqa: E402
-from pwfn.data import _digits_arrays, _mnist5k_arrays  # noqa: E402
+from pwfn.data.sources.digits import digits_arrays  # noqa: E402
+from pwfn.data.sources.mnist5k import mnist5k_arrays  # noqa: E402
 from pwfn.models import create_model  # noqa: E402
 
 LOSSLESS = 0.5  # points of accuracy below float that still count
@@ -67,12 +68,12 @@ def _split(x: torch.Tensor, y: torch.Tensor, seed: int, n_val: int, n_test: int,
 
 
 def digits(seed: int):
-    images, labels = _digits_arrays()
+    images, labels = digits_arrays()
     return _split(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.copy()), seed, 180, 360, 64)
 
 
 def mnist5k(seed: int):
-    images, labels = _mnist5k_arrays()
+    images, labels = mnist5k_arrays()
     x = (torch.from_numpy(images.copy()).float() / 255.0 - 0.1307) / 0.3081
     return _split(x, torch.from_numpy(labels.copy()), seed, 500, 1000, 128)
 

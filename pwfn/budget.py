@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
-from .engine import EngineConfig
+from .engine import EngineConfig, fix_round
 
 __all__ = ["BudgetPlan", "choose_allowed", "merge_to_budget", "plan_budget"]
 
@@ -66,8 +66,6 @@ def choose_allowed(
     """
     if k < 1:
         raise ValueError("k must be >= 1")
-    from .engine import fix_round
-
     v = values.detach().reshape(-1).to(torch.float64).cpu()
     t = tolerance.detach().reshape(-1).to(torch.float64).cpu().clamp_min(0)
     cfg = EngineConfig(b=b, max_order=max_order, signed_terms=signed_terms, zero_fix=zero_fix, inc=inc,

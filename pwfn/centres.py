@@ -32,6 +32,7 @@ __all__ = [
     "candidate_centres",
     "decompose",
     "grid_limit",
+    "lookup_centres",
     "term_counts",
 ]
 
@@ -40,6 +41,8 @@ __all__ = [
 MAX_GRID = 2**24
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_LOOKUP_CHUNK = 1 << 16  # values per chunk of lookup_centres (cache-sized temporaries)
+_LOOKUP_TABLE_MIN = 1 << 16  # grid table when its 2G+3 entries are <= max(this, #values)
 
 
 class Decomposition(NamedTuple):
@@ -88,6 +91,17 @@ class CentreSet:
     def grid(self) -> torch.Tensor:
         """The integers ``n`` with ``value == n * 2**-b`` (int64), for exact arithmetic."""
         return torch.round(self.values.double() * (2.0**self.b)).to(torch.int64)
+
+    @property
+    def grid_span(self) -> int:
+        """``G``: the largest ``|n|``, so every value lies in ``[-G, G] * 2**-b``.
+
+        (A cut-down set, e.g. budget mode's allowed values, need not be symmetric.)
+        """
+        if not len(self):
+            return 0
+        ends = self.values[[0, -1]].double().abs().max()
+        return int(torch.round(ends * 2.0**self.b))
 
     def subset(self, order: int) -> torch.Tensor:
         """Indices (int64, ascending) of the centres with at most ``order`` terms."""
@@ -251,3 +265,38 @@ def candidate_centres(max_abs: float, order: int, b: int = 7, signed_terms: bool
         max_order=order,
         signed_terms=signed_terms,
     )
+
+
+def lookup_centres(values: torch.Tensor, centres: CentreSet,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """int32 index of each value in ``centres`` (exact match), -1 where absent or masked out.
+
+    Why: reporting and export need the centre of fixed weights from their values.  Exact either
+    way it runs: a table indexed by ``n = value * 2**b`` (when its ``2G+3`` entries are not much
+    more than the values), else a binary search per value.
+    """
+    flat = values.reshape(-1)
+    keep = (torch.ones(flat.shape, dtype=torch.bool, device=flat.device) if mask is None
+            else mask.reshape(-1))
+    span = centres.grid_span
+    scale = 2.0**centres.b
+    table = None
+    if 2 * span + 3 <= max(_LOOKUP_TABLE_MIN, int(flat.numel())):
+        table = torch.full((2 * span + 3,), -1, dtype=torch.int32, device=flat.device)
+        table[centres.grid() + span + 1] = torch.arange(len(centres), dtype=torch.int32,
+                                                        device=flat.device)
+    out = torch.empty(flat.shape, dtype=torch.int32, device=flat.device)
+    for s in range(0, int(flat.numel()), _LOOKUP_CHUNK):
+        v = flat[s:s + _LOOKUP_CHUNK]
+        if table is not None:
+            scaled = v * scale
+            n = scaled.clamp(-span - 1, span + 1).to(torch.int32)
+            exact = (n.to(v.dtype) == scaled) & keep[s:s + _LOOKUP_CHUNK]
+            index = table.index_select(0, n.add_(span + 1))
+        else:
+            cv = centres.values
+            pos = torch.searchsorted(cv, v).clamp_(max=len(cv) - 1)
+            exact = (cv.index_select(0, pos) == v) & keep[s:s + _LOOKUP_CHUNK]
+            index = pos.to(torch.int32)
+        out[s:s + _LOOKUP_CHUNK] = index.masked_fill_(~exact, -1)
+    return out.reshape(values.shape)

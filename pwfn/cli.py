@@ -30,8 +30,15 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__
-from .config import METHODS
-from .errors import PwfnError
+from .catalog import format_models  # a static table: listing models needs no torch
+from .config import load_config
+from .doctor import diagnose, format_findings
+from .errors import PwfnError, os_error_message
+from .inspection import format_inspection, inspect_file
+from .methods import check_method_name, method_names
+from .plot import plot_run_dir
+from .presets import config_dir, list_configs, resolve_config
+from .report import format_export_summary, format_table, format_targets, summarise_run_dir
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -59,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser("run", help="train/load a float model and fix it with one method")
     _common(p_run)
-    p_run.add_argument("--method", choices=list(METHODS), default=None)
+    p_run.add_argument("--method", choices=list(method_names()), default=None)
     p_cmp = sub.add_parser("compare", help="float baseline, WFN and PWFN from the same baseline, one table")
     _common(p_cmp)
     p_rep = sub.add_parser("report", help="summarise a run folder")
@@ -98,9 +105,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args) -> object:
-    from .config import load_config
-    from .presets import resolve_config
-
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"device={args.device}")
@@ -115,10 +119,11 @@ def _load(args) -> object:
 
 def cmd_run(args) -> int:
     cfg = _load(args)  # before importing the pipeline (and torch): a config typo answers at once
-    from .pipeline import run_method
-
     if args.method:
         cfg.method = args.method
+    check_method_name(cfg.method)  # a misspelt method answers at once too
+    from .experiment import run_method
+
     report = run_method(cfg, fresh=args.fresh)
     f = report["final"]
     _out(f"{cfg.method}: top-1 {f['test']['top1']:.2f}% (float {report['baseline']['test']['top1']:.2f}%), "
@@ -129,7 +134,7 @@ def cmd_run(args) -> int:
 
 def cmd_compare(args) -> int:
     cfg = _load(args)  # before importing the pipeline (and torch): a config typo answers at once
-    from .pipeline import compare, format_table
+    from .experiment import compare
 
     out = compare(cfg, fresh=args.fresh)
     _out(format_table(out["table"]))
@@ -138,41 +143,32 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import summarise_run_dir
-
     text = summarise_run_dir(args.run_dir, as_json=args.json)
     _out(text)
     if args.plot:
-        from .plot import plot_run_dir
-
         paths = plot_run_dir(args.run_dir)
         _out("\n".join(f"wrote {p}" for p in paths))
     return 0
 
 
 def cmd_plot(args) -> int:
-    from .plot import plot_run_dir
-
     paths = plot_run_dir(args.run_dir, args.out)
     _out("\n".join(f"wrote {p}" for p in paths))
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from .inspection import format_inspection, inspect_file
-
     info = inspect_file(args.file)
     _out(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0
 
 
 def cmd_export(args) -> int:
-    from .export import export_run, format_export_summary
+    from .export import export_run
+    from .export.targets import check_targets, export_targets
 
     targets: list[str] = []
     if args.to:
-        from .targets import check_targets
-
         targets = check_targets(args.to)  # unknown names or missing extras: refused before any write
     result = export_run(args.run_dir, args.out, allow_unfixed=args.allow_unfixed, onnx=args.onnx)
     runs = result["runs"] if "runs" in result else {"": result}
@@ -180,8 +176,6 @@ def cmd_export(args) -> int:
     for r in runs.values():
         text = format_export_summary(r)
         if targets:
-            from .targets import export_targets, format_targets
-
             text += "\n" + format_targets(export_targets(r["out_dir"], targets))
         texts.append(text)
     _out("\n\n".join(texts))
@@ -189,23 +183,17 @@ def cmd_export(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from .doctor import diagnose, format_findings
-
     findings = diagnose(args.run_dir)
     _out(format_findings(findings))
     return 1 if any(f.level == "problem" for f in findings) else 0
 
 
 def cmd_models(args) -> int:
-    from .catalog import format_models  # a static table: listing models needs no torch
-
     _out(format_models())
     return 0
 
 
 def cmd_configs(args) -> int:
-    from .presets import config_dir, list_configs
-
     _out("\n".join(list_configs()) + f"\n(in {config_dir()})")
     return 0
 
@@ -253,8 +241,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stderr.write(f"pwfn: interrupted; {_resume_hint(argv, args.command)}\n")
         return 130
     except OSError as exc:  # a full disk, a read-only filesystem ... outside pwfn's own file writes
-        from .errors import os_error_message
-
         sys.stderr.write(f"pwfn: error: {os_error_message(exc)}\n")
         return 2
     finally:

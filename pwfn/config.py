@@ -21,9 +21,7 @@ import yaml
 
 from . import schedules
 from .errors import ConfigError
-
-#: the fixing methods (``pipeline.STRATEGIES`` holds one strategy class per name; torch-free here for the CLI)
-METHODS = ("pwfn", "wfn", "wfn_published")
+from .files import MAX_CONFIG_BYTES, count_values, read_limited
 
 # the papers' schedules, as lists (config values are plain YAML data)
 PWFN_FRACTIONS = list(schedules.PWFN_FRACTIONS)
@@ -118,6 +116,12 @@ class PWFNConfig:
     """Share of the weights fixed after each round; strictly increasing, ending at 1.0 (the paper's 10 rounds by default)."""
     k: float = 1.0
     """Tolerance in standard deviations: a weight may join value c when |mu - c| <= k * sigma."""
+    guard_drop: Optional[float] = None
+    """Accuracy guard (the built-in loop; in your own loop `fixer.fix_next(evaluate=...)`): after a round's fixing the task's primary metric on `guard_batches` validation batches may worsen by at most this share of its value before the round (0.005: half a percent); otherwise the round is undone and redone with k halved, down to `k_min`, and later rounds keep the smaller k. null: no guard."""
+    guard_batches: int = 4
+    """Validation batches the accuracy guard scores (the same ones before and after every try)."""
+    k_min: float = 0.5
+    """The smallest k the accuracy guard halves k down to."""
     sigma_init: str = "power_of_two"
     """How sigma starts: `power_of_two` (small near a power of two, the paper's rule), `constant` or `moped` (a share of |mu|)."""
     scale: str = "absolute"
@@ -226,8 +230,8 @@ class RunConfig:
 
     name: str = "run"
     """Run name: the run folder is `<out_dir>/<name>`."""
-    method: str = "pwfn"  # for `pwfn run`: one of METHODS
-    """Method of `pwfn run`: `pwfn`, `wfn` or `wfn_published` (`--method` overrides it)."""
+    method: str = "pwfn"
+    """Method of `pwfn run`: a registered method's name, `pwfn`, `wfn` or `wfn_published` for the built-in ones (`--method` overrides it)."""
     seed: int = 0
     """Seed of model initialisation, training order and weight noise."""
     device: str = "auto"
@@ -357,8 +361,6 @@ def config_from_dict(data: Optional[dict]) -> RunConfig:
 def _check_size(data: Any, what: str) -> None:
     """Refuse a config that expands to too many values or nests too deep (YAML alias bombs):
     copying or dumping it would take unbounded time and memory."""
-    from .manifest import count_values
-
     problem = count_values(data)
     if problem is not None:
         raise ConfigError(f"{what} {problem}: a run config holds at most a few thousand values")
@@ -402,10 +404,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_config(path: Optional[Union[str, os.PathLike]] = None, overrides: Optional[list[str]] = None) -> RunConfig:
     """Read a YAML config (or the defaults when ``path`` is None) and apply overrides."""
     data: dict = {}
-    """The dataset section."""
     if path is not None:
-        from .manifest import MAX_CONFIG_BYTES, read_limited
-
         p = Path(path)
         # a FIFO, a device (/dev/zero) or a folder is named as such; a huge file is refused unread
         raw = read_limited(p, "config file", MAX_CONFIG_BYTES, error=ConfigError)
@@ -505,7 +504,9 @@ def _validate_engine(e: EngineSettings, where: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express; raise ConfigError naming the key."""
-    _check(cfg.method in METHODS, f"method = {cfg.method!r}: choose one of {', '.join(METHODS)}")
+    # which methods exist is the registry's business (pwfn.methods); here: a name that can be a run folder
+    _check(isinstance(cfg.method, str) and cfg.method.isidentifier(),
+           f"method = {cfg.method!r}: a method's name (e.g. pwfn, wfn or wfn_published; `pwfn run --help` lists them)")
     # the name is a folder under out_dir (and `--fresh` deletes it): one plain path component
     _check(bool(cfg.name) and cfg.name not in (".", "..") and not any(c in cfg.name for c in "/\\\0"),
            f"name = {cfg.name!r}: the run name becomes a folder under out_dir; use a plain name "
@@ -553,6 +554,10 @@ def validate(cfg: RunConfig) -> None:
     for key in ("sigma_init_scale", "sigma_init_max", "prior_sigma"):
         _check(getattr(p, key) <= 1e3, f"pwfn.{key} = {getattr(p, key):g} must be <= 1000 (a weight uncertainty)")
     _check(p.k <= 1e6, f"pwfn.k = {p.k:g} must be <= 1e6 (tolerance = k * sigma)")
+    _check(0 < p.k_min <= 1e6, f"pwfn.k_min = {p.k_min:g} must be in (0, 1e6] (the guard's smallest k)")
+    _check(p.guard_drop is None or 0 <= p.guard_drop <= 1e6,
+           f"pwfn.guard_drop = {p.guard_drop} must be in [0, 1) (a share of the metric) or null (no guard)")
+    _check(p.guard_batches >= 1, f"pwfn.guard_batches = {p.guard_batches} must be >= 1")
     _check(p.sigma_init_scale > 0 and p.sigma_init_max > 0, "pwfn.sigma_init_scale and pwfn.sigma_init_max must be > 0")
     _check(p.sigma_update in ("std_mu", "keep", "divide"), f"pwfn.sigma_update = {p.sigma_update!r}: choose std_mu, keep or divide")
     _check(p.sigma_divisor > 0, "pwfn.sigma_divisor must be > 0")

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -85,13 +87,34 @@ class DistContext:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def resolve_device(spec: str = "auto") -> torch.device:
+    """'auto' picks CUDA when available, else CPU; anything else is passed to torch.device."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"device {spec!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N' ({exc})") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} was requested but CUDA is not available; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {spec!r} was requested but this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"device {spec!r} was requested but Apple's MPS backend is not available in this "
+                              "PyTorch build or machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {spec!r} is not supported: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return dev
+
+
 def init_distributed(device_spec: str = "auto") -> DistContext:
     """Join the process group torchrun set up (WORLD_SIZE > 1), or return a single-process context.
 
     NCCL is used when the ranks run on CUDA devices, gloo otherwise (CPU runs, CI).
     """
-    from .train import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistContext(device=resolve_device(device_spec))
@@ -124,8 +147,6 @@ class GlobalBatchShard(Sampler):
 
     def __init__(self, order_fn, n: int, global_batch: int, rank: int, world: int) -> None:
         if global_batch % world:
-            from .errors import ConfigError
-
             raise ConfigError(f"data.batch_size ({global_batch}) must be divisible by the number of processes ({world})")
         self.order_fn = order_fn
         self.n = n

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .config import config_diff, config_to_dict, load_config
 from .errors import PwfnError
+from .lock import describe_holder, is_locked, lock_target
 from .manifest import (
     MANIFEST_FILE,
     DamagedPointModelError,
@@ -40,9 +42,9 @@ from .manifest import (
     read_report,
     validate_description,
 )
+from .methods import method_names
 
 LEVELS = ("ok", "info", "warning", "problem")
-from .config import METHODS  # noqa: E402  (one list of methods, torch-free)
 
 #: optional extras: (import name, extra, what needs it)
 OPTIONAL = (
@@ -183,7 +185,7 @@ def _is_compare_dir(folder: Path) -> bool:
     if _is_method_dir(folder):
         return False
     return (folder / "baseline.pt").exists() or (folder / "compare.json").exists() or any(
-        (folder / m).is_dir() for m in METHODS)
+        (folder / m).is_dir() for m in method_names())
 
 
 def _temp_files(folder: Path, topic: str) -> list[Finding]:
@@ -198,8 +200,6 @@ def _temp_files(folder: Path, topic: str) -> list[Finding]:
 
 
 def _load_yaml_config(path: Path, topic: str) -> tuple[Optional[Any], list[Finding]]:
-    from .config import load_config
-
     if not path.exists():
         return None, [_f("warning", topic, f"{path} is missing", "rerun the run's command to rewrite it")]
     try:
@@ -210,7 +210,6 @@ def _load_yaml_config(path: Path, topic: str) -> tuple[Optional[Any], list[Findi
 
 
 def _check_baseline(folder: Path, cfg: Any) -> list[Finding]:
-    from .config import config_diff, config_to_dict
     from .io import load_checkpoint
     from .pipeline import BASELINE_SECTIONS
 
@@ -261,11 +260,11 @@ def _check_export(folder: Path) -> list[Finding]:
     from safetensors.torch import load as st_load
 
     from . import export as E
-    from . import packing
+    from .export import packing
 
     exp = folder / E.EXPORT_DIR
     topic = f"{folder.name} export"
-    staged = sorted(p.name for p in folder.glob(f".{E.EXPORT_DIR}.*{E._STAGE_SUFFIX}"))
+    staged = sorted(p.name for p in folder.glob(f".{E.EXPORT_DIR}.*{E.STAGE_SUFFIX}"))
     stale = ([_f("warning", topic, f"{len(staged)} unfinished export folder(s) left by an interrupted export: "
                  + ", ".join(staged[:3]), "harmless: the next export removes them (or delete them by hand)")]
              if staged else [])
@@ -292,7 +291,7 @@ def _check_export(folder: Path) -> list[Finding]:
     try:
         exported = st_load((exp / E.MODEL_FILE).read_bytes())
         packed = packing.unpack((exp / E.PACKED_FILE).read_bytes())
-        unpacked = E._reassemble(packed.tensors, packed.metadata)
+        unpacked = E.reassemble(packed.tensors, packed.metadata)
     except (OSError, PwfnError) as exc:
         return out + [_f("problem", topic, f"{exp} cannot be read back: {exc}", f"export again: pwfn export {folder}")]
     except Exception as exc:  # safetensors' own error types
@@ -315,14 +314,10 @@ def _check_export(folder: Path) -> list[Finding]:
 
 
 def _lock_findings(folder: Path, topic: str) -> list[Finding]:
-    from .lock import is_locked, lock_target
-
     info = is_locked(folder)
     if info is None:
         return []
-    from .lock import _describe
-
-    return [_f("warning", topic, f"{lock_target(folder)} is in use by {_describe(info)}: its files change while "
+    return [_f("warning", topic, f"{lock_target(folder)} is in use by {describe_holder(info)}: its files change while "
                "this check reads them", "run the doctor again when that process has finished")]
 
 
@@ -333,10 +328,9 @@ def _resume_command(folder: Path, method: Optional[str]) -> str:
 
 
 def check_method_dir(folder: Path) -> list[Finding]:
-    from .config import config_diff, config_to_dict
-    from .pipeline import RUN_SECTIONS, load_run_checkpoint
+    from .pipeline import load_run_checkpoint, run_sections
 
-    method = folder.name if folder.name in METHODS else None
+    method = folder.name if folder.name in method_names() else None
     topic = f"{folder.name}"
     out = _temp_files(folder, topic) + _lock_findings(folder, topic)
     cfg, found = _load_yaml_config(folder / "config.yaml", topic)
@@ -360,7 +354,7 @@ def check_method_dir(folder: Path) -> list[Finding]:
     if method is None and ckpt_path.is_file():  # a folder under another name: ask the checkpoint
         with ckpt_path.open("rb") as fh:
             head = fh.read(4100)
-        for m in METHODS:
+        for m in method_names():
             if f'"run-{m}"'.encode() in head:
                 method = m
     if method is None:
@@ -380,7 +374,7 @@ def check_method_dir(folder: Path) -> list[Finding]:
         n_rounds = len(fractions) if fractions else None
         done = int(state["next_round"])
         if cfg is not None and isinstance(state.get("config"), dict):
-            diff = config_diff(state["config"], config_to_dict(cfg), RUN_SECTIONS[method])
+            diff = config_diff(state["config"], config_to_dict(cfg), run_sections(method))
             if diff:
                 out.append(_f("problem", topic, "config.yaml differs from the config the checkpoint was written "
                               "under: " + "; ".join(diff[:5]),
@@ -446,7 +440,7 @@ def check_compare_dir(folder: Path) -> list[Finding]:
     cfg, found = _load_yaml_config(folder / "config.yaml", topic)
     out += found
     out += _check_baseline(folder, cfg)
-    methods = [m for m in METHODS if (folder / m).is_dir()]
+    methods = [m for m in method_names() if (folder / m).is_dir()]
     if not methods:
         out.append(_f("info", topic, "no method has started yet"))
     for m in methods:

@@ -23,6 +23,10 @@ class ModelError(PwfnError, ValueError):
     """A model cannot be handled (no quantisable layer, unsupported layer, tied weights ...)."""
 
 
+class RunFileError(PwfnError, ValueError):
+    """A file of a run folder is unreadable, malformed, too large or too deep."""
+
+
 class CheckpointError(PwfnError):
     """A checkpoint is corrupt, truncated, from another model or from another format version."""
 
@@ -36,7 +40,7 @@ class TrainingDivergedError(PwfnError):
 
 
 class PackError(PwfnError, ValueError):
-    """The tensors, codebook, terms or metadata given to ``pwfn.packing.pack`` cannot be packed.
+    """The tensors, codebook, terms or metadata given to ``pwfn.export.packing.pack`` cannot be packed.
 
     A ``ValueError`` too, so callers that catch bad input generically still work.
     """

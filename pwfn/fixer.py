@@ -23,22 +23,40 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
-import bayes
-
-from .config import RunConfig, config_diff, config_from_dict, config_to_dict, load_config
-from .engine import fix_round
+from .budget import plan_budget
+from .checks import check_float_model
+from .config import (
+    RunConfig,
+    apply_overrides,
+    config_diff,
+    config_from_dict,
+    config_to_dict,
+    load_config,
+)
+from .distributed import tensor_checksum
+from .engine import EngineCache, fix_round
 from .errors import CheckpointError, ConfigError, ModelError
+from .io import load_state_dict_strict, to_jsonable
+from .methods.base import Method, build_method
+from .metrics import fixing_metrics
 from .plumbing import FixedGuard, QuantSlot
+from .presets import resolve_config as resolve_shipped
+from .train import apply_batchnorm_policy
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +66,6 @@ STATE_FORMAT = 1
 def resolve_config(config: Union[None, RunConfig, Mapping, str, Path], overrides: Optional[list[str]] = None) -> RunConfig:
     """A RunConfig from a RunConfig, a dict, a YAML path, a shipped config's name (``"paper_pwfn"``) or None
     (defaults), with ``--set``-style overrides."""
-    from .config import apply_overrides
-
     if isinstance(config, RunConfig):
         cfg = copy.deepcopy(config)
         return config_from_dict(apply_overrides(config_to_dict(cfg), overrides)) if overrides else cfg
@@ -57,8 +73,6 @@ def resolve_config(config: Union[None, RunConfig, Mapping, str, Path], overrides
         return config_from_dict(apply_overrides(copy.deepcopy(dict(config)), overrides or []))
     if config is None or isinstance(config, (str, Path)):
         if isinstance(config, str):  # a shipped config by name (e.g. the paper preset "paper_pwfn")
-            from .presets import resolve_config as resolve_shipped
-
             config = resolve_shipped(config)
         return load_config(config, overrides)
     raise ConfigError(f"config must be a RunConfig, a dict, a YAML path or None, got {type(config).__name__}")
@@ -91,7 +105,8 @@ class Fixer:
     """Round-by-round fixing of one model with one method, driven by any training loop.
 
     ``model``: your trained ``nn.Module`` (copied unless ``inplace=True``, e.g. when a
-    LightningModule holds it). ``method``: ``"pwfn"``, ``"wfn"`` or ``"wfn_published"``. ``config``: a RunConfig, a
+    LightningModule holds it). ``method``: a registered method's name (``"pwfn"``, ``"wfn"``,
+    ``"wfn_published"``, see :mod:`pwfn.methods`) or a :class:`~pwfn.methods.base.Method` subclass. ``config``: a RunConfig, a
     dict (``{"pwfn": {"k": 2}}``), a YAML path or None for the defaults; only the method's
     section, ``quantise`` and ``batchnorm`` matter here. ``dataset_size``: the training-set size
     (needed by ``pwfn.objective=elbo``). ``steps_per_round``: the optimizer steps your loop takes
@@ -99,24 +114,19 @@ class Fixer:
     (``pwfn.sigma_steps_reference``; without it ``lam`` is used as given).
     """
 
-    def __init__(self, model: nn.Module, method: str = "pwfn", config: Any = None, *,
+    def __init__(self, model: nn.Module, method: Union[str, type] = "pwfn", config: Any = None, *,
                  device: Optional[Union[str, torch.device]] = None, inplace: bool = False,
                  dataset_size: Optional[int] = None, overrides: Optional[list[str]] = None,
                  steps_per_round: Optional[int] = None) -> None:
-        from .pipeline import STRATEGIES, _check_float_model, _check_trainable
-
-        if method not in STRATEGIES:
-            raise ConfigError(f"unknown method {method!r}; choose one of {list(STRATEGIES)}")
         if not isinstance(model, nn.Module):
             raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.method = method
         self.cfg = resolve_config(config, overrides)
-        self.strategy = STRATEGIES[method](self.cfg)
+        #: the method object (:mod:`pwfn.methods`); the Fixer talks to it only through its protocol
+        self.strategy: Method = build_method(method, self.cfg)
+        self.method: str = self.strategy.name
         if dataset_size is not None:
-            self.strategy._dataset_size = int(dataset_size)
-        if method == "wfn_published" and self.cfg.budget != type(self.cfg.budget)():
-            raise ConfigError("budget mode works with the pwfn and wfn methods, not wfn_published")
-        _check_float_model(model)
+            self.strategy.bind_data(dataset_size)
+        check_float_model(model)
         prepared = self.strategy.prepare(model, inplace=inplace)
         self.model: nn.Module = prepared.to(device) if device is not None else prepared
         self.view = self.strategy.view(self.model)
@@ -124,15 +134,16 @@ class Fixer:
         self.engine_config = self.strategy.engine_config()
         # budget mode: the allowed values are chosen from the prepared float model alone, so a
         # resumed run (a new Fixer whose state is then loaded) chooses the same
-        from .budget import plan_budget
-
         self.budget = plan_budget(getattr(self.cfg, "budget", None), self.engine_config, self.view,
                                   lambda: self.strategy.tolerance(self.view, 0))
         if self.budget is not None:
             self.engine_config = self.budget.engine_config
         self.fractions: list[float] = list(self.strategy.fractions)
-        _check_trainable(method, self.strategy, self.model)
+        self.strategy.check_trainable(self.model)
         self.round = 0
+        self._engine_cache = EngineCache()  # the candidate centres, built once for all rounds
+        #: the accuracy guard's caution level reached so far (0: the method as configured)
+        self.caution = 0
         self.history: list[dict[str, Any]] = []
         self._extra = None
         self._closed = False
@@ -161,11 +172,6 @@ class Fixer:
             fixer = me()
             if fixer is not None and not fixer._closed:
                 fixer._after_step(optimizer)
-
-        from torch.optim.optimizer import (
-            register_optimizer_step_post_hook,
-            register_optimizer_step_pre_hook,
-        )
 
         self._opt_handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
         self._refresh_active()
@@ -214,8 +220,8 @@ class Fixer:
         """
         if self._extra is None:
             self._extra = self.strategy.extra_loss(self.view) or (lambda model, ce: None)
-        if self.method == "wfn" and task_loss is None and self.round > 0:
-            raise ConfigError("WFN's loss term is scaled to the task loss: call fixer.loss_term(task_loss)")
+        if self.strategy.needs_task_loss and task_loss is None and self.round > 0:
+            raise ConfigError(f"{self.method}'s loss term is scaled to the task loss: call fixer.loss_term(task_loss)")
         base = task_loss if task_loss is not None else torch.zeros((), device=self.view.slots[0].value.device)
         term = self._extra(self.model, base.detach() if isinstance(base, torch.Tensor) else base)
         if term is None:
@@ -231,15 +237,13 @@ class Fixer:
         """
         if steps is not None and (isinstance(steps, bool) or int(steps) < 1):
             raise ConfigError(f"training steps must be >= 1 (or None), got {steps!r}")
-        if hasattr(self.strategy, "phase_steps"):
-            self.strategy.phase_steps = None if steps is None else int(steps)
-            self._extra = None
+        self.strategy.set_training_steps(None if steps is None else int(steps))
+        self._extra = None
 
     def clip_parameters(self) -> Optional[list]:
         """The tensors gradient clipping should see (None: all of the model's); PWFN leaves sigma out
         unless ``pwfn.clip_sigma``. Pass them to ``torch.nn.utils.clip_grad_norm_``."""
-        fn = getattr(self.strategy, "clip_parameters", None)
-        return fn(self.model) if fn is not None else None
+        return self.strategy.clip_parameters(self.model)
 
     def loss(self, task_loss: torch.Tensor) -> torch.Tensor:
         """``task_loss + loss_term(task_loss)``."""
@@ -260,15 +264,20 @@ class Fixer:
         """Training the method wants between two rounds (the built-in loop's budget)."""
         return float(self.strategy.round_epochs())
 
-    def fix_next(self, broadcast=None) -> Round:
+    def fix_next(self, broadcast=None, evaluate: Optional[Callable[[], float]] = None) -> Round:
         """Fix the next fraction of the weights (one engine round); returns the round's report.
 
         ``broadcast`` (optional) is applied to each result tensor before it is written (the
         built-in loop passes DDP's broadcast so every rank writes rank 0's result).
-        """
-        from .distributed import tensor_checksum
-        from .pipeline import quant_metrics
 
+        ``evaluate`` (optional) turns on the method's accuracy guard (``pwfn.guard_drop`` for PWFN): a
+        callable returning the model's validation score on a few fixed batches, higher is better
+        (e.g. top-1 on four validation batches, in the method's ``evaluating()`` mode). It is called
+        before the round and after each try; while the score falls by more than the guard allows,
+        the round is undone (values, fixed masks and sigma restored) and redone one caution level
+        higher (PWFN: k halved, not below ``pwfn.k_min``). The level reached carries to the later
+        rounds. The built-in loop (``pwfn.compress``, the CLI) always passes one.
+        """
         if self.done:
             raise ConfigError(f"{self.method}: all {len(self.fractions)} rounds are done; call finalize()")
         if self._closed:
@@ -276,25 +285,66 @@ class Fixer:
         t = self.round
         frac = self.fractions[t]
         view = self.view
-        new_values, new_fixed, new_sigma, summary = self.strategy.fix(view, t, frac, self.engine_config,
-                                                                      engine=fix_round)
-        if broadcast is not None:
-            for tensor in (new_values, new_fixed) + ((new_sigma,) if new_sigma is not None else ()):
-                broadcast(tensor)
-        view.write(new_values, new_fixed, new_sigma)
-        if self.budget is not None:
-            self.budget.enforce(view)  # budget mode: merge fixed values down to the limits
+        guard = self.strategy.round_guard() if evaluate is not None else None
+        if guard is not None:
+            before = evaluate()
+            import os
+            if os.environ.get("PWFN_GUARD_REF") == "float":
+                if not hasattr(self, "_ref"):
+                    self._ref = before
+                before = self._ref
+            if os.environ.get("PWFN_GUARD_RESET") == "1":
+                self.caution = 0
+            saved = (view.values(), view.fixed(), view.sigmas() if view.has_sigma else None)
+            tries: list[dict[str, Any]] = []
+        while True:
+            self.strategy.set_caution(self.caution)
+            summary, merged = self._fix_once(t, frac, broadcast)
+            if guard is None:
+                break
+            import os
+            if os.environ.get("PWFN_GUARD_METRIC") == "both":
+                sc = evaluate()
+                score = sc[0]
+                drop = (before[0] - sc[0]) / max(abs(before[0]), 1e-12)
+                ldrop = (before[1] - sc[1]) / max(abs(before[1]), 1e-12)
+                ok = drop <= guard.max_drop and ldrop <= float(os.environ["LOSS_X"])
+            else:
+                score = float(evaluate())
+                drop = (before - score) / max(abs(before), 1e-12)
+                ok = drop <= guard.max_drop
+            tries.append({"caution": self.caution, "score": score, "drop": drop})
+            if ok or not self.strategy.set_caution(self.caution + 1):
+                break
+            view.write(*saved)  # undo the try: no training happened since
+            if self.budget is not None:
+                self.budget.merged_weights -= merged
+                self.budget.merges_per_round.pop()
+            self.caution += 1
         self.round += 1
         self._extra = None  # WFN's attraction centres changed
         self._refresh_active()
         row: dict[str, Any] = {"round": t, "fraction": frac,
                                "checksum": tensor_checksum(view.values(), view.fixed())}
-        row.update(quant_metrics(view, self.engine_config.b, self.engine_config.signed_terms))
-        from .io import to_jsonable
-
+        row.update(self._metrics())
         row["engine"] = to_jsonable(summary)
+        if guard is not None:
+            row["guard"] = {"before": before, "tries": tries, "caution": self.caution}
         self.history.append(row)
         return Round(index=t, fraction=frac, trains=frac < 1.0 and not self.done, row=row)
+
+    def _fix_once(self, t: int, frac: float, broadcast) -> tuple[dict, int]:
+        """One try of round ``t``: the method's fixing written into the view (and merged to the budget);
+        returns the engine summary and the weights the budget merged."""
+        new_values, new_fixed, new_sigma, summary = self.strategy.fix(self.view, t, frac, self.engine_config,
+                                                                      engine=functools.partial(
+                                                                          fix_round, cache=self._engine_cache))
+        if broadcast is not None:
+            for tensor in (new_values, new_fixed) + ((new_sigma,) if new_sigma is not None else ()):
+                broadcast(tensor)
+        self.view.write(new_values, new_fixed, new_sigma)
+        merged = self.budget.enforce(self.view) if self.budget is not None else 0  # budget mode: merge down
+        return summary, merged
 
     def rounds(self) -> Iterator[Round]:
         """Yield each remaining round right after fixing it; train between the yields."""
@@ -328,13 +378,11 @@ class Fixer:
 
     def load_state_dict(self, state: Mapping[str, Any], where: str = "fixer state") -> None:
         """Restore :meth:`state_dict`; a state of another method or fixing config is refused."""
-        from .io import load_state_dict_strict
-
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{where} is not a pwfn Fixer state (format {STATE_FORMAT})")
         if state.get("method") != self.method:
             raise CheckpointError(f"{where} is a {state.get('method')!r} state; this Fixer runs {self.method!r}")
-        sections = (self.method, "quantise", "budget")
+        sections = (self.strategy.section_name, "quantise", "budget")
         diff = config_diff(state.get("config") or {}, config_to_dict(self.cfg), sections)
         if diff:
             raise CheckpointError(f"{where} was written under other fixing settings ({'; '.join(diff[:4])}); "
@@ -343,6 +391,7 @@ class Fixer:
         self.view.load_mask_state(state["masks"], where)
         self.round = int(state["round"])
         self.history = list(state.get("history") or [])
+        self.caution = max((int(row["guard"]["caution"]) for row in self.history if "guard" in row), default=0)
         self._extra = None
         self._refresh_active()
 
@@ -352,31 +401,21 @@ class Fixer:
         if not self.done or not bool(self.view.fixed().all()):
             raise ModelError(f"{self.method}: {int((~self.view.fixed()).sum())} weights are not fixed yet "
                              f"({self.round} of {len(self.fractions)} rounds done); run the remaining rounds first")
-        point = bayes.to_point_estimate(self.model) if self.method == "pwfn" else bayes.copy_model(self.model)
+        point = self.strategy.point_model(self.model)
         self.close()
         return point
 
+    def _metrics(self) -> dict[str, Any]:
+        """Unique values, entropy, term shares and codebook of the weights fixed so far."""
+        return fixing_metrics(self.view.values(), self.view.fixed(), self.engine_config.b,
+                              self.engine_config.signed_terms)
+
     def report(self) -> dict[str, Any]:
         """Per-round history, coverage and the quantised tensors (the built-in loop adds evaluations)."""
-        from .pipeline import quant_metrics
-
         out = {"method": self.method, "fractions": list(self.fractions), "rounds": copy.deepcopy(self.history),
-               "final": quant_metrics(self.view, self.engine_config.b, self.engine_config.signed_terms),
+               "final": self._metrics(),
                "quantised_tensors": self.view.names(),
                "coverage": {**self.coverage.summary(), "folded_parametrizations": list(self.strategy.folded)}}
         if self.budget is not None:
             out["budget"] = self.budget.report(self.view)
         return out
-
-
-BATCHNORM_POLICIES = ("train", "frozen")
-
-
-def apply_batchnorm_policy(model: nn.Module, policy: str) -> None:
-    """``frozen``: every BatchNorm layer in eval mode (running statistics used and kept) while the rest trains."""
-    if policy not in BATCHNORM_POLICIES:
-        raise ConfigError(f"batchnorm = {policy!r}: choose one of {list(BATCHNORM_POLICIES)}")
-    if policy == "frozen":
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()

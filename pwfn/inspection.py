@@ -1,6 +1,6 @@
 """``pwfn inspect FILE.pwfn``: what a packed artefact holds, checked and decoded.
 
-The file is validated exactly as :func:`pwfn.packing.unpack` does (magic, version, manifest
+The file is validated exactly as :func:`pwfn.export.packing.unpack` does (magic, version, manifest
 SHA-256, every section's CRC32, the whole-file SHA-256, each decoded tensor's CRC32), so a
 damaged file raises ``ArtefactError`` instead of being described. Then it reports:
 
@@ -32,9 +32,10 @@ def _entropy(counts: list[int]) -> float:
 
 def inspect_file(path: Union[str, Path]) -> dict[str, Any]:
     """Validate and decode ``path``; return a JSON-ready description (see the module docstring)."""
+    # numpy and torch load when a file is inspected, not with the CLI
     import numpy as np
 
-    from . import packing
+    from .export import packing
 
     path = Path(path)
     try:

@@ -24,6 +24,7 @@ from typing import Any, Union
 import torch
 
 from .errors import CheckpointError, StorageError, storage_error
+from .files import regular_file_problem
 
 CHECKPOINT_FORMAT = 1
 _CHECKPOINT_MAGIC = "pwfn-checkpoint"
@@ -207,8 +208,6 @@ def save_checkpoint(path: PathLike, payload: dict, *, kind: str) -> None:
 
 def load_checkpoint(path: PathLike, *, kind: str, map_location: Any = "cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint`; any damage raises ``CheckpointError``."""
-    from .manifest import regular_file_problem
-
     path = Path(path)
     problem = regular_file_problem(path)
     if problem is not None:  # a FIFO or a device would block or never end

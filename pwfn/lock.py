@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import PwfnError
+from .methods import method_names
 
 LOCK_FILE = ".pwfn.lock"
-from .config import METHODS  # noqa: E402  (one list of methods, torch-free)
 
 try:  # POSIX
     import fcntl
@@ -51,7 +51,7 @@ def lock_target(folder: Union[str, os.PathLike]) -> Path:
     """
     folder = Path(folder)
     parent = folder.parent
-    if folder.name in METHODS and ((parent / "config.yaml").exists() or (parent / LOCK_FILE).exists()
+    if folder.name in method_names() and ((parent / "config.yaml").exists() or (parent / LOCK_FILE).exists()
                                    or (parent / "baseline.pt").exists()):
         return parent
     return folder
@@ -100,7 +100,7 @@ def holder_info(folder: Union[str, os.PathLike]) -> Optional[dict]:
         return None
 
 
-def _describe(info: Optional[dict]) -> str:
+def describe_holder(info: Optional[dict]) -> str:
     if not info:
         return "another process"
     since = info.get("since")
@@ -165,7 +165,7 @@ def check_free(folder: Union[str, os.PathLike], what: str = "run folder") -> Non
 
 
 def _busy_message(folder: Path, info: Optional[dict], what: str) -> str:
-    return (f"{what} {str(folder)!r} is in use by {_describe(info)}: two writers would mix their files. "
+    return (f"{what} {str(folder)!r} is in use by {describe_holder(info)}: two writers would mix their files. "
             "Wait for it to finish (or stop it), or use another name (--set name=...) / another folder")
 
 

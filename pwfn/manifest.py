@@ -31,12 +31,17 @@ import hashlib
 import json
 import math
 import os
-import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import ConfigError, PwfnError
+from . import __version__
+from .errors import ConfigError, PwfnError, RunFileError
+from .files import (
+    parse_json,
+    read_limited,
+)
+from .methods import method_names
 
 PathLike = Union[str, os.PathLike]
 
@@ -49,19 +54,13 @@ POINT_MODEL_JSON = "point_model.json"
 POINT_FORMAT = "pwfn-point-model"
 POINT_FORMAT_VERSION = 1
 
-from .config import METHODS  # noqa: E402  (one list of methods, torch-free)
 
 #: limits on run-folder files read back (a hand-edited or hostile file is refused, never parsed at length)
 MAX_JSON_BYTES = 256 << 20
-MAX_JSON_DEPTH = 64
 MAX_LINE_BYTES = 16 << 20
 #: image folders with more files than this are fingerprinted by a fixed, evenly spaced sample of
 #: file sizes and mtimes (the full list of names and labels is always hashed)
 MAX_STAT_FILES = 20_000
-
-
-class RunFileError(PwfnError, ValueError):
-    """A file of a run folder is unreadable, malformed, too large or too deep."""
 
 
 class DamagedPointModelError(RunFileError):
@@ -70,83 +69,6 @@ class DamagedPointModelError(RunFileError):
 
 class InputsChangedError(ConfigError):
     """A run folder was written from other inputs (data, checkpoint file, model) than a resume has."""
-
-
-# --------------------------------------------------------------------------------------------
-# reading files safely
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO (named pipe)"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
-
-
-def regular_file_problem(path: PathLike) -> Optional[str]:
-    """None when ``path`` is a regular file (after symlinks), else what it is instead."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return "does not exist"
-    except NotADirectoryError:
-        return "does not exist (a part of the path is a file)"
-    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
-        return f"cannot be accessed ({exc})"
-    if stat.S_ISREG(st.st_mode):
-        return None
-    return f"is {_kind(st.st_mode)}, not a file"
-
-
-def read_limited(path: PathLike, what: str, max_bytes: int, error: type[PwfnError] = RunFileError) -> bytes:
-    """The bytes of a regular file of at most ``max_bytes``; anything else raises ``error``."""
-    problem = regular_file_problem(path)
-    if problem is not None:
-        raise error(f"{what} {str(path)!r} {problem}")
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            data = b"" if size > max_bytes else fh.read(min(size, max_bytes) + 1)
-            if size <= max_bytes and len(data) > size:  # a file that grew while read: read the rest, bounded
-                data += fh.read(max_bytes + 1 - len(data))
-    except OSError as exc:
-        raise error(f"{what} {str(path)!r} cannot be read: {exc}") from exc
-    except MemoryError as exc:
-        raise error(f"{what} {str(path)!r} is too large to read into memory") from exc
-    if size > max_bytes or len(data) > max_bytes:
-        raise error(f"{what} {str(path)!r} is larger than {max_bytes:,} bytes: it is not a file pwfn wrote")
-    return data
-
-
-def json_depth_exceeds(obj: Any, max_depth: int = MAX_JSON_DEPTH) -> bool:
-    """Whether parsed JSON nests deeper than ``max_depth`` (iterative: never recurses itself)."""
-    stack = [(obj, 1)]
-    while stack:
-        node, depth = stack.pop()
-        if isinstance(node, (dict, list)):
-            if depth > max_depth:
-                return True
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
-    return False
-
-
-def parse_json(text: Union[str, bytes], where: str, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` whose every failure (syntax, encoding, nesting, NaN-free limits) is a RunFileError."""
-    try:
-        obj = json.loads(text)
-    except RecursionError as exc:
-        raise RunFileError(f"{where} nests deeper than {max_depth} levels: it is not a file pwfn wrote") from exc
-    except (ValueError, UnicodeDecodeError, MemoryError) as exc:
-        raise RunFileError(f"{where} is not valid JSON: {exc}") from exc
-    if json_depth_exceeds(obj, max_depth):
-        raise RunFileError(f"{where} nests deeper than {max_depth} levels: it is not a file pwfn wrote")
-    return obj
 
 
 def load_json(path: PathLike, what: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
@@ -236,8 +158,8 @@ def validate_report(obj: Any, where: str) -> dict:
     """A method's ``report.json``: the keys and types that report, doctor and export rely on."""
     _check(obj, (dict,), where)
     method = _field(obj, "method", (str,), where)
-    if method not in METHODS:
-        raise RunFileError(f"{where}: 'method' is {method!r}, not one of {list(METHODS)}")
+    if method not in method_names():
+        raise RunFileError(f"{where}: 'method' is {method!r}, not one of {list(method_names())}")
     _number_list(_field(obj, "fractions", (list,), where), f"{where}: 'fractions'")
     for i, row in enumerate(_field(obj, "rounds", (list,), where)):
         validate_round(row, f"{where}: rounds[{i}]")
@@ -300,8 +222,8 @@ def validate_compare(obj: Any, where: str) -> dict:
     _check(obj, (dict,), where)
     methods = _field(obj, "methods", (dict,), where)
     for name, entry in methods.items():
-        if name not in METHODS:
-            raise RunFileError(f"{where}: 'methods' names {name!r}, not one of {list(METHODS)}")
+        if name not in method_names():
+            raise RunFileError(f"{where}: 'methods' names {name!r}, not one of {list(method_names())}")
         _check(entry, (dict,), f"{where}: methods[{name!r}]")
     table = _field(obj, "table", (list,), where)
     for i, row in enumerate(table):
@@ -611,8 +533,6 @@ def manifest_path(folder: PathLike) -> Path:
 def new_manifest(*, method: str, engine: Mapping[str, Any], recipe: Optional[Mapping], inputs: Mapping,
                  quantised: list[dict], config: Optional[Mapping] = None) -> dict:
     """The manifest of a run that is starting (``status: running``)."""
-    from . import __version__
-
     return {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -642,8 +562,8 @@ def validate_manifest(obj: Any, where: str) -> dict:
     if version < 1:
         raise RunFileError(f"{where} has an invalid manifest version {version}")
     method = _field(obj, "method", (str,), where)
-    if method not in METHODS:
-        raise RunFileError(f"{where}: 'method' is {method!r}, not one of {list(METHODS)}")
+    if method not in method_names():
+        raise RunFileError(f"{where}: 'method' is {method!r}, not one of {list(method_names())}")
     status = _field(obj, "status", (str,), where)
     if status not in ("running", "finished"):
         raise RunFileError(f"{where}: 'status' is {status!r}, expected 'running' or 'finished'")
@@ -796,32 +716,3 @@ def read_point_model(folder: PathLike, manifest: Optional[Mapping] = None) -> tu
     return desc, state
 
 
-# --------------------------------------------------------------------------------------------
-# config size (alias bombs)
-
-#: most values a config may expand to (YAML aliases are counted once per use)
-MAX_CONFIG_VALUES = 100_000
-#: largest config file read
-MAX_CONFIG_BYTES = 1 << 20
-
-
-def count_values(obj: Any, limit: int = MAX_CONFIG_VALUES, max_depth: int = MAX_JSON_DEPTH) -> Optional[str]:
-    """None when ``obj`` expands to at most ``limit`` values nested at most ``max_depth`` deep;
-    else what is wrong. Shared (aliased) sub-trees are counted every time they are reached, and
-    the walk stops as soon as a limit is passed, so an alias bomb costs nothing to refuse."""
-    count = 0
-    stack = [(obj, 1)]
-    while stack:
-        node, depth = stack.pop()
-        count += 1
-        if count > limit:
-            return f"expands to more than {limit:,} values (nested YAML aliases?)"
-        if isinstance(node, dict):
-            if depth > max_depth:
-                return f"nests deeper than {max_depth} levels"
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, (list, tuple)):
-            if depth > max_depth:
-                return f"nests deeper than {max_depth} levels"
-            stack.extend((v, depth + 1) for v in node)
-    return None

@@ -31,6 +31,7 @@ __all__ = [
     "codebook",
     "entropy_bits",
     "expected_calibration_error",
+    "fixing_metrics",
     "nll",
     "order_shares",
     "size_report",
@@ -388,3 +389,27 @@ def topk_accuracy(logits: Tensor, labels: Tensor, k: int = 1) -> float:
     top = logits.detach().topk(k, dim=1).indices
     hit = (top == labels.to(top.device).unsqueeze(1)).any(dim=1)
     return float(hit.to(torch.float64).mean())
+
+
+def fixing_metrics(values: Tensor, fixed: Tensor, b: int, signed_terms: bool) -> dict:
+    """What a (partly) fixed network's report shows of its fixed weights: fixed fraction, unique values and
+    entropy (with and without zero), shares of 0-, 1-, 2-... term values, codebook and counts.
+
+    ``values`` and ``fixed`` are the flat values of every quantised tensor and their fixed mask; ``b`` and
+    ``signed_terms`` are the engine's (they decide how many power-of-two terms a value takes).
+    """
+    fv = values[fixed]
+    out: dict = {"fixed_fraction": float(fixed.float().mean()), "n_weights": int(values.numel())}
+    if fv.numel() == 0:
+        return out
+    out.update(
+        unique=unique_count(fv, include_zero=True),
+        unique_nonzero=unique_count(fv, include_zero=False),
+        entropy=entropy_bits(fv, include_zero=True),
+        entropy_nonzero=entropy_bits(fv, include_zero=False),
+        order_shares={str(k): v for k, v in order_shares(term_counts(fv, b=b, signed_terms=signed_terms)).items()},
+    )
+    cb, counts = codebook(fv)
+    out["codebook"] = [float(v) for v in cb.tolist()]
+    out["codebook_counts"] = [int(c) for c in counts.tolist()]
+    return out

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, PwfnError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -48,6 +48,23 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         return _REGISTRY[name](**kwargs)
     except TypeError as exc:
         raise ConfigError(f"bad arguments for model {name!r}: {exc}") from exc
+
+
+def model_factory(name: str) -> Callable[..., nn.Module] | None:
+    """The registered constructor of ``name`` (None when no model has that name)."""
+    return _REGISTRY.get(name)
+
+
+def build_from_recipe(recipe: dict) -> nn.Module:
+    """The model of a run's recipe (``{"name": ..., "kwargs": {...}}``); every failure on bad
+    ``model.kwargs`` is a ``ConfigError`` naming the model and its arguments."""
+    try:
+        return create_model(recipe["name"], **recipe["kwargs"])
+    except PwfnError:
+        raise
+    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
+        raise ConfigError(f"cannot build model {recipe['name']!r} with model.kwargs {recipe['kwargs']!r}: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,20 +1,20 @@
-"""``pwfn report RUN_DIR``: a readable summary of a run folder (one method or a comparison)."""
+"""What ``pwfn report``, ``compare`` and ``export`` print: run folders, exports and targets as text.
+
+A run folder is read through its validated JSON files; an export's and a targets summary are
+formatted from the dicts ``pwfn.export`` returns. Nothing here imports torch.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import PwfnError
-
-
-def _read_json(path: Path) -> Any:
-    """A run-folder JSON file, validated (limits, depth, schema: ``pwfn.rundata.read_json``)."""
-    from .rundata import read_json
-
-    return read_json(path)
+from .manifest import read_metrics
+from .rundata import layer_table, read_json, read_method, size_summary
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -187,10 +187,101 @@ def format_sizes(s: dict[str, Any]) -> str:
     return text
 
 
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n:,.0f}"
+
+
+def format_export_summary(result: Mapping[str, Any]) -> str:
+    """Human-readable lines for one export (what ``pwfn export`` prints)."""
+    lines = [f"exported {result.get('source')} -> {result['out_dir']}"]
+    files = result.get("files", {})
+    lines.append("  files: " + ", ".join(f"{k} ({_fmt_bytes(v)} B)" for k, v in files.items()))
+    s = result["size"]
+    if not result.get("fixed", True):
+        why = f" ({result['not_finished']})" if result.get("not_finished") else ""
+        lines.append(
+            f"  WARNING: not 100% fixed{why}: {result.get('unfixed_weights', 0)} quantised weights "
+            "exported as raw float (--allow-unfixed); the artefact's metadata says so"
+        )
+    q = s["quantised"]
+    n = max(s["weights"], 1)
+    lines.append(
+        f"  quantised: {s['weights']:,} weights in {s['quantised_tensors']} tensors, "
+        f"codebook K={s['codebook_size']}, entropy {s['global_entropy_bits']:.3f} bits/weight"
+    )
+    rows = [
+        ("fp32", q["fp32_bytes"]),
+        ("fp16", q["fp16_bytes"]),
+        (f"fixed width ({s['bits_per_index']} bits)", q["fixed_width_bytes"]),
+        ("entropy bound (global)", q["entropy_bound_bytes"]),
+        ("entropy bound (per tensor)", q["per_tensor_entropy_bound_bytes"]),
+        ("packed (coded + tables)", q["packed_bytes"]),
+    ]
+    lines.append("  | quantised weights as | bytes | bits/weight |")
+    lines.append("  |---|---|---|")
+    for label, v in rows:
+        lines.append(f"  | {label} | {_fmt_bytes(v)} | {8.0 * v / n:.3f} |")
+    pf, t = s["packed_file"], s["total"]
+    ratio = s.get("ratio_packed_to_bound")
+    lines.append(
+        f"  whole state_dict: fp32 {_fmt_bytes(t['fp32_bytes'])} B, fp16 {_fmt_bytes(t['fp16_bytes'])} B, "
+        f"packed file {_fmt_bytes(pf['total'])} B (coded weights {_fmt_bytes(pf['quantised_coded'])}, "
+        f"shared tables {_fmt_bytes(pf['shared_tables'])}, raw tensors {_fmt_bytes(pf['raw_tensors'])}, "
+        f"overhead {_fmt_bytes(pf['overhead'])} of which manifest {_fmt_bytes(pf['manifest'])})"
+    )
+    if ratio is not None:
+        lines.append(f"  packed / global entropy bound: {ratio:.4f}")
+    if s.get("order_shares"):
+        shares = ", ".join(f"order {k}: {100 * v:.1f}%" for k, v in s["order_shares"].items())
+        lines.append(f"  power-of-two terms per weight: {shares}")
+    a = s["arithmetic"]
+    lines.append(
+        f"  multiplications: {a['multiplications_replaced']:,} of {a['weights']:,} replaced by "
+        f"{a['shifts']:,} shifts + {a['adds']:,} adds; {a['zeros_skipped']:,} zero weights skipped; "
+        f"{a['multiplications_kept']:,} kept"
+    )
+    o = result.get("onnx")
+    if o:
+        if o.get("skipped"):
+            lines.append(f"  onnx: skipped: {o['skipped']}")
+        else:
+            lines.append(f"  onnx: written and checked with onnxruntime (max |diff| {o['max_abs_diff']:.2e}); "
+                         f"{o.get('coded_tensors', 0)} tensors as codebook indices + Gather, "
+                         f"{o.get('bytes', 0):,} B (fp32 ONNX {o.get('fp32_onnx_bytes', 0):,} B)")
+    return "\n".join(lines)
+
+
+def format_targets(summary: Mapping[str, Any]) -> str:
+    """The lines ``pwfn export --to`` prints."""
+    lines = [f"  targets (fp32 weights {summary['fp32_bytes']:,} B, int8 {summary['int8_bytes']:,} B):",
+             "  | target | file | bytes | fp32 / file | int8 / file | check | multiplications left |",
+             "  |---|---|---|---|---|---|---|"]
+    ops = summary.get("operations") or {}
+    macs = (ops.get("total") or {}).get("macs")
+    for n, t in summary["targets"].items():
+        if n == "onnx":
+            check = "weights bit-identical, outputs = fp32 ONNX bit for bit"
+        elif n == "tflm":
+            check = "TFLM interpreter: LUT = uncompressed bit for bit"
+        else:
+            check = "C simulation = shift-add reference bit for bit"
+        left = t.get("multiplications_left")
+        left_s = f"{left:,} of {macs:,}" if isinstance(left, int) and macs else str(left)
+        lines.append(f"  | {n} | {t['file']} | {t['bytes']:,} | {t['vs_fp32']:.1f}x | {t['vs_int8']:.2f}x | "
+                     f"{check} (max |diff| to torch {t.get('max_abs_diff', t.get('max_abs_diff_to_float', 0)):.2g}) "
+                     f"| {left_s} |")
+    if ops:
+        tot = ops["total"]
+        lines.append(f"  shift-add reference: {tot['macs']:,} multiply-accumulates per input become "
+                     f"{tot['shifts']:,} shifts + {tot['adds']:,} adds ({tot['zero_weight_macs_skipped']:,} "
+                     "zero-weight products skipped), 0 multiplications")
+    return "\n".join(lines)
+
+
 def summarise_method_folder(folder: Path) -> str:
     """The report of one method folder with its per-layer table and sizes (when finished)."""
-    from .rundata import layer_table, read_method, size_summary
-
     method = read_method(folder)
     if method["report"] is None:
         return ("run in progress or interrupted; completed rounds:\n"
@@ -215,7 +306,7 @@ def summarise_run_dir(run_dir: Union[str, Path], as_json: bool = False) -> str:
     if not folder.is_dir():
         raise PwfnError(f"run folder {str(folder)!r} does not exist")
     if (folder / "compare.json").exists():
-        data = _read_json(folder / "compare.json")
+        data = read_json(folder / "compare.json")
         if as_json:
             return json.dumps(data, indent=2)
         parts = [format_table(data["table"])]
@@ -226,11 +317,9 @@ def summarise_run_dir(run_dir: Union[str, Path], as_json: bool = False) -> str:
         return "\n".join(parts)
     if (folder / "report.json").exists():
         if as_json:
-            return json.dumps(_read_json(folder / "report.json"), indent=2)
+            return json.dumps(read_json(folder / "report.json"), indent=2)
         return summarise_method_folder(folder)
     if (folder / "metrics.jsonl").exists():
-        from .manifest import read_metrics
-
         rows = read_metrics(folder / "metrics.jsonl")
         return "run in progress or interrupted; completed rounds:\n" + summarise_report({"method": folder.name, "rounds": rows})
     raise PwfnError(f"{str(folder)!r} holds no report.json, compare.json or metrics.jsonl: is it a pwfn run folder?")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import PwfnError
+from .manifest import load_json, read_metrics, validate_compare, validate_report
 
 PathLike = Union[str, Path]
 
@@ -24,8 +25,6 @@ PathLike = Union[str, Path]
 def read_json(path: Path) -> Any:
     """A run-folder JSON file, read within size and depth limits (``pwfn.manifest.load_json``);
     report.json and compare.json are schema-checked too. Problems raise a PwfnError naming the file."""
-    from .manifest import load_json, validate_compare, validate_report
-
     data = load_json(path, "run file")
     if path.name == "report.json":
         return validate_report(data, f"run report {str(path)!r}")
@@ -37,8 +36,6 @@ def read_json(path: Path) -> Any:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Rows of ``metrics.jsonl``, each checked (``pwfn.manifest.read_metrics``): a garbage line is a
     PwfnError naming its line (every write is atomic, so a torn line means the file was edited)."""
-    from .manifest import read_metrics
-
     return read_metrics(path)
 
 

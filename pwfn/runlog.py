@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 #: columns first in metrics.csv, in this order (when present); every other column follows sorted
@@ -103,8 +105,6 @@ class TensorBoardLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:  # torch present, the tensorboard package missing
-                from .errors import ConfigError
-
                 raise ConfigError(
                     "tensorboard: true needs the 'tensorboard' package: pip install 'pwfn-compress[tensorboard]' "
                     f"(or set tensorboard: false). ({exc})"

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+import bayes
+
 from .distributed import DistContext
 from .errors import ConfigError, TrainingDivergedError
 from .tasks import BatchAdapter, ClassificationTask, Task, evaluate_task, to_device
@@ -25,29 +27,6 @@ from .tasks import BatchAdapter, ClassificationTask, Task, evaluate_task, to_dev
 log = logging.getLogger(__name__)
 
 ExtraLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    """'auto' picks CUDA when available, else CPU; anything else is passed to torch.device."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ConfigError(f"device {spec!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N' ({exc})") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {spec!r} was requested but CUDA is not available; use --device cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {spec!r} was requested but this machine has {torch.cuda.device_count()} CUDA "
-                          f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
-    if dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ConfigError(f"device {spec!r} was requested but Apple's MPS backend is not available in this "
-                              "PyTorch build or machine; use --device cpu")
-    elif dev.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {spec!r} is not supported: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    return dev
 
 
 def seed_everything(seed: int) -> None:
@@ -204,7 +183,6 @@ def train_epochs(
     naming the first layer that holds non-finite weights or produces non-finite output, plus
     ``advice`` (which settings to change).
     """
-    from .fixer import apply_batchnorm_policy
 
     inner = inner if inner is not None else model
     task = task or ClassificationTask()
@@ -320,8 +298,6 @@ def predict_mc(model: nn.Module, loader: Iterable, device: torch.device, samples
     every run, and the global RNG (which training relies on) is left untouched. Under DDP the
     shards' probabilities are gathered in rank order, i.e. in dataset order.
     """
-    import bayes
-
     probs_sum: Optional[torch.Tensor] = None
     labels: Optional[torch.Tensor] = None
     state = rng_state()  # building the plain copies (torch layer constructors) draws from the global RNG
@@ -351,3 +327,16 @@ def make_optimizer(params, name: str, lr: float, momentum: float = 0.9, weight_d
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     raise ConfigError(f"unknown optimizer {name!r}")
+
+
+BATCHNORM_POLICIES = ("train", "frozen")
+
+
+def apply_batchnorm_policy(model: nn.Module, policy: str) -> None:
+    """``frozen``: every BatchNorm layer in eval mode (running statistics used and kept) while the rest trains."""
+    if policy not in BATCHNORM_POLICIES:
+        raise ConfigError(f"batchnorm = {policy!r}: choose one of {list(BATCHNORM_POLICIES)}")
+    if policy == "frozen":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()

@@ -238,8 +238,10 @@ def test_point_state_dict_loads_into_the_plain_model():
     fresh = create_model("lenet5", input_size=12)
     fresh.load_state_dict(bayes.point_state_dict(bm.state_dict()))
     point = to_point_estimate(bm)
-    for k, v in point.state_dict().items():
-        assert torch.equal(fresh.state_dict()[k], v)
+    want, got = fresh.state_dict(), point.state_dict()
+    assert list(want) == list(got)
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
 
 
 def test_bare_layer_draw_is_the_draw_of_the_same_layer_in_a_container():

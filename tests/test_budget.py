@@ -89,7 +89,7 @@ SMALL = ["progress=false", "baseline.epochs=3", "data.train_subset=600", "data.e
 @pytest.mark.slow
 def test_budget_run_meets_its_limits_and_reports_them(tmp_path: Path, capsys) -> None:
     from pwfn.cli import main
-    from pwfn.pipeline import run_method
+    from pwfn.experiment import run_method
 
     cfg = load_config("configs/digits_mlp.yaml", [f"out_dir={tmp_path}", *SMALL, "budget.max_values=8",
                                                   "budget.max_values_per_tensor=6", "budget.max_entropy_bits=2.5"])

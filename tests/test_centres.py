@@ -11,7 +11,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pwfn.centres import MAX_GRID, candidate_centres, decompose, term_counts
+from pwfn.centres import (
+    MAX_GRID,
+    CentreSet,
+    candidate_centres,
+    decompose,
+    lookup_centres,
+    term_counts,
+)
 from pwfn.errors import ConfigError, EngineInputError
 
 
@@ -148,3 +155,27 @@ def test_errors():
         decompose(torch.tensor([float("nan")]))
     with pytest.raises(EngineInputError, match="width"):
         decompose(torch.tensor([7 / 128]), width=2)
+
+
+@pytest.mark.parametrize("max_abs, b", [(1.0, 7), (256.0, 10)])  # table, then binary search
+def test_lookup_centres_exact_match_only(max_abs, b):
+    cs = candidate_centres(max_abs, 2, b)
+    n = 0.25 * max_abs
+    v = torch.tensor([[n, n + 2.0**-(b + 2)], [0.0, -0.75 * max_abs]])
+    idx = lookup_centres(v, cs)
+    assert idx.shape == (2, 2) and idx.dtype == torch.int32
+    assert idx[0, 1] == -1
+    assert cs.values[idx[[0, 1, 1], [0, 0, 1]].long()].tolist() == [n, 0.0, -0.75 * max_abs]
+    masked = lookup_centres(v, cs, torch.tensor([[False, True], [True, True]]))
+    assert masked[0, 0] == -1 and masked[1, 0] == idx[1, 0]
+
+
+def test_lookup_centres_one_sided_set():
+    """A cut-down set whose largest |value| is negative (budget mode) is found in full."""
+    cs = candidate_centres(1.0, 1)
+    keep = (cs.values == -1.0) | (cs.values == 0.0) | (cs.values == 0.5)
+    sub = CentreSet(values=cs.values[keep], orders=cs.orders[keep], signs=cs.signs[keep],
+                    exponents=cs.exponents[keep], b=cs.b, max_order=cs.max_order,
+                    signed_terms=cs.signed_terms)
+    assert sub.grid_span == 128
+    assert lookup_centres(torch.tensor([-1.0, 0.5, 0.25, 0.0]), sub).tolist() == [0, 2, -1, 1]

@@ -65,7 +65,7 @@ def test_unknown_key_suggests_the_closest():
         ("wfn.delta=1.5", "wfn.delta"),
         ("data.batch_size=0", "batch_size"),
         ("pwfn.objective=kl", "objective"),
-        ("method=sgd", "method"),
+        ("method=not a name", "method"),
         ("data.batch_size=abc", "expected an integer"),
         ("pwfn.lr=[1]", "expected a number"),
         ("progress=maybe", "true/false"),
@@ -107,3 +107,16 @@ def test_numbers_given_for_text_fields_are_read_as_text():
     assert cfg.name == "2024" and cfg.data.root == "123"
     with pytest.raises(ConfigError, match="expected a string"):
         load_config(None, ["name=true"])  # a YAML boolean is not a name
+
+
+def test_an_unknown_method_is_refused_by_the_registry_naming_the_closest(tmp_path):
+    """A config names its method freely (a method may be registered after the config is read); the
+    registry refuses an unknown one before anything runs, with the methods and the closest match."""
+    from pwfn.cli import main as cli_main
+    from pwfn.methods import check_method_name
+
+    cfg = load_config(None, ["method=wfn_publihsed"])
+    with pytest.raises(ConfigError, match=r"unknown method 'wfn_publihsed'.*Did you mean 'wfn_published'"):
+        check_method_name(cfg.method)
+    assert cli_main(["-q", "run", "--out", str(tmp_path), "--set", "method=pwfnn"]) == 2
+    assert not any(tmp_path.iterdir())

@@ -305,8 +305,10 @@ def test_compress_fixes_every_parameter_and_export_reloads_bit_exact(name, metho
     for loader in (lambda: load_packed_model(tmp_path / "export" / "model.pwfn", model=copy.deepcopy(fresh)),
                    lambda: load_exported_model(tmp_path / "export", model=copy.deepcopy(fresh))):
         loaded = loader()
-        for (k1, v1), (k2, v2) in zip(point.state_dict().items(), loaded.state_dict().items()):
-            assert k1 == k2 and torch.equal(v1, v2)
+        want, got = point.state_dict(), loaded.state_dict()
+        assert list(want) == list(got)
+        for k in want:
+            assert torch.equal(want[k], got[k]), k
         point.eval()
         x = inputs(5)
         with torch.no_grad():

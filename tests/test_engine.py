@@ -1,122 +1,30 @@
-"""The fixing engine against a deliberately simple dense reference, plus its invariants.
+"""The fixing engine against its executable spec (``pwfn.engine_reference``), plus invariants.
 
-The reference below loops over picks and builds a dense (weights x centres) fit matrix;
-it is the executable specification of ALGORITHM.md section 2 (with the engine's
-documented tie-breaks).  The fast engine must reproduce it *exactly*.
+The reference builds a dense (weights x centres) fit matrix per pick; it is the executable
+specification of the engine's docstring (docs/algorithm.md, with the engine's documented
+tie-breaks).  The fast engine must reproduce it *exactly*, whatever its tuning.
 """
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import pwfn.engine as engine_mod
 from pwfn.centres import candidate_centres
-from pwfn.engine import EngineConfig, fix_round, lookup_centres, target_count
+from pwfn.engine import (
+    EngineCache,
+    EngineConfig,
+    EngineTuning,
+    fix_round,
+    lookup_centres,
+    target_count,
+)
+from pwfn.engine_reference import reference_fix_round
 from pwfn.errors import ConfigError, EngineInputError
 
-# --------------------------------------------------------------------------- reference
-
-
-def reference_round(values, tolerance, fixed, p, cfg, sigma=None):
-    """Dense, loop-over-picks implementation of one round (small N only)."""
-    n = values.numel()
-    dtype = values.dtype
-    target = target_count(p, n)
-    need = target - int(fixed.sum())
-    cs = candidate_centres(float(values.abs().max()), cfg.max_order, cfg.b, cfg.signed_terms,
-                           dtype=dtype)
-    new_v = values.clone()
-    fx = fixed.clone()
-    assigned = {}  # weight index -> centre value (float)
-    picks = []  # (centre, number fixed, order, multiplier) in pick order
-    order, mult, esc, order_turn, fallback = 1, 1.0, 0, True, 0
-    vl = values.double().tolist()
-    tl = tolerance.double().tolist()
-    small = (values.abs() < 2.0**-cfg.b).numpy()
-    while need > 0:
-        c = cs.values[cs.orders <= order].numpy()
-        removed = np.zeros(c.size, dtype=bool)
-        # m * t rounded once in the values' dtype, then the two sums (as documented)
-        mt = tolerance if mult == 1.0 else tolerance * mult
-        lo = (values - mt).numpy()
-        hi = (values + mt).numpy()
-        while need > 0:
-            fit = (lo[:, None] <= c[None, :]) & (c[None, :] <= hi[:, None])  # dense N x C
-            if cfg.zero_fix:
-                z = int(np.flatnonzero(c == 0)[0])  # the zero centre, by value
-                fit[:, z] |= small
-            fit &= ~fx.numpy()[:, None]
-            fit[:, removed] = False
-            cnt = fit.sum(0).tolist()
-            if max(cnt) == 0:
-                break
-            cl = c.astype(np.float64).tolist()
-            best = min(range(len(cl)), key=lambda j: (-cnt[j], abs(cl[j]), cl[j]))
-            members = np.flatnonzero(fit[:, best]).tolist()
-            cb = cl[best]
-
-            def ratio(i, cb=cb, mult=mult):
-                d = abs(vl[i] - cb)
-                m = tl[i] * mult
-                if d == 0:
-                    return 0.0
-                return math.inf if m == 0 else d / m
-
-            members.sort(key=lambda i: (ratio(i), i))
-            take = members[:min(len(members), need)]
-            for i in take:
-                new_v[i] = float(c[best])
-                fx[i] = True
-                assigned[i] = cb
-            need -= len(take)
-            removed[best] = True
-            picks.append((cb, len(take), order, mult))
-        if need <= 0:
-            break
-        if esc >= cfg.max_escalations:
-            full = cs.values.double().tolist()
-            cand = []
-            for i in torch.nonzero(~fx).squeeze(1).tolist():
-                j = min(range(len(full)), key=lambda j: (abs(full[j] - vl[i]), abs(full[j]),
-                                                         full[j]))
-                cand.append((abs(full[j] - vl[i]), i, j))
-            cand.sort()
-            for _, i, j in cand[:need]:
-                new_v[i] = cs.values[j]
-                fx[i] = True
-                assigned[i] = float(cs.values[j])
-            fallback = min(need, len(cand))
-            need = 0
-            break
-        esc += 1
-        if order < cfg.max_order and order_turn:
-            order += 1
-            order_turn = False
-        else:
-            mult *= cfg.inc
-            order_turn = True
-    new_sigma = None
-    if sigma is not None:
-        new_sigma = sigma.clone()
-        if cfg.sigma_update == "divide":
-            for i in assigned:
-                new_sigma[i] = max(float(sigma[i]) / cfg.sigma_divisor, cfg.sigma_floor)
-        elif cfg.sigma_update == "std_mu":
-            groups = {}
-            for i, cv in assigned.items():
-                groups.setdefault(cv, []).append(float(values[i]))
-            for i, cv in assigned.items():
-                new_sigma[i] = max(float(np.std(np.array(groups[cv], dtype=np.float64))),
-                                   cfg.sigma_floor)
-    return new_v, fx, new_sigma, {"escalations": esc, "final_order": order,
-                                  "final_multiplier": mult, "fallback": fallback,
-                                  "picks": picks}
+SLOW_PATHS = EngineTuning(chunk=3, dense_min=0, work_factor=0)  # unique pairs, tiny chunks
 
 
 def _laplace(n, scale, g):
@@ -195,21 +103,20 @@ def engine_case(draw):
     return values, tolerance, fixed, p, cfg, sigma
 
 
-def _assert_matches_reference(values, tolerance, fixed, p, cfg, sigma):
-    res = fix_round(values, tolerance, fixed, p, sigma=sigma, config=cfg)
-    rv, rf, rs, rsum = reference_round(values, tolerance, fixed, p, cfg, sigma)
-    assert torch.equal(res.fixed, rf)
-    assert torch.equal(res.values, rv)
-    assert res.summary["escalations"] == rsum["escalations"]
-    assert res.summary["final_order"] == rsum["final_order"]
-    assert res.summary["final_multiplier"] == rsum["final_multiplier"]
-    assert res.summary["fallback"] == rsum["fallback"]
-    assert [(q["centre"], q["count"], q["level_order"], q["multiplier"])
-            for q in res.summary["picks"]] == rsum["picks"]
+def _assert_matches_reference(values, tolerance, fixed, p, cfg, sigma, tuning=None):
+    res = fix_round(values, tolerance, fixed, p, sigma=sigma, config=cfg, tuning=tuning)
+    ref = reference_fix_round(values, tolerance, fixed, p, sigma=sigma, config=cfg)
+    assert torch.equal(res.fixed, ref.fixed)
+    assert torch.equal(res.values, ref.values)
+    assert torch.equal(res.newly_fixed, ref.newly_fixed)
+    assert torch.equal(res.centres.values, ref.centres.values)
+    drop = {"seconds"}
+    assert ({k: v for k, v in res.summary.items() if k not in drop}
+            == {k: v for k, v in ref.summary.items() if k not in drop})
     if sigma is None:
-        assert res.sigma is None and rs is None
+        assert res.sigma is None and ref.sigma is None
     else:
-        torch.testing.assert_close(res.sigma.double(), rs.double(), rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(res.sigma.double(), ref.sigma.double(), rtol=1e-6, atol=1e-12)
     _assert_invariants(values, tolerance, fixed, p, cfg, sigma, res)
     return res
 
@@ -260,18 +167,43 @@ def test_engine_matches_dense_reference(case):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(engine_case())
 def test_engine_matches_reference_on_slow_paths(case):
-    """Binary search instead of grid tables, sparse run types, tiny chunks: same answer."""
-    saved = (engine_mod._GRID_MIN, engine_mod._DENSE_MIN, engine_mod._PER_WORK,
-             engine_mod._CHUNK)
-    try:
-        engine_mod._GRID_MIN = 0
-        engine_mod._DENSE_MIN = 0
-        engine_mod._PER_WORK = 0
-        engine_mod._CHUNK = 3
-        _assert_matches_reference(*case)
-    finally:
-        (engine_mod._GRID_MIN, engine_mod._DENSE_MIN, engine_mod._PER_WORK,
-         engine_mod._CHUNK) = saved
+    """Sorted unique grid pairs instead of a dense histogram, tiny chunks: same answer."""
+    _assert_matches_reference(*case, tuning=SLOW_PATHS)
+
+
+@st.composite
+def budget_case(draw):
+    """An engine case in budget mode: an allowed set drawn from the codebook (asymmetric too)."""
+    values, tolerance, fixed, p, cfg, sigma = draw(engine_case())
+    cs = candidate_centres(float(values.abs().max()), cfg.max_order, cfg.b, cfg.signed_terms)
+    pool = cs.values.double().tolist()
+    allowed = tuple(draw(st.lists(st.sampled_from(pool), max_size=6, unique=True)))
+    cfg = EngineConfig(**{**cfg.__dict__, "allowed": allowed})
+    allowed_set = {float(a) for a in allowed} | {0.0}
+    fixed &= torch.tensor([float(v) in allowed_set for v in values.double().tolist()],
+                          dtype=torch.bool)
+    if target_count(p, values.numel()) < int(fixed.sum()):
+        p = 1.0
+    return values, tolerance, fixed, p, cfg, sigma
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(budget_case(), st.booleans())
+def test_budget_mode_matches_reference(case, slow):
+    """Only allowed values (and zero) are chosen, also when the allowed set is one-sided."""
+    res = _assert_matches_reference(*case, tuning=SLOW_PATHS if slow else None)
+    allowed = {float(a) for a in case[4].allowed} | {0.0}
+    assert {float(v) for v in res.values[res.newly_fixed].double().tolist()} <= allowed
+
+
+def test_budget_mode_reaches_large_one_sided_centres():
+    """An allowed set whose largest |value| is negative: exact weights still fit it."""
+    v = torch.tensor([-1.0, -1.0, 0.1, 0.9])
+    cfg = EngineConfig(allowed=(-1.0, 0.5), zero_fix=False, max_escalations=0)
+    res = _assert_matches_reference(v, torch.zeros(4), torch.zeros(4, dtype=torch.bool), 0.5,
+                                    cfg, None)
+    assert res.summary["picks"][0]["centre"] == -1.0 and res.summary["fallback"] == 0
+    assert res.centre_index.tolist()[:2] == [0, 0]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -307,6 +239,69 @@ def test_engine_matches_reference_with_many_centres(signed):
         res = _assert_matches_reference(w, sigma, fixed, p, cfg, sigma)
         assert len(res.centres) > 300
         w, fixed, sigma = res.values, res.fixed, res.sigma
+
+
+def _schedule(w, sigma, signed, **kw):
+    """A 10-round PWFN (or WFN) schedule; the list of RoundResults."""
+    fixed = torch.zeros(w.numel(), dtype=torch.bool)
+    cfg = EngineConfig(signed_terms=signed)
+    out = []
+    for t, p in enumerate([0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.975, 0.99, 1.0]):
+        tol = (0.01 * (10 - t) * w.abs()) if signed else sigma
+        res = fix_round(w, tol, fixed, p, sigma=None if signed else sigma, config=cfg, **kw)
+        out.append(res)
+        w, fixed = res.values, res.fixed
+        sigma = sigma if signed else res.sigma
+    return out
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_results_do_not_depend_on_tuning_or_cache(signed):
+    """Every fast path and chunk size, with and without a cache: bit-identical rounds."""
+    g = torch.Generator().manual_seed(7)
+    w = _laplace(20000, 0.05, g).float()
+    sigma = (torch.rand(20000, generator=g) * 0.004 + 1e-4).float()
+    base = _schedule(w, sigma, signed)
+    for kw in [{"tuning": EngineTuning(chunk=61, dense_min=0, work_factor=0)},
+               {"tuning": EngineTuning(chunk=1000)},
+               {"tuning": EngineTuning(chunk=7, dense_min=1 << 40), "cache": EngineCache()},
+               {"cache": EngineCache(size=1)}]:
+        for a, b in zip(base, _schedule(w, sigma, signed, **kw)):
+            assert torch.equal(a.values, b.values) and torch.equal(a.fixed, b.fixed)
+            assert (a.sigma is None and b.sigma is None) or torch.equal(a.sigma, b.sigma)
+            assert ({k: v for k, v in a.summary.items() if k != "seconds"}
+                    == {k: v for k, v in b.summary.items() if k != "seconds"})
+
+
+def test_cache_is_owned_by_the_caller():
+    """No process-wide state: rounds share a candidate set only through the caller's cache."""
+    v = torch.tensor([0.1, -0.2, 0.3, 0.05])
+    t = torch.full((4,), 0.01)
+    f = torch.zeros(4, dtype=torch.bool)
+    assert fix_round(v, t, f, 0.5).centres is not fix_round(v, t, f, 0.5).centres
+    cache = EngineCache(size=1)
+    first = fix_round(v, t, f, 0.5, cache=cache).centres
+    assert fix_round(v, t, f, 1.0, cache=cache).centres is first
+    other = fix_round(v, t, f, 0.5, config=EngineConfig(signed_terms=True), cache=cache)
+    assert other.centres is not first  # a different codebook...
+    assert fix_round(v, t, f, 0.5, cache=cache).centres is not first  # ...evicted the first
+
+
+@pytest.mark.parametrize("kw", [{"chunk": 0}, {"dense_min": -1}, {"work_factor": 1.5},
+                                {"chunk": True}])
+def test_bad_tuning(kw):
+    with pytest.raises(ConfigError):
+        EngineTuning(**kw)
+
+
+def test_bad_tuning_or_cache_argument():
+    v, t, f = _ok()
+    with pytest.raises(ConfigError, match="tuning"):
+        fix_round(v, t, f, 0.5, tuning={"chunk": 3})
+    with pytest.raises(ConfigError, match="cache"):
+        fix_round(v, t, f, 0.5, cache={})
+    with pytest.raises(ConfigError, match="size"):
+        EngineCache(size=0)
 
 
 def test_inputs_requiring_grad_are_not_tracked():

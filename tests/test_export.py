@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from pwfn import metrics as M
-from pwfn import packing
 from pwfn.cli import main as cli_main
 from pwfn.errors import ArtefactError, ModelError, PwfnError
 from pwfn.export import (
@@ -28,6 +27,7 @@ from pwfn.export import (
     export_run,
     load_exported_model,
     load_packed_model,
+    packing,
 )
 from pwfn.models import create_model
 from pwfn.pipeline import save_point_model
@@ -77,7 +77,8 @@ def fixed_model(name: str, seed: int = 0, signed_terms: bool = False, **kwargs) 
 
 def write_run(folder: Path, model: nn.Module, recipe, quantised: list[str], method: str = "pwfn",
               fixed_fraction: float = 1.0) -> Path:
-    """A minimal method folder as the pipeline leaves it."""
+    """A minimal method folder as the pipeline leaves it, without a manifest: b and the signed terms
+    come from the point model's checksummed description."""
     folder.mkdir(parents=True, exist_ok=True)
     values = torch.cat([model.state_dict()[n].reshape(-1) for n in quantised])
     cb, counts = M.codebook(values)
@@ -94,7 +95,7 @@ def write_run(folder: Path, model: nn.Module, recipe, quantised: list[str], meth
         "rounds": [],
     }
     (folder / "report.json").write_text(json.dumps(report))
-    save_point_model(model, folder, recipe)
+    save_point_model(model, folder, recipe, method=method, b=B, signed_terms=method == "wfn")
     return folder
 
 
@@ -187,6 +188,23 @@ def test_codebook_terms_positive_for_pwfn_signed_for_wfn(tmp_path: Path) -> None
         else:
             assert sorted(terms[7 / 128]) == [(-1, -7), (1, -4)]
         assert terms[0.0] == []
+
+
+def test_signed_terms_come_from_the_run_record_not_the_method_name(tmp_path: Path) -> None:
+    model, q = fixed_model("mlp", signed_terms=True, in_features=64, hidden=[32], num_classes=10)
+    recipe = {"name": "mlp", "kwargs": {"hidden": [32]}}
+    run = write_run(tmp_path / "a" / "pwfn", model, recipe, q, method="pwfn")
+    save_point_model(model, run, recipe, method="pwfn", b=B, signed_terms=True)  # the run fixed with signed terms
+    export_run(run)
+    pm = packing.read_packed(run / "export" / "model.pwfn")
+    assert pm.metadata["method"] == "pwfn" and pm.metadata["signed_terms"] is True
+    assert json.loads((run / "export" / "size.json").read_text())["signed_terms"] is True
+    # Neither a manifest nor the point model's description records them: refused, naming the manifest.
+    run = write_run(tmp_path / "b" / "wfn", model, recipe, q, method="wfn")
+    save_point_model(model, run, recipe)
+    with pytest.raises(ExportError, match=r"manifest\.json is missing.*signed terms"):
+        export_run(run)
+    assert not (run / "export").exists()
 
 
 def test_loading_needs_no_bayes(resnet_run) -> None:
@@ -333,6 +351,7 @@ def test_a_tensor_with_nothing_fixed_is_stored_raw(tmp_path: Path) -> None:
 def test_interrupted_run_is_exported_from_its_checkpoint_only_when_allowed(tmp_path: Path) -> None:
     import bayes
     from pwfn.io import save_checkpoint
+    from pwfn.manifest import new_manifest, write_manifest
     from pwfn.plumbing import QuantView
 
     kwargs = {"in_features": 64, "hidden": [16], "num_classes": 10}
@@ -349,10 +368,15 @@ def test_interrupted_run_is_exported_from_its_checkpoint_only_when_allowed(tmp_p
     save_checkpoint(run / "checkpoint.pt", {"model": bmodel.state_dict(), "masks": view.mask_state(),
                                             "next_round": 3}, kind="run-pwfn")
     (run / "metrics.jsonl").write_text(json.dumps({"round": 2, "fixed_fraction": 0.8}) + "\n")
-    # The sibling method finished: its recipe describes the same model.
-    write_run(top / "wfn", model, {"name": "mlp", "kwargs": kwargs}, q, method="wfn")
     with pytest.raises(ExportError, match=r"no report\.json \(1 round\(s\) completed, 80\.0% fixed\)"):
         export_run(run)
+    # The manifest, written when the run started, records the engine settings and the recipe.
+    with pytest.raises(ExportError, match=r"manifest\.json is missing"):
+        export_run(run, allow_unfixed=True)
+    sd = model.state_dict()
+    write_manifest(run, new_manifest(method="pwfn", engine={"b": B, "max_order": 3, "signed_terms": False},
+                                     recipe={"name": "mlp", "kwargs": kwargs}, inputs={},
+                                     quantised=[{"name": n, "numel": sd[n].numel()} for n in q]))
     result = export_run(run, allow_unfixed=True)
     assert result["unfixed_weights"] == int((~fixed).sum())
     back = load_packed_model(run / "export" / "model.pwfn")

@@ -28,10 +28,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pwfn import packing
 from pwfn.config import RunConfig, config_to_dict, load_config
 from pwfn.errors import PwfnError
-from pwfn.export import load_packed_model
+from pwfn.export import load_packed_model, packing
 from pwfn.io import load_checkpoint, save_checkpoint
 from pwfn.models import create_model
 from pwfn.train import rng_state

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from pwfn import metrics as M
 from pwfn.errors import ArtefactError
-from pwfn.packing import (
+from pwfn.export.packing import (
     FORMAT_VERSION,
     MAGIC,
     PackError,
@@ -416,7 +416,8 @@ def test_old_format_version_is_named() -> None:
 
 
 def test_pack_error_lives_in_errors() -> None:
-    from pwfn import errors, packing
+    from pwfn import errors
+    from pwfn.export import packing
 
     assert packing.PackError is errors.PackError
     assert issubclass(errors.PackError, errors.PwfnError) and issubclass(errors.PackError, ValueError)

@@ -214,6 +214,7 @@ def test_metrics_csv_matches_metrics_jsonl(run):
         assert list(table[0])[:3] == ["round", "fraction", "fixed_fraction"]
 
 
+@pytest.mark.slow
 def test_round_summary_is_logged_at_info_without_a_terminal(tmp_path):
     """Output to a file (no terminal, no -v): one INFO line per round and the baseline line."""
     args = [sys.executable, "-m", "pwfn", "run", "digits_mlp", "--method", "wfn", "--out", str(tmp_path),
@@ -228,7 +229,7 @@ def test_round_summary_is_logged_at_info_without_a_terminal(tmp_path):
     assert len(lines) == 2, text
     assert "wfn round 1/2: 50.0% fixed, top-1" in lines[0] and "bits" in lines[0]
     assert "wfn round 2/2: 100.0% fixed" in lines[1]
-    assert "INFO pwfn.pipeline: float baseline (trained): test top-1" in text
+    assert "INFO pwfn.experiment: float baseline (trained): test top-1" in text
     assert "checksum" not in text  # per-rank checksums are -v (debug) only
     quiet = subprocess.run([*args[:3], "-q", *args[3:]], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert quiet.returncode == 0 and "INFO" not in quiet.stderr
@@ -279,7 +280,7 @@ def test_tensorboard_logger_writes_each_round():
 def test_tensorboard_option_writes_event_files(tmp_path):
     pytest.importorskip("tensorboard")
     from pwfn.config import load_config
-    from pwfn.pipeline import run_method
+    from pwfn.experiment import run_method
 
     cfg = load_config(None, TINY + [f"out_dir={tmp_path}", "name=tb", "tensorboard=true", "wfn.fractions=[0.5, 1.0]"])
     run_method(cfg, "wfn")
@@ -311,7 +312,7 @@ def test_rerun_of_a_finished_compare_keeps_each_methods_time(tmp_path, capsys):
 
 
 def test_resumed_method_adds_the_earlier_rounds_time(tmp_path):
-    from pwfn.pipeline import _method_seconds
+    from pwfn.experiment import _method_seconds
 
     done = [{"wall_seconds": 2.0}, {"wall_seconds": 3.0}]
     assert _method_seconds(1.0, [], 4, None) == 1.0  # fresh

@@ -10,8 +10,10 @@ from pwfn.cli import main as cli_main
 from pwfn.config import load_config
 from pwfn.data import make_loaders
 from pwfn.errors import ConfigError, DataError, ModelError
+from pwfn.experiment import run_method
+from pwfn.metrics import fixing_metrics
 from pwfn.models import create_model
-from pwfn.pipeline import compress, load_point_model, quant_metrics, run_method
+from pwfn.pipeline import compress, load_point_model
 from pwfn.plumbing import QuantView
 
 TINY = [
@@ -44,17 +46,16 @@ def _trained_mlp(loaders):
 
 
 class _Recorder:
-    """Captures the fixed values after every round to check they never move afterwards."""
+    """A round callback: captures the fixed values after every round to check they never move afterwards."""
 
     def __init__(self):
         self.snapshots = []
-        self.run = None
+        self.rounds = []
+        self.view = None
 
-    @property
-    def view(self):
-        return self.run.fixer.view  # the round state, read through the run's Fixer
-
-    def __call__(self, t):
+    def __call__(self, state):
+        self.view = state.fixer.view
+        self.rounds.append(state.round)
         self.snapshots.append((self.view.values().clone(), self.view.fixed().clone()))
 
 
@@ -66,9 +67,9 @@ def test_compress_end_to_end_invariants(method, loaders, tmp_path):
 
     rec = _Recorder()
     run = FixingRun(method, cfg, model, loaders.train, loaders.val, loaders.test, device=torch.device("cpu"),
-                    run_dir=tmp_path / method, recipe=None, on_round_end=rec)
-    rec.run = run
+                    run_dir=tmp_path / method, recipe=None, callbacks=[rec])
     result = run.run()
+    assert rec.rounds == list(range(len(result.history)))
     final_view = rec.view
     values, fixed = final_view.values(), final_view.fixed()
     assert bool(fixed.all()), "100 % fixed at the end"
@@ -84,13 +85,17 @@ def test_compress_end_to_end_invariants(method, loaders, tmp_path):
     fractions = cfg.pwfn.fractions if method == "pwfn" else cfg.wfn.fractions
     for (_, snap_fixed), frac in zip(rec.snapshots, fractions):
         assert snap_fixed.float().mean() >= frac - 1e-9
-    # metrics consistent with the exported point model
+    # the point model holds the fixed values tensor by tensor, position by position (every key of
+    # its state dict is quantised here): values written into the wrong tensor, or shuffled within
+    # one, fail; so does point_model.safetensors, read back from the run folder
     point = result.point_model
-    q = QuantView(point, result.report["quantised_tensors"])
-    exported = q.values()
-    # tensor by tensor, in place: values written into the wrong tensor would fail here
-    assert q.names() == final_view.names()
-    assert torch.equal(exported, values)
+    state = point.state_dict()
+    fixed_state = {s.name: s.value.detach() for s in final_view.slots}
+    saved = _final_state(tmp_path / method)
+    assert state.keys() == fixed_state.keys() == saved.keys()
+    for k in state:
+        assert torch.equal(state[k], fixed_state[k]) and torch.equal(saved[k], state[k]), k
+    exported = QuantView(point, result.report["quantised_tensors"]).values()
     cov = result.report["coverage"]
     assert cov["share"] == (1.0 if method == "wfn" else cov["share"]) and not cov["shared"]
     final = result.report["final"]
@@ -127,13 +132,13 @@ def test_resume_after_interruption_gives_identical_weights(method, tmp_path):
     class Killed(Exception):
         pass
 
-    def kill_at_round_3(t):
-        if t == 3:
+    def kill_at_round_3(state):
+        if state.round == 3:
             raise Killed()
 
     cfg = load_config(None, base + ["name=interrupted"])
     with pytest.raises(Killed):
-        run_method(cfg, method, on_round_end=kill_at_round_3)
+        run_method(cfg, method, callbacks=[kill_at_round_3])
     folder = tmp_path / "interrupted" / method
     assert not (folder / "report.json").exists()
     assert len((folder / "metrics.jsonl").read_text().splitlines()) == 4
@@ -194,7 +199,7 @@ def test_quant_metrics_of_partly_fixed_view():
     view = QuantView(model, ["weight"])
     view.write(torch.tensor([0.5, 0.5, 0.25, 0.0, 0.3, 0.1, 0.0, 0.75]),
                torch.tensor([True, True, True, True, False, False, True, True]))
-    m = quant_metrics(view, b=7, signed_terms=False)
+    m = fixing_metrics(view.values(), view.fixed(), b=7, signed_terms=False)
     assert m["fixed_fraction"] == 0.75
     assert m["unique"] == 4 and m["unique_nonzero"] == 3
     # fixed values: 0.5 x2, 0.25, 0 x2, 0.75 -> probabilities 2/6, 1/6, 2/6, 1/6

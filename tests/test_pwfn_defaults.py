@@ -18,7 +18,7 @@ from pwfn.config import load_config
 from pwfn.errors import ConfigError
 from pwfn.fixer import Fixer, resolve_config
 from pwfn.metrics import entropy_bits, unique_count
-from pwfn.pipeline import PWFNStrategy, effective_steps
+from pwfn.methods.pwfn import PWFNMethod, effective_steps
 from pwfn.tasks import BatchAdapter, resolve_task
 
 
@@ -167,9 +167,10 @@ def test_laplace_sigma_follows_the_curvature_on_a_quadratic():
     model = nn.Linear(3, 1, bias=False)
     with torch.no_grad():
         model.weight.copy_(w_true)
-    fx = Fixer(model, "pwfn", config={"task": "regression", "pwfn": {"posterior": "laplace", "laplace_batches": 8}})
-    out = fx.strategy.laplace_update(fx.model, fx.view, loader, torch.device("cpu"), resolve_task("regression"),
-                                     BatchAdapter(), n)
+    fx = Fixer(model, "pwfn", config={"task": "regression", "pwfn": {"posterior": "laplace", "laplace_batches": 8}},
+               dataset_size=n)
+    out = fx.strategy.refresh_posterior(fx.model, fx.view, loader, torch.device("cpu"), resolve_task("regression"),
+                                        BatchAdapter())
     sigma = fx.view.slots[0].sigma.detach().reshape(-1)
     assert bool(torch.isfinite(sigma).all()) and bool((sigma > 0).all())
     assert sigma[0] > sigma[1] > sigma[2]
@@ -217,7 +218,7 @@ def test_sigma_is_left_out_of_clipping_by_the_scaled_preset():
     params = fx.strategy.clip_parameters(fx.model)
     ids = {id(p) for p in params}
     assert not any(id(s) in ids for s in bayes.sigma_parameters(fx.model))
-    assert PWFNStrategy(resolve_config("paper_pwfn")).clip_parameters(fx.model) is None
+    assert PWFNMethod(resolve_config("paper_pwfn")).clip_parameters(fx.model) is None
 
 
 def test_shifted_tensors_report_a_finer_b():

@@ -4,7 +4,8 @@ The interruption tests run the real CLI in a subprocess on a tiny digits config 
 at wall-clock delays drawn from a seeded RNG, and at chosen points (an optimizer step of the
 float baseline or of a round, inside the fixing engine, between writing a checkpoint's temp
 file and renaming it). Rerunning the same command must finish with the bit-identical
-``point_model.safetensors`` of an uninterrupted run.
+``point_model.safetensors`` of an uninterrupted run. Those subprocess tests are marked ``slow``
+(``make test-slow``, its own CI step); the rest of this file runs in ``make test``.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from pwfn.cli import main as cli_main
 from pwfn.config import load_config
 from pwfn.data import make_loaders
 from pwfn.errors import ModelError, TrainingDivergedError
+from pwfn.experiment import run_method
 from pwfn.io import load_checkpoint, save_checkpoint
 from pwfn.models import create_model
-from pwfn.pipeline import FixingRun, compress, run_method
+from pwfn.pipeline import FixingRun, compress
 from pwfn.train import first_nonfinite_output, first_nonfinite_weight
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,6 +153,7 @@ def straight_compare(tmp_path_factory):
 # SIGKILL
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_and_chosen_points_resumes_bit_identical(straight, tmp_path):
     want, seconds = straight
     rng = random.Random(20240607)
@@ -209,6 +212,7 @@ def test_sigkill_at_random_and_chosen_points_resumes_bit_identical(straight, tmp
     assert [json.loads(r)["round"] for r in rows] == list(range(10))
 
 
+@pytest.mark.slow
 def test_sigkill_during_compare_resumes_bit_identical(straight_compare, tmp_path):
     want, seconds = straight_compare
     rng = random.Random(7)
@@ -236,6 +240,7 @@ def test_sigkill_during_compare_resumes_bit_identical(straight_compare, tmp_path
 # Ctrl-C
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["training", "checkpoint-write"])
 def test_ctrl_c_stops_cleanly_and_resumes(straight, tmp_path, where):
     want, _ = straight
@@ -294,31 +299,21 @@ def test_divergence_is_a_clear_error_naming_layer_and_knobs(method, tmp_path, ca
         assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_divergence_mid_run_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_divergence_mid_run_keeps_the_last_good_checkpoint(tmp_path):
     """Round 4's training blows up: round 3's checkpoint stays byte for byte, and the error says so."""
-    import pwfn.pipeline as P
-
-    optimizers = []
-    real = P.PWFNStrategy.optimizer
-
-    def recording(self, model, view, previous):
-        opt = real(self, model, view, previous)
-        optimizers.append(opt)
-        return opt
-
-    monkeypatch.setattr(P.PWFNStrategy, "optimizer", recording)
     cfg = load_config(None, TINY + [f"out_dir={tmp_path}", "name=div"])
     ckpt = tmp_path / "div" / "pwfn" / "checkpoint.pt"
     kept = {}
 
-    def blow_up_after_round_3(t):
-        if t == 2:
+    def blow_up_after_round_3(state):  # a round callback: the round state holds the optimizer
+        if state.round == 2:
+            assert state.checkpoint == ckpt
             kept["bytes"] = ckpt.read_bytes()
-            for group in optimizers[-1].param_groups:
+            for group in state.optimizer.param_groups:
                 group["lr"] = 1e30
 
     with pytest.raises(TrainingDivergedError) as info:
-        run_method(cfg, "pwfn", on_round_end=blow_up_after_round_3)
+        run_method(cfg, "pwfn", callbacks=[blow_up_after_round_3])
     msg = str(info.value)
     assert "pwfn round 4/10: training diverged" in msg
     assert "'net." in msg and "pwfn.lr" in msg and "pwfn.sigma_floor" in msg
@@ -432,7 +427,7 @@ def test_malformed_yaml_is_a_clear_error(tmp_path, capsys):
 
 
 def test_a_baseline_checkpoint_is_a_valid_model_checkpoint(finished_run):
-    from pwfn.pipeline import _load_user_checkpoint
+    from pwfn.experiment import _load_user_checkpoint
 
     state = _load_user_checkpoint(str(finished_run / "done" / "baseline.pt"))
     model = create_model("mlp", in_features=64, hidden=[16], num_classes=10)
@@ -556,11 +551,11 @@ def test_frozen_parameters_are_quantised_but_never_trained(method, loaders, tmp_
                              "pwfn.mc_samples=1", "wfn.round_epochs=0.5"])
     snapshots = []
 
-    def record(t):  # the round state, read through the run's Fixer
-        view = run.fixer.view
+    def record(state):  # a round callback, reading the round state
+        view = state.fixer.view
         snapshots.append((view.values().clone(), view.fixed().clone()))
 
-    run = FixingRun(method, cfg, model, loaders.train, loaders.val, device=torch.device("cpu"), on_round_end=record)
+    run = FixingRun(method, cfg, model, loaders.train, loaders.val, device=torch.device("cpu"), callbacks=[record])
     result = run.run()
     n_frozen = frozen0.numel()
     for values, fixed in snapshots[:3]:

@@ -31,13 +31,13 @@ import pwfn.io as pio
 from pwfn.cli import main as cli_main
 from pwfn.config import ConfigError, load_config
 from pwfn.errors import StorageError, os_error_message
+from pwfn.files import count_values
 from pwfn.lock import LOCK_FILE, RunFolderBusyError, acquire, is_locked
 from pwfn.manifest import (
     MANIFEST_FILE,
     DamagedPointModelError,
     InputsChangedError,
     RunFileError,
-    count_values,
     load_manifest,
     read_metrics,
     read_point_model,
@@ -184,24 +184,20 @@ def _mnist_root(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def test_data_files_replaced_between_kill_and_resume_are_refused(tmp_path, capsys, monkeypatch):
-    import pwfn.pipeline as P
+def test_data_files_replaced_between_kill_and_resume_are_refused(tmp_path, capsys):
+    from pwfn.experiment import run_method
 
     data = _mnist_root(tmp_path / "mnist")
-    args = _run_args(tmp_path / "runs", "m", ["data.name=mnist", f"data.root={data}", "data.train_subset=null"])
-    real = P.FixingRun._save
-    calls = []
+    extra = ["data.name=mnist", f"data.root={data}", "data.train_subset=null"]
+    args = _run_args(tmp_path / "runs", "m", extra)
 
-    def stop_after_round_one(self, *a, **k):  # "killed" right after the first round's checkpoint
-        real(self, *a, **k)
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
+    def stop_after_round_one(state):  # "killed" right after the first round's checkpoint
+        assert state.checkpoint is not None and state.checkpoint.exists()
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(P.FixingRun, "_save", stop_after_round_one)
-    rc, _, err = _cli(capsys, args)
-    assert rc == 130 and "resume with" in err
-    monkeypatch.undo()
+    cfg = load_config(None, TINY + extra + [f"out_dir={tmp_path / 'runs'}", "name=m"])
+    with pytest.raises(KeyboardInterrupt):
+        run_method(cfg, "pwfn", callbacks=[stop_after_round_one])
     blob = bytearray((data / "train-images-idx3-ubyte").read_bytes())
     blob[-1] ^= 0xFF  # one pixel of one training image changed on disk
     (data / "train-images-idx3-ubyte").write_bytes(bytes(blob))
@@ -248,8 +244,10 @@ def test_compress_another_model_or_data_into_a_finished_run_dir_is_refused(metho
     assert _snapshot(run_dir) == before
     # the same inputs resume (to the same weights); resume=False starts over with the new model
     again = compress(_net(0), train, val, method=method, config=API_CFG, run_dir=run_dir)
-    for k, v in first.point_model.state_dict().items():
-        assert torch.equal(v, again.point_model.state_dict()[k])
+    want, got = first.point_model.state_dict(), again.point_model.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
     compress(_net(1), train, val, method=method, config=API_CFG, run_dir=run_dir, resume=False)
     assert load_manifest(run_dir)["inputs"]["model"]["weights"] != fingerprint["weights"]
     assert load_manifest(run_dir)["inputs"]["model"]["architecture"] == fingerprint["architecture"]

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from pwfn.centres import candidate_centres
+from pwfn.export.targets.shiftadd import FixedPoint, ShiftAddError, ShiftAddNet, calibrate
 from pwfn.models import create_model
-from pwfn.targets.shiftadd import FixedPoint, ShiftAddError, ShiftAddNet, calibrate
 
 HAVE_ONNX = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxruntime") is not None
 HAVE_TFLM = importlib.util.find_spec("tflite_micro") is not None
@@ -119,7 +119,7 @@ def test_shift_add_refuses_what_it_cannot_do() -> None:
 def test_codebook_onnx_is_exact_and_small(make, shape) -> None:
     import onnx
 
-    from pwfn.targets.onnx import decode_weights, export_onnx
+    from pwfn.export.targets.onnx import decode_weights, export_onnx
 
     model = make()
     cb = torch.unique(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
@@ -139,7 +139,7 @@ def test_codebook_onnx_is_exact_and_small(make, shape) -> None:
 
 @needs_onnx
 def test_codebook_onnx_handles_any_module_and_keeps_off_codebook_tensors_float() -> None:
-    from pwfn.targets.onnx import export_onnx
+    from pwfn.export.targets.onnx import export_onnx
 
     class Tagger(nn.Module):
         def __init__(self) -> None:
@@ -167,7 +167,7 @@ def test_codebook_onnx_handles_any_module_and_keeps_off_codebook_tensors_float()
 @needs_tflm
 @pytest.mark.parametrize("make,shape", [(mlp, (64,)), (cnn, (1, 8, 8))])
 def test_tflm_lut_compressed_model_runs_bit_identically(make, shape) -> None:
-    from pwfn.targets.tflm import export_tflm, run_tflm
+    from pwfn.export.targets.tflm import export_tflm, run_tflm
 
     model = make()
     files, info = export_tflm(model, torch.randn(1, *shape))
@@ -184,7 +184,7 @@ def test_tflm_lut_compressed_model_runs_bit_identically(make, shape) -> None:
 
 @needs_tflm
 def test_tflm_leaves_tensors_with_too_many_values_uncompressed() -> None:
-    from pwfn.targets.tflm import export_tflm
+    from pwfn.export.targets.tflm import export_tflm
 
     model = snapped(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4)), order=4, max_abs=2.0)
     with torch.no_grad():
@@ -199,7 +199,7 @@ def test_tflm_leaves_tensors_with_too_many_values_uncompressed() -> None:
 
 def test_fill_terms_writes_every_value_with_exactly_T_nonzero_terms() -> None:
     from pwfn.centres import decompose
-    from pwfn.targets.hls4ml import fill_terms
+    from pwfn.export.targets.hls4ml import fill_terms
 
     values = torch.tensor([0.0, 2.0**-7, -0.5, 0.75, 7 * 2.0**-7, -(2.0**-3) - 2.0**-7, 1.0], dtype=torch.float64)
     d = decompose(values, b=7)
@@ -207,7 +207,7 @@ def test_fill_terms_writes_every_value_with_exactly_T_nonzero_terms() -> None:
         s, e = fill_terms(d.signs.numpy(), d.exponents.numpy(), d.orders.numpy(), T, 7)
         assert (s != 0).all()
         assert np.array_equal((s * np.exp2(e.astype(np.float64))).sum(-1), values.numpy())
-    from pwfn.targets.hls4ml import Hls4mlError
+    from pwfn.export.targets.hls4ml import Hls4mlError
 
     with pytest.raises(Hls4mlError, match="3 terms"):
         fill_terms(d.signs.numpy(), d.exponents.numpy(), d.orders.numpy(), 2, 7)
@@ -220,7 +220,7 @@ def test_hls4ml_c_simulation_matches_the_shift_add_reference(make, shape, mode) 
     import io
     import tarfile
 
-    from pwfn.targets.hls4ml import export_hls4ml
+    from pwfn.export.targets.hls4ml import export_hls4ml
 
     model = make()
     if make is mlp and mode == "auto":
@@ -261,7 +261,8 @@ def _export_folder(tmp_path: Path) -> Path:
 @needs_hls
 @pytest.mark.slow
 def test_export_targets_writes_checked_files_and_reports_sizes(tmp_path: Path) -> None:
-    from pwfn.targets import export_targets, format_targets
+    from pwfn.export.targets import export_targets
+    from pwfn.report import format_targets
 
     out = _export_folder(tmp_path)
     summary = export_targets(out, ["onnx,tflm", "hls4ml"])

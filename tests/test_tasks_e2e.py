@@ -191,6 +191,7 @@ def test_seed_and_threads_are_honoured_by_the_python_api(regression):
     finally:
         torch.set_num_threads(before)
     sa, sb, sc = (r.point_model.state_dict() for r in (a, b, c))
+    assert sa.keys() == sb.keys() == sc.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa), "same seed, same weights"
     assert not all(torch.equal(sa[k], sc[k]) for k in sa), "another seed draws other weight noise"
 

@@ -13,11 +13,11 @@ from torch import nn
 
 import pwfn
 from pwfn.cli import build_parser
-from pwfn.config import METHODS, load_config
+from pwfn.config import load_config
 from pwfn.data import make_loaders
 from pwfn.errors import ConfigError, EngineInputError
+from pwfn.methods import get_method, method_names
 from pwfn.metrics import entropy_bits, unique_count
-from pwfn.pipeline import STRATEGIES
 from pwfn.schedules import WFN_FRACTIONS
 from pwfn.wfn_published import published_candidates, published_wfn_round
 
@@ -95,7 +95,7 @@ def test_reference_figures_on_the_shared_input():
 
 
 def test_method_is_registered_everywhere():
-    assert "wfn_published" in METHODS and "wfn_published" in STRATEGIES
+    assert "wfn_published" in method_names() and get_method("wfn_published").name == "wfn_published"
     assert build_parser().parse_args(["run", "x.yaml", "--method", "wfn_published"]).method == "wfn_published"
     cfg = load_config(None, ["method=wfn_published", "wfn_published.delta=0.02"])
     assert cfg.wfn_published.delta == 0.02

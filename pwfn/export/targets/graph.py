@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import PwfnError
+from ...errors import PwfnError
 
 __all__ = ["GraphError", "Layer", "LayerGraph", "trace"]
 
@@ -86,8 +87,6 @@ def _module_layer(name: str, m: nn.Module, args: list[str], qual: str) -> Layer:
 
 def trace(model: nn.Module) -> LayerGraph:
     """The model's layers in execution order (see the module docstring)."""
-    import torch.fx as fx
-
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many types on untraceable control flow

@@ -11,11 +11,14 @@ hls4ml     ``hls4ml_prj.tar.gz``: HLS project, power-of-two (shift) products, C-
 Each target checks itself end to end before anything is written (see its module) and reports
 its file sizes and the multiplications it leaves. ``shiftadd`` is the reference integer
 forward they are held to. ``export_targets(folder, names)`` adds targets to an export folder
-written by ``pwfn.export`` (``pwfn export RUN --to onnx,tflm,hls4ml``).
+written by ``pwfn.export`` (``pwfn export RUN --to onnx,tflm,hls4ml``); ``pwfn.report.format_targets``
+prints its summary. The optional toolchains (onnx, tflite_micro, hls4ml) are imported only
+inside the functions that use them, so importing this package needs none of them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 from collections.abc import Iterable, Mapping
@@ -26,9 +29,15 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..errors import PwfnError
+from ...errors import PwfnError
+from ...io import atomic_write_bytes, atomic_write_json
+from ..artefact import MODEL_JSON, ExportError, load_exported_model
+from .hls4ml import export_hls4ml
+from .onnx import export_onnx
+from .shiftadd import ShiftAddError, ShiftAddNet
+from .tflm import export_tflm
 
-__all__ = ["TARGETS", "Target", "TargetError", "check_targets", "export_targets", "format_targets", "parse_targets",
+__all__ = ["TARGETS", "Target", "TargetError", "check_targets", "example_input", "export_targets", "parse_targets",
            "run_target"]
 
 log = logging.getLogger(__name__)
@@ -50,24 +59,18 @@ class Target:
 
 
 def _onnx(model: nn.Module, example: Tensor, *, codebook: Tensor | None, **_: Any):
-    from .onnx import export_onnx
-
     data, info = export_onnx(model, example, codebook)
     info["multiplications_left"] = "all (weights are decoded to float once; onnxruntime multiplies)"
     return {"model.onnx": data}, info
 
 
 def _tflm(model: nn.Module, example: Tensor, **_: Any):
-    from .tflm import export_tflm
-
     files, info = export_tflm(model, example[:1])
     info["multiplications_left"] = "all (DECODE restores float weights; the kernels multiply)"
     return files, info
 
 
 def _hls4ml(model: nn.Module, example: Tensor, *, b: int, signed_terms: bool, **_: Any):
-    from .hls4ml import export_hls4ml
-
     data, info = export_hls4ml(model, example, b=b, signed_terms=signed_terms)
     return {"hls4ml_prj.tar.gz": data}, info
 
@@ -83,8 +86,6 @@ TARGETS: dict[str, Target] = {
 
 
 def _check_available(t: Target) -> None:
-    import importlib.util
-
     missing = [m for m in t.modules if importlib.util.find_spec(m) is None]
     if missing:
         raise TargetError(f"target {t.name!r} needs the '{t.extra}' extra ({', '.join(missing)} not installed): "
@@ -104,13 +105,35 @@ def run_target(name: str, model: nn.Module, example: Tensor, *, codebook: Tensor
 
 
 def _fixed_counts(model: nn.Module, example: Tensor, b: int, signed_terms: bool) -> dict[str, Any] | None:
-    from .shiftadd import ShiftAddError, ShiftAddNet
-
     try:
         return ShiftAddNet(model, b=b, signed_terms=signed_terms).operation_counts(tuple(example.shape[1:]))
     except ShiftAddError as exc:
         log.info("no shift-add operation counts: %s", exc)
         return None
+
+
+def example_input(model: nn.Module, recipe: Mapping[str, Any] | None, image_size: int | None) -> Tensor:
+    """A small input batch (2 samples, fixed seed) the model accepts, from its first layer and its recipe.
+
+    The spatial size is the recipe's ``input_size``, else ``image_size``, else 224 for
+    torchvision/DeiT models and 32 otherwise; ``ExportError`` when the first layer says nothing.
+    """
+    kwargs = dict((recipe or {}).get("kwargs") or {})
+    name = str((recipe or {}).get("name") or "")
+    first = next(
+        (m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))), None
+    )
+    g = torch.Generator().manual_seed(0)
+    if isinstance(first, nn.Linear):
+        return torch.randn(2, first.in_features, generator=g)
+    size = kwargs.get("input_size") or image_size or (224 if name.startswith(("tv_", "deit")) else 32)
+    if isinstance(first, nn.Conv1d):
+        return torch.randn(2, first.in_channels, int(size), generator=g)
+    if isinstance(first, nn.Conv3d):
+        return torch.randn(2, first.in_channels, 16, 16, 16, generator=g)
+    if isinstance(first, nn.Conv2d):
+        return torch.randn(2, first.in_channels, int(size), int(size), generator=g)
+    raise ExportError("cannot guess an input shape for ONNX export; pass example_input")
 
 
 def parse_targets(spec: Iterable[str]) -> list[str]:
@@ -141,19 +164,16 @@ def export_targets(folder: str | Path, names: Iterable[str], *, example: Tensor 
     Every target is built and checked before any file is written; then each file and
     ``targets.json`` (sizes against fp32 and int8, checks, multiplications) are written atomically.
     """
-    from ..export import _example_input, load_exported_model
-    from ..io import atomic_write_bytes, atomic_write_json
-
     folder = Path(folder)
     names = check_targets(names)
-    meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
+    meta = json.loads((folder / MODEL_JSON).read_text(encoding="utf-8"))
     model = load_exported_model(folder).eval()
     b = int(meta.get("b", 7))
     signed = bool(meta.get("signed_terms", False))
     cb = meta.get("codebook")
     codebook = torch.tensor(cb, dtype=torch.float32) if isinstance(cb, list) and cb else None
     if example is None:
-        example = _example_input(model, meta.get("recipe"), None)
+        example = example_input(model, meta.get("recipe"), None)
     state = model.state_dict()
     numel = sum(t.numel() for t in state.values() if t.is_floating_point())
     fp32 = 4 * numel
@@ -173,30 +193,3 @@ def export_targets(folder: str | Path, names: Iterable[str], *, example: Tensor 
                                  "vs_int8": int8 / size if size else None, **info}
     atomic_write_json(folder / TARGETS_FILE, summary)
     return summary
-
-
-def format_targets(summary: Mapping[str, Any]) -> str:
-    """The lines ``pwfn export --to`` prints."""
-    lines = [f"  targets (fp32 weights {summary['fp32_bytes']:,} B, int8 {summary['int8_bytes']:,} B):",
-             "  | target | file | bytes | fp32 / file | int8 / file | check | multiplications left |",
-             "  |---|---|---|---|---|---|---|"]
-    ops = summary.get("operations") or {}
-    macs = (ops.get("total") or {}).get("macs")
-    for n, t in summary["targets"].items():
-        if n == "onnx":
-            check = "weights bit-identical, outputs = fp32 ONNX bit for bit"
-        elif n == "tflm":
-            check = "TFLM interpreter: LUT = uncompressed bit for bit"
-        else:
-            check = "C simulation = shift-add reference bit for bit"
-        left = t.get("multiplications_left")
-        left_s = f"{left:,} of {macs:,}" if isinstance(left, int) and macs else str(left)
-        lines.append(f"  | {n} | {t['file']} | {t['bytes']:,} | {t['vs_fp32']:.1f}x | {t['vs_int8']:.2f}x | "
-                     f"{check} (max |diff| to torch {t.get('max_abs_diff', t.get('max_abs_diff_to_float', 0)):.2g}) "
-                     f"| {left_s} |")
-    if ops:
-        tot = ops["total"]
-        lines.append(f"  shift-add reference: {tot['macs']:,} multiply-accumulates per input become "
-                     f"{tot['shifts']:,} shifts + {tot['adds']:,} adds ({tot['zero_weight_macs_skipped']:,} "
-                     "zero-weight products skipped), 0 multiplications")
-    return "\n".join(lines)

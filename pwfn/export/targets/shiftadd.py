@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..centres import decompose
-from ..errors import PwfnError
+from ...centres import decompose
+from ...errors import PwfnError
 from .graph import GraphError, trace
 
 __all__ = [

@@ -71,11 +71,12 @@ import torch
 from torch import Tensor
 
 from pwfn.errors import ArtefactError, PackError
+from pwfn.io import atomic_write_bytes  # the one place every pwfn file is written
 
 try:  # constriction is a hard dependency; the message says what is missing if it is not there
     import constriction
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
-    raise ImportError("pwfn.packing needs the 'constriction' package") from exc
+    raise ImportError("pwfn.export.packing needs the 'constriction' package") from exc
 
 __all__ = [
     "FORMAT_VERSION",
@@ -602,8 +603,6 @@ def write_packed(
 
     Readers never see a half-written artefact: either the old file or the complete new one.
     """
-    from pwfn.io import atomic_write_bytes  # the one place every pwfn file is written
-
     data = pack(tensors, quantised, codebook=codebook, terms=terms, metadata=metadata)
     atomic_write_bytes(path, data)
     return len(data)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import PwfnError
+from ...errors import PwfnError
 
 __all__ = ["OPSET", "OnnxTargetError", "codebook_onnx", "decode_weights", "export_onnx", "index_bits"]
 

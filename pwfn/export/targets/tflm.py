@@ -8,7 +8,7 @@ So the model is written directly with the TFLite schema's object API, as shipped
 ``flatbuffers``); that wheel also brings the TFLite-Micro interpreter and its compression tool,
 which are what checks the result. Nothing else is needed (no TensorFlow).
 
-Graph mapping (``pwfn.targets.graph``): Linear -> FULLY_CONNECTED (weights [out, in] as in
+Graph mapping (``pwfn.export.targets.graph``): Linear -> FULLY_CONNECTED (weights [out, in] as in
 torch), Conv2d -> PAD (when padded) + CONV_2D (filters OHWI), ReLU -> RELU, Max/AvgPool2d ->
 MAX_POOL_2D / AVERAGE_POOL_2D, add -> ADD. The input keeps torch's layout (NCHW, batch 1):
 a TRANSPOSE makes it NHWC for the convolutions, and a flatten after them transposes back to
@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..errors import PwfnError
+from ...errors import PwfnError
 from .graph import GraphError, Layer, trace
 
 __all__ = ["MAX_LUT_VALUES", "TflmError", "build_tflite", "compress_tflite", "export_tflm", "run_tflm"]
@@ -300,8 +301,6 @@ def compress_tflite(data: bytes, weight_tensors: list[int]) -> tuple[bytes, dict
         per[name] = {"values": n_unique, "index_bits": bits, "elements": int(arr.size)}
     if not specs:
         return data, {"compressed_tensors": 0, "tensors": per, "not_compressed": skipped}
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a tiny bias may "expand" by a few bytes; reported, not fatal
         out = bytes(compress(data, specs))

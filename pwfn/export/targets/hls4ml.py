@@ -14,7 +14,7 @@ so the weight variables of the converted layers are replaced through hls4ml's la
   ``+2^e - 2^(e-1) - 2^(e-1)`` for odd ``T``). All exact in fixed point.
 
 Types are chosen so the arithmetic is exactly the reference shift-add forward
-(``pwfn.targets.shiftadd``): activations ``ap_fixed<W, I>`` (truncating), products and
+(``pwfn.export.targets.shiftadd``): activations ``ap_fixed<W, I>`` (truncating), products and
 partial sums in an accumulator wide enough to be exact, bias exact with ``b`` fractional bits,
 and the truncation to ``W, I`` only at each layer's final output. The C simulation must then
 equal the reference bit for bit, which ``export_hls4ml`` checks.
@@ -29,10 +29,12 @@ Needs the ``hls4ml`` extra and a C++ compiler (g++) for the C simulation.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import logging
 import math
+import re
 import shutil
 import tarfile
 import tempfile
@@ -41,9 +43,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
-from ..errors import PwfnError
+from ...errors import PwfnError
 from .graph import GraphError, trace
 from .shiftadd import FixedPoint, ShiftAddNet, calibrate, layer_terms
 
@@ -318,8 +321,6 @@ def export_hls4ml(
                 if p["path"] == "exponent" and p["terms"] > 1:
                     prec["result"] = accum  # exact partial sums; truncation after the last Add
         # Add nodes in creation order: the split sums' inner adds stay exact
-        import torch.fx as fx
-
         add_names = [n.name for n in fx.symbolic_trace(prog).graph.nodes
                      if n.op == "call_function" and "add" in str(n.target)]
         if len(add_names) != len(prog.add_roles):
@@ -390,8 +391,6 @@ class _quiet:
     """Silence hls4ml's prints (it writes progress to stdout) while keeping errors."""
 
     def __enter__(self) -> None:
-        import contextlib
-
         self._buf = io.StringIO()
         self._ctx = contextlib.redirect_stdout(self._buf)
         self._ctx.__enter__()
@@ -444,8 +443,6 @@ template <class T, size_t SIZE> void pwfn_load_exponent_weights(T *w, const char
 
 def _patch_exponent_loading(prj: Path) -> None:
     """Let the C simulation load exponent weights (see ``_LOADER``)."""
-    import re
-
     path = prj / "firmware" / "myproject.cpp"
     text = path.read_text()
     new, n = re.subn(r"nnet::load_weights_from_txt<(exponent_\w+),\s*(\d+)>", r"pwfn_load_exponent_weights<\1, \2>",

@@ -1,0 +1,71 @@
+"""WFN: deterministic weight fixing (ALGORITHM.md section 2).
+
+The model stays a point model; a weight may move to a centre within ``delta_t * |w|`` of it
+(the round's relative tolerance); centres are sums of signed powers of two; a fresh Adam trains
+between rounds, with the attraction of the free weights towards the centres in use as the
+extra loss (rescaled to ``reg_ratio`` x the task loss every step).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from ..engine import EngineConfig
+from ..plumbing import QuantView
+from ..regularizers import cluster_attraction, unfixed_values
+from ..schedules import Schedule, tolerance_for_round, wfn_schedule
+from . import register_method
+from .base import Method, engine_config_from
+
+
+@register_method("wfn")
+class WFNMethod(Method):
+    """Point model; tolerance delta_t*|w|; signed-term centres; fresh Adam every round."""
+
+    needs_task_loss = True
+    signed_terms = True
+
+    @property
+    def quantise_norms(self) -> bool:
+        return bool(self.settings.quantise_norms)
+
+    def engine_config(self) -> EngineConfig:
+        return engine_config_from(self.settings.engine, signed_terms=self.signed_terms, sigma_update="keep")
+
+    def tolerance(self, view: QuantView, round_index: int) -> torch.Tensor:
+        return tolerance_for_round(self.schedule, round_index, values=view.values())
+
+    @functools.cached_property
+    def schedule(self) -> Schedule:
+        return wfn_schedule(self.settings.delta, self.settings.fractions)
+
+    def optimizer(self, model, view, previous):
+        return torch.optim.Adam(model.parameters(), lr=self.settings.lr)
+
+    def extra_loss(self, view: QuantView) -> Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
+        return attraction_loss(self.settings, view)
+
+
+def attraction_loss(settings, view: QuantView) -> Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
+    """WFN's "cosy up to clusters" term for the settings section ``settings`` (None before any value
+    is fixed or with ``reg_ratio`` 0)."""
+    values, fixed = view.values(), view.fixed()
+    centres = torch.unique(values[fixed])
+    if centres.numel() == 0 or settings.reg_ratio == 0:
+        return None
+    pairs = view.parameters_with_masks()
+
+    def loss(model: nn.Module, ce: torch.Tensor) -> torch.Tensor:
+        free = unfixed_values(pairs)
+        if free is None:
+            return ce * 0.0
+        reg = cluster_attraction(free, centres, temperature=settings.reg_temperature)
+        # rescaled every step so the term is reg_ratio x the cross-entropy
+        scale = settings.reg_ratio * ce.detach() / reg.detach().clamp_min(1e-12)
+        return scale * reg
+
+    return loss
