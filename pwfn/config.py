@@ -110,26 +110,28 @@ class EngineSettings:
 
 @dataclass
 class PWFNConfig:
-    """Probabilistic weight fixing (ALGORITHM.md §1-3)."""
+    """Probabilistic weight fixing (ALGORITHM.md §1-3). The defaults are scale-equivariant and budget-aware, with an accuracy guard that picks k per network; the papers' settings are the shipped config `paper_pwfn`."""
 
     fractions: list = field(default_factory=lambda: list(PWFN_FRACTIONS))
     """Share of the weights fixed after each round; strictly increasing, ending at 1.0 (the paper's 10 rounds by default)."""
-    k: float = 1.0
-    """Tolerance in standard deviations: a weight may join value c when |mu - c| <= k * sigma."""
-    guard_drop: Optional[float] = None
-    """Accuracy guard (the built-in loop; in your own loop `fixer.fix_next(evaluate=...)`): after a round's fixing the task's primary metric on `guard_batches` validation batches may worsen by at most this share of its value before the round (0.005: half a percent); otherwise the round is undone and redone with k halved, down to `k_min`, and later rounds keep the smaller k. null: no guard."""
+    k: float = 2.0
+    """Tolerance in standard deviations: a weight may join value c when |mu - c| <= k * sigma. With the accuracy guard on (the default) this is where k starts; the guard halves it for rounds that cost accuracy (the paper's k is 1, without a guard)."""
+    guard_drop: Optional[float] = 0.005
+    """Accuracy guard: after a round's fixing the task's primary metric on `guard_batches` validation batches may fall by at most this share of its value before the round (0.005: half a percent, about 0.5 points of top-1) and the task loss may rise by at most `guard_loss_rise`; otherwise the round is undone and redone with k halved, down to `k_min`. The next round first tries one halving less. Runs in `pwfn run` / `compress`; in your own loop pass `fixer.fix_next(evaluate=...)`. null: no guard, k as given (the paper's)."""
+    guard_loss_rise: float = 0.5
+    """The accuracy guard's limit on the validation loss: it may rise by at most this share of its value before the round (0.5: by half). The loss shows damage that a saturated or coarse metric hides (a 100 % top-1 on a few batches)."""
     guard_batches: int = 4
-    """Validation batches the accuracy guard scores (the same ones before and after every try)."""
+    """Validation batches the accuracy guard evaluates (the same ones before and after every try)."""
     k_min: float = 0.5
     """The smallest k the accuracy guard halves k down to."""
     sigma_init: str = "power_of_two"
     """How sigma starts: `power_of_two` (small near a power of two, the paper's rule), `constant` or `moped` (a share of |mu|)."""
-    scale: str = "absolute"
-    """Units of `sigma_init_scale`, `sigma_init_max`, `tau` and `laplace_prior`: `absolute` (weight units, the paper's; the default) or `tensor` (fractions of each tensor's mean |mu|, so scaling a tensor by 2^k scales its sigmas and target by 2^k: scale-equivariant; see the `pwfn_scaled` preset)."""
-    sigma_init_scale: float = 0.0025
-    """Scale of the initial sigma, in `scale` units (the paper's 0.0025 absolute; the `pwfn_scaled` preset uses 0.1 of the tensor's mean |mu|)."""
-    sigma_init_max: float = 0.05
-    """Upper bound of the initial sigma, in `scale` units (the paper's 0.05 absolute, equal to its tau)."""
+    scale: str = "tensor"
+    """Units of `sigma_init_scale`, `sigma_init_max`, `tau` and `laplace_prior`: `tensor` (fractions of each tensor's mean |mu|, and each tensor is fixed on a codebook grid placed relative to its own scale, so scaling a tensor by 2^k scales its sigmas, target and fixed values by 2^k: scale-equivariant; the default) or `absolute` (weight units, the paper's)."""
+    sigma_init_scale: float = 0.1
+    """Scale of the initial sigma, in `scale` units (0.1 of the tensor's mean |mu|; the paper's 0.0025 absolute)."""
+    sigma_init_max: float = 0.5
+    """Upper bound of the initial sigma, in `scale` units (half the tensor's mean |mu|; the paper's 0.05 absolute, equal to its tau)."""
     sigma_floor: float = 2.0**-30
     """Smallest sigma allowed (keeps it positive)."""
     sigma_update: str = "std_mu"
@@ -138,14 +140,14 @@ class PWFNConfig:
     """Divisor used by `sigma_update: divide`."""
     objective: str = "regulariser"  # or "elbo"
     """`regulariser` (the paper's sigma regulariser) or `elbo` (a KL to a Gaussian prior, scaled by the training-set size)."""
-    tau: float = 0.05
-    """Target sigma of the regulariser, in `scale` units: unfixed sigmas below tau are pushed up towards it (the paper's 0.05 absolute; the `pwfn_scaled` preset uses half a tensor's mean |mu|)."""
+    tau: float = 0.5
+    """Target sigma of the regulariser, in `scale` units: unfixed sigmas below tau are pushed up towards it (half a tensor's mean |mu|; the paper's 0.05 absolute)."""
     lam: float = 2.0**-11
-    """Strength of the sigma regulariser (the paper's 2^-11, sized for ImageNet's ~30k steps per round; see `sigma_steps_reference`)."""
-    sigma_steps_reference: Optional[float] = None
-    """Budget-aware regulariser: `lam` is multiplied by this number over the momentum-weighted number of SGD steps of the training phase in progress (and by 1e-3 / `lr`), so sigma moves as far in a 10-step round as in a round of this many steps at the paper's lr (30000: its ImageNet rounds; the `pwfn_scaled` preset); null (the default) uses `lam` as given. A `Fixer` in your own loop needs `set_training_steps`."""
-    clip_sigma: bool = True
-    """Include the sigmas in gradient-norm clipping (the paper's, the default); the `pwfn_scaled` preset leaves them out, so the budget-scaled regulariser's gradient does not shrink mu's steps."""
+    """Strength of the sigma regulariser (the paper's 2^-11, sized for ImageNet's ~30k steps per round, which `sigma_steps_reference` scales to the steps a round has)."""
+    sigma_steps_reference: Optional[float] = 30000.0
+    """Budget-aware regulariser: `lam` is multiplied by this number over the momentum-weighted number of SGD steps of the training phase in progress (and by 1e-3 / `lr`), so sigma moves as far in a 10-step round as in a round of this many steps at the paper's lr (30000: its ImageNet rounds); null uses `lam` as given (the paper's). A `Fixer` in your own loop needs `set_training_steps`."""
+    clip_sigma: bool = False
+    """Include the sigmas in gradient-norm clipping (the paper's); the default leaves them out, so the budget-scaled regulariser's gradient does not shrink mu's steps."""
     posterior: str = "trained"
     """Where sigma comes from: `trained` (the initialiser, then the regulariser or ELBO during training, the paper's) or `laplace` (a diagonal Laplace posterior from squared gradients over a few training batches before every round, 1/sqrt(N * F + 1/prior^2); sigma is then not trained, mu still is)."""
     laplace_batches: int = 8
@@ -555,8 +557,9 @@ def validate(cfg: RunConfig) -> None:
         _check(getattr(p, key) <= 1e3, f"pwfn.{key} = {getattr(p, key):g} must be <= 1000 (a weight uncertainty)")
     _check(p.k <= 1e6, f"pwfn.k = {p.k:g} must be <= 1e6 (tolerance = k * sigma)")
     _check(0 < p.k_min <= 1e6, f"pwfn.k_min = {p.k_min:g} must be in (0, 1e6] (the guard's smallest k)")
-    _check(p.guard_drop is None or 0 <= p.guard_drop <= 1e6,
+    _check(p.guard_drop is None or 0 <= p.guard_drop < 1,
            f"pwfn.guard_drop = {p.guard_drop} must be in [0, 1) (a share of the metric) or null (no guard)")
+    _check(0 <= p.guard_loss_rise <= 1e6, f"pwfn.guard_loss_rise = {p.guard_loss_rise} must be in [0, 1e6]")
     _check(p.guard_batches >= 1, f"pwfn.guard_batches = {p.guard_batches} must be >= 1")
     _check(p.sigma_init_scale > 0 and p.sigma_init_max > 0, "pwfn.sigma_init_scale and pwfn.sigma_init_max must be > 0")
     _check(p.sigma_update in ("std_mu", "keep", "divide"), f"pwfn.sigma_update = {p.sigma_update!r}: choose std_mu, keep or divide")

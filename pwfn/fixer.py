@@ -52,7 +52,7 @@ from .distributed import tensor_checksum
 from .engine import EngineCache, fix_round
 from .errors import CheckpointError, ConfigError, ModelError
 from .io import load_state_dict_strict, to_jsonable
-from .methods.base import Method, build_method
+from .methods.base import Method, RoundGuard, build_method
 from .metrics import fixing_metrics
 from .plumbing import FixedGuard, QuantSlot
 from .presets import resolve_config as resolve_shipped
@@ -122,24 +122,24 @@ class Fixer:
             raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.cfg = resolve_config(config, overrides)
         #: the method object (:mod:`pwfn.methods`); the Fixer talks to it only through its protocol
-        self.strategy: Method = build_method(method, self.cfg)
-        self.method: str = self.strategy.name
+        self.method_impl: Method = build_method(method, self.cfg)
+        self.method: str = self.method_impl.name
         if dataset_size is not None:
-            self.strategy.bind_data(dataset_size)
+            self.method_impl.bind_data(dataset_size)
         check_float_model(model)
-        prepared = self.strategy.prepare(model, inplace=inplace)
+        prepared = self.method_impl.prepare(model, inplace=inplace)
         self.model: nn.Module = prepared.to(device) if device is not None else prepared
-        self.view = self.strategy.view(self.model)
-        self.coverage = self.strategy.coverage
-        self.engine_config = self.strategy.engine_config()
+        self.view = self.method_impl.view(self.model)
+        self.coverage = self.method_impl.coverage
+        self.engine_config = self.method_impl.engine_config()
         # budget mode: the allowed values are chosen from the prepared float model alone, so a
         # resumed run (a new Fixer whose state is then loaded) chooses the same
         self.budget = plan_budget(getattr(self.cfg, "budget", None), self.engine_config, self.view,
-                                  lambda: self.strategy.tolerance(self.view, 0))
+                                  lambda: self.method_impl.tolerance(self.view, 0))
         if self.budget is not None:
             self.engine_config = self.budget.engine_config
-        self.fractions: list[float] = list(self.strategy.fractions)
-        self.strategy.check_trainable(self.model)
+        self.fractions: list[float] = list(self.method_impl.fractions)
+        self.method_impl.check_trainable(self.model)
         self.round = 0
         self._engine_cache = EngineCache()  # the candidate centres, built once for all rounds
         #: the accuracy guard's caution level reached so far (0: the method as configured)
@@ -147,6 +147,7 @@ class Fixer:
         self.history: list[dict[str, Any]] = []
         self._extra = None
         self._closed = False
+        self._guard_warned = False
         self._active: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._saved: dict[int, FixedGuard] = {}  # per optimizer, between its step's pre and post hooks
         self._install_hooks()
@@ -219,8 +220,8 @@ class Fixer:
         ``reg_ratio`` x ``task_loss`` (so pass the task loss); zero before the first round.
         """
         if self._extra is None:
-            self._extra = self.strategy.extra_loss(self.view) or (lambda model, ce: None)
-        if self.strategy.needs_task_loss and task_loss is None and self.round > 0:
+            self._extra = self.method_impl.extra_loss(self.view) or (lambda model, ce: None)
+        if self.method_impl.needs_task_loss and task_loss is None and self.round > 0:
             raise ConfigError(f"{self.method}'s loss term is scaled to the task loss: call fixer.loss_term(task_loss)")
         base = task_loss if task_loss is not None else torch.zeros((), device=self.view.slots[0].value.device)
         term = self._extra(self.model, base.detach() if isinstance(base, torch.Tensor) else base)
@@ -237,13 +238,13 @@ class Fixer:
         """
         if steps is not None and (isinstance(steps, bool) or int(steps) < 1):
             raise ConfigError(f"training steps must be >= 1 (or None), got {steps!r}")
-        self.strategy.set_training_steps(None if steps is None else int(steps))
+        self.method_impl.set_training_steps(None if steps is None else int(steps))
         self._extra = None
 
     def clip_parameters(self) -> Optional[list]:
         """The tensors gradient clipping should see (None: all of the model's); PWFN leaves sigma out
         unless ``pwfn.clip_sigma``. Pass them to ``torch.nn.utils.clip_grad_norm_``."""
-        return self.strategy.clip_parameters(self.model)
+        return self.method_impl.clip_parameters(self.model)
 
     def loss(self, task_loss: torch.Tensor) -> torch.Tensor:
         """``task_loss + loss_term(task_loss)``."""
@@ -257,12 +258,12 @@ class Fixer:
     @property
     def warmup_epochs(self) -> float:
         """Training the method wants before the first round (PWFN: sigma settles; 0 for WFN)."""
-        return float(self.strategy.pre_epochs())
+        return float(self.method_impl.pre_epochs())
 
     @property
     def round_epochs(self) -> float:
         """Training the method wants between two rounds (the built-in loop's budget)."""
-        return float(self.strategy.round_epochs())
+        return float(self.method_impl.round_epochs())
 
     def fix_next(self, broadcast=None, evaluate: Optional[Callable[[], float]] = None) -> Round:
         """Fix the next fraction of the weights (one engine round); returns the round's report.
@@ -270,13 +271,12 @@ class Fixer:
         ``broadcast`` (optional) is applied to each result tensor before it is written (the
         built-in loop passes DDP's broadcast so every rank writes rank 0's result).
 
-        ``evaluate`` (optional) turns on the method's accuracy guard (``pwfn.guard_drop`` for PWFN): a
-        callable returning the model's validation score on a few fixed batches, higher is better
-        (e.g. top-1 on four validation batches, in the method's ``evaluating()`` mode). It is called
-        before the round and after each try; while the score falls by more than the guard allows,
-        the round is undone (values, fixed masks and sigma restored) and redone one caution level
-        higher (PWFN: k halved, not below ``pwfn.k_min``). The level reached carries to the later
-        rounds. The built-in loop (``pwfn.compress``, the CLI) always passes one.
+        ``evaluate`` (optional) turns on the method's accuracy guard (PWFN: ``pwfn.guard_drop``): a
+        callable returning ``(score, loss)`` of the model on a few fixed validation batches, in the
+        method's ``evaluating()`` mode: a score where higher is better (e.g. top-1) and the task
+        loss. It is called before the round and after each try; a try that costs more than the guard
+        allows is undone (values, fixed masks and sigma restored) and redone more cautiously (PWFN:
+        k halved, not below ``pwfn.k_min``). The built-in loop (``pwfn.compress``, the CLI) passes one.
         """
         if self.done:
             raise ConfigError(f"{self.method}: all {len(self.fractions)} rounds are done; call finalize()")
@@ -285,42 +285,20 @@ class Fixer:
         t = self.round
         frac = self.fractions[t]
         view = self.view
-        guard = self.strategy.round_guard() if evaluate is not None else None
-        if guard is not None:
-            before = evaluate()
-            import os
-            if os.environ.get("PWFN_GUARD_REF") == "float":
-                if not hasattr(self, "_ref"):
-                    self._ref = before
-                before = self._ref
-            if os.environ.get("PWFN_GUARD_RESET") == "1":
-                self.caution = 0
-            saved = (view.values(), view.fixed(), view.sigmas() if view.has_sigma else None)
-            tries: list[dict[str, Any]] = []
-        while True:
-            self.strategy.set_caution(self.caution)
-            summary, merged = self._fix_once(t, frac, broadcast)
-            if guard is None:
-                break
-            import os
-            if os.environ.get("PWFN_GUARD_METRIC") == "both":
-                sc = evaluate()
-                score = sc[0]
-                drop = (before[0] - sc[0]) / max(abs(before[0]), 1e-12)
-                ldrop = (before[1] - sc[1]) / max(abs(before[1]), 1e-12)
-                ok = drop <= guard.max_drop and ldrop <= float(os.environ["LOSS_X"])
-            else:
-                score = float(evaluate())
-                drop = (before - score) / max(abs(before), 1e-12)
-                ok = drop <= guard.max_drop
-            tries.append({"caution": self.caution, "score": score, "drop": drop})
-            if ok or not self.strategy.set_caution(self.caution + 1):
-                break
-            view.write(*saved)  # undo the try: no training happened since
-            if self.budget is not None:
-                self.budget.merged_weights -= merged
-                self.budget.merges_per_round.pop()
-            self.caution += 1
+        guard = self.method_impl.round_guard() if evaluate is not None else None
+        if evaluate is None and not self._guard_warned and self.method_impl.round_guard() is not None:
+            self._guard_warned = True
+            log.warning("%s: the accuracy guard is configured but fix_next() got no evaluate=, so every round runs at "
+                        "the configured tolerance (the guard's starting point, often too bold on its own). Pass "
+                        "evaluate=lambda: (score, loss) on a few validation batches (fixer.rounds(evaluate=...)), or "
+                        "turn the guard off and choose the tolerance yourself (PWFN: pwfn.guard_drop=null and pwfn.k)",
+                        self.method)
+        record: Optional[dict[str, Any]] = None
+        if guard is None:
+            self.method_impl.set_caution(self.caution)
+            summary, _ = self._fix_once(t, frac, broadcast)
+        else:
+            summary, record = self._guarded_round(t, frac, broadcast, guard, evaluate)
         self.round += 1
         self._extra = None  # WFN's attraction centres changed
         self._refresh_active()
@@ -328,15 +306,55 @@ class Fixer:
                                "checksum": tensor_checksum(view.values(), view.fixed())}
         row.update(self._metrics())
         row["engine"] = to_jsonable(summary)
-        if guard is not None:
-            row["guard"] = {"before": before, "tries": tries, "caution": self.caution}
+        if record is not None:
+            row["guard"] = record
         self.history.append(row)
         return Round(index=t, fraction=frac, trains=frac < 1.0 and not self.done, row=row)
+
+    def _guarded_round(self, t: int, frac: float, broadcast, guard: RoundGuard,
+                       evaluate: Callable[[], tuple[float, float]]) -> tuple[dict, dict[str, Any]]:
+        """Round ``t`` under the method's accuracy guard; returns the engine summary and the guard's record.
+
+        The first try is one caution level below where the last round ended (so one sensitive round
+        does not hold k down for the rest of the run); a try that lowers the score by more than
+        ``guard.max_drop`` or raises the loss by more than ``guard.max_loss_rise`` (both relative to
+        before the round) is undone and the round redone one level higher, until the method refuses
+        a higher level (then the last try is kept).
+        """
+        view = self.view
+        score0, loss0 = (float(x) for x in evaluate())
+        saved = (view.values(), view.fixed(), view.sigmas() if view.has_sigma else None)
+        level = max(self.caution - 1, 0)
+        tries: list[dict[str, Any]] = []
+        while True:
+            self.method_impl.set_caution(level)
+            summary, merged = self._fix_once(t, frac, broadcast)
+            score, loss = (float(x) for x in evaluate())
+            drop = (score0 - score) / max(abs(score0), 1e-12)
+            rise = (loss - loss0) / max(abs(loss0), 1e-12)
+            tries.append({"caution": level, "score": score, "loss": loss, "drop": drop, "loss_rise": rise})
+            kept = drop <= guard.max_drop and rise <= guard.max_loss_rise  # NaN: not kept
+            if kept or not self.method_impl.set_caution(level + 1):
+                break
+            view.write(*saved)  # undo the try: nothing trained since it
+            if self.budget is not None:
+                self.budget.merged_weights -= merged
+                self.budget.merges_per_round.pop()
+            level += 1
+        self.caution = level
+        if not kept:  # never silently: the round costs more than the guard allows even at its most cautious
+            log.warning("%s round %d: the accuracy guard could not keep this round within its limits even at its "
+                        "most cautious setting (score %+.2f %%, loss %+.0f %% against before the round); the round "
+                        "is kept and the run goes on. If the final accuracy falls short, fix with smaller "
+                        "tolerances from the start (PWFN: config='paper_pwfn')", self.method, t + 1, -100 * drop,
+                        100 * rise)
+        return summary, {"score_before": score0, "loss_before": loss0, "tries": tries, "caution": level,
+                         "kept_within_limits": bool(kept)}
 
     def _fix_once(self, t: int, frac: float, broadcast) -> tuple[dict, int]:
         """One try of round ``t``: the method's fixing written into the view (and merged to the budget);
         returns the engine summary and the weights the budget merged."""
-        new_values, new_fixed, new_sigma, summary = self.strategy.fix(self.view, t, frac, self.engine_config,
+        new_values, new_fixed, new_sigma, summary = self.method_impl.fix(self.view, t, frac, self.engine_config,
                                                                       engine=functools.partial(
                                                                           fix_round, cache=self._engine_cache))
         if broadcast is not None:
@@ -346,10 +364,11 @@ class Fixer:
         merged = self.budget.enforce(self.view) if self.budget is not None else 0  # budget mode: merge down
         return summary, merged
 
-    def rounds(self) -> Iterator[Round]:
-        """Yield each remaining round right after fixing it; train between the yields."""
+    def rounds(self, evaluate: Optional[Callable[[], tuple[float, float]]] = None) -> Iterator[Round]:
+        """Yield each remaining round right after fixing it; train between the yields. ``evaluate``: the
+        accuracy guard's ``(score, loss)`` callable, as in :meth:`fix_next`."""
         while not self.done:
-            yield self.fix_next()
+            yield self.fix_next(evaluate=evaluate)
 
     def record(self, **metrics: Any) -> None:
         """Attach your evaluation (e.g. ``after_train={"top1": ...}``) to the last round's report."""
@@ -366,7 +385,7 @@ class Fixer:
 
     def evaluating(self):
         """Context for evaluations: PWFN's mean (point-estimate) mode, eval mode for both methods."""
-        return self.strategy.eval_context(self.model)
+        return self.method_impl.eval_context(self.model)
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -382,7 +401,7 @@ class Fixer:
             raise CheckpointError(f"{where} is not a pwfn Fixer state (format {STATE_FORMAT})")
         if state.get("method") != self.method:
             raise CheckpointError(f"{where} is a {state.get('method')!r} state; this Fixer runs {self.method!r}")
-        sections = (self.strategy.section_name, "quantise", "budget")
+        sections = (self.method_impl.section_name, "quantise", "budget")
         diff = config_diff(state.get("config") or {}, config_to_dict(self.cfg), sections)
         if diff:
             raise CheckpointError(f"{where} was written under other fixing settings ({'; '.join(diff[:4])}); "
@@ -391,7 +410,7 @@ class Fixer:
         self.view.load_mask_state(state["masks"], where)
         self.round = int(state["round"])
         self.history = list(state.get("history") or [])
-        self.caution = max((int(row["guard"]["caution"]) for row in self.history if "guard" in row), default=0)
+        self.caution = next((int(row["guard"]["caution"]) for row in reversed(self.history) if "guard" in row), 0)
         self._extra = None
         self._refresh_active()
 
@@ -401,7 +420,7 @@ class Fixer:
         if not self.done or not bool(self.view.fixed().all()):
             raise ModelError(f"{self.method}: {int((~self.view.fixed()).sum())} weights are not fixed yet "
                              f"({self.round} of {len(self.fractions)} rounds done); run the remaining rounds first")
-        point = self.strategy.point_model(self.model)
+        point = self.method_impl.point_model(self.model)
         self.close()
         return point
 
@@ -415,7 +434,7 @@ class Fixer:
         out = {"method": self.method, "fractions": list(self.fractions), "rounds": copy.deepcopy(self.history),
                "final": self._metrics(),
                "quantised_tensors": self.view.names(),
-               "coverage": {**self.coverage.summary(), "folded_parametrizations": list(self.strategy.folded)}}
+               "coverage": {**self.coverage.summary(), "folded_parametrizations": list(self.method_impl.folded)}}
         if self.budget is not None:
             out["budget"] = self.budget.report(self.view)
         return out

@@ -187,8 +187,8 @@ class FixingRun:
         adapter: Optional[BatchAdapter] = None,
     ) -> None:
         self.cfg = cfg
-        self.strategy: Method = build_method(method, cfg)
-        self.method: str = self.strategy.name
+        self.method_impl: Method = build_method(method, cfg)
+        self.method: str = self.method_impl.name
         self.float_model = float_model
         self.train_loader = train_loader
         self.val_loader = val_loader if val_loader is not None else test_loader
@@ -214,13 +214,13 @@ class FixingRun:
         self._lock: Optional[RunLock] = None
         self._manifest: Optional[dict] = None
         self._previous_manifest: Optional[dict] = None
-        self.strategy.bind_data(_dataset_size(train_loader))  # e.g. the ELBO needs the training-set size
+        self.method_impl.bind_data(_dataset_size(train_loader))  # e.g. the ELBO needs the training-set size
         self._rounds_done = 0
         self._probe_batches: Optional[list] = None  # the accuracy guard's validation batches
 
     # -- helpers ----------------------------------------------------------------------------
     def _eval(self, model: nn.Module, loader) -> dict[str, float]:
-        with self.strategy.eval_context(model):
+        with self.method_impl.eval_context(model):
             return evaluate(model, loader, self.device, self.dist, self.task, self.adapter)
 
     def _checkpoint_path(self) -> Optional[Path]:
@@ -250,7 +250,7 @@ class FixingRun:
                 "history": history,
                 "pre_metrics": pre_metrics,
                 "rng": rng_state(),
-                "fractions": self.strategy.fractions,
+                "fractions": self.method_impl.fractions,
                 "config": config_to_dict(self.cfg),
                 "inputs": self.inputs,
             },
@@ -262,18 +262,18 @@ class FixingRun:
         self.dist.barrier()
 
     def _advice(self) -> str:
-        return divergence_advice(self.cfg, self.strategy.section_name, self.strategy.divergence_tips())
+        return divergence_advice(self.cfg, self.method_impl.section_name, self.method_impl.divergence_tips())
 
     def _kept_note(self) -> str:
         path = self._checkpoint_path()
         if path is None or not path.exists():
             return "No checkpoint of this method was written yet."
-        return (f"The last good checkpoint {str(path)!r} ({self._rounds_done} of {len(self.strategy.fractions)} "
+        return (f"The last good checkpoint {str(path)!r} ({self._rounds_done} of {len(self.method_impl.fractions)} "
                 "rounds done) is kept unchanged; a changed setting starts the method over (--fresh, or "
                 "another --set name=...).")
 
     def _train(self, train_model, model, optimizer, epochs, counter, desc):
-        s, fixer = self.strategy, self.fixer
+        s, fixer = self.method_impl, self.fixer
         assert fixer is not None
         fixer.set_training_steps(_phase_steps(self.train_loader, epochs))  # PWFN's budget-aware regulariser
         clip_params = fixer.clip_parameters()
@@ -288,30 +288,29 @@ class FixingRun:
         except TrainingDivergedError as exc:
             raise TrainingDivergedError(f"{exc} {self._kept_note()}") from exc
 
-    def _guard_probe(self) -> Optional[Callable[[], float]]:
-        """The accuracy guard's score (the task's primary metric on the guard's first validation batches,
-        higher is better), or None when the method has no guard."""
-        guard = self.strategy.round_guard()
+    def _guard_probe(self) -> Optional[Callable[[], tuple[float, float]]]:
+        """The accuracy guard's ``(score, loss)`` on its first validation batches (score: the task's
+        primary metric, signed so that higher is better), or None when the method has no guard."""
+        guard = self.method_impl.round_guard()
         if guard is None:
             return None
         if self._probe_batches is None:  # the same batches every time: a paired comparison
-            self._probe_batches = list(itertools.islice(self.val_loader, guard.batches))
+            state = rng_state()  # a loader's iterator draws a seed: keep the run's RNG (and a resume) unchanged
+            try:
+                self._probe_batches = list(itertools.islice(self.val_loader, guard.batches))
+            finally:
+                set_rng_state(state)
         sign = 1.0 if self.task.higher_is_better else -1.0
 
-        def score() -> float:
+        def probe() -> tuple[float, float]:
             metrics = self._eval(self.fixer.model, self._probe_batches)
-            import os
-            if os.environ.get("PWFN_GUARD_METRIC") == "loss":
-                return -float(metrics["loss"])
-            if os.environ.get("PWFN_GUARD_METRIC") == "both":
-                return (sign * float(metrics.get(self.task.primary, metrics["loss"])), -float(metrics["loss"]))
-            return sign * float(metrics.get(self.task.primary, metrics["loss"]))
+            return sign * float(metrics.get(self.task.primary, metrics["loss"])), float(metrics["loss"])
 
-        return score
+        return probe
 
     def _posterior(self) -> Optional[dict]:
         """The method's posterior refresh before a round (PWFN's ``posterior: laplace``; None otherwise)."""
-        return self.strategy.refresh_posterior(self.fixer.model, self._view, self.train_loader, self.device,
+        return self.method_impl.refresh_posterior(self.fixer.model, self._view, self.train_loader, self.device,
                                                self.task, self.adapter)
 
     def _load_resume_state(self, ckpt: Path) -> dict:
@@ -334,7 +333,7 @@ class FixingRun:
 
     def _check_inputs(self) -> None:
         """Loaders yield batches the model accepts; fingerprint the data and the float model."""
-        s = self.strategy
+        s = self.method_impl
         trains = s.pre_epochs() > 0 or s.round_epochs() > 0
         first = {"train": check_first_batch(self.float_model, self.train_loader, self.device, "training loader",
                                             required=trains, task=self.task, adapter=self.adapter),
@@ -350,7 +349,7 @@ class FixingRun:
         self.inputs = inputs
 
     def _run(self, resume: bool) -> FixingResult:
-        s = self.strategy
+        s = self.method_impl
         started = time.perf_counter()
         check_float_model(self.float_model)
         if self.run_dir is not None and self.dist.is_main:
@@ -358,10 +357,10 @@ class FixingRun:
         self._check_inputs()
         self._previous_manifest = manifest_or_none(self.run_dir) if self.run_dir is not None else None
         # the Fixer prepares the model (and budget mode's allowed values) and keeps fixed values exact
-        fixer = Fixer(self.float_model, type(self.strategy), self.cfg, device=self.device,
+        fixer = Fixer(self.float_model, type(self.method_impl), self.cfg, device=self.device,
                       dataset_size=_dataset_size(self.train_loader))
-        self.fixer, self.strategy = fixer, fixer.strategy
-        s = self.strategy
+        self.fixer, self.method_impl = fixer, fixer.method_impl
+        s = self.method_impl
         model, view = fixer.model, fixer.view
         self._view = view
         if self.dist.is_main:
@@ -463,11 +462,11 @@ class FixingRun:
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
             self._manifest = new_manifest(
                 method=self.method, engine=_engine_record(engine_cfg), recipe=self.recipe, inputs=self.inputs,
-                quantised=quantised_tensors(view, self.strategy.coverage), config=config_to_dict(self.cfg))
+                quantised=quantised_tensors(view, self.method_impl.coverage), config=config_to_dict(self.cfg))
             write_manifest(self.run_dir, self._manifest)
 
     def _finish(self, model, view, engine_cfg, history, pre_metrics, seconds) -> FixingResult:
-        s = self.strategy
+        s = self.method_impl
         if not bool(view.fixed().all()):
             raise ModelError(f"{self.method}: the final round left {int((~view.fixed()).sum())} weights unfixed")
         final: dict[str, Any] = {"test": self._eval(model, self.test_loader), "val": self._eval(model, self.val_loader)}
@@ -485,6 +484,9 @@ class FixingRun:
         sigma = s.sigma_summary(model)
         if sigma is not None:
             final["sigma"] = sigma
+        over = [r["round"] for r in history if (r.get("guard") or {}).get("kept_within_limits") is False]
+        if over:  # the accuracy guard's limits were exceeded in these rounds (each was logged)
+            final["guard_exceeded_rounds"] = over
         point = self.fixer.finalize()
         point_eval = evaluate(point, self.test_loader, self.device, self.dist, self.task, self.adapter)
         final["point_model_test"] = point_eval

@@ -32,7 +32,8 @@ def test_defaults_are_the_papers_schedules():
     cfg = load_config(None)
     assert cfg.pwfn.fractions == PWFN_FRACTIONS
     assert cfg.wfn.fractions == WFN_FRACTIONS
-    assert cfg.pwfn.tau == 0.05 and cfg.pwfn.lam == 2.0**-11 and cfg.pwfn.k == 1.0
+    # the paper's lam; tau and k are the scaled, guarded defaults' (the paper's: config "paper_pwfn")
+    assert cfg.pwfn.tau == 0.5 and cfg.pwfn.lam == 2.0**-11 and cfg.pwfn.k == 2.0
     assert cfg.pwfn.engine.b == 7 and cfg.pwfn.engine.max_order == 4
 
 

@@ -126,3 +126,42 @@ def test_a_subclass_changes_one_step_of_a_builtin_method():
     assert torch.equal(wide.tolerance(view_w, 0), 2 * plain.tolerance(view_p, 0))
     with pytest.raises(ConfigError, match="config section 'nowhere'"):
         type("Lost", (WFNMethod,), {"name": "lost", "section": "nowhere"})(cfg)
+
+
+class _WithOwnBuffers(nn.Module):
+    """A user's module whose buffers carry the names an old name-suffix schema would have claimed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 2)
+        self.register_buffer("offset_fixed", torch.arange(8, dtype=torch.float32) / 7)
+        self.register_buffer("w_mu", torch.full((2,), 0.3))
+        self.register_buffer("w_sigma", torch.full((2,), 0.7))
+
+    def forward(self, x):
+        return self.fc(x + self.offset_fixed) * self.w_sigma + self.w_mu
+
+
+@pytest.mark.parametrize("method", ["pwfn", "wfn"])
+def test_a_users_buffers_are_never_touched(method, tmp_path):
+    from pwfn.export import export_run, load_exported_model
+
+    torch.manual_seed(0)
+    model = _WithOwnBuffers()
+    before = {k: v.clone() for k, v in model.named_buffers()}
+    loader = _data()
+    res = pwfn.compress(model, loader, loader, method=method, run_dir=tmp_path / method,
+                        config={"progress": False, "pwfn": {"round_epochs": 0.25, "first_round_epochs": 0.0},
+                                "wfn": {"round_epochs": 0.25}})
+    for point in (res.point_model, model):
+        bufs = dict(point.named_buffers())
+        assert set(bufs) == set(before)
+        for k, v in before.items():
+            assert torch.equal(bufs[k], v), k
+    export_run(tmp_path / method, tmp_path / f"{method}_export")
+    fresh = _WithOwnBuffers()
+    for b in fresh.buffers():
+        b.zero_()
+    loaded = load_exported_model(tmp_path / f"{method}_export", model=fresh)
+    for k, v in before.items():
+        assert torch.equal(dict(loaded.named_buffers())[k], v), k

@@ -1,10 +1,11 @@
-"""PWFN off ImageNet: the scale-equivariant, budget-aware `pwfn_scaled` preset, the Laplace
-posterior and the paper preset (issue 13). The defaults stay the paper's settings (absolute
-scale, lam as given, sigma clipped) until the scaled settings are lossless by default."""
+"""PWFN off ImageNet (issue 13): the scale-equivariant, budget-aware defaults (also the `pwfn_scaled`
+preset, without the accuracy guard), the accuracy guard that picks k per round, the Laplace
+posterior and the paper preset (`paper_pwfn`: absolute scale, lam as given, sigma clipped, no guard)."""
 
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import pytest
@@ -17,8 +18,9 @@ import pwfn
 from pwfn.config import load_config
 from pwfn.errors import ConfigError
 from pwfn.fixer import Fixer, resolve_config
-from pwfn.metrics import entropy_bits, unique_count
 from pwfn.methods.pwfn import PWFNMethod, effective_steps
+from pwfn.methods.wfn import WFNMethod
+from pwfn.metrics import entropy_bits, unique_count
 from pwfn.tasks import BatchAdapter, resolve_task
 
 
@@ -56,14 +58,15 @@ def _per_tensor(fx: Fixer) -> list[tuple[int, float]]:
              entropy_bits(s.value.detach().reshape(-1), include_zero=True)) for s in fx.view.slots]
 
 
+@pytest.mark.parametrize("config", [SCALED, None], ids=["pwfn_scaled", "defaults"])
 @pytest.mark.parametrize("k", [-3, 2, 5])
-def test_rescaling_a_layer_and_its_consumer_changes_nothing_but_the_scale(k):
-    """Layer 0 times 2^k, layer 2 times 2^-k: the same ReLU network. With the scaled preset every
-    tensor gets the same codes (its unique values and entropy are equal, its values exactly 2^k or
-    2^-k times the original's), so the fixed networks compute the same function."""
+def test_rescaling_a_layer_and_its_consumer_changes_nothing_but_the_scale(k, config):
+    """Layer 0 times 2^k, layer 2 times 2^-k: the same ReLU network. With the scaled preset and with
+    the defaults every tensor gets the same codes (its unique values and entropy are equal, its
+    values exactly 2^k or 2^-k times the original's), so the fixed networks compute the same function."""
     m = _mlp()
     s = _rescaled(m, k)
-    a, b = _fix_without_training(m), _fix_without_training(s)
+    a, b = _fix_without_training(m, config), _fix_without_training(s, config)
     assert _per_tensor(a) == _per_tensor(b)
     factors = {"0.weight": 2.0**k, "0.bias": 2.0**k, "2.weight": 2.0**-k}
     for sa, sb in zip(a.view.slots, b.view.slots):
@@ -111,10 +114,10 @@ def test_sigma_init_tau_and_push_scale_with_the_tensor():
         s[0].weight.mul_(2.0**4)
     a, b = Fixer(m, "pwfn", config=SCALED), Fixer(s, "pwfn", config=SCALED)
     assert torch.equal(a.view.slots[0].sigma * 16, b.view.slots[0].sigma)
-    assert b.strategy.units["0.weight"] == 16 * a.strategy.units["0.weight"]
+    assert b.method_impl.units["0.weight"] == 16 * a.method_impl.units["0.weight"]
     grads = []
     for fx in (a, b):
-        loss = bayes.sigma_regularizer(fx.model, tau=0.5, lam=1.0, tau_scale=fx.strategy.units)
+        loss = bayes.sigma_regularizer(fx.model, tau=0.5, lam=1.0, tau_scale=fx.method_impl.units)
         grads.append(torch.autograd.grad(loss, [fx.view.slots[0].sigma])[0])
     assert torch.allclose(grads[0] * 16, grads[1], rtol=1e-6)
 
@@ -126,7 +129,7 @@ def _sigma_after(steps: int, reference) -> float:
     fx = Fixer(nn.Linear(8, 4), "pwfn", config=SCALED, overrides=[f"pwfn.sigma_steps_reference={ref}"],
                steps_per_round=steps)
     sig = fx.view.slots[0].sigma
-    opt = fx.strategy.optimizer(fx.model, fx.view, None)
+    opt = fx.method_impl.optimizer(fx.model, fx.view, None)
     x = torch.randn(2, 8)
     with bayes.forward_mode(fx.model, "mean"):
         for _ in range(steps):
@@ -169,12 +172,12 @@ def test_laplace_sigma_follows_the_curvature_on_a_quadratic():
         model.weight.copy_(w_true)
     fx = Fixer(model, "pwfn", config={"task": "regression", "pwfn": {"posterior": "laplace", "laplace_batches": 8}},
                dataset_size=n)
-    out = fx.strategy.refresh_posterior(fx.model, fx.view, loader, torch.device("cpu"), resolve_task("regression"),
+    out = fx.method_impl.refresh_posterior(fx.model, fx.view, loader, torch.device("cpu"), resolve_task("regression"),
                                         BatchAdapter())
     sigma = fx.view.slots[0].sigma.detach().reshape(-1)
     assert bool(torch.isfinite(sigma).all()) and bool((sigma > 0).all())
     assert sigma[0] > sigma[1] > sigma[2]
-    prior = fx.cfg.pwfn.laplace_prior * fx.strategy.units["weight"]
+    prior = fx.cfg.pwfn.laplace_prior * fx.method_impl.units["weight"]
     assert float(sigma.max()) <= prior
     assert out["batches"] == 8
     assert not fx.view.slots[0].sigma.requires_grad  # sigma is not trained under posterior=laplace
@@ -200,22 +203,100 @@ def test_paper_preset_and_validation():
     p = cfg.pwfn
     assert (p.scale, p.sigma_init_scale, p.sigma_init_max, p.tau, p.lam) == ("absolute", 0.0025, 0.05, 0.05, 2.0**-11)
     assert p.sigma_steps_reference is None and p.clip_sigma and p.posterior == "trained"
-    d = load_config(None).pwfn  # the defaults are the paper's settings (k and lam aside, the same)
-    assert (d.scale, d.sigma_init_scale, d.tau, d.sigma_steps_reference, d.clip_sigma) == ("absolute", 0.0025, 0.05,
-                                                                                         None, True)
-    s = resolve_config(SCALED).pwfn
-    assert (s.scale, s.sigma_init_scale, s.tau, s.sigma_steps_reference, s.clip_sigma) == ("tensor", 0.1, 0.5,
-                                                                                         30000.0, False)
+    assert p.k == 1.0 and p.guard_drop is None
+    scaled = ("tensor", 0.1, 0.5, 0.5, 30000.0, False)
+    d = load_config(None).pwfn  # the defaults: the scaled settings, with the guard from k = 2
+    assert (d.scale, d.sigma_init_scale, d.sigma_init_max, d.tau, d.sigma_steps_reference, d.clip_sigma) == scaled
+    assert (d.k, d.guard_drop, d.guard_loss_rise, d.k_min, d.guard_batches, d.lam) == (2.0, 0.005, 0.5, 0.5, 4,
+                                                                                       2.0**-11)
+    s = resolve_config(SCALED).pwfn  # the same settings without the guard, at a fixed k
+    assert (s.scale, s.sigma_init_scale, s.sigma_init_max, s.tau, s.sigma_steps_reference, s.clip_sigma) == scaled
+    assert s.k == 1.0 and s.guard_drop is None
     for bad in ("pwfn.scale=relative", "pwfn.posterior=fisher", "pwfn.sigma_steps_reference=0",
-                "pwfn.laplace_batches=0", "pwfn.laplace_prior=0"):
+                "pwfn.laplace_batches=0", "pwfn.laplace_prior=0", "pwfn.guard_drop=1", "pwfn.guard_drop=-0.1",
+                "pwfn.guard_loss_rise=-1", "pwfn.guard_batches=0", "pwfn.k_min=0"):
         with pytest.raises(ConfigError):
             load_config(None, [bad])
+
+
+def test_caution_levels_halve_k_down_to_k_min():
+    m = PWFNMethod(load_config(None))  # k = 2, k_min = 0.5
+    assert [m.set_caution(level) for level in range(4)] == [True, True, True, False]
+    assert m.caution == 2 and m.k_now == 0.5 and m.schedule.k == 0.5
+    assert m.set_caution(0) and m.k_now == 2.0
+    g = m.round_guard()
+    assert (g.max_drop, g.max_loss_rise, g.batches) == (0.005, 0.5, 4)
+    odd = PWFNMethod(load_config(None, ["pwfn.k=0.75"]))  # the last halving stops at k_min
+    assert odd.set_caution(1) and odd.k_now == 0.5 and not odd.set_caution(2)
+    assert PWFNMethod(resolve_config("paper_pwfn")).round_guard() is None
+    wfn = WFNMethod(load_config(None))  # the protocol's defaults: no guard, level 0 only
+    assert wfn.round_guard() is None and wfn.set_caution(0) and not wfn.set_caution(1)
+
+
+def _same_state(a: Fixer, b: Fixer) -> bool:
+    return all(torch.equal(x.value, y.value) and torch.equal(x.mask, y.mask) and torch.equal(x.sigma, y.sigma)
+               for x, y in zip(a.view.slots, b.view.slots))
+
+
+def test_the_guard_undoes_a_costly_try_exactly_and_backs_off(caplog):
+    """A try that costs too much score (or loss) is undone bit for bit: the round redone at k / 2 equals
+    the same round run directly at k / 2. The next round first tries one level bolder; at k_min the
+    last try is kept."""
+    m = _mlp()
+    fx = Fixer(m, "pwfn")
+
+    def script(*scores):
+        it = iter(scores)
+        return lambda: next(it)
+
+    # (score, loss): before, k = 2 drops the score by 11 %, k = 1 keeps it (loss +20 % is allowed)
+    row = fx.fix_next(evaluate=script((90.0, 0.1), (80.0, 0.1), (90.0, 0.12))).row
+    assert [t["caution"] for t in row["guard"]["tries"]] == [0, 1] and row["guard"]["caution"] == 1
+    ref = Fixer(m, "pwfn", overrides=["pwfn.k=1"])
+    ref.fix_next()
+    assert _same_state(fx, ref)
+    # round 2 starts bolder (k = 2); the loss doubling is refused, k = 1 is kept
+    row = fx.fix_next(evaluate=script((90.0, 0.1), (90.0, 0.2), (90.0, 0.1))).row
+    assert [t["caution"] for t in row["guard"]["tries"]] == [0, 1]
+    # round 3: every try fails; k = 0.5 (k_min) is the last and is kept
+    row = fx.fix_next(evaluate=script((90.0, 0.1), *[(0.0, 9.0)] * 3)).row
+    assert [t["caution"] for t in row["guard"]["tries"]] == [0, 1, 2] and fx.caution == 2
+    assert fx.method_impl.k_now == 0.5
+    # without evaluate the round runs at the level reached, with no guard record, and a warning says so once
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pwfn"):
+        assert "guard" not in fx.fix_next().row
+        fx.fix_next()
+    assert sum("no evaluate=" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_guard_runs_in_compress_and_a_resume_ends_bit_identical(tmp_path):
+    from pwfn.data import make_loaders
+
+    loaders = make_loaders("digits", batch_size=64, seed=0, train_subset=192)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    config = {"progress": False, "pwfn": {"fractions": [0.5, 0.8, 0.9, 1.0], "round_epochs": 0.2, "mc_samples": 1,
+                                          "first_round_epochs": 0.2}}
+
+    def stop_after_round_2(state):
+        if state.round == 1:
+            raise KeyboardInterrupt
+
+    whole = pwfn.compress(model, loaders.train, loaders.val, config=config)
+    assert all("guard" in row and row["guard"]["tries"] for row in whole.history)
+    with pytest.raises(KeyboardInterrupt):
+        pwfn.compress(model, loaders.train, loaders.val, config=config, run_dir=tmp_path / "run",
+                      callbacks=[stop_after_round_2])
+    resumed = pwfn.compress(model, loaders.train, loaders.val, config=config, run_dir=tmp_path / "run")
+    assert [r["checksum"] for r in resumed.history] == [r["checksum"] for r in whole.history]
+    assert [r["guard"]["caution"] for r in resumed.history] == [r["guard"]["caution"] for r in whole.history]
 
 
 def test_sigma_is_left_out_of_clipping_by_the_scaled_preset():
     m = _mlp()
     fx = Fixer(m, "pwfn", config=SCALED)
-    params = fx.strategy.clip_parameters(fx.model)
+    params = fx.method_impl.clip_parameters(fx.model)
     ids = {id(p) for p in params}
     assert not any(id(s) in ids for s in bayes.sigma_parameters(fx.model))
     assert PWFNMethod(resolve_config("paper_pwfn")).clip_parameters(fx.model) is None
@@ -258,8 +339,8 @@ def test_pareto_benchmark_smoke(tmp_path):
 
     doc = json.loads((tmp_path / "pareto.json").read_text())
     labels = {p["label"] for p in doc["points"]}
-    assert labels == {"pwfn", "pwfn laplace", "pwfn paper preset", "wfn", "wfn_published"}
+    assert labels == {"pwfn default", "pwfn", "pwfn laplace", "pwfn paper preset", "wfn", "wfn_published"}
     assert all(1 <= p["unique"] and 0 <= p["entropy"] and 0 <= p["top1"] <= 100 for p in doc["points"])
     s = doc["summary"][0]
-    assert s["network"] == "digits_mlp" and "PWFN (any)" in s["best"]
+    assert s["network"] == "digits_mlp" and "PWFN (any)" in s["best"] and s["pwfn_default"]["knob"] == "config"
     assert "Target" in (tmp_path / "pareto.md").read_text()

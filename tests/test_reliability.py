@@ -471,7 +471,7 @@ def _other_model_state(state):
 
 
 EXISTING = [
-    ("changed method setting", lambda d: None, ["--set", "pwfn.k=2"], "pwfn.k: 1.0 -> 2.0"),
+    ("changed method setting", lambda d: None, ["--set", "pwfn.k=3"], "pwfn.k: 2.0 -> 3.0"),
     ("changed baseline setting", lambda d: None, ["--set", "baseline.lr=0.01"], "baseline.lr"),
     ("corrupt run checkpoint", lambda d: _flip_bit(d / "pwfn" / "checkpoint.pt"), [], "checksum mismatch"),
     ("truncated run checkpoint", lambda d: (d / "pwfn" / "checkpoint.pt").write_bytes(

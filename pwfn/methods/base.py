@@ -14,7 +14,7 @@ The round loop (:class:`pwfn.Fixer`, :class:`pwfn.pipeline.FixingRun`) asks a me
   for evaluations, ``sigma_summary`` for reports, and ``point_model(model)`` at the end;
 * ``round_guard()`` and ``set_caution(level)``: the accuracy guard. When a method returns a
   :class:`RoundGuard` and the loop can evaluate (the built-in loop always can; ``Fixer.fix_next``
-  with ``evaluate=``), a round whose fixing worsens the validation metric by more than the guard
+  with ``evaluate=``), a round whose fixing costs more validation score or loss than the guard
   allows is undone and redone one caution level higher, as long as ``set_caution`` accepts it.
 
 Class attributes describe what the loop must know without asking a name: ``bayesian`` (weights
@@ -53,13 +53,15 @@ FixResult = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], dict]
 class RoundGuard:
     """How the round loop checks a round's fixing before keeping it (:meth:`Method.round_guard`).
 
-    ``max_drop``: the largest relative worsening of the validation score a round may cause,
-    ``(before - after) / |before|`` with the score oriented so that higher is better (0.005: half a
-    percent, e.g. 0.48 points of a 96 % top-1). ``batches``: the validation batches scored (the
-    same ones before and after, so the comparison is paired and cheap).
+    A try of a round is kept when, on ``batches`` validation batches (the same ones before and
+    after, so the comparison is paired and cheap), the score (higher is better, e.g. top-1) fell by
+    at most ``max_drop`` and the task loss rose by at most ``max_loss_rise``, both relative to their
+    values before the round. The loss sees what a saturated or coarse score does not (a 100 %
+    top-1 on a small validation set), the score what a flat loss does not (flipped predictions).
     """
 
     max_drop: float
+    max_loss_rise: float
     batches: int
 
 
