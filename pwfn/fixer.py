@@ -286,16 +286,21 @@ class Fixer:
         frac = self.fractions[t]
         view = self.view
         guard = self.method_impl.round_guard() if evaluate is not None else None
-        if evaluate is None and not self._guard_warned and self.method_impl.round_guard() is not None:
+        unguarded = evaluate is None and self.method_impl.round_guard() is not None
+        if unguarded and not self._guard_warned:
             self._guard_warned = True
             log.warning("%s: the accuracy guard is configured but fix_next() got no evaluate=, so every round runs at "
-                        "the configured tolerance (the guard's starting point, often too bold on its own). Pass "
-                        "evaluate=lambda: (score, loss) on a few validation batches (fixer.rounds(evaluate=...)), or "
-                        "turn the guard off and choose the tolerance yourself (PWFN: pwfn.guard_drop=null and pwfn.k)",
-                        self.method)
+                        "the guard's most cautious setting (PWFN: k = pwfn.k_min), which keeps accuracy but fixes "
+                        "onto more values. Pass evaluate=lambda: (score, loss) on a few validation batches "
+                        "(fixer.rounds(evaluate=...)), or turn the guard off and choose the tolerance yourself "
+                        "(PWFN: pwfn.guard_drop=null and pwfn.k)", self.method)
         record: Optional[dict[str, Any]] = None
         if guard is None:
-            self.method_impl.set_caution(self.caution)
+            level = self.caution
+            while unguarded and self.method_impl.set_caution(level + 1):  # no evaluation: the most cautious level
+                level += 1
+            self.caution = level
+            self.method_impl.set_caution(level)
             summary, _ = self._fix_once(t, frac, broadcast)
         else:
             summary, record = self._guarded_round(t, frac, broadcast, guard, evaluate)

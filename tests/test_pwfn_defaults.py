@@ -252,7 +252,7 @@ def test_the_guard_undoes_a_costly_try_exactly_and_backs_off(caplog):
     # (score, loss): before, k = 2 drops the score by 11 %, k = 1 keeps it (loss +20 % is allowed)
     row = fx.fix_next(evaluate=script((90.0, 0.1), (80.0, 0.1), (90.0, 0.12))).row
     assert [t["caution"] for t in row["guard"]["tries"]] == [0, 1] and row["guard"]["caution"] == 1
-    ref = Fixer(m, "pwfn", overrides=["pwfn.k=1"])
+    ref = Fixer(m, "pwfn", overrides=["pwfn.k=1", "pwfn.guard_drop=null"])  # k = 1 directly, no guard
     ref.fix_next()
     assert _same_state(fx, ref)
     # round 2 starts bolder (k = 2); the loss doubling is refused, k = 1 is kept
@@ -262,12 +262,16 @@ def test_the_guard_undoes_a_costly_try_exactly_and_backs_off(caplog):
     row = fx.fix_next(evaluate=script((90.0, 0.1), *[(0.0, 9.0)] * 3)).row
     assert [t["caution"] for t in row["guard"]["tries"]] == [0, 1, 2] and fx.caution == 2
     assert fx.method_impl.k_now == 0.5
-    # without evaluate the round runs at the level reached, with no guard record, and a warning says so once
+    # without evaluate the round runs at the most cautious level, with no guard record, and a warning says so once
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pwfn"):
         assert "guard" not in fx.fix_next().row
         fx.fix_next()
     assert sum("no evaluate=" in r.getMessage() for r in caplog.records) == 1
+    assert fx.method_impl.k_now == fx.cfg.pwfn.k_min
+    fresh = Fixer(torch.nn.Linear(8, 4), "pwfn")  # a Fixer driven without evaluate starts cautious too
+    fresh.fix_next()
+    assert fresh.caution == 2 and fresh.method_impl.k_now == 0.5
 
 
 def test_the_guard_runs_in_compress_and_a_resume_ends_bit_identical(tmp_path):
