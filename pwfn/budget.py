@@ -220,14 +220,19 @@ class BudgetPlan:
         return out
 
 
+def budget_active(budget: Any) -> bool:
+    """Whether the config's ``budget`` section sets any limit (budget mode is on)."""
+    return budget is not None and any(getattr(budget, k) is not None
+                                      for k in ("max_values", "max_entropy_bits", "max_values_per_tensor"))
+
+
 def plan_budget(budget: Any, engine_config: EngineConfig, view: Any,
                 tolerance: Callable[[], Tensor]) -> Optional[BudgetPlan]:
     """The run's ``BudgetPlan`` from the config's ``budget`` section, or None when it sets no limit.
 
     ``tolerance()`` gives round 0's per-weight tolerance (called only for ``max_values``).
     """
-    if budget is None or (budget.max_values is None and budget.max_entropy_bits is None
-                          and budget.max_values_per_tensor is None):
+    if not budget_active(budget):
         return None
     allowed: Optional[list[float]] = None
     cfg = engine_config

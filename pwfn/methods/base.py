@@ -36,6 +36,7 @@ from torch import nn
 
 import bayes
 
+from ..budget import budget_active
 from ..config import RunConfig
 from ..coverage import Coverage, plan
 from ..engine import EngineConfig, fix_round
@@ -105,7 +106,7 @@ class Method:
         if not hasattr(cfg, self.section_name):
             raise ConfigError(f"method {self.name!r} reads the config section {self.section_name!r}, which the "
                               "config does not have; set the method's `section` to an existing one")
-        if not self.supports_budget and cfg.budget != type(cfg.budget)():
+        if not self.supports_budget and budget_active(cfg.budget):
             raise ConfigError(f"budget mode does not work with the {self.name} method")
 
     # -- settings -------------------------------------------------------------------------------

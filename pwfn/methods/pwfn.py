@@ -18,7 +18,7 @@ from torch import nn
 
 import bayes
 
-from ..config import RunConfig
+from ..budget import budget_active
 from ..engine import EngineConfig, fix_round
 from ..errors import ConfigError, ModelError
 from ..plumbing import QuantView
@@ -47,12 +47,6 @@ PAPER_LR = 1e-3
 #: ``pwfn.scale: tensor`` shifts a tensor for the engine only when its mean |mu| is above 2^REFERENCE_EXP,
 #: about the mean |w| of the papers' trained ImageNet networks (std 0.02-0.05)
 REFERENCE_EXP = -5
-
-
-def _budget_on(cfg: RunConfig) -> bool:
-    b = getattr(cfg, "budget", None)
-    return b is not None and any(getattr(b, k) is not None
-                                 for k in ("max_values", "max_entropy_bits", "max_values_per_tensor"))
 
 
 @register_method("pwfn")
@@ -118,7 +112,7 @@ class PWFNMethod(Method):
         reference scale (the papers' networks) are not shifted. Budget mode (its allowed values are
         absolute) turns the shift off.
         """
-        if self.cfg.pwfn.scale != "tensor" or _budget_on(self.cfg):
+        if self.cfg.pwfn.scale != "tensor" or budget_active(getattr(self.cfg, "budget", None)):
             return {}
         low = self.cfg.pwfn.engine.b - 24
         out = {}
