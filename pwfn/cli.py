@@ -30,15 +30,10 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__
-from .catalog import format_models  # a static table: listing models needs no torch
 from .config import load_config
-from .doctor import diagnose, format_findings
 from .errors import PwfnError, os_error_message
-from .inspection import format_inspection, inspect_file
 from .methods import check_method_name, method_names
-from .plot import plot_run_dir
-from .presets import config_dir, list_configs, resolve_config
-from .report import format_export_summary, format_table, format_targets, summarise_run_dir
+from .presets import resolve_config
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -135,6 +130,7 @@ def cmd_run(args) -> int:
 def cmd_compare(args) -> int:
     cfg = _load(args)  # before importing the pipeline (and torch): a config typo answers at once
     from .experiment import compare
+    from .report import format_table
 
     out = compare(cfg, fresh=args.fresh)
     _out(format_table(out["table"]))
@@ -143,21 +139,29 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .report import summarise_run_dir
+
     text = summarise_run_dir(args.run_dir, as_json=args.json)
     _out(text)
     if args.plot:
+        from .plot import plot_run_dir
+
         paths = plot_run_dir(args.run_dir)
         _out("\n".join(f"wrote {p}" for p in paths))
     return 0
 
 
 def cmd_plot(args) -> int:
+    from .plot import plot_run_dir
+
     paths = plot_run_dir(args.run_dir, args.out)
     _out("\n".join(f"wrote {p}" for p in paths))
     return 0
 
 
 def cmd_inspect(args) -> int:
+    from .inspection import format_inspection, inspect_file
+
     info = inspect_file(args.file)
     _out(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0
@@ -166,6 +170,7 @@ def cmd_inspect(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_run
     from .export.targets import check_targets, export_targets
+    from .report import format_export_summary, format_targets
 
     targets: list[str] = []
     if args.to:
@@ -183,17 +188,23 @@ def cmd_export(args) -> int:
 
 
 def cmd_doctor(args) -> int:
+    from .doctor import diagnose, format_findings
+
     findings = diagnose(args.run_dir)
     _out(format_findings(findings))
     return 1 if any(f.level == "problem" for f in findings) else 0
 
 
 def cmd_models(args) -> int:
+    from .catalog import format_models  # a static table: listing models needs no torch
+
     _out(format_models())
     return 0
 
 
 def cmd_configs(args) -> int:
+    from .presets import config_dir, list_configs
+
     _out("\n".join(list_configs()) + f"\n(in {config_dir()})")
     return 0
 
