@@ -212,6 +212,8 @@ class QuantiseConfig:
     """fnmatch patterns of parameters or modules to keep float (`classifier.*`); logged and reported as left float."""
     strict: bool = False
     """Refuse to start when any parameter would stay float (`--strict`)."""
+    fold_norm_biases: bool = True
+    """Before fixing, fold each Linear/Conv bias whose output goes only into a BatchNorm into the norm's running mean and set it to zero: the norm cancels such a bias, so the function stays the same and the bias costs no codebook values of its own. Found with torch.fx; a model it cannot trace is left as it is (logged). false keeps those biases."""
 
 
 @dataclass

@@ -439,7 +439,7 @@ class Fixer:
         out = {"method": self.method, "fractions": list(self.fractions), "rounds": copy.deepcopy(self.history),
                "final": self._metrics(),
                "quantised_tensors": self.view.names(),
-               "coverage": {**self.coverage.summary(), "folded_parametrizations": list(self.method_impl.folded)}}
+               "coverage": self.method_impl.coverage_report()}
         if self.budget is not None:
             out["budget"] = self.budget.report(self.view)
         return out

@@ -498,7 +498,7 @@ class FixingRun:
             "final": final,
             "task": self.task.describe(),
             "quantised_tensors": view.names(),
-            "coverage": {**s.coverage.summary(), "folded_parametrizations": list(s.folded)},
+            "coverage": s.coverage_report(),
             "seconds_this_session": seconds,
         }
         if getattr(self, "_budget", None) is not None:

@@ -11,16 +11,20 @@ from the model's own buffers. ``mask_state``/``load_mask_state`` save and restor
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 import bayes
 
 from .errors import ModelError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -185,3 +189,51 @@ class FixedGuard:
         for (p, m), saved in zip(self.pairs, self._saved):
             p.data[m] = saved
         self._saved = []
+
+
+def fold_norm_biases(model: nn.Module) -> list[str]:
+    """Fold every Linear/Conv bias whose output goes only into a BatchNorm into that norm, in place.
+
+    BatchNorm subtracts a per-channel mean, so a per-channel bias in front of it does nothing in
+    training mode, and in eval mode it only offsets the running mean: ``running_mean -= bias``,
+    ``bias = 0`` computes exactly the same function (up to float rounding) and keeps it through
+    further training. A bias left there would cost codebook values of its own without changing
+    anything. Found with ``torch.fx``: a model it cannot trace (data-dependent control flow) is
+    left as it is and an empty list returned. Returns ``"producer.bias -> norm"`` per fold.
+    """
+    norm = nn.modules.batchnorm._BatchNorm
+    producers = (nn.Linear, nn.modules.conv._ConvNd)
+    mods = dict(model.named_modules())
+    if not any(isinstance(m, norm) for m in mods.values()) or not any(
+            isinstance(m, producers) and m.bias is not None for m in mods.values()):
+        return []
+    try:
+        graph = fx.symbolic_trace(model).graph
+    except Exception as exc:  # fx raises many types on untraceable control flow
+        log.info("biases in front of BatchNorm not folded: torch.fx cannot trace %s (%s)", type(model).__name__,
+                 str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return []
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    folded = []
+    for node in graph.nodes:
+        prod = mods.get(node.target) if node.op == "call_module" else None
+        if not isinstance(prod, producers) or prod.bias is None or calls[node.target] != 1:
+            continue
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module" or calls[users[0].target] != 1:
+            continue
+        bn = mods[users[0].target]
+        channels = prod.out_features if isinstance(prod, nn.Linear) else prod.out_channels
+        if (not isinstance(bn, norm) or not users[0].args or users[0].args[0] is not node
+                or bn.num_features != channels or prod.bias.shape != (channels,)
+                or (isinstance(prod, nn.Linear) and not isinstance(bn, nn.BatchNorm1d))):
+            continue
+        with torch.no_grad():
+            if bn.running_mean is not None:
+                bn.running_mean.sub_(prod.bias.to(bn.running_mean.dtype))
+            prod.bias.zero_()
+        folded.append(f"{node.target}.bias -> {users[0].target}")
+    return folded

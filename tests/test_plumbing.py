@@ -2,6 +2,7 @@
 
 import copy
 import io
+import logging
 
 import pytest
 import torch
@@ -9,8 +10,9 @@ from torch import nn
 
 import bayes
 from pwfn.errors import ModelError
+from pwfn.fixer import Fixer
 from pwfn.models import create_model
-from pwfn.plumbing import FixedGuard, QuantView
+from pwfn.plumbing import FixedGuard, QuantView, fold_norm_biases
 
 
 def _bnn():
@@ -209,3 +211,97 @@ def test_without_guard_weight_decay_moves_fixed_entries():
         p.grad.zero_()
     opt.step()
     assert not torch.equal(view.values(), before)
+
+
+# ------------------------------------------------------------------ biases in front of BatchNorm
+
+
+def _with_stats(model: nn.Module) -> nn.Module:
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv1d, nn.ConvTranspose2d)) and m.bias is not None:
+                m.bias.normal_()
+    return model
+
+
+def test_fold_norm_biases_keeps_the_function_in_eval_and_training_mode():
+    torch.manual_seed(0)
+    model = _with_stats(nn.Sequential(
+        nn.Conv2d(2, 6, 3), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.ConvTranspose2d(6, 4, 2), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 7 * 7, 12), nn.BatchNorm1d(12), nn.ReLU(),
+        nn.Linear(12, 5)))  # the last bias feeds no norm: it stays
+    folded = copy.deepcopy(model)
+    assert fold_norm_biases(folded) == ["0.bias -> 1", "3.bias -> 4", "7.bias -> 8"]
+    for i in (0, 3, 7):
+        assert not folded[i].bias.any()
+        assert torch.allclose(folded[i + 1].running_mean, model[i + 1].running_mean - model[i].bias)
+    assert torch.equal(folded[10].bias, model[10].bias)
+    x = torch.randn(6, 2, 8, 8)
+    model.eval(), folded.eval()
+    assert torch.allclose(model(x), folded(x), atol=1e-5)
+    model.train(), folded.train()
+    out_a, out_b = model(x), folded(x)  # batch statistics; the running means move in step
+    assert torch.allclose(out_a, out_b, atol=1e-5)
+    assert torch.allclose(folded[1].running_mean, model[1].running_mean - model[0].bias.detach(), atol=1e-6)
+
+
+class _Branches(nn.Module):
+    """A conv whose output also feeds a second consumer, a conv called twice, a norm after an add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.na = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.shared, self.ns = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.c, self.nc = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        h = self.a(x)
+        y = self.na(h) + h  # the bias reaches the output through the skip: not foldable
+        y = self.ns(self.shared(self.shared(y)))  # called twice: not foldable
+        return self.nc(self.c(y) + 1.0)  # an add between conv and norm: left alone
+
+
+def test_fold_norm_biases_leaves_every_bias_that_is_not_only_feeding_a_norm():
+    model = _with_stats(_Branches())
+    before = copy.deepcopy(model.state_dict())
+    assert fold_norm_biases(model) == []
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return self.bn(self.conv(x))
+        return self.bn(self.conv(-x))
+
+
+def test_an_untraceable_model_is_left_as_it_is_and_said_so(caplog):
+    model = _with_stats(_Untraceable())
+    bias = model.conv.bias.detach().clone()
+    with caplog.at_level(logging.INFO, logger="pwfn"):
+        assert fold_norm_biases(model) == []
+    assert torch.equal(model.conv.bias, bias)
+    assert "cannot trace _Untraceable" in caplog.text
+
+
+@pytest.mark.parametrize("method", ["pwfn", "wfn"])
+def test_methods_fold_by_default_and_report_it(method):
+    torch.manual_seed(0)
+    model = _with_stats(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                      nn.Linear(4 * 36, 3)))
+    bias = model[0].bias.detach().clone()
+    fx = Fixer(model, method)
+    assert fx.report()["coverage"]["folded_norm_biases"] == ["0.bias -> 1"]
+    assert torch.equal(model[0].bias, bias)  # the user's model is not touched (a copy is fixed)
+    assert not next(sl.value for sl in fx.view.slots if sl.name == "0.bias").any()
+    kept = Fixer(model, method, overrides=["quantise.fold_norm_biases=false"])
+    assert kept.report()["coverage"]["folded_norm_biases"] == []

@@ -41,7 +41,7 @@ from ..config import RunConfig
 from ..coverage import Coverage, plan
 from ..engine import EngineConfig, fix_round
 from ..errors import ConfigError, ModelError
-from ..plumbing import QuantView
+from ..plumbing import QuantView, fold_norm_biases
 from . import get_method
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class Method:
         self.cfg = cfg
         self.coverage: Optional[Coverage] = None
         self.folded: list[str] = []
+        self.norm_biases: list[str] = []
         self.dataset_size: Optional[int] = None
         if not hasattr(cfg, self.section_name):
             raise ConfigError(f"method {self.name!r} reads the config section {self.section_name!r}, which the "
@@ -140,6 +141,11 @@ class Method:
             log.warning("%s: folded %s into a plain parameter: its effective value is what gets fixed, and the "
                         "point model holds it as a plain weight", self.name, item)
         q = self.cfg.quantise
+        self.norm_biases = fold_norm_biases(model) if q.fold_norm_biases else []
+        for item in self.norm_biases:
+            log.info("%s: folded %s (a bias in front of a BatchNorm, which cancels it, moved into the norm's "
+                     "running mean; the function is unchanged; quantise.fold_norm_biases=false keeps it)",
+                     self.name, item)
         self.coverage = plan(model, quantise_norms=self.quantise_norms, include=q.include, exclude=q.exclude,
                              norms_option=f"{self.section_name}.quantise_norms")
         if not self.coverage.names:
@@ -149,6 +155,13 @@ class Method:
         if q.strict:
             self.coverage.require_complete(self.name)
         return model
+
+    def coverage_report(self) -> dict[str, Any]:
+        """The report's ``coverage`` section: what is fixed, what stays float, and what was folded first."""
+        if self.coverage is None:
+            raise ModelError("prepare() must run before coverage_report()")
+        return {**self.coverage.summary(), "folded_parametrizations": list(self.folded),
+                "folded_norm_biases": list(self.norm_biases)}
 
     def prepare(self, float_model: nn.Module, inplace: bool = False) -> nn.Module:
         """The model this method fixes (default: the planned copy itself)."""
