@@ -207,8 +207,14 @@ def test_batchnorm_frozen_policy_in_compress():
     model[1].running_mean.fill_(0.5)
     x = torch.randn(64, 4)
     loader = DataLoader(TensorDataset(x, torch.arange(64) % 3), batch_size=16)
-    res = pwfn.compress(model, loader, loader, method="wfn", config={**FAST, "batchnorm": "frozen"})
+    frozen = {**FAST, "batchnorm": "frozen"}
+    res = pwfn.compress(model, loader, loader, method="wfn", config={**frozen, "quantise": {"fold_norm_biases": False}})
     assert torch.equal(res.point_model[1].running_mean, torch.full((8,), 0.5)), "frozen statistics stay"
+    # folding the Linear's bias into the norm moves the frozen mean by exactly that bias, once
+    res = pwfn.compress(model, loader, loader, method="wfn", config=frozen)
+    assert res.report["coverage"]["folded_norm_biases"] == ["0.bias -> 1"]
+    assert not res.point_model[0].bias.any()
+    assert torch.equal(res.point_model[1].running_mean, torch.full((8,), 0.5) - model[0].bias.detach())
     res = pwfn.compress(model, loader, loader, method="wfn", config=FAST)
     assert not torch.equal(res.point_model[1].running_mean, torch.full((8,), 0.5))
 
