@@ -350,9 +350,8 @@ class Fixer:
         if not kept:  # never silently: the round costs more than the guard allows even at its most cautious
             log.warning("%s round %d: the accuracy guard could not keep this round within its limits even at its "
                         "most cautious setting (score %+.2f %%, loss %+.0f %% against before the round); the round "
-                        "is kept and the run goes on. If the final accuracy falls short, fix with smaller "
-                        "tolerances from the start (PWFN: config='paper_pwfn')", self.method, t + 1, -100 * drop,
-                        100 * rise)
+                        "is kept and the run goes on. If the final accuracy falls short, %s", self.method, t + 1,
+                        -100 * drop, 100 * rise, self.method_impl.guard_tip())
         return summary, {"score_before": score0, "loss_before": loss0, "tries": tries, "caution": level,
                          "kept_within_limits": bool(kept)}
 

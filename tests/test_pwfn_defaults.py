@@ -258,10 +258,15 @@ def test_the_guard_undoes_a_costly_try_exactly_and_backs_off(caplog):
     # round 2 starts bolder (k = 2); the loss doubling is refused, k = 1 is kept
     row = fx.fix_next(evaluate=script((90.0, 0.1), (90.0, 0.2), (90.0, 0.1))).row
     assert [t["caution"] for t in row["guard"]["tries"]] == [0, 1]
-    # round 3: every try fails; k = 0.5 (k_min) is the last and is kept
-    row = fx.fix_next(evaluate=script((90.0, 0.1), *[(0.0, 9.0)] * 3)).row
+    assert row["guard"]["kept_within_limits"]
+    # round 3: every try fails; k = 0.5 (k_min) is the last and is kept, with a warning that says what to change
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pwfn"):
+        row = fx.fix_next(evaluate=script((90.0, 0.1), *[(0.0, 9.0)] * 3)).row
     assert [t["caution"] for t in row["guard"]["tries"]] == [0, 1, 2] and fx.caution == 2
-    assert fx.method_impl.k_now == 0.5
+    assert fx.method_impl.k_now == 0.5 and not row["guard"]["kept_within_limits"]
+    text = caplog.text
+    assert "round 3: the accuracy guard could not keep" in text and "pwfn.k_min=0.0625" in text
     # without evaluate the round runs at the most cautious level, with no guard record, and a warning says so once
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pwfn"):

@@ -260,6 +260,10 @@ class Method:
         """Settings to turn when this method's training diverges, besides lr and grad_clip."""
         return []
 
+    def guard_tip(self) -> str:
+        """What to change when the accuracy guard cannot keep rounds within its limits."""
+        return "fix with smaller tolerances from the start"
+
     # -- evaluation and reports -----------------------------------------------------------------
     def eval_context(self, model: nn.Module) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

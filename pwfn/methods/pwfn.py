@@ -174,6 +174,10 @@ class PWFNMethod(Method):
     def no_training_hint(self) -> str:
         return "--set pwfn.first_round_epochs=0 --set pwfn.round_epochs=0"
 
+    def guard_tip(self) -> str:
+        return (f"let the guard go further down (--set pwfn.k_min={self.cfg.pwfn.k_min / 8:g}: more values, better "
+                "kept accuracy) or fix with the paper's small tolerances (config='paper_pwfn')")
+
     def divergence_tips(self) -> list[str]:
         return [f"raise the sigma floor (--set pwfn.sigma_floor=..., now {self.cfg.pwfn.sigma_floor:g})"]
 
