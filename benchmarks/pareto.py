@@ -37,7 +37,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -195,29 +195,26 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
     return 100.0 * right / total
 
 
+#: network -> (data, model factory, float training epochs, Adam lr, power-of-two scale of the convs after training)
+RECIPES: dict[str, tuple[Callable, Callable[[], nn.Module], int, float, int]] = {
+    "digits_mlp": (digits, lambda: create_model("mlp", hidden=[128, 64]), 40, 2e-3, 0),
+    "mnist5k_lenet5": (mnist5k, lambda: create_model("lenet5"), 12, 2e-3, 0),
+    "seq_transformer": (sequences, SeqTransformer, 40, 3e-3, 0),
+    "digits_bncnn_x16": (digits, BNCNN, 30, 3e-3, 4),
+    "mnist5k_bncnn": (mnist5k, BNCNN28, 8, 2e-3, 0),
+    "seq_gru": (sequences, SeqGRU, 40, 3e-3, 0),
+}
+
+
 def make_network(name: str, seed: int) -> tuple[nn.Module, tuple]:
-    torch.manual_seed(seed)
-    if name == "digits_mlp":
-        loaders = digits(seed)
-        model = _train_float(create_model("mlp", hidden=[128, 64]), loaders[0], 40, 2e-3, seed)
-    elif name == "mnist5k_lenet5":
-        loaders = mnist5k(seed)
-        model = _train_float(create_model("lenet5"), loaders[0], 12, 2e-3, seed)
-    elif name == "seq_transformer":
-        loaders = sequences(seed)
-        model = _train_float(SeqTransformer(), loaders[0], 40, 3e-3, seed)
-    elif name == "digits_bncnn_x16":
-        loaders = digits(seed)
-        model = _train_float(BNCNN(), loaders[0], 30, 3e-3, seed)
-        scale_convs(model, 4)
-    elif name == "mnist5k_bncnn":
-        loaders = mnist5k(seed)
-        model = _train_float(BNCNN28(), loaders[0], 8, 2e-3, seed)
-    elif name == "seq_gru":
-        loaders = sequences(seed)
-        model = _train_float(SeqGRU(), loaders[0], 40, 3e-3, seed)
-    else:
+    if name not in RECIPES:
         raise SystemExit(f"unknown network {name!r}")
+    data, factory, epochs, lr, scale = RECIPES[name]
+    torch.manual_seed(seed)
+    loaders = data(seed)
+    model = _train_float(factory(), loaders[0], epochs, lr, seed)
+    if scale:
+        scale_convs(model, scale)
     return model, loaders
 
 
