@@ -217,6 +217,7 @@ class FixingRun:
         self.method_impl.bind_data(_dataset_size(train_loader))  # e.g. the ELBO needs the training-set size
         self._rounds_done = 0
         self._probe_batches: Optional[list] = None  # the accuracy guard's validation batches
+        self._probe_examples: Optional[int] = None  # and how many examples they hold
 
     # -- helpers ----------------------------------------------------------------------------
     def _eval(self, model: nn.Module, loader) -> dict[str, float]:
@@ -300,6 +301,18 @@ class FixingRun:
                 self._probe_batches = list(itertools.islice(self.val_loader, guard.batches))
             finally:
                 set_rng_state(state)
+            n = sum(int(self.adapter.size(self.adapter.split(b)[1])) for b in self._probe_batches)
+            self._probe_examples = n
+            if 0 < guard.max_drop and n * guard.max_drop < 1:  # one example moves the score by more than the limit
+                batches = len(self._probe_batches)
+                log.warning("%s: the accuracy guard scores only %d validation examples (%d batch%s): one example is "
+                            "%.2g %% of them, more than the %.2g %% a round may cost, so the guard cannot tell small "
+                            "losses from noise and the final accuracy can fall further than it allows. Give it at "
+                            "least %d examples (more validation data, larger validation batches or a higher "
+                            "%s.guard_batches), or %s", self.method, n, batches, "" if batches == 1 else "es",
+                            100.0 / max(n, 1), 100.0 * guard.max_drop,
+                            math.ceil(1.0 / guard.max_drop - 1e-9),
+                            self.method_impl.section_name, self.method_impl.guard_tip())
         sign = 1.0 if self.task.higher_is_better else -1.0
 
         def probe() -> tuple[float, float]:
@@ -487,6 +500,8 @@ class FixingRun:
         over = [r["round"] for r in history if (r.get("guard") or {}).get("kept_within_limits") is False]
         if over:  # the accuracy guard's limits were exceeded in these rounds (each was logged)
             final["guard_exceeded_rounds"] = over
+        if self._probe_examples is not None:
+            final["guard_examples"] = self._probe_examples
         point = self.fixer.finalize()
         point_eval = evaluate(point, self.test_loader, self.device, self.dist, self.task, self.adapter)
         final["point_model_test"] = point_eval

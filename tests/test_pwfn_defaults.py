@@ -353,3 +353,22 @@ def test_pareto_benchmark_smoke(tmp_path):
     s = doc["summary"][0]
     assert s["network"] == "digits_mlp" and "PWFN (any)" in s["best"] and s["pwfn_default"]["knob"] == "config"
     assert "Target" in (tmp_path / "pareto.md").read_text()
+
+
+def test_a_guard_with_too_few_validation_examples_says_so(caplog):
+    """180 examples at a 0.5 % limit: one example is more than a round may cost; 256 are enough."""
+    torch.manual_seed(0)
+    x, y = torch.randn(500, 8), torch.randint(0, 3, (500,))
+    train = DataLoader(TensorDataset(x[:200], y[:200]), batch_size=50)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    config = {"progress": False, "pwfn": {"fractions": [0.5, 1.0], "round_epochs": 0.0, "first_round_epochs": 0.0,
+                                          "mc_samples": 1}}
+    for n_val, warned in ((180, True), (256, False)):
+        val = DataLoader(TensorDataset(x[200:200 + n_val], y[200:200 + n_val]), batch_size=64)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pwfn"):
+            res = pwfn.compress(model, train, val, config=config)
+        assert res.report["final"]["guard_examples"] == min(n_val, 4 * 64)
+        assert ("scores only 180 validation examples" in caplog.text) is warned, caplog.text
+        if warned:
+            assert "at least 200 examples" in caplog.text and "pwfn.guard_batches" in caplog.text
