@@ -121,7 +121,9 @@ class PWFNConfig:
     guard_loss_rise: float = 0.5
     """The accuracy guard's limit on the validation loss: it may rise by at most this share of its value before the round (0.5: by half). The loss shows damage that a saturated or coarse metric hides (a 100 % top-1 on a few batches)."""
     guard_batches: int = 4
-    """Validation batches the accuracy guard evaluates (the same ones before and after every try)."""
+    """Validation batches the accuracy guard evaluates (the same ones before and after every try); more when these hold fewer than `guard_examples` examples."""
+    guard_examples: int = 1000
+    """Validation examples the accuracy guard evaluates at least (the whole validation set when it is smaller): with fewer than 1 / `guard_drop` of them one example moves the score by more than a round may cost, and the run warns."""
     k_min: float = 0.5
     """The smallest k the accuracy guard halves k down to."""
     sigma_init: str = "power_of_two"
@@ -563,6 +565,7 @@ def validate(cfg: RunConfig) -> None:
            f"pwfn.guard_drop = {p.guard_drop} must be in [0, 1) (a share of the metric) or null (no guard)")
     _check(0 <= p.guard_loss_rise <= 1e6, f"pwfn.guard_loss_rise = {p.guard_loss_rise} must be in [0, 1e6]")
     _check(p.guard_batches >= 1, f"pwfn.guard_batches = {p.guard_batches} must be >= 1")
+    _check(p.guard_examples >= 0, f"pwfn.guard_examples = {p.guard_examples} must be >= 0")
     _check(p.sigma_init_scale > 0 and p.sigma_init_max > 0, "pwfn.sigma_init_scale and pwfn.sigma_init_max must be > 0")
     _check(p.sigma_update in ("std_mu", "keep", "divide"), f"pwfn.sigma_update = {p.sigma_update!r}: choose std_mu, keep or divide")
     _check(p.sigma_divisor > 0, "pwfn.sigma_divisor must be > 0")

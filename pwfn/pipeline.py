@@ -10,7 +10,6 @@ The config-driven commands (``pwfn run`` / ``pwfn compare``) are in :mod:`pwfn.e
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -297,19 +296,23 @@ class FixingRun:
             return None
         if self._probe_batches is None:  # the same batches every time: a paired comparison
             state = rng_state()  # a loader's iterator draws a seed: keep the run's RNG (and a resume) unchanged
+            batches, n = [], 0
             try:
-                self._probe_batches = list(itertools.islice(self.val_loader, guard.batches))
+                for batch in self.val_loader:  # at least guard.batches batches and guard.examples examples
+                    if len(batches) >= guard.batches and n >= guard.examples:
+                        break
+                    batches.append(batch)
+                    n += int(self.adapter.size(self.adapter.split(batch)[1]))
             finally:
                 set_rng_state(state)
-            n = sum(int(self.adapter.size(self.adapter.split(b)[1])) for b in self._probe_batches)
-            self._probe_examples = n
+            self._probe_batches, self._probe_examples = batches, n
             if 0 < guard.max_drop and n * guard.max_drop < 1:  # one example moves the score by more than the limit
                 batches = len(self._probe_batches)
                 log.warning("%s: the accuracy guard scores only %d validation examples (%d batch%s): one example is "
                             "%.2g %% of them, more than the %.2g %% a round may cost, so the guard cannot tell small "
                             "losses from noise and the final accuracy can fall further than it allows. Give it at "
-                            "least %d examples (more validation data, larger validation batches or a higher "
-                            "%s.guard_batches), or %s", self.method, n, batches, "" if batches == 1 else "es",
+                            "least %d examples (more validation data, or a higher %s.guard_examples if the "
+                            "validation set has more), or %s", self.method, n, batches, "" if batches == 1 else "es",
                             100.0 / max(n, 1), 100.0 * guard.max_drop,
                             math.ceil(1.0 / guard.max_drop - 1e-9),
                             self.method_impl.section_name, self.method_impl.guard_tip())

@@ -356,19 +356,22 @@ def test_pareto_benchmark_smoke(tmp_path):
 
 
 def test_a_guard_with_too_few_validation_examples_says_so(caplog):
-    """180 examples at a 0.5 % limit: one example is more than a round may cost; 256 are enough."""
+    """The guard scores at least guard_batches batches and guard_examples examples (the whole set when it
+    is smaller); below 1 / guard_drop examples (200 at 0.5 %) one example is more than a round may cost."""
     torch.manual_seed(0)
     x, y = torch.randn(500, 8), torch.randint(0, 3, (500,))
     train = DataLoader(TensorDataset(x[:200], y[:200]), batch_size=50)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-    config = {"progress": False, "pwfn": {"fractions": [0.5, 1.0], "round_epochs": 0.0, "first_round_epochs": 0.0,
-                                          "mc_samples": 1}}
-    for n_val, warned in ((180, True), (256, False)):
+    base = {"fractions": [0.5, 1.0], "round_epochs": 0.0, "first_round_epochs": 0.0, "mc_samples": 1}
+    cases = [(180, {}, 180, True),  # the whole (small) validation set, 3 batches
+             (300, {}, 300, False),  # 5 batches: more than guard_batches, to reach the examples
+             (300, {"guard_examples": 0, "guard_batches": 2}, 128, True)]
+    for n_val, extra, expected, warned in cases:
         val = DataLoader(TensorDataset(x[200:200 + n_val], y[200:200 + n_val]), batch_size=64)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="pwfn"):
-            res = pwfn.compress(model, train, val, config=config)
-        assert res.report["final"]["guard_examples"] == min(n_val, 4 * 64)
-        assert ("scores only 180 validation examples" in caplog.text) is warned, caplog.text
+            res = pwfn.compress(model, train, val, config={"progress": False, "pwfn": {**base, **extra}})
+        assert res.report["final"]["guard_examples"] == expected
+        assert (f"scores only {expected} validation examples" in caplog.text) is warned, caplog.text
         if warned:
-            assert "at least 200 examples" in caplog.text and "pwfn.guard_batches" in caplog.text
+            assert "at least 200 examples" in caplog.text and "pwfn.guard_examples" in caplog.text

@@ -158,7 +158,7 @@ class PWFNMethod(Method):
     def round_guard(self) -> Optional[RoundGuard]:
         p = self.cfg.pwfn
         return None if p.guard_drop is None else RoundGuard(max_drop=p.guard_drop, max_loss_rise=p.guard_loss_rise,
-                                                             batches=p.guard_batches)
+                                                             batches=p.guard_batches, examples=p.guard_examples)
 
     def set_caution(self, level: int) -> bool:
         """Level ``n`` halves k ``n`` times, down to ``k_min``; a level that cannot lower k further is refused."""
