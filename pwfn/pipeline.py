@@ -307,12 +307,12 @@ class FixingRun:
                 set_rng_state(state)
             self._probe_batches, self._probe_examples = batches, n
             if 0 < guard.max_drop and n * guard.max_drop < 1:  # one example moves the score by more than the limit
-                batches = len(self._probe_batches)
+                count = len(batches)
                 log.warning("%s: the accuracy guard scores only %d validation examples (%d batch%s): one example is "
                             "%.2g %% of them, more than the %.2g %% a round may cost, so the guard cannot tell small "
                             "losses from noise and the final accuracy can fall further than it allows. Give it at "
                             "least %d examples (more validation data, or a higher %s.guard_examples if the "
-                            "validation set has more), or %s", self.method, n, batches, "" if batches == 1 else "es",
+                            "validation set has more), or %s", self.method, n, count, "" if count == 1 else "es",
                             100.0 / max(n, 1), 100.0 * guard.max_drop,
                             math.ceil(1.0 / guard.max_drop - 1e-9),
                             self.method_impl.section_name, self.method_impl.guard_tip())

@@ -54,10 +54,10 @@ FixResult = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], dict]
 class RoundGuard:
     """How the round loop checks a round's fixing before keeping it (:meth:`Method.round_guard`).
 
-    A try of a round is kept when, on ``batches`` validation batches, more if these hold fewer than
-    ``examples`` examples (the same ones before and after, so the comparison is paired and cheap), the score (higher is better, e.g. top-1) fell by
-    at most ``max_drop`` and the task loss rose by at most ``max_loss_rise``, both relative to their
-    values before the round. The loss sees what a saturated or coarse score does not (a 100 %
+    A try of a round is kept when, on ``batches`` validation batches (more when these hold fewer
+    than ``examples`` examples; the same ones before and after, so the comparison is paired and
+    cheap), the score (higher is better, e.g. top-1) fell by at most ``max_drop`` and the task loss
+    rose by at most ``max_loss_rise``, both relative to their values before the round. The loss sees what a saturated or coarse score does not (a 100 %
     top-1 on a small validation set), the score what a flat loss does not (flipped predictions).
     """
 
