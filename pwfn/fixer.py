@@ -265,7 +265,7 @@ class Fixer:
         """Training the method wants between two rounds (the built-in loop's budget)."""
         return float(self.method_impl.round_epochs())
 
-    def fix_next(self, broadcast=None, evaluate: Optional[Callable[[], float]] = None) -> Round:
+    def fix_next(self, broadcast=None, evaluate: Optional[Callable[[], tuple[float, float]]] = None) -> Round:
         """Fix the next fraction of the weights (one engine round); returns the round's report.
 
         ``broadcast`` (optional) is applied to each result tensor before it is written (the
@@ -285,8 +285,9 @@ class Fixer:
         t = self.round
         frac = self.fractions[t]
         view = self.view
-        guard = self.method_impl.round_guard() if evaluate is not None else None
-        unguarded = evaluate is None and self.method_impl.round_guard() is not None
+        configured = self.method_impl.round_guard()
+        guard = configured if evaluate is not None else None
+        unguarded = evaluate is None and configured is not None
         if unguarded and not self._guard_warned:
             self._guard_warned = True
             log.warning("%s: the accuracy guard is configured but fix_next() got no evaluate=, so every round runs at "
