@@ -239,9 +239,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 "models": cmd_models, "doctor": cmd_doctor, "plot": cmd_plot, "inspect": cmd_inspect,
                 "configs": cmd_configs}
 
+    succeeded = False
     try:
         with _sigterm_as_interrupt():
-            return handlers[args.command](args)
+            code = handlers[args.command](args)
+            succeeded = code == 0
+            return code
     except PwfnError as exc:
         sys.stderr.write(f"pwfn: error: {exc}\n")
         return 2
@@ -258,7 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # only a command that used torch can have started a process group (and `models`,
         # `report`, `--help` must not pay for importing torch just to shut nothing down)
         if "pwfn.distributed" in sys.modules:
-            sys.modules["pwfn.distributed"].shutdown_distributed()
+            sys.modules["pwfn.distributed"].shutdown_distributed(synchronise=succeeded)
 
 
 class _Terminated(KeyboardInterrupt):

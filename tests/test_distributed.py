@@ -118,7 +118,7 @@ def _train_worker(rank, world, init_method, out_dir, case):
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from pwfn.distributed import DistContext
+    from pwfn.distributed import DistContext, shutdown_distributed
     from pwfn.train import EpochCounter, train_epochs
 
     # a short timeout: a rank left waiting in a collective fails the test instead of hanging it
@@ -145,7 +145,7 @@ def _train_worker(rank, world, init_method, out_dir, case):
         result["n"] = int(y.numel())
     finally:
         (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(result))
-        dist.destroy_process_group()
+        shutdown_distributed(synchronise=True)  # both ranks get here (errors are caught above)
 
 
 def _spawn_train(tmp_path, case):
@@ -172,3 +172,38 @@ def test_training_statistics_are_reduced_over_ranks(tmp_path):
         assert "error" not in r, r
         assert r["stats"]["acc"] == pytest.approx(acc), (r, acc)  # the global batch's, not this rank's share
         assert r["stats"]["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# leaving the process group
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed gloo unavailable")
+def test_shutdown_after_success_meets_at_a_barrier_whose_work_the_main_thread_keeps(tmp_path):
+    import pwfn.distributed as pd
+
+    dist.init_process_group("gloo", init_method=(tmp_path / "init").as_uri(), rank=0, world_size=1)
+    try:
+        t = torch.ones(3)
+        dist.all_reduce(t)  # a collective on a tensor made in Python, as the pipeline's are
+        pd.shutdown_distributed(synchronise=True)
+        assert not dist.is_initialized()
+        # the barrier's work is still referenced from Python, so a gloo worker thread never frees
+        # it (and the tensors it holds) while the interpreter exits
+        assert pd._last_barrier is not None and pd._last_barrier.is_completed()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    pd.shutdown_distributed(synchronise=True)  # without a process group: nothing to do
+
+
+def test_cli_synchronises_ranks_at_exit_only_after_a_command_that_succeeded(monkeypatch, tmp_path):
+    import pwfn.distributed as pd
+    from pwfn.cli import main
+
+    calls = []
+    monkeypatch.setattr(pd, "shutdown_distributed", lambda synchronise=False: calls.append(synchronise))
+    assert main(["configs"]) == 0
+    # an error on one rank: the other ranks may never reach a barrier, so none is waited for
+    assert main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert calls == [True, False]
