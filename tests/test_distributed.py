@@ -179,9 +179,10 @@ def test_training_statistics_are_reduced_over_ranks(tmp_path):
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed gloo unavailable")
-def test_shutdown_after_success_meets_at_a_barrier_whose_work_the_main_thread_keeps(tmp_path):
+def test_shutdown_after_success_meets_at_a_barrier_whose_work_the_main_thread_keeps(tmp_path, monkeypatch):
     import pwfn.distributed as pd
 
+    monkeypatch.setattr(pd, "_last_barrier", None)  # a work kept by an earlier test must not count
     dist.init_process_group("gloo", init_method=(tmp_path / "init").as_uri(), rank=0, world_size=1)
     try:
         t = torch.ones(3)
