@@ -6,11 +6,16 @@ extra loss term, keeps fixed values bit-exact under any torch optimizer, runs th
 round when asked, reports per round, saves and loads its state, and returns the plain
 point-estimate model at the end::
 
-    fixer = pwfn.Fixer(model, method="pwfn", config=cfg)
+    fixer = pwfn.Fixer(model, method="pwfn", evaluate=val_loader, steps_per_round=len(train_loader))
     for rnd in fixer.rounds():                      # fixes the next fraction of the weights
         if rnd.trains:                              # every round but the last
             my_train(fixer.model, extra_loss=fixer.loss_term)
     point = fixer.finalize()                        # plain module, every weight on the codebook
+
+Every round is judged by the accuracy contract (:mod:`pwfn.contract`) against the float model on
+the evaluation you give (``evaluate=``: a validation loader or a callable): a round that would
+break it is undone and redone more cautiously, and when nothing keeps it a
+:class:`~pwfn.errors.ContractError` is raised with the model left at its last state within it.
 
 Fixed values stay exact without a wrapper to remember: a gradient hook on every quantised
 tensor zeroes the fixed entries' gradients (so gradient clipping sees what the update will
@@ -23,8 +28,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import logging
+import math
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -48,19 +55,25 @@ from .config import (
     config_to_dict,
     load_config,
 )
+from .contract import AccuracyContract, ContractSpec, metric_value, resolve_contract, verdict
 from .distributed import tensor_checksum
 from .engine import EngineCache, fix_round
-from .errors import CheckpointError, ConfigError, ModelError
+from .errors import CheckpointError, ConfigError, ContractError, ModelError
 from .io import load_state_dict_strict, to_jsonable
-from .methods.base import Method, RoundGuard, build_method
+from .methods.base import Method, build_method
 from .metrics import fixing_metrics
 from .plumbing import FixedGuard, QuantSlot
 from .presets import resolve_config as resolve_shipped
-from .train import apply_batchnorm_policy
+from .tasks import BatchAdapter, Task, evaluate_task, resolve_task
+from .train import apply_batchnorm_policy, rng_state, set_rng_state, take_examples
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+
+#: what ``evaluate=`` may be: a callable returning the contract's metric (or a dict holding it), or an
+#: iterable of validation batches (a DataLoader) that the Fixer scores with its task
+Evaluation = Union[Callable[[], Any], Any]
 
 
 def resolve_config(config: Union[None, RunConfig, Mapping, str, Path], overrides: Optional[list[str]] = None) -> RunConfig:
@@ -88,6 +101,9 @@ class Round:
     trains: bool
     #: the round's row of the history (fixed fraction, unique values, entropy, engine summary, ...)
     row: dict[str, Any] = field(default_factory=dict)
+    #: this round redoes one whose training did not keep the contract (that try was undone: weights,
+    #: masks, the optimizers' state and the RNG are as they were before it); train again as usual
+    retry: bool = False
 
 
 def _mask_grad(view_ref, slot: QuantSlot):
@@ -107,23 +123,41 @@ class Fixer:
     ``model``: your trained ``nn.Module`` (copied unless ``inplace=True``, e.g. when a
     LightningModule holds it). ``method``: a registered method's name (``"pwfn"``, ``"wfn"``,
     ``"wfn_published"``, see :mod:`pwfn.methods`) or a :class:`~pwfn.methods.base.Method` subclass. ``config``: a RunConfig, a
-    dict (``{"pwfn": {"k": 2}}``), a YAML path or None for the defaults; only the method's
-    section, ``quantise`` and ``batchnorm`` matter here. ``dataset_size``: the training-set size
-    (needed by ``pwfn.objective=elbo``). ``steps_per_round``: the optimizer steps your loop takes
-    between two rounds; PWFN's budget-aware regulariser scales ``lam`` by it
-    (``pwfn.sigma_steps_reference``; without it ``lam`` is used as given).
+    dict (``{"pwfn": {"k": 2}}``), a YAML path, a shipped config's name or None for the defaults;
+    the method's section, ``quantise``, ``batchnorm``, ``budget``, ``task`` and ``contract`` matter
+    here. ``dataset_size``: the training-set size (needed by ``pwfn.objective=elbo``).
+
+    The accuracy contract: ``contract`` (an :class:`~pwfn.contract.AccuracyContract`, a dict such
+    as ``{"max_drop": 1.0}``, ``None`` for the config's ``contract`` section, ``False`` for none)
+    is judged on ``evaluate``: a validation DataLoader (or any iterable of batches), scored with
+    ``task`` (a name, a :class:`pwfn.Task`; default the config's ``task``) through ``adapter``, or a
+    callable returning the contract's metric (a number, or a dict holding it) for ``fixer.model`` —
+    called inside ``fixer.evaluating()``. The float model's value is measured as soon as the
+    evaluation is known (here, before any training). A Fixer with a contract and no evaluation
+    refuses to fix.
+
+    ``steps_per_round``: the optimizer steps your loop takes between two rounds; PWFN's
+    budget-aware regulariser scales ``lam`` by it (``pwfn.sigma_steps_reference``). Without it the
+    Fixer counts your optimizer's steps and uses the last phase's count for the next one.
     """
 
     def __init__(self, model: nn.Module, method: Union[str, type] = "pwfn", config: Any = None, *,
                  device: Optional[Union[str, torch.device]] = None, inplace: bool = False,
                  dataset_size: Optional[int] = None, overrides: Optional[list[str]] = None,
-                 steps_per_round: Optional[int] = None) -> None:
+                 steps_per_round: Optional[int] = None, contract: ContractSpec = None,
+                 evaluate: Optional[Evaluation] = None, task: Optional[Union[str, Task]] = None,
+                 adapter: Optional[BatchAdapter] = None) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.cfg = resolve_config(config, overrides)
         #: the method object (:mod:`pwfn.methods`); the Fixer talks to it only through its protocol
         self.method_impl: Method = build_method(method, self.cfg)
         self.method: str = self.method_impl.name
+        #: the task whose metrics judge the rounds (and whose loss a callback trains with)
+        self.task: Task = resolve_task(task if task is not None else self.cfg.task)
+        self.adapter = adapter or BatchAdapter()
+        #: the accuracy contract (None: turned off)
+        self.contract: Optional[AccuracyContract] = resolve_contract(self.task, contract, self.cfg.contract)
         if dataset_size is not None:
             self.method_impl.bind_data(dataset_size)
         check_float_model(model)
@@ -138,21 +172,45 @@ class Fixer:
                                   lambda: self.method_impl.tolerance(self.view, 0))
         if self.budget is not None:
             self.engine_config = self.budget.engine_config
+        #: the share of the weights fixed after each round; a round the contract splits adds one
         self.fractions: list[float] = list(self.method_impl.fractions)
+        #: for each round, the method's schedule round it belongs to (a split round repeats its index)
+        self.schedule_index: list[int] = list(range(len(self.fractions)))
         self.method_impl.check_trainable(self.model)
         self.round = 0
         self._engine_cache = EngineCache()  # the candidate centres, built once for all rounds
-        #: the accuracy guard's caution level reached so far (0: the method as configured)
+        #: the contract's caution level reached so far (0: the method as configured)
         self.caution = 0
+        #: power-of-two terms added to the codebook by the contract's last resort (0: as configured)
+        self.extra_terms = 0
         self.history: list[dict[str, Any]] = []
         self._extra = None
         self._closed = False
-        self._guard_warned = False
         self._active: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._saved: dict[int, FixedGuard] = {}  # per optimizer, between its step's pre and post hooks
+        # optimizer steps on this model: counted, so a loop that never says its steps per round is learned
+        self._param_ids = {id(p) for p in self.model.parameters()}
+        self._holds: dict[int, tuple[int, bool]] = {}  # optimizer id -> (parameter count, holds ours)
+        self.steps_taken = 0
+        self._steps_at_round = 0
+        self._steps_given = False
+        self._steps_warned = False
+        self._phase_steps: Optional[int] = None  # what the method was last told (set_training_steps)
+        # the contract's evaluation and the float model's value on it
+        self._evaluate: Optional[Callable[[], Any]] = None
+        self._optimizers: weakref.WeakSet = weakref.WeakSet()  # optimizers that stepped the model (a round undone)
+        self._pending: Optional[dict[str, Any]] = None  # the last round, awaiting its verdict after training
+        self._redo: Optional[dict[str, Any]] = None  # the round to redo, and where its tries go on
+        self._settled: Optional[float] = None  # the metric measured by the last settle() that kept a round
+        #: the float model's value of the contract's metric on the guard data (None until measured)
+        self.reference: Optional[float] = None
+        #: what the guard data is: examples, where from (the report's ``contract`` section)
+        self.guard_info: dict[str, Any] = {}
         self._install_hooks()
         if steps_per_round is not None:  # PWFN's budget-aware regulariser (pwfn.sigma_steps_reference)
             self.set_training_steps(steps_per_round)
+        if evaluate is not None:
+            self.set_evaluation(evaluate)
 
     # -- fixed values stay fixed --------------------------------------------------------------
     def _install_hooks(self) -> None:
@@ -181,8 +239,20 @@ class Fixer:
         """The (tensor, mask) pairs with fixed entries (mu and sigma); recomputed after every round."""
         self._active = [(p, m) for p, m in self.view.parameters_with_masks() if bool(m.any())]
 
+    def _optimizer_holds_model(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` steps any of this model's parameters (cached until its parameter count changes)."""
+        count = sum(len(group["params"]) for group in optimizer.param_groups)
+        known = self._holds.get(id(optimizer))
+        if known is None or known[0] != count:
+            holds = any(id(p) in self._param_ids for group in optimizer.param_groups for p in group["params"])
+            known = self._holds[id(optimizer)] = (count, holds)
+        return known[1]
+
     @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._optimizer_holds_model(optimizer):
+            self.steps_taken += 1  # the loop's steps per round, learned (set_training_steps)
+            self._optimizers.add(optimizer)
         if not self._active:
             return
         ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -236,9 +306,12 @@ class Fixer:
         sigma moves as far in a short phase as in a long one; the built-in loop calls this before
         the warm-up and before every round's training. ``None``: unknown (``lam`` as given).
         """
-        if steps is not None and (isinstance(steps, bool) or int(steps) < 1):
-            raise ConfigError(f"training steps must be >= 1 (or None), got {steps!r}")
-        self.method_impl.set_training_steps(None if steps is None else int(steps))
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, float))
+                                  or not math.isfinite(steps) or int(steps) < 1):
+            raise ConfigError(f"training steps must be an integer >= 1 (or None), got {steps!r}")
+        self._phase_steps = None if steps is None else int(steps)
+        self.method_impl.set_training_steps(self._phase_steps)
+        self._steps_given = steps is not None
         self._extra = None
 
     def clip_parameters(self) -> Optional[list]:
@@ -265,46 +338,154 @@ class Fixer:
         """Training the method wants between two rounds (the built-in loop's budget)."""
         return float(self.method_impl.round_epochs())
 
-    def fix_next(self, broadcast=None, evaluate: Optional[Callable[[], tuple[float, float]]] = None) -> Round:
-        """Fix the next fraction of the weights (one engine round); returns the round's report.
+    # -- the accuracy contract -------------------------------------------------------------------
+    def set_evaluation(self, evaluate: Evaluation, source: Optional[str] = None, *,
+                       reference: Optional[float] = None) -> None:
+        """Judge the contract on ``evaluate`` from now on (see the class docstring), and measure the float
+        model's value on it now unless ``reference`` gives it (a resumed run). ``source`` says in the report
+        what the guard data is (e.g. "validation + 820 training examples")."""
+        probe, info = self._make_probe(evaluate)
+        if source is not None:
+            info["source"] = source
+        self._evaluate, self.guard_info = probe, info
+        if self.contract is None:
+            return
+        if reference is not None:
+            self.reference = float(reference)
+        elif self.reference is None:
+            if self.round > 0 or self.steps_taken > 0:
+                self.guard_info["reference_after_steps"] = self.steps_taken
+                log.warning("%s: the float model's %s is measured after %d optimizer steps%s, not on the model as "
+                            "given: the contract is judged against that. Give the evaluation when you create the "
+                            "Fixer (evaluate=...) to judge against the float model itself", self.method,
+                            self.contract.metric, self.steps_taken,
+                            f" and {self.round} rounds" if self.round else "")
+            self.reference = self.measure()
+        if not math.isfinite(self.reference):
+            raise ContractError(f"the float model's {self.contract.metric} on the guard data is {self.reference}: "
+                                "the contract cannot be judged against it; check the evaluation")
+        n = info.get("examples")
+        log.info("%s: accuracy contract: %s (float model: %s = %.6g on %s)", self.method, self.contract.text(),
+                 self.contract.metric, self.reference, f"{n} guard examples" if n else info["source"])
 
-        ``broadcast`` (optional) is applied to each result tensor before it is written (the
-        built-in loop passes DDP's broadcast so every rank writes rank 0's result).
+    @property
+    def has_evaluation(self) -> bool:
+        """Whether the contract has its evaluation (:meth:`set_evaluation`)."""
+        return self._evaluate is not None
 
-        ``evaluate`` (optional) turns on the method's accuracy guard (PWFN: ``pwfn.guard_drop``): a
-        callable returning ``(score, loss)`` of the model on a few fixed validation batches, in the
-        method's ``evaluating()`` mode: a score where higher is better (e.g. top-1) and the task
-        loss. It is called before the round and after each try; a try that costs more than the guard
-        allows is undone (values, fixed masks and sigma restored) and redone more cautiously (PWFN:
-        k halved, not below ``pwfn.k_min``). The built-in loop (``pwfn.compress``, the CLI) passes one.
+    def set_contract(self, contract: ContractSpec) -> None:
+        """Replace the accuracy contract (as ``contract=`` of the constructor) before the float model is measured."""
+        if self.reference is not None or self.round > 0:
+            raise ConfigError("the contract can be changed only before its float reference is measured: pass "
+                              "contract= when you create the Fixer (or the callback)")
+        self.contract = resolve_contract(self.task, contract, self.cfg.contract)
+
+    def _make_probe(self, evaluate: Evaluation) -> tuple[Callable[[], Any], dict[str, Any]]:
+        """The contract's evaluation as a callable, and what it scores."""
+        if callable(evaluate) and not hasattr(evaluate, "__iter__"):
+            return evaluate, {"source": "your evaluate() callable", "examples": None}
+        if not hasattr(evaluate, "__iter__"):
+            raise ConfigError(f"evaluate= must be a validation DataLoader (or any iterable of batches) or a callable "
+                              f"returning the contract's metric; got a {type(evaluate).__name__}")
+        needed = (self.contract.examples_needed(self.cfg.contract.guard_examples) if self.contract is not None
+                  else self.cfg.contract.guard_examples)
+        batches, n = take_examples(evaluate, needed, self.adapter)
+        if not batches:
+            raise ConfigError("evaluate= yielded no batch: the contract needs validation data")
+        info: dict[str, Any] = {"source": "validation", "examples": n, "batches": len(batches), "needed": needed}
+        if n < needed and self.contract is not None:
+            info["too_few"] = True
+            log.warning("%s: the contract's guard scores only %d examples; telling %s from noise needs %d, so small "
+                        "losses can pass unseen. Give it more validation data (pwfn.compress tops it up with training "
+                        "examples unless contract.guard_from_train=false)", self.method, n, self.contract.text(),
+                        needed)
+
+        def probe() -> dict[str, float]:
+            device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+            return evaluate_task(self.model, batches, device, self.task, self.adapter)
+
+        return probe, info
+
+    def measure(self) -> float:
+        """The contract's metric of the model now (eval mode, the method's evaluating() context)."""
+        if self.contract is None or self._evaluate is None:
+            raise ConfigError("measure() needs a contract and an evaluation (set_evaluation)")
+        was = self.model.training
+        self.model.eval()
+        try:
+            with self.evaluating():
+                out = self._evaluate()
+        finally:
+            self.model.train(was)
+        return metric_value(out, self.contract, "the contract's evaluation")
+
+    def _learn_steps(self) -> int:
+        """The optimizer steps since the last round; tells the method the next phase's steps when the loop
+        never said them (the last training phase's count; the one before round 1 is a warm-up)."""
+        counted = self.steps_taken - self._steps_at_round
+        self._steps_at_round = self.steps_taken
+        if self._steps_given or not self.method_impl.wants_training_steps():
+            return counted
+        if self.round > 0 and counted > 0:
+            self._phase_steps = counted
+            self.method_impl.set_training_steps(counted)
+            self._extra = None
+        elif not self._steps_warned:
+            self._steps_warned = True
+            log.warning("%s: the training between rounds is scaled to its number of optimizer steps "
+                        "(pwfn.sigma_steps_reference), which this Fixer does not know yet: pass "
+                        "Fixer(..., steps_per_round=len(train_loader) * epochs) or call set_training_steps(). "
+                        "Until it has counted one round's steps it uses the regulariser as configured", self.method)
+        return counted
+
+    # -- rounds ---------------------------------------------------------------------------------
+    def fix_next(self, broadcast=None, evaluate: Optional[Evaluation] = None) -> Round:
+        """Fix the next fraction of the weights (one engine round, judged by the contract); returns the round.
+
+        ``broadcast`` (optional) is applied to each result tensor before it is written (the built-in loop
+        passes DDP's broadcast so every rank writes rank 0's result). ``evaluate``: the contract's
+        evaluation, when the Fixer was created without one (see :meth:`set_evaluation`).
+
+        With a contract (docs/algorithm.md, "The accuracy contract"), the training since the last round is
+        judged first (:meth:`settle`): when it did not bring the model back within the contract, that round is
+        undone and redone more cautiously (the returned round has ``retry=True``; train again). A round's
+        fixing is measured right after each try: a round that ends the schedule (or that no training
+        follows) must keep the contract itself; one that training follows may cost up to
+        ``contract.recovery_factor`` times the contract's allowance, and is judged against the contract
+        after that training. A try beyond is undone and redone more cautiously: the method's caution levels
+        (PWFN: k halved down to ``pwfn.k_min``; WFN: delta halved), then fewer new weights (the round's
+        increment halved, up to ``contract.max_splits`` times; the rest follows in an extra round), then a
+        finer codebook (up to ``contract.extra_terms`` more power-of-two terms). When nothing keeps the
+        contract, :class:`~pwfn.errors.ContractError` is raised with the model at its last state within it.
         """
         if self.done:
             raise ConfigError(f"{self.method}: all {len(self.fractions)} rounds are done; call finalize()")
         if self._closed:
             raise ConfigError("this Fixer was finalized or closed")
+        if evaluate is not None and self._evaluate is None:
+            self.set_evaluation(evaluate)
+        if self.contract is not None and self._evaluate is None:
+            raise ConfigError(
+                f"{self.method}: the accuracy contract ({self.contract.text()}) judges every round, and this Fixer "
+                "has no evaluation: pass evaluate= (a validation DataLoader, or a callable returning "
+                f"{self.contract.metric}) when you create the Fixer, so the float model is measured before any "
+                "training; or turn the contract off with contract=False (nothing then checks the accuracy)")
+        before = self._settled
+        if self._pending is not None:
+            self.settle()
+            before = self._settled
+        self._settled = None
         t = self.round
-        frac = self.fractions[t]
-        view = self.view
-        configured = self.method_impl.round_guard()
-        guard = configured if evaluate is not None else None
-        unguarded = evaluate is None and configured is not None
-        if unguarded and not self._guard_warned:
-            self._guard_warned = True
-            log.warning("%s: the accuracy guard is configured but fix_next() got no evaluate=, so every round runs at "
-                        "the guard's most cautious setting (PWFN: k = pwfn.k_min), which keeps accuracy but fixes "
-                        "onto more values. Pass evaluate=lambda: (score, loss) on a few validation batches "
-                        "(fixer.rounds(evaluate=...)), or turn the guard off and choose the tolerance yourself "
-                        "(PWFN: pwfn.guard_drop=null and pwfn.k)", self.method)
+        redo = self._redo
+        self._redo = None
+        steps = self._learn_steps() if redo is None else 0
         record: Optional[dict[str, Any]] = None
-        if guard is None:
-            level = self.caution
-            while unguarded and self.method_impl.set_caution(level + 1):  # no evaluation: the most cautious level
-                level += 1
-            self.caution = level
-            self.method_impl.set_caution(level)
-            summary, _ = self._fix_once(t, frac, broadcast)
+        if self.contract is None:
+            summary, _ = self._fix_once(t, self.fractions[t], broadcast)
         else:
-            summary, record = self._guarded_round(t, frac, broadcast, guard, evaluate)
+            summary, record = self._contracted_round(t, broadcast, before, redo)
+        frac = self.fractions[t]  # a split round fixes less than planned
+        view = self.view
         self.round += 1
         self._extra = None  # WFN's attraction centres changed
         self._refresh_active()
@@ -312,54 +493,210 @@ class Fixer:
                                "checksum": tensor_checksum(view.values(), view.fixed())}
         row.update(self._metrics())
         row["engine"] = to_jsonable(summary)
+        row["steps_before"] = steps
         if record is not None:
-            row["guard"] = record
+            row["contract"] = record
         self.history.append(row)
-        return Round(index=t, fraction=frac, trains=frac < 1.0 and not self.done, row=row)
+        return Round(index=t, fraction=frac, trains=frac < 1.0 and not self.done, row=row, retry=redo is not None)
 
-    def _guarded_round(self, t: int, frac: float, broadcast, guard: RoundGuard,
-                       evaluate: Callable[[], tuple[float, float]]) -> tuple[dict, dict[str, Any]]:
-        """Round ``t`` under the method's accuracy guard; returns the engine summary and the guard's record.
+    def settle(self) -> bool:
+        """Judge the training since the last round against the contract (``fix_next`` does it first; the
+        built-in loop calls it right after training, before its checkpoint).
 
-        The first try is one caution level below where the last round ended (so one sensitive round
-        does not hold k down for the rest of the run); a try that lowers the score by more than
-        ``guard.max_drop`` or raises the loss by more than ``guard.max_loss_rise`` (both relative to
-        before the round) is undone and the round redone one level higher, until the method refuses
-        a higher level (then the last try is kept).
+        Returns True when there is nothing to judge or the model is within the contract (the last round is
+        then final). Otherwise that round is undone - the model's weights, masks and buffers, the state of
+        every optimizer that stepped it, the budget and the RNG restored to just before it - and False is
+        returned: the next :meth:`fix_next` redoes it more cautiously. Raises ContractError (with the model
+        restored) when no more cautious setting is left.
         """
-        view = self.view
-        score0, loss0 = (float(x) for x in evaluate())
+        pending = self._pending
+        if pending is None or self.contract is None:
+            return True
+        self._pending = None
+        c, ref = self.contract, self.reference
+        value = self.measure()
+        row = self.history[-1]
+        row["contract"]["after_training"] = value
+        row["contract"]["drop_after_training"] = c.drop(ref, value)
+        if c.holds(ref, value):
+            self._settled = value
+            self.caution = pending["level"]
+            return True
+        self._restore(pending["snapshot"])
+        self.history.pop()
+        self.round -= 1
+        failed = {"setting": pending["setting"], "fraction": pending["target"], "extra_terms": pending["extra"],
+                  "after_fix": row["contract"]["value"], "after_training": value}
+        nxt = pending["position"] + 1
+        if nxt >= len(pending["ladder"]):
+            self.method_impl.set_caution(self.caution)
+            raise ContractError(
+                f"{self.method} round {self.round + 1}: even after training, fixing "
+                f"{100 * pending['target']:.4g} % of the weights ({pending['setting']}) leaves {c.metric} at "
+                f"{value:.6g} against the float model's {ref:.6g} on the guard data, beyond the contract "
+                f"({c.text()}), and no more cautious setting is left. The model is left as it was before this "
+                f"round ({100 * self._fixed_count() / self.view.numel:.4g} % fixed, within the contract). To go on: "
+                f"{self.method_impl.contract_tip()}, or allow a larger drop (contract.max_drop, now "
+                f"{c.max_drop:g} {c.drop_type})")
+        self._redo = {"ladder": pending["ladder"], "position": nxt, "undone": pending["undone"] + [failed],
+                      "before": pending["before"]}
+        log.info("%s round %d: after training %s is %.6g against the float model's %.6g (contract: %s): the round "
+                 "is undone and redone more cautiously", self.method, self.round + 1, c.metric, value, ref, c.text())
+        return False
+
+    def _fixed_count(self) -> int:
+        return int(self.view.fixed().sum())
+
+    def _max_caution(self) -> int:
+        """The highest caution level the method accepts (its current level is left as it was)."""
+        now, level = getattr(self.method_impl, "caution", 0), 0
+        while level < 16 and self.method_impl.set_caution(level + 1):
+            level += 1
+        self.method_impl.set_caution(now)
+        return level
+
+    def _ladder(self, t: int) -> list[tuple[int, float, int]]:
+        """Round ``t``'s tries in order, as (caution level, fraction to fix, extra power-of-two terms)."""
+        cc, n = self.cfg.contract, self.view.numel
+        fixed_now = self._fixed_count()
+        prev, frac = fixed_now / n, self.fractions[t]
+        origin = self.schedule_index[t]
+        splits = max(cc.max_splits - (sum(1 for i in self.schedule_index if i == origin) - 1), 0)
+        targets = [frac] + [prev + (frac - prev) / 2.0**s for s in range(1, splits + 1)]
+        targets = [x for i, x in enumerate(targets) if i == 0 or math.ceil(x * n - 1e-9) > fixed_now]
+        first, top = min(max(self.caution - 1, 0), self._max_caution()), self._max_caution()
+        ladder = [(level, x, 0) for x in targets for level in range(first, top + 1)]
+        base = self.engine_config.max_order
+        if self.budget is None:  # the last resort: a finer codebook, never a lossy one
+            ladder += [(top, targets[-1], e) for e in range(1, cc.extra_terms + 1) if base + e <= 32]
+        return ladder
+
+    def _contracted_round(self, t: int, broadcast, before: Optional[float],
+                          redo: Optional[dict]) -> tuple[dict, dict[str, Any]]:
+        """Round ``t`` under the contract: the first try of its ladder (from ``redo``'s position when a try was
+        undone after training) that the immediate check keeps; ContractError (model restored) when none does."""
+        c, cc, view = self.contract, self.cfg.contract, self.view
+        assert c is not None and self.reference is not None
+        ref = self.reference
+        if redo is not None:
+            ladder, position, undone, before = redo["ladder"], redo["position"], redo["undone"], redo["before"]
+        else:
+            ladder, position, undone = self._ladder(t), 0, []
+            if before is None:
+                before = self.measure()
+            if not c.holds(ref, before):
+                raise ContractError(
+                    f"{self.method}: before round {t + 1} fixes anything, {c.metric} on the guard data is {before:.6g} "
+                    f"against the float model's {ref:.6g}: the training since "
+                    f"{'the last round' if t else 'the start'} already breaks the contract ({c.text()}). The model is "
+                    "left as it is. Train more gently (a lower learning rate) or allow a larger drop "
+                    "(contract.max_drop)")
         saved = (view.values(), view.fixed(), view.sigmas() if view.has_sigma else None)
-        level = max(self.caution - 1, 0)
+        frac, origin, n = self.fractions[t], self.schedule_index[t], view.numel
+        extra_before = self.extra_terms
+        base_engine = self.engine_config
         tries: list[dict[str, Any]] = []
-        while True:
+        kept = None
+        start = position
+        level, target, extra = ladder[start]
+        snapshot = None
+        for at in range(start, len(ladder)):
+            position = at
+            level, target, extra = ladder[at]
+            follows = target < 1.0  # training follows a round that leaves weights free
+            if follows and snapshot is None:
+                snapshot = self._snapshot()
             self.method_impl.set_caution(level)
-            summary, merged = self._fix_once(t, frac, broadcast)
-            score, loss = (float(x) for x in evaluate())
-            drop = (score0 - score) / max(abs(score0), 1e-12)
-            rise = (loss - loss0) / max(abs(loss0), 1e-12)
-            tries.append({"caution": level, "score": score, "loss": loss, "drop": drop, "loss_rise": rise})
-            kept = drop <= guard.max_drop and rise <= guard.max_loss_rise  # NaN: not kept
-            if kept or not self.method_impl.set_caution(level + 1):
+            self.engine_config = (dataclasses.replace(base_engine, max_order=base_engine.max_order + extra)
+                                  if extra else base_engine)
+            summary, merged = self._fix_once(t, target, broadcast)
+            value = self.measure()
+            drop = c.drop(ref, value)
+            allowed = c.max_drop * (cc.recovery_factor if follows else 1.0)
+            tries.append({"caution": level, "setting": self.method_impl.caution_text(), "fraction": target,
+                          "extra_terms": extra, "value": value, "drop": drop})
+            if math.isfinite(drop) and drop <= allowed * (1 + 1e-9) + 1e-12:
+                kept = summary
                 break
             view.write(*saved)  # undo the try: nothing trained since it
             if self.budget is not None:
                 self.budget.merged_weights -= merged
                 self.budget.merges_per_round.pop()
-            level += 1
-        self.caution = level
-        if not kept:  # never silently: the round costs more than the guard allows even at its most cautious
-            log.warning("%s round %d: the accuracy guard could not keep this round within its limits even at its "
-                        "most cautious setting (score %+.2f %%, loss %+.0f %% against before the round); the round "
-                        "is kept and the run goes on. If the final accuracy falls short, %s", self.method, t + 1,
-                        -100 * drop, 100 * rise, self.method_impl.guard_tip())
-        return summary, {"score_before": score0, "loss_before": loss0, "tries": tries, "caution": level,
-                         "kept_within_limits": bool(kept)}
+        if kept is None:
+            self.engine_config = base_engine
+            self.method_impl.set_caution(self.caution)
+            best = min(tries, key=lambda r: r["drop"] if math.isfinite(r["drop"]) else math.inf)
+            raise ContractError(
+                f"{self.method} round {t + 1}: fixing {100 * frac:.4g} % of the weights breaks the accuracy contract "
+                f"({c.text()}): at best {c.metric} = {best['value']:.6g} ({best['setting']}, "
+                f"{100 * best['fraction']:.4g} % fixed, {best['extra_terms']} more terms) against the float model's "
+                f"{ref:.6g} on the guard data, after {len(tries) + len(undone)} tries (down to "
+                f"{self.method_impl.caution_text()}, {len({x for _, x, _ in ladder}) - 1} smaller steps, "
+                f"{max((e for _, _, e in ladder), default=0)} more power-of-two terms). The model is left as it was "
+                f"before this round ({100 * self._fixed_count() / n:.4g} % fixed, within the contract). To go on: "
+                f"{self.method_impl.contract_tip()}, or allow a larger drop (contract.max_drop, now "
+                f"{c.max_drop:g} {c.drop_type})")
+        if extra:
+            self.extra_terms = extra_before + extra
+            log.warning("%s round %d: the contract kept only with %d more power-of-two terms per value (max_order "
+                        "%d): the codebook is finer from here on", self.method, t + 1, extra,
+                        self.engine_config.max_order)
+        if target != frac:  # the rest of this round's weights follow in an extra round, after training
+            self.fractions.insert(t, target)
+            self.schedule_index.insert(t, origin)
+            log.info("%s round %d: the contract kept fixing only %.4g %% instead of %.4g %% (%s); the rest follows "
+                     "in an extra round", self.method, t + 1, 100 * target, 100 * frac,
+                     self.method_impl.caution_text())
+        if snapshot is not None and target < 1.0:  # judged again after the training that follows
+            if target != frac:  # a split: the redo ladder continues within this (now smaller) round
+                ladder = [(lv, x, e) for lv, x, e in ladder if x <= target]
+                position = ladder.index((level, target, extra))
+            self._pending = {"snapshot": snapshot, "ladder": ladder, "position": position, "level": level,
+                             "target": target, "extra": extra, "setting": self.method_impl.caution_text(),
+                             "undone": undone, "before": before}
+        else:
+            self.caution = level
+        value = tries[-1]["value"]
+        record = {"reference": ref, "before": before, "value": value, "drop": c.drop(ref, value),
+                  "caution": level, "setting": self.method_impl.caution_text(), "split": target != frac,
+                  "extra_terms": extra, "tries": tries}
+        if undone:
+            record["undone_after_training"] = undone
+        return kept, record
+
+    # -- snapshots: a round undone after its training -------------------------------------------
+    def _snapshot(self) -> dict[str, Any]:
+        """What a round undone after its training restores: the model's state (weights, sigmas, buffers),
+        the masks, every optimizer that stepped the model, the budget, the caution and the RNG."""
+        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "masks": self.view.mask_state(),
+                "optimizers": [(opt, copy.deepcopy(opt.state_dict())) for opt in list(self._optimizers)],
+                "budget": None if self.budget is None else (self.budget.merged_weights,
+                                                           list(self.budget.merges_per_round)),
+                "fractions": (list(self.fractions), list(self.schedule_index)),
+                "engine": self.engine_config, "extra_terms": self.extra_terms,
+                "rng": rng_state(), "steps": (self.steps_taken, self._steps_at_round)}
+
+    @torch.no_grad()
+    def _restore(self, snap: dict[str, Any]) -> None:
+        self.model.load_state_dict(snap["model"])
+        self.view.load_mask_state(snap["masks"], "snapshot")
+        for opt, state in snap["optimizers"]:
+            opt.load_state_dict(state)
+        if self.budget is not None and snap["budget"] is not None:
+            self.budget.merged_weights, merges = snap["budget"]
+            self.budget.merges_per_round = list(merges)
+        self.fractions, self.schedule_index = (list(x) for x in snap["fractions"])
+        self.engine_config, self.extra_terms = snap["engine"], snap["extra_terms"]
+        set_rng_state(snap["rng"])
+        self._refresh_active()
+        self._extra = None
 
     def _fix_once(self, t: int, frac: float, broadcast) -> tuple[dict, int]:
         """One try of round ``t``: the method's fixing written into the view (and merged to the budget);
         returns the engine summary and the weights the budget merged."""
-        new_values, new_fixed, new_sigma, summary = self.method_impl.fix(self.view, t, frac, self.engine_config,
+        new_values, new_fixed, new_sigma, summary = self.method_impl.fix(self.view, self.schedule_index[t], frac,
+                                                                      self.engine_config,
                                                                       engine=functools.partial(
                                                                           fix_round, cache=self._engine_cache))
         if broadcast is not None:
@@ -369,9 +706,9 @@ class Fixer:
         merged = self.budget.enforce(self.view) if self.budget is not None else 0  # budget mode: merge down
         return summary, merged
 
-    def rounds(self, evaluate: Optional[Callable[[], tuple[float, float]]] = None) -> Iterator[Round]:
+    def rounds(self, evaluate: Optional[Evaluation] = None) -> Iterator[Round]:
         """Yield each remaining round right after fixing it; train between the yields. ``evaluate``: the
-        accuracy guard's ``(score, loss)`` callable, as in :meth:`fix_next`."""
+        contract's evaluation, when the Fixer was created without one."""
         while not self.done:
             yield self.fix_next(evaluate=evaluate)
 
@@ -394,30 +731,75 @@ class Fixer:
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything to resume: model weights (and sigmas), fixed masks, rounds done, history, config."""
+        """Everything to resume: model weights (and sigmas), fixed masks, rounds done (and the rounds the
+        contract added), history, config, the contract's float reference and caution."""
         return {"format": STATE_FORMAT, "method": self.method, "round": self.round,
                 "model": self.model.state_dict(), "masks": self.view.mask_state(),
                 "history": copy.deepcopy(self.history), "config": config_to_dict(self.cfg),
-                "fractions": list(self.fractions)}
+                "fractions": list(self.fractions), "schedule_index": list(self.schedule_index),
+                "caution": self.caution, "extra_terms": self.extra_terms, "reference": self.reference,
+                "contract": None if self.contract is None else self.contract.describe(),
+                "steps": {"taken": self.steps_taken, "at_round": self._steps_at_round, "phase": self._phase_steps,
+                          "given": self._steps_given}}
 
     def load_state_dict(self, state: Mapping[str, Any], where: str = "fixer state") -> None:
-        """Restore :meth:`state_dict`; a state of another method or fixing config is refused."""
+        """Restore :meth:`state_dict`; a state of another method, fixing config or contract is refused."""
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{where} is not a pwfn Fixer state (format {STATE_FORMAT})")
+            raise CheckpointError(f"{where} is not a pwfn Fixer state (format {STATE_FORMAT}); a state written by an "
+                                  "older pwfn cannot be resumed: start over")
         if state.get("method") != self.method:
             raise CheckpointError(f"{where} is a {state.get('method')!r} state; this Fixer runs {self.method!r}")
-        sections = (self.method_impl.section_name, "quantise", "budget")
+        sections = (self.method_impl.section_name, "quantise", "budget", "contract")
         diff = config_diff(state.get("config") or {}, config_to_dict(self.cfg), sections)
+        mine = None if self.contract is None else self.contract.describe()
+        if not diff and state.get("contract") != mine:
+            diff = [f"contract: {state.get('contract')} -> {mine}"]
         if diff:
             raise CheckpointError(f"{where} was written under other fixing settings ({'; '.join(diff[:4])}); "
                                   "resume with the same config or start over")
+        fractions, index = list(state.get("fractions") or []), list(state.get("schedule_index") or [])
+        planned = list(self.method_impl.fractions)
+        rnd = state.get("round")
+        if (len(fractions) != len(index) or not fractions or fractions[-1] != 1.0
+                or any(b <= a for a, b in zip(fractions, fractions[1:]))
+                or sorted(set(index)) != list(range(len(planned)))
+                or any(fractions[i] > planned[j] for i, j in enumerate(index))
+                or isinstance(rnd, bool) or not isinstance(rnd, int) or not 0 <= rnd <= len(fractions)):
+            raise CheckpointError(f"{where}: its rounds ({rnd} done of {fractions}) do not fit this method's schedule "
+                                  f"{planned}: the state is damaged or from another run")
         load_state_dict_strict(self.model, state["model"], where)
         self.view.load_mask_state(state["masks"], where)
-        self.round = int(state["round"])
+        self.fractions, self.schedule_index, self.round = fractions, index, rnd
         self.history = list(state.get("history") or [])
-        self.caution = next((int(row["guard"]["caution"]) for row in reversed(self.history) if "guard" in row), 0)
+        self.caution = int(state.get("caution") or 0)
+        self.method_impl.set_caution(self.caution)
+        extra = int(state.get("extra_terms") or 0)
+        if extra != self.extra_terms:
+            self.engine_config = dataclasses.replace(self.engine_config,
+                                                     max_order=self.engine_config.max_order + extra - self.extra_terms)
+            self.extra_terms = extra
+        if state.get("reference") is not None:
+            self.reference = float(state["reference"])
+        steps = state.get("steps") or {}
+        self.steps_taken, self._steps_at_round = int(steps.get("taken") or 0), int(steps.get("at_round") or 0)
+        self._steps_given = bool(steps.get("given"))
+        self._phase_steps = None if steps.get("phase") is None else int(steps["phase"])
+        self.method_impl.set_training_steps(self._phase_steps)
         self._extra = None
         self._refresh_active()
+
+    def contract_report(self, **extra: Any) -> dict[str, Any]:
+        """The report's ``contract`` section: the promise, the float model's and the fixed model's value on the
+        guard data, the drop and whether it held (``held`` is None before the last round), and the guard data."""
+        value = next((row["contract"]["value"] for row in reversed(self.history) if "contract" in row), None)
+        out = verdict(self.contract, self.reference, value if self.done else None, **extra)
+        out["guard"] = dict(self.guard_info)
+        if self.contract is not None:
+            out["rounds_added"] = len(self.fractions) - len(self.method_impl.fractions)
+            out["extra_terms"] = self.extra_terms
+            if not self.done:
+                out["last_value"] = value
+        return out
 
     # -- the end ------------------------------------------------------------------------------
     def finalize(self) -> nn.Module:
@@ -439,7 +821,8 @@ class Fixer:
         out = {"method": self.method, "fractions": list(self.fractions), "rounds": copy.deepcopy(self.history),
                "final": self._metrics(),
                "quantised_tensors": self.view.names(),
-               "coverage": self.method_impl.coverage_report()}
+               "coverage": self.method_impl.coverage_report(),
+               "contract": self.contract_report()}
         if self.budget is not None:
             out["budget"] = self.budget.report(self.view)
         return out

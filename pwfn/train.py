@@ -288,6 +288,25 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
     return evaluate_task(model, loader, device, task or ClassificationTask(), adapter, dist)
 
 
+def take_examples(loader: Iterable, examples: int, adapter: Optional[BatchAdapter] = None) -> tuple[list, int]:
+    """The first batches of ``loader`` holding at least ``examples`` examples (all of them when it holds
+    fewer), and how many they hold. The global RNG is left as it was (iterating a DataLoader draws a seed),
+    so taking them changes nothing else in the run."""
+    adapter = adapter or BatchAdapter()
+    state = rng_state()
+    batches: list = []
+    n = 0
+    try:
+        for batch in loader:
+            if n >= examples:
+                break
+            batches.append(batch)
+            n += int(adapter.size(adapter.split(batch)[1]))
+    finally:
+        set_rng_state(state)
+    return batches, n
+
+
 @torch.no_grad()
 def predict_mc(model: nn.Module, loader: Iterable, device: torch.device, samples: int, seed: int = 0,
                dist: Optional[DistContext] = None,

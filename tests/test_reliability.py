@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["progress=false", "threads=1", "baseline.epochs=3", "pwfn.round_epochs=0.5", "pwfn.first_round_epochs=0.2",
         "pwfn.mc_samples=2", "wfn.round_epochs=0.5", "data.batch_size=64", "model.kwargs={hidden: [16]}",
-        "data.train_subset=300"]
+        "data.train_subset=300", "contract.enforce=false"]  # mechanics; the contract has its own tests
 
 
 def _sets(extra=()):
@@ -512,7 +512,7 @@ def loaders():
 
 
 FAST = {"progress": False, "pwfn": {"round_epochs": 0.2, "first_round_epochs": 0.1, "mc_samples": 1},
-        "wfn": {"round_epochs": 0.2}}
+        "wfn": {"round_epochs": 0.2}, "contract": {"enforce": False}}  # mechanics; the contract has its own tests
 
 
 def _all_frozen():

@@ -15,10 +15,11 @@ from pwfn.errors import ConfigError
 # is the paper's unscaled regulariser's, so PWFN runs the paper preset's settings here (the defaults scale
 # lam to the steps themselves and add the accuracy guard).
 FAST = {"progress": False, "pwfn": {"fractions": [0.5, 0.8, 1.0], "round_epochs": 2.0, "first_round_epochs": 0.5,
-                                    "mc_samples": 2, "lam": 2.0**-4, "k": 1.0, "guard_drop": None, "scale": "absolute",
+                                    "mc_samples": 2, "lam": 2.0**-4, "k": 1.0, "k_min": 1.0, "scale": "absolute",
                                     "sigma_init_scale": 0.0025, "sigma_init_max": 0.05, "tau": 0.05,
                                     "sigma_steps_reference": None, "clip_sigma": True},
-        "wfn": {"fractions": [0.5, 0.8, 1.0], "round_epochs": 2.0}}
+        "wfn": {"fractions": [0.5, 0.8, 1.0], "round_epochs": 2.0},
+        "contract": {"enforce": False}}  # the tasks' plumbing; tests/test_contract.py checks the contract per task
 
 
 def _fit(model, loader, loss_fn, epochs=60, lr=1e-2):

@@ -12,10 +12,10 @@ The round loop (:class:`pwfn.Fixer`, :class:`pwfn.pipeline.FixingRun`) asks a me
   ``clip_parameters(model)``, ``extra_loss(view)`` and ``set_training_steps(steps)``;
 * ``refresh_posterior(...)`` before each round (PWFN's post-training posterior), ``eval_context``
   for evaluations, ``sigma_summary`` for reports, and ``point_model(model)`` at the end;
-* ``round_guard()`` and ``set_caution(level)``: the accuracy guard. When a method returns a
-  :class:`RoundGuard` and the loop can evaluate (the built-in loop always can; ``Fixer.fix_next``
-  with ``evaluate=``), a round whose fixing costs more validation score or loss than the guard
-  allows is undone and redone one caution level higher, as long as ``set_caution`` accepts it.
+* ``set_caution(level)``: the accuracy contract's lever. A round whose fixing would break the
+  contract (:mod:`pwfn.contract`, enforced by :class:`pwfn.Fixer`) is undone and redone one caution
+  level higher (PWFN: k halved; WFN: delta halved), as long as ``set_caution`` accepts it; then with
+  fewer new weights, then with a finer codebook; ``contract_tip()`` says what the user can change.
 
 Class attributes describe what the loop must know without asking a name: ``bayesian`` (weights
 carry sigma: MC calibration and sigma summaries apply), ``keeps_optimizer`` (the optimizer state
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
@@ -48,23 +47,6 @@ log = logging.getLogger(__name__)
 
 #: what a method's round returns: values, fixed mask, sigma (None for a point model) and the engine summary
 FixResult = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], dict]
-
-
-@dataclass(frozen=True)
-class RoundGuard:
-    """How the round loop checks a round's fixing before keeping it (:meth:`Method.round_guard`).
-
-    A try of a round is kept when, on ``batches`` validation batches (more when these hold fewer
-    than ``examples`` examples; the same ones before and after, so the comparison is paired and
-    cheap), the score (higher is better, e.g. top-1) fell by at most ``max_drop`` and the task loss
-    rose by at most ``max_loss_rise``, both relative to their values before the round. The loss sees what a saturated or coarse score does not (a 100 %
-    top-1 on a small validation set), the score what a flat loss does not (flipped predictions).
-    """
-
-    max_drop: float
-    max_loss_rise: float
-    batches: int
-    examples: int = 0
 
 
 def engine_config_from(settings: Any, *, signed_terms: bool, **extra: Any) -> EngineConfig:
@@ -222,15 +204,15 @@ class Method:
         """Before a round: update the free weights' uncertainty from data (default: nothing, None)."""
         return None
 
-    def round_guard(self) -> Optional[RoundGuard]:
-        """The accuracy guard of this method's rounds (default: None, every round is kept as fixed)."""
-        return None
-
     def set_caution(self, level: int) -> bool:
         """Make :meth:`fix` ``level`` steps more cautious than configured (0: as configured; PWFN halves
-        k per level). Returns False when the method cannot be that cautious (the guard then keeps the
-        last try); the default knows level 0 only."""
+        k per level, WFN delta). Returns False (and changes nothing) when the method cannot be that
+        cautious; the default knows level 0 only."""
         return level == 0
+
+    def caution_text(self) -> str:
+        """The current caution level in the method's own terms (``k = 0.5``), for logs and errors."""
+        return "as configured"
 
     # -- training between rounds ----------------------------------------------------------------
     def pre_epochs(self) -> float:
@@ -257,12 +239,16 @@ class Method:
     def set_training_steps(self, steps: Optional[int]) -> None:
         """The optimizer steps of the training phase about to start (None: unknown)."""
 
+    def wants_training_steps(self) -> bool:
+        """Whether the method's training depends on knowing each phase's steps (PWFN's budget-aware regulariser)."""
+        return False
+
     def divergence_tips(self) -> list[str]:
         """Settings to turn when this method's training diverges, besides lr and grad_clip."""
         return []
 
-    def guard_tip(self) -> str:
-        """What to change when the accuracy guard cannot keep rounds within its limits."""
+    def contract_tip(self) -> str:
+        """What to change in this method when the accuracy contract cannot be kept."""
         return "fix with smaller tolerances from the start"
 
     # -- evaluation and reports -----------------------------------------------------------------

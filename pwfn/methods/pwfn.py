@@ -25,7 +25,7 @@ from ..plumbing import QuantView
 from ..schedules import Schedule, pwfn_schedule, tolerance_for_round
 from ..tasks import to_device
 from . import register_method
-from .base import FixResult, Method, RoundGuard, engine_config_from
+from .base import FixResult, Method, engine_config_from
 
 
 def effective_steps(steps: float, momentum: float) -> float:
@@ -146,7 +146,7 @@ class PWFNMethod(Method):
         """The fractions and this round's k (the configured k halved once per caution level)."""
         return pwfn_schedule(self.k_now, self.cfg.pwfn.fractions)
 
-    #: the accuracy guard's caution level (0: the configured k)
+    #: the accuracy contract's caution level (0: the configured k)
     caution: int = 0
 
     @property
@@ -154,11 +154,6 @@ class PWFNMethod(Method):
         """The tolerance in sigmas at the current caution level: ``k / 2^level``, not below ``k_min``."""
         p = self.cfg.pwfn
         return p.k if self.caution == 0 else max(p.k / 2.0**self.caution, min(p.k_min, p.k))
-
-    def round_guard(self) -> Optional[RoundGuard]:
-        p = self.cfg.pwfn
-        return None if p.guard_drop is None else RoundGuard(max_drop=p.guard_drop, max_loss_rise=p.guard_loss_rise,
-                                                             batches=p.guard_batches, examples=p.guard_examples)
 
     def set_caution(self, level: int) -> bool:
         """Level ``n`` halves k ``n`` times, down to ``k_min``; a level that cannot lower k further is refused."""
@@ -168,15 +163,19 @@ class PWFNMethod(Method):
         self.caution = level
         return True
 
+    def caution_text(self) -> str:
+        return f"k = {self.k_now:g}"
+
     def pre_epochs(self) -> float:
         return float(self.cfg.pwfn.first_round_epochs)
 
     def no_training_hint(self) -> str:
         return "--set pwfn.first_round_epochs=0 --set pwfn.round_epochs=0"
 
-    def guard_tip(self) -> str:
-        return (f"let the guard go further down (--set pwfn.k_min={self.cfg.pwfn.k_min / 8:g}: more values, better "
-                "kept accuracy) or fix with the paper's small tolerances (config='paper_pwfn')")
+    def contract_tip(self) -> str:
+        return (f"let k go further down (pwfn.k_min={self.cfg.pwfn.k_min / 8:g}: more values, better kept accuracy), "
+                "train longer between rounds (pwfn.round_epochs), or fix with the paper's small tolerances "
+                "(the shipped config paper_pwfn)")
 
     def divergence_tips(self) -> list[str]:
         return [f"raise the sigma floor (--set pwfn.sigma_floor=..., now {self.cfg.pwfn.sigma_floor:g})"]
@@ -186,6 +185,10 @@ class PWFNMethod(Method):
 
     def set_training_steps(self, steps: Optional[int]) -> None:
         self.phase_steps = steps
+
+    def wants_training_steps(self) -> bool:
+        p = self.cfg.pwfn
+        return p.sigma_steps_reference is not None and p.posterior == "trained" and p.objective == "regulariser"
 
     def bind_data(self, dataset_size: Optional[int]) -> None:
         if dataset_size is None and self.cfg.pwfn.objective == "elbo":
