@@ -242,6 +242,8 @@ class ContractConfig:
     """When the validation set holds fewer than the guard needs, add training examples (drawn reproducibly from the seed, said in the log); false: judge on the validation set alone and say that it is small."""
     recovery_factor: float = 3.0
     """A round that training follows may at first cost up to this many times the contract's allowance (measured right after fixing); the training that follows must bring the model back within the contract itself, or the round is undone (weights, optimizer state, RNG) and redone more cautiously. 1: every fixing must keep the contract before any training."""
+    pace: float = 0.5
+    """How the allowance is spread over the schedule: once a share f of the weights is fixed (and trained after), the model may be at most f^pace of `max_drop` behind the float model, so early rounds leave room for the last ones (0: the whole allowance from the start; the final round always has all of it)."""
     max_splits: int = 3
     """When a round breaks the contract at the method's most cautious setting, fix half as many new weights this round (the rest after more training), up to this many halvings per round."""
     extra_terms: int = 2
@@ -635,6 +637,7 @@ def validate(cfg: RunConfig) -> None:
     _check(c.metric is None or bool(c.metric), "contract.metric must be a metric name or null")
     _check(1 <= c.guard_examples <= 10**8, f"contract.guard_examples = {c.guard_examples} must be in [1, 1e8]")
     _check(1 <= c.recovery_factor <= 1e3, f"contract.recovery_factor = {c.recovery_factor} must be in [1, 1000]")
+    _check(0 <= c.pace <= 4, f"contract.pace = {c.pace} must be in [0, 4]")
     _check(0 <= c.max_splits <= 10, f"contract.max_splits = {c.max_splits} must be in [0, 10]")
     _check(0 <= c.extra_terms <= 8, f"contract.extra_terms = {c.extra_terms} must be in [0, 8]")
     bu = cfg.budget

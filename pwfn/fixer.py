@@ -65,7 +65,7 @@ from .metrics import fixing_metrics
 from .plumbing import FixedGuard, QuantSlot
 from .presets import resolve_config as resolve_shipped
 from .tasks import BatchAdapter, Task, evaluate_task, resolve_task
-from .train import apply_batchnorm_policy, rng_state, set_rng_state, take_examples
+from .train import apply_batchnorm_policy, draw_examples, rng_state, set_rng_state, take_examples
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,10 @@ class Fixer:
     is judged on ``evaluate``: a validation DataLoader (or any iterable of batches), scored with
     ``task`` (a name, a :class:`pwfn.Task`; default the config's ``task``) through ``adapter``, or a
     callable returning the contract's metric (a number, or a dict holding it) for ``fixer.model`` —
-    called inside ``fixer.evaluating()``. The float model's value is measured as soon as the
-    evaluation is known (here, before any training). A Fixer with a contract and no evaluation
-    refuses to fix.
+    called inside ``fixer.evaluating()``. ``top_up``: your training loader, to add training examples
+    from when the validation loader holds fewer than the contract needs (:meth:`top_up_guard`). The
+    float model's value is measured as soon as the evaluation is known (here, before any training).
+    A Fixer with a contract and no evaluation refuses to fix.
 
     ``steps_per_round``: the optimizer steps your loop takes between two rounds; PWFN's
     budget-aware regulariser scales ``lam`` by it (``pwfn.sigma_steps_reference``). Without it the
@@ -146,7 +147,7 @@ class Fixer:
                  dataset_size: Optional[int] = None, overrides: Optional[list[str]] = None,
                  steps_per_round: Optional[int] = None, contract: ContractSpec = None,
                  evaluate: Optional[Evaluation] = None, task: Optional[Union[str, Task]] = None,
-                 adapter: Optional[BatchAdapter] = None) -> None:
+                 adapter: Optional[BatchAdapter] = None, top_up: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.cfg = resolve_config(config, overrides)
@@ -202,6 +203,7 @@ class Fixer:
         self._pending: Optional[dict[str, Any]] = None  # the last round, awaiting its verdict after training
         self._redo: Optional[dict[str, Any]] = None  # the round to redo, and where its tries go on
         self._settled: Optional[float] = None  # the metric measured by the last settle() that kept a round
+        self._guard_batches: Optional[list] = None  # the guard's batches, when evaluate= was a loader
         #: the float model's value of the contract's metric on the guard data (None until measured)
         self.reference: Optional[float] = None
         #: what the guard data is: examples, where from (the report's ``contract`` section)
@@ -210,7 +212,7 @@ class Fixer:
         if steps_per_round is not None:  # PWFN's budget-aware regulariser (pwfn.sigma_steps_reference)
             self.set_training_steps(steps_per_round)
         if evaluate is not None:
-            self.set_evaluation(evaluate)
+            self.set_evaluation(evaluate, top_up=top_up)
 
     # -- fixed values stay fixed --------------------------------------------------------------
     def _install_hooks(self) -> None:
@@ -314,6 +316,17 @@ class Fixer:
         self._steps_given = steps is not None
         self._extra = None
 
+    def optimizer(self, previous: Optional[torch.optim.Optimizer] = None) -> torch.optim.Optimizer:
+        """The optimizer ``pwfn.compress`` trains with between rounds (PWFN: SGD over mu and sigma, kept across
+        rounds, so ``previous`` comes back; WFN: a fresh Adam every round). Any optimizer works (fixed values
+        stay exact); this one gives the same results as ``compress``."""
+        return self.method_impl.optimizer(self.model, self.view, previous)
+
+    @property
+    def grad_clip(self) -> Optional[float]:
+        """The gradient-norm clip ``pwfn.compress`` applies to :meth:`clip_parameters` (None: no clipping)."""
+        return self.method_impl.grad_clip()
+
     def clip_parameters(self) -> Optional[list]:
         """The tensors gradient clipping should see (None: all of the model's); PWFN leaves sigma out
         unless ``pwfn.clip_sigma``. Pass them to ``torch.nn.utils.clip_grad_norm_``."""
@@ -340,33 +353,71 @@ class Fixer:
 
     # -- the accuracy contract -------------------------------------------------------------------
     def set_evaluation(self, evaluate: Evaluation, source: Optional[str] = None, *,
-                       reference: Optional[float] = None) -> None:
+                       reference: Optional[float] = None, top_up: Any = None) -> None:
         """Judge the contract on ``evaluate`` from now on (see the class docstring), and measure the float
         model's value on it now unless ``reference`` gives it (a resumed run). ``source`` says in the report
-        what the guard data is (e.g. "validation + 820 training examples")."""
+        what the guard data is; ``top_up``: a training loader to add examples from when ``evaluate`` (a loader)
+        holds fewer than the contract needs (:meth:`top_up_guard`)."""
         probe, info = self._make_probe(evaluate)
         if source is not None:
             info["source"] = source
         self._evaluate, self.guard_info = probe, info
+        if top_up is not None:
+            self._add_training_examples(top_up)
         if self.contract is None:
             return
         if reference is not None:
             self.reference = float(reference)
         elif self.reference is None:
-            if self.round > 0 or self.steps_taken > 0:
-                self.guard_info["reference_after_steps"] = self.steps_taken
-                log.warning("%s: the float model's %s is measured after %d optimizer steps%s, not on the model as "
-                            "given: the contract is judged against that. Give the evaluation when you create the "
-                            "Fixer (evaluate=...) to judge against the float model itself", self.method,
-                            self.contract.metric, self.steps_taken,
-                            f" and {self.round} rounds" if self.round else "")
-            self.reference = self.measure()
+            self._measure_reference()
+
+    def _measure_reference(self) -> None:
+        assert self.contract is not None
+        if self.round > 0 or self.steps_taken > 0:
+            self.guard_info["reference_after_steps"] = self.steps_taken
+            log.warning("%s: the float model's %s is measured after %d optimizer steps%s, not on the model as "
+                        "given: the contract is judged against that. Give the evaluation when you create the "
+                        "Fixer (evaluate=...) to judge against the float model itself", self.method,
+                        self.contract.metric, self.steps_taken, f" and {self.round} rounds" if self.round else "")
+        self.reference = self.measure()
         if not math.isfinite(self.reference):
             raise ContractError(f"the float model's {self.contract.metric} on the guard data is {self.reference}: "
                                 "the contract cannot be judged against it; check the evaluation")
-        n = info.get("examples")
+        n = self.guard_info.get("examples")
         log.info("%s: accuracy contract: %s (float model: %s = %.6g on %s)", self.method, self.contract.text(),
-                 self.contract.metric, self.reference, f"{n} guard examples" if n else info["source"])
+                 self.contract.metric, self.reference, self.guard_info["source"] if n else "your evaluation")
+
+    def top_up_guard(self, train_loader: Any) -> bool:
+        """When the contract's guard (a validation loader given to ``evaluate=``) holds fewer examples than the
+        contract needs to tell its tolerance from noise, add training examples from ``train_loader``, drawn
+        reproducibly from the config's seed (``contract.guard_from_train``; they stay in training, so they
+        understate what fixing costs on new data: more validation data judges better). Only before the first
+        round and optimizer step (the float model is measured again on the larger set). Returns whether
+        examples were added. ``pwfn.compress`` and both callbacks call it with their training loader."""
+        if self._guard_batches is None or self.round > 0 or self.steps_taken > 0:
+            return False
+        added = self._add_training_examples(train_loader)
+        if added and self.contract is not None:
+            self.reference = None
+            self._measure_reference()
+        return added
+
+    def _add_training_examples(self, train_loader: Any) -> bool:
+        info, cc = self.guard_info, self.cfg.contract
+        n, needed = info.get("examples") or 0, info.get("needed") or 0
+        if self._guard_batches is None or n >= needed or not cc.guard_from_train or train_loader is None:
+            return False
+        extra, m = draw_examples(train_loader, needed - n, self.cfg.seed, self.adapter)
+        if not m:
+            return False
+        self._guard_batches.extend(extra)
+        info.update(examples=n + m, batches=len(self._guard_batches), training_examples=m,
+                    source=f"{n} validation + {m} training examples")
+        log.info("%s: the validation data holds %d examples and the contract's guard needs %d to tell its tolerance "
+                 "from noise: it also scores %d training examples (drawn from seed %d; they stay in training, so "
+                 "they understate what fixing costs on new data: more validation data judges better)",
+                 self.method, n, needed, m, self.cfg.seed)
+        return True
 
     @property
     def has_evaluation(self) -> bool:
@@ -382,6 +433,7 @@ class Fixer:
 
     def _make_probe(self, evaluate: Evaluation) -> tuple[Callable[[], Any], dict[str, Any]]:
         """The contract's evaluation as a callable, and what it scores."""
+        self._guard_batches = None
         if callable(evaluate) and not hasattr(evaluate, "__iter__"):
             return evaluate, {"source": "your evaluate() callable", "examples": None}
         if not hasattr(evaluate, "__iter__"):
@@ -392,13 +444,9 @@ class Fixer:
         batches, n = take_examples(evaluate, needed, self.adapter)
         if not batches:
             raise ConfigError("evaluate= yielded no batch: the contract needs validation data")
-        info: dict[str, Any] = {"source": "validation", "examples": n, "batches": len(batches), "needed": needed}
-        if n < needed and self.contract is not None:
-            info["too_few"] = True
-            log.warning("%s: the contract's guard scores only %d examples; telling %s from noise needs %d, so small "
-                        "losses can pass unseen. Give it more validation data (pwfn.compress tops it up with training "
-                        "examples unless contract.guard_from_train=false)", self.method, n, self.contract.text(),
-                        needed)
+        info: dict[str, Any] = {"source": f"{n} validation examples", "examples": n, "batches": len(batches),
+                                "needed": needed}
+        self._guard_batches = batches
 
         def probe() -> dict[str, float]:
             device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
@@ -517,10 +565,18 @@ class Fixer:
         value = self.measure()
         row = self.history[-1]
         row["contract"]["after_training"] = value
-        row["contract"]["drop_after_training"] = c.drop(ref, value)
-        if c.holds(ref, value):
+        drop = row["contract"]["drop_after_training"] = c.drop(ref, value)
+        # paced: with a share f of the weights fixed, at most f ** pace of the allowance is spent, so the rounds
+        # left keep some (without training to recover, early rounds would otherwise spend it all)
+        allowed = c.max_drop * (self._fixed_count() / self.view.numel) ** self.cfg.contract.pace
+        row["contract"]["allowed_after_training"] = allowed
+        if math.isfinite(drop) and drop <= allowed * (1 + 1e-9) + 1e-12:
             self._settled = value
             self.caution = pending["level"]
+            if pending["extra"]:
+                log.warning("%s round %d: the contract was kept only with %d more power-of-two terms per value: the "
+                            "codebook is finer from here on (max_order %d)", self.method, self.round, pending["extra"],
+                            self.engine_config.max_order)
             return True
         self._restore(pending["snapshot"])
         self.history.pop()
@@ -533,8 +589,9 @@ class Fixer:
             raise ContractError(
                 f"{self.method} round {self.round + 1}: even after training, fixing "
                 f"{100 * pending['target']:.4g} % of the weights ({pending['setting']}) leaves {c.metric} at "
-                f"{value:.6g} against the float model's {ref:.6g} on the guard data, beyond the contract "
-                f"({c.text()}), and no more cautious setting is left. The model is left as it was before this "
+                f"{value:.6g} against the float model's {ref:.6g} on the guard data: a drop of {drop:.4g}, more "
+                f"than the {allowed:.4g} the contract ({c.text()}) leaves this far into the schedule "
+                f"(contract.pace), and no more cautious setting is left. The model is left as it was before this "
                 f"round ({100 * self._fixed_count() / self.view.numel:.4g} % fixed, within the contract). To go on: "
                 f"{self.method_impl.contract_tip()}, or allow a larger drop (contract.max_drop, now "
                 f"{c.max_drop:g} {c.drop_type})")
@@ -578,6 +635,12 @@ class Fixer:
         c, cc, view = self.contract, self.cfg.contract, self.view
         assert c is not None and self.reference is not None
         ref = self.reference
+        info = self.guard_info
+        if t == 0 and redo is None and info.get("examples") is not None and info["examples"] < info.get("needed", 0):
+            log.warning("%s: the contract's guard scores only %d examples; telling %s from noise needs %d, so small "
+                        "losses can pass unseen. Give it more validation data, or training examples to add "
+                        "(fixer.top_up_guard(train_loader); pwfn.compress and the callbacks do it unless "
+                        "contract.guard_from_train=false)", self.method, info["examples"], c.text(), info["needed"])
         if redo is not None:
             ladder, position, undone, before = redo["ladder"], redo["position"], redo["undone"], redo["before"]
         else:
@@ -624,6 +687,7 @@ class Fixer:
                 self.budget.merges_per_round.pop()
         if kept is None:
             self.engine_config = base_engine
+            most = self.method_impl.caution_text()
             self.method_impl.set_caution(self.caution)
             best = min(tries, key=lambda r: r["drop"] if math.isfinite(r["drop"]) else math.inf)
             raise ContractError(
@@ -631,16 +695,16 @@ class Fixer:
                 f"({c.text()}): at best {c.metric} = {best['value']:.6g} ({best['setting']}, "
                 f"{100 * best['fraction']:.4g} % fixed, {best['extra_terms']} more terms) against the float model's "
                 f"{ref:.6g} on the guard data, after {len(tries) + len(undone)} tries (down to "
-                f"{self.method_impl.caution_text()}, {len({x for _, x, _ in ladder}) - 1} smaller steps, "
+                f"{most}, {len({x for _, x, _ in ladder}) - 1} smaller steps, "
                 f"{max((e for _, _, e in ladder), default=0)} more power-of-two terms). The model is left as it was "
                 f"before this round ({100 * self._fixed_count() / n:.4g} % fixed, within the contract). To go on: "
                 f"{self.method_impl.contract_tip()}, or allow a larger drop (contract.max_drop, now "
                 f"{c.max_drop:g} {c.drop_type})")
         if extra:
             self.extra_terms = extra_before + extra
-            log.warning("%s round %d: the contract kept only with %d more power-of-two terms per value (max_order "
-                        "%d): the codebook is finer from here on", self.method, t + 1, extra,
-                        self.engine_config.max_order)
+            log.info("%s round %d: fixing with %d more power-of-two terms per value (max_order %d)%s", self.method,
+                     t + 1, extra, self.engine_config.max_order,
+                     ", kept if the training after it keeps the contract" if target < 1.0 else "")
         if target != frac:  # the rest of this round's weights follow in an extra round, after training
             self.fractions.insert(t, target)
             self.schedule_index.insert(t, origin)
@@ -656,6 +720,10 @@ class Fixer:
                              "undone": undone, "before": before}
         else:
             self.caution = level
+            if extra:
+                log.warning("%s round %d: the contract was kept only with %d more power-of-two terms per value: the "
+                            "codebook is finer from here on (max_order %d)", self.method, t + 1, extra,
+                            self.engine_config.max_order)
         value = tries[-1]["value"]
         record = {"reference": ref, "before": before, "value": value, "drop": c.drop(ref, value),
                   "caution": level, "setting": self.method_impl.caution_text(), "split": target != frac,
@@ -681,8 +749,13 @@ class Fixer:
     def _restore(self, snap: dict[str, Any]) -> None:
         self.model.load_state_dict(snap["model"])
         self.view.load_mask_state(snap["masks"], "snapshot")
+        known = set()
         for opt, state in snap["optimizers"]:
             opt.load_state_dict(state)
+            known.add(id(opt))
+        for opt in list(self._optimizers):  # first stepped after the snapshot: back to no state at all
+            if id(opt) not in known:
+                opt.state.clear()
         if self.budget is not None and snap["budget"] is not None:
             self.budget.merged_weights, merges = snap["budget"]
             self.budget.merges_per_round = list(merges)

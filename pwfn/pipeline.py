@@ -75,7 +75,6 @@ from .train import (
     rng_state,
     seed_everything,
     set_rng_state,
-    take_examples,
     train_epochs,
 )
 
@@ -384,8 +383,7 @@ class FixingRun:
                                    "history": state["history"],
                                    "config": state.get("config") or config_to_dict(self.cfg)}, str(ckpt))
             if fixer.contract is not None:
-                fixer.set_evaluation(*guard_data(fixer, self.val_loader, self.train_loader, self.cfg.seed),
-                                     reference=fixer.reference)
+                fixer.set_evaluation(self.val_loader, reference=fixer.reference, top_up=self.train_loader)
             optimizer = s.optimizer(model, view, None)
             if state.get("optimizer") is not None and s.keeps_optimizer:
                 optimizer.load_state_dict(state["optimizer"])
@@ -402,7 +400,7 @@ class FixingRun:
             log.info("%s: resuming at round %d of %d from %s", self.method, start_round, len(fixer.fractions), ckpt)
         else:
             if fixer.contract is not None:  # the float model on the guard data, before anything is written
-                fixer.set_evaluation(*guard_data(fixer, self.val_loader, self.train_loader, self.cfg.seed))
+                fixer.set_evaluation(self.val_loader, top_up=self.train_loader)
             self._write_config(view, engine_cfg)
             optimizer = s.optimizer(model, view, None)
             pre_metrics = {"initial": self._eval(model, self.val_loader)}
@@ -588,55 +586,6 @@ def _phase_steps(loader, epochs: float) -> Optional[int]:
     except TypeError:
         return None
     return max(1, math.ceil(epochs * per_epoch)) if per_epoch and epochs > 0 else None
-
-
-def guard_data(fixer: Fixer, val_loader, train_loader, seed: int) -> tuple[list, str]:
-    """The batches the accuracy contract judges every round on, and what they are, as ``compress`` picks them:
-    the validation set's first batches (at least the examples the contract needs), topped up with training
-    examples drawn reproducibly from ``seed`` when the validation set holds fewer
-    (``contract.guard_from_train``). Nothing else in the run changes (no random state is used up)."""
-    cc, contract = fixer.cfg.contract, fixer.contract
-    if contract is None:
-        raise ConfigError("guard_data needs a Fixer with a contract")
-    needed = contract.examples_needed(cc.guard_examples)
-    batches, n = take_examples(val_loader, needed, fixer.adapter)
-    source = f"{n} validation examples"
-    if n < needed and cc.guard_from_train and train_loader is not None:
-        extra, m = _training_examples(train_loader, needed - n, seed, fixer.adapter)
-        if m:
-            batches, source = batches + extra, f"{n} validation + {m} training examples"
-            log.info("%s: the validation set holds %d examples and the contract's guard needs %d to tell %s from "
-                     "noise: it also scores %d training examples (drawn from seed %d; they stay in training, so "
-                     "they understate what fixing costs on new data: more validation data judges better)",
-                     fixer.method, n, needed, contract.text(), m, seed)
-    return batches, source
-
-
-def _training_examples(loader, count: int, seed: int, adapter: BatchAdapter) -> tuple[list, int]:
-    """``count`` training examples for the contract's guard, drawn reproducibly from ``seed`` without touching
-    the run's random state: from the loader's map-style dataset when it has one (indices from a generator of
-    their own, batched with the loader's ``collate_fn``), else the loader's first batches (the global RNG and
-    the loader's own generator restored afterwards)."""
-    ds = getattr(loader, "dataset", None)
-    collate = getattr(loader, "collate_fn", None)
-    size = _dataset_size(loader)
-    state = rng_state()
-    try:
-        if size and collate is not None and not isinstance(ds, torch.utils.data.IterableDataset):
-            g = torch.Generator().manual_seed(int(seed) % 2**63)
-            idx = torch.randperm(size, generator=g)[:min(count, size)].tolist()
-            step = int(getattr(loader, "batch_size", None) or 256)
-            batches = [collate([ds[i] for i in idx[j:j + step]]) for j in range(0, len(idx), step)]
-            return batches, len(idx)
-        gen = getattr(loader, "generator", None)
-        saved = gen.get_state() if isinstance(gen, torch.Generator) else None
-        try:
-            return take_examples(loader, count, adapter)
-        finally:
-            if saved is not None:
-                gen.set_state(saved)
-    finally:
-        set_rng_state(state)
 
 
 def _dataset_size(loader) -> Optional[int]:

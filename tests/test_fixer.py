@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -200,13 +199,10 @@ def test_fixer_is_public():
 def test_compress_and_a_hand_written_fixer_loop_give_bit_identical_weights(method, loaders):
     """compress() runs its rounds on the Fixer: the same loop written by hand gives the same bits."""
     from pwfn.fixer import resolve_config
-    from pwfn.pipeline import guard_data
     from pwfn.train import (
         EpochCounter,
         evaluate,
-        rng_state,
         seed_everything,
-        set_rng_state,
         train_epochs,
     )
 
@@ -221,7 +217,7 @@ def test_compress_and_a_hand_written_fixer_loop_give_bit_identical_weights(metho
     seed_everything(3)  # what compress does with config seed 3
     fixer = Fixer(model, method=method, config=resolve_config(cfg))
     # the contract's guard data as compress picks it (validation, topped up with training examples)
-    fixer.set_evaluation(*guard_data(fixer, loaders.val, loaders.train, 3))
+    fixer.set_evaluation(loaders.val, top_up=loaders.train)
     s = fixer.method_impl
     opt = s.optimizer(fixer.model, fixer.view, None)
     counter = EpochCounter()

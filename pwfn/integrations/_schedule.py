@@ -54,6 +54,7 @@ class RoundSchedule:
         self.next_due: Optional[int] = None  # the optimizer step at which the next round is fixed
         self.round_steps = 0
         self.epochs = 0
+        self._rows_at_epoch_start = 0
         self._eval = contextlib.ExitStack()
 
     def epochs_needed(self) -> int:
@@ -62,8 +63,10 @@ class RoundSchedule:
         planned = self.warmup_epochs + self.epochs_per_round * max(len(self.fixer.fractions) - 1, 0)
         return max(1, math.ceil(planned - 1e-9))
 
-    def begin(self, steps_per_epoch: Any, step: int, fallback: Optional[Evaluation] = None) -> None:
-        """Training starts (no optimizer step taken yet in this fit): the contract's evaluation and float
+    def begin(self, steps_per_epoch: Any, step: int, fallback: Optional[Evaluation] = None,
+              train_loader: Any = None) -> None:
+        """Training starts (no optimizer step taken yet in this fit): the contract's evaluation (topped up with
+        ``train_loader``'s examples when the validation data is small, as ``compress`` does) and float
         reference, the steps per round, and round 1 when no warm-up is due."""
         fixer = self.fixer
         if fixer.contract is not None and not fixer.has_evaluation:
@@ -74,7 +77,9 @@ class RoundSchedule:
                     "evaluation: pass evaluate= (a validation DataLoader, or a callable returning "
                     f"{fixer.contract.metric}) to the Fixer or the callback, or give the trainer validation data; "
                     "or turn the contract off (Fixer(..., contract=False))")
-            fixer.set_evaluation(evaluation)
+            fixer.set_evaluation(evaluation, reference=fixer.reference, top_up=train_loader)
+        elif fixer.contract is not None and train_loader is not None:
+            fixer.top_up_guard(train_loader)
         try:
             spe = int(steps_per_epoch)
         except (TypeError, ValueError, OverflowError):
@@ -102,10 +107,11 @@ class RoundSchedule:
         return fixer.done
 
     def epoch_end(self, metrics: Optional[dict[str, Any]] = None) -> None:
-        """After a training epoch: its metrics go into the last round's row."""
+        """After a training epoch: its metrics go into the row of the round the epoch trained after."""
         self.epochs += 1
-        if metrics and self.fixer.history:
-            self.fixer.record(after_train=metrics)
+        rows = self._rows_at_epoch_start
+        if metrics and rows and rows <= len(self.fixer.history):
+            self.fixer.history[rows - 1].setdefault("after_train", {}).update(metrics)
 
     def end(self) -> None:
         """Training ended: rounds still open are fixed now, without training between them (each judged by the
@@ -120,6 +126,8 @@ class RoundSchedule:
                 self._fix()
 
     def train_mode(self) -> None:
+        """At a training epoch's start: the BatchNorm policy, and which round the epoch trains after."""
+        self._rows_at_epoch_start = len(self.fixer.history)
         apply_batchnorm_policy(self.fixer.model, self.fixer.cfg.batchnorm)
 
     def eval_begin(self) -> None:

@@ -55,7 +55,7 @@ class FixingTrainerCallback(TrainerCallback):
             steps = -(-len(train_dataloader) // accumulate)
         except TypeError:
             steps = None
-        self.schedule.begin(steps, int(state.global_step), fallback=eval_dataloader)
+        self.schedule.begin(steps, int(state.global_step), fallback=eval_dataloader, train_loader=train_dataloader)
         if self.fixer.done:
             control.should_training_stop = True
         return control

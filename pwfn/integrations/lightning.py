@@ -62,7 +62,9 @@ class FixingCallback(pl.Callback):
             steps = -(-int(batches) // accumulate)
         except (TypeError, ValueError, OverflowError):  # an iterable without a length: inf batches
             steps = None
-        self.schedule.begin(steps, int(trainer.global_step), fallback=val)
+        train = getattr(trainer, "train_dataloader", None)
+        self.schedule.begin(steps, int(trainer.global_step), fallback=val,
+                            train_loader=train if hasattr(train, "dataset") else None)
         if self.fixer.done:
             trainer.should_stop = True
 
