@@ -56,6 +56,7 @@ from .methods import get_method
 from .methods.base import Method, build_method
 from .metrics import expected_calibration_error, fixing_metrics, nll
 from .models import build_from_recipe
+from .ownership import METHOD, claim, mark
 from .plumbing import QuantView
 from .runlog import open_tensorboard, round_line, write_metrics_csv
 from .tasks import BatchAdapter, CustomTask, Task, resolve_task
@@ -369,6 +370,7 @@ class FixingRun:
         started = time.perf_counter()
         check_float_model(self.float_model)
         if self.run_dir is not None and self.dist.is_main:
+            claim(self.run_dir, METHOD, what="run_dir", advice="choose another run_dir")  # never into a foreign folder
             check_free(self.run_dir)  # another writer: fail now, before any work
         self._check_inputs()
         self._previous_manifest = manifest_or_none(self.run_dir) if self.run_dir is not None else None
@@ -474,6 +476,7 @@ class FixingRun:
         if self.run_dir is not None and self.dist.is_main:
             if self._lock is None:
                 self._lock = acquire(self.run_dir)
+            mark(self.run_dir, METHOD)
             remove_stale_temp_files(self.run_dir)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
             self._manifest = new_manifest(

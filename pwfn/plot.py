@@ -18,7 +18,11 @@ pixel size is known in advance (the tests check it). Files go to ``RUN_DIR/plots
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -53,15 +57,27 @@ def _pyplot():
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=DPI, format="png")
+        fig.savefig(buf, dpi=DPI, format="png")
     finally:
         import matplotlib.pyplot as plt
 
         plt.close(fig)  # pyplot keeps every figure until it is closed
-    tmp.replace(path)
+    # a new temp file (O_EXCL: never through a link planted in its place) renamed into place
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.getvalue())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return path
 
 
