@@ -25,6 +25,7 @@ import contextlib
 import copy
 import functools
 import logging
+import numbers
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -486,13 +487,63 @@ class Fixer:
         if diff:
             raise CheckpointError(f"{where} was written under other fixing settings ({'; '.join(diff[:4])}); "
                                   "resume with the same config or start over")
+        rounds = self._check_state(state, where)  # everything checked before anything is loaded
         load_state_dict_strict(self.model, state["model"], where)
         self.view.load_mask_state(state["masks"], where)
-        self.round = int(state["round"])
+        self.round = rounds
         self.history = list(state.get("history") or [])
         self.caution = next((int(row["guard"]["caution"]) for row in reversed(self.history) if "guard" in row), 0)
         self._extra = None
         self._refresh_active()
+
+    def _check_state(self, state: Mapping[str, Any], where: str) -> int:
+        """The rounds done a state says, once its rounds, fractions, history, masks and weights fit this
+        Fixer; a state that cannot be resumed (hand-edited, another run's) raises CheckpointError."""
+        n = len(self.fractions)
+        rounds = state.get("round")
+        if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or not 0 <= rounds <= n:
+            raise CheckpointError(f"{where} says {rounds!r} rounds are done, but this Fixer runs {n} rounds "
+                                  f"({self.fractions}): not a state it can resume")
+        rounds = int(rounds)
+        saved = state.get("fractions")
+        if saved is not None and (not isinstance(saved, (list, tuple)) or len(saved) != n
+                                  or any(isinstance(f, bool) or not isinstance(f, numbers.Real)
+                                         or abs(float(f) - g) > 1e-9 for f, g in zip(saved, self.fractions))):
+            raise CheckpointError(f"{where} was written for the fractions {saved!r}, this Fixer runs {self.fractions}: "
+                                  "resume with the same fractions or start over")
+        history = state.get("history") or []
+        if not isinstance(history, (list, tuple)) or not all(isinstance(r, Mapping) for r in history) \
+                or len(history) != rounds:
+            shown = len(history) if isinstance(history, (list, tuple)) else type(history).__name__
+            raise CheckpointError(f"{where} holds a history of {shown} round rows for {rounds} rounds done: "
+                                  "it was edited or is damaged")
+        if not isinstance(state.get("model"), Mapping):
+            raise CheckpointError(f"{where} holds no model weights")
+        params = {name for name, _ in self.model.named_parameters()}
+        for key, t in state["model"].items():
+            if key in params and isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) \
+                    and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{where}: the weight {key!r} holds NaN/inf values: it cannot be resumed")
+        masks = state.get("masks")
+        if not isinstance(masks, Mapping) or not all(isinstance(m, torch.Tensor) for m in masks.values()):
+            raise CheckpointError(f"{where} holds no fixed masks (a mapping of tensor name to a bool mask)")
+        slots = {slot.name: slot for slot in self.view.slots}
+        if set(masks) != set(slots):
+            extra, missing = sorted(set(masks) - set(slots)), sorted(set(slots) - set(masks))
+            raise CheckpointError(f"{where}'s fixed masks do not fit this model's quantised tensors (unexpected "
+                                  f"{extra[:3]}, missing {missing[:3]})")
+        fixed = total = 0
+        for name, m in masks.items():
+            want = tuple(slots[name].value.shape)
+            if m.dtype != torch.bool or tuple(m.shape) != want:
+                raise CheckpointError(f"{where}'s fixed mask for {name} has shape {tuple(m.shape)} / {m.dtype}, "
+                                      f"expected {want} / bool")
+            fixed += int(m.sum())
+            total += m.numel()
+        if (rounds == 0 and fixed) or (rounds == n and fixed != total):
+            raise CheckpointError(f"{where} says {rounds} of {n} rounds are done but fixes {fixed} of {total} "
+                                  "weights: its masks and rounds disagree (edited or damaged)")
+        return rounds
 
     # -- the end ------------------------------------------------------------------------------
     def finalize(self) -> nn.Module:
