@@ -40,7 +40,7 @@ from torch.optim.optimizer import (
 )
 
 from .budget import plan_budget
-from .checks import check_float_model
+from .checks import check_float_model, check_materialized
 from .config import (
     RunConfig,
     apply_overrides,
@@ -150,6 +150,8 @@ class Fixer:
         if not isinstance(model, nn.Module):
             raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._closed = True  # until the hooks are in place (close() and __del__ of a refused Fixer do nothing)
+        # a Fixer sees no data: lazy modules must have run a forward pass (pwfn.compress runs the first batch)
+        check_materialized(model, lazy_ok=False)
         if inplace:
             _refuse_held(model)
         self.cfg = resolve_config(config, overrides)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checks import check_first_batch, check_float_model
+from .checks import check_first_batch, check_float_model, check_materialized
 from .config import RunConfig, config_diff, config_to_dict, dump_config
 from .distributed import DistContext, init_distributed, resolve_device
 from .engine import EngineConfig
@@ -592,7 +592,8 @@ def save_point_model(model: nn.Module, folder: Path, recipe: Optional[dict], **d
     full = model.state_dict()
     shared = shared_keys(full)  # a tied tensor is stored once; the description records its other names
     state = {k: v.detach().cpu().contiguous() for k, v in full.items() if k not in shared}
-    return write_point_model(folder, state, recipe, shared=shared, **description)
+    buffers = sorted(k for k, _ in model.named_buffers() if k in state)  # may hold inf (masks); weights may not
+    return write_point_model(folder, state, recipe, shared=shared, buffers=buffers, **description)
 
 
 def _engine_record(engine_cfg: EngineConfig) -> dict[str, Any]:
@@ -681,6 +682,7 @@ def compress(
     cfg = resolve_config(config, overrides)
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_materialized(model, lazy_ok=True)  # a meta model cannot move to the device; lazy ones meet the first batch
     if loss is not None:
         if task is not None:
             raise ConfigError("pass either task= or loss= (a loss makes a custom task), not both")

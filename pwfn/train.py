@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from tqdm.auto import tqdm
 
 import bayes
@@ -83,14 +84,27 @@ def _has_nonfinite(obj: Any) -> bool:
 
 
 def first_nonfinite_weight(model: nn.Module) -> Optional[str]:
-    """The first layer (module order) holding a NaN/inf parameter or floating buffer, described."""
+    """The first layer (module order) holding a NaN/inf parameter or a NaN buffer, described.
+
+    Weights (parameters) must be finite. A buffer may hold infinities (an attention mask of -inf, as
+    ``nn.Transformer.generate_square_subsequent_mask`` makes, or a clamp bound), never a NaN (diverged
+    running statistics). Lazy tensors not yet materialized hold no values and are skipped.
+    """
     for mname, module in model.named_modules():
-        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        for pname, t in tensors:
-            if _has_nonfinite(t):
-                bad = int((~torch.isfinite(t.detach())).sum())
-                return (f"layer {mname or '<model>'!r} ({type(module).__name__}) holds non-finite weights: "
-                        f"{pname} has {bad} of {t.numel()} entries NaN/inf")
+        for kind, tensors in (("weights", module.named_parameters(recurse=False)),
+                              ("buffer", module.named_buffers(recurse=False))):
+            for pname, t in tensors:
+                if is_lazy(t) or t.is_meta or not (t.is_floating_point() or t.is_complex()):
+                    continue
+                if kind == "weights" and _has_nonfinite(t):
+                    bad = int((~torch.isfinite(t.detach())).sum())
+                    return (f"layer {mname or '<model>'!r} ({type(module).__name__}) holds non-finite weights: "
+                            f"{pname} has {bad} of {t.numel()} entries NaN/inf")
+                if kind == "buffer" and bool(torch.isnan(t.detach()).any()):
+                    bad = int(torch.isnan(t.detach()).sum())
+                    return (f"layer {mname or '<model>'!r} ({type(module).__name__}) holds a NaN buffer: "
+                            f"{pname} has {bad} of {t.numel()} entries NaN (infinities are allowed in buffers, "
+                            "e.g. attention masks; a NaN is not)")
     return None
 
 
