@@ -22,6 +22,7 @@ import contextlib
 import io
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,10 +57,31 @@ def _pyplot():
     return plt
 
 
+#: every picture pwfn draws says so in its PNG metadata; an existing file without it is never replaced
+_SOFTWARE = "pwfn (matplotlib)"
+_MARK = b"Software\x00" + _SOFTWARE.encode()
+
+
+def _foreign_picture(path: Path) -> Optional[str]:
+    """None when ``path`` is free or a picture pwfn drew (it may be replaced), else what it is instead."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 12)  # the metadata chunk comes right after the header
+    except OSError as exc:
+        return f"cannot be read ({exc})"
+    return None if _MARK in head else "is not a picture pwfn drew"
+
+
 def _save(fig: Any, path: Path) -> Path:
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, dpi=DPI, format="png")
+        fig.savefig(buf, dpi=DPI, format="png", metadata={"Software": _SOFTWARE})
     finally:
         import matplotlib.pyplot as plt
 
@@ -217,6 +239,13 @@ def plot_run_dir(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = No
     _pyplot()  # a clear error before any work when matplotlib is missing
     target = Path(out) if out is not None else folder / "plots"
     methods = {name: read_method(path) for name, path in method_folders(folder).items()}
+    if out is not None:  # a folder of the user's: replace only pictures pwfn drew (its own plots/ folder is pwfn's)
+        names = ["rounds.png", "compare.png"] + [f"{k}_{m}.png" for m in methods for k in ("weights", "layers")]
+        for name in names:
+            problem = _foreign_picture(target / name)
+            if problem is not None:
+                raise PwfnError(f"{str(target / name)!r} exists and {problem}: pwfn never replaces a file it did not "
+                                "write. Choose another --out, or move the file away")
     written: list[Path] = []
 
     def keep(p: Optional[Path]) -> None:

@@ -324,3 +324,24 @@ def test_a_link_planted_at_a_picture_temp_name_is_never_written_through(finished
     written = plot_run_dir(finished / "pwfn", out)
     assert written and victim.read_text() == "precious"
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
+def test_pictures_never_replace_a_file_pwfn_did_not_draw(finished, tmp_path):
+    pytest.importorskip("matplotlib")
+    from pwfn.errors import PwfnError
+    from pwfn.plot import plot_run_dir
+
+    out = tmp_path / "pictures"
+    out.mkdir()
+    (out / "rounds.png").write_bytes(b"\x89PNG my holiday picture")
+    with pytest.raises(PwfnError, match="rounds.png' exists and is not a picture pwfn drew"):
+        plot_run_dir(finished / "pwfn", out)
+    assert sorted(p.name for p in out.iterdir()) == ["rounds.png"]  # nothing drawn, nothing replaced
+    (out / "rounds.png").unlink()
+    (out / "rounds.png").symlink_to(_victim_file(tmp_path))
+    with pytest.raises(PwfnError, match="not a regular file"):
+        plot_run_dir(finished / "pwfn", out)
+    (out / "rounds.png").unlink()
+    first = plot_run_dir(finished / "pwfn", out)
+    again = plot_run_dir(finished / "pwfn", out)  # its own pictures are redrawn
+    assert first == again and all(p.stat().st_size > 1000 for p in again)
