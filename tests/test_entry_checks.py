@@ -234,3 +234,19 @@ def test_an_edited_trainer_checkpoint_state_is_refused():
     assert other.fixer.round == 1
     fixer.close()
     other.fixer.close()
+
+
+def test_an_edited_run_checkpoint_is_refused_on_resume_before_anything_is_written(tmp_path):
+    from pwfn.io import load_checkpoint, save_checkpoint
+
+    loader = DataLoader(TensorDataset(*_data()), batch_size=32)
+    run = tmp_path / "run"
+    pwfn.compress(_net(), loader, loader, method="wfn", config=CFG, run_dir=run)
+    ckpt = load_checkpoint(run / "checkpoint.pt", kind="run-wfn")
+    ckpt["next_round"] = 99
+    save_checkpoint(run / "checkpoint.pt", ckpt, kind="run-wfn")  # checksummed again: only the state is wrong
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".pwfn.lock"}
+    with pytest.raises(CheckpointError, match="99 rounds are done, but this Fixer runs 2 rounds"):
+        pwfn.compress(_net(), loader, loader, method="wfn", config=CFG, run_dir=run)
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".pwfn.lock"}
+    assert after == before

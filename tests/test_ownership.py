@@ -345,3 +345,14 @@ def test_pictures_never_replace_a_file_pwfn_did_not_draw(finished, tmp_path):
     first = plot_run_dir(finished / "pwfn", out)
     again = plot_run_dir(finished / "pwfn", out)  # its own pictures are redrawn
     assert first == again and all(p.stat().st_size > 1000 for p in again)
+
+
+def test_pwfn_export_never_writes_through_a_link_planted_at_the_lock(finished, tmp_path, capsys):
+    """The issue's attack: a symlink at the run folder's lock made `pwfn export` overwrite its target."""
+    run = _copy(finished, tmp_path)
+    victim = _victim_file(tmp_path)
+    (run / LOCK_FILE).unlink(missing_ok=True)
+    (run / LOCK_FILE).symlink_to(victim)
+    rc, err = _cli(capsys, ["export", str(run / "pwfn")])
+    assert rc == 2 and "lock file" in err and "symbolic link" in err, err
+    assert victim.read_text() == "precious" and not (run / "pwfn" / "export").exists()
