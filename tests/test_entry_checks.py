@@ -250,3 +250,48 @@ def test_an_edited_run_checkpoint_is_refused_on_resume_before_anything_is_writte
         pwfn.compress(_net(), loader, loader, method="wfn", config=CFG, run_dir=run)
     after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".pwfn.lock"}
     assert after == before
+
+
+class _TwoRanks:
+    """This rank of a two-rank run whose other rank holds the same batches, or (``peer_bad``) a bad label."""
+
+    enabled, world_size, rank, is_main = True, 2, 0, True
+
+    def __init__(self, peer_bad: bool) -> None:
+        self.peer_bad = peer_bad
+        self.keys = None
+        self.flags: list[float] = []
+
+    def all_reduce_sum(self, values):
+        out = [2 * float(v) for v in values]
+        if self.keys is not None:  # an evaluation's sums, over the union of both ranks' keys (sorted)
+            if self.peer_bad:
+                out[self.keys.index("bad targets")] = float(values[self.keys.index("bad targets")]) + 1.0
+            self.keys = None
+        elif len(values) == 3:  # the training step's (loss, count, bad-targets flag)
+            self.flags.append(float(values[2]))
+            out[2] = float(values[2]) + float(self.peer_bad)
+        return out
+
+    def all_gather_tensors(self, t):
+        peer = torch.tensor(list(b"bad targets"), dtype=torch.uint8) if self.peer_bad else t
+        mine = [k for k in bytes(t.tolist()).decode().split(",") if k]
+        self.keys = sorted(set(mine) | ({"bad targets"} if self.peer_bad else set()))
+        return [t, peer]
+
+
+@pytest.mark.parametrize("mine_bad", [True, False])
+def test_under_ddp_every_rank_stops_at_a_bad_label_together(mine_bad):
+    """A rank that finds a bad label does not raise alone (the others would wait for ever in the next
+    all-reduce): the flag rides on the step's all-reduce and every rank raises."""
+    loader = DataLoader(TensorDataset(*_data(bad_at=70 if mine_bad else None)), batch_size=32)
+    model = _net()
+    dist = _TwoRanks(peer_bad=not mine_bad)
+    needle = "labels range over" if mine_bad else "another rank's share"
+    with pytest.raises(DataError, match=needle):
+        train_epochs(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), 1.0, torch.device("cpu"),
+                     counter=EpochCounter(), progress=False, dist=dist)
+    # the bad batch's all-reduce carried the flag (batch 3 here, the other rank's at once): nobody is left waiting
+    assert dist.flags == ([0.0, 0.0, 1.0] if mine_bad else [0.0])
+    with pytest.raises(DataError, match="labels range over" if mine_bad else "another rank's evaluation data"):
+        evaluate(model, loader, torch.device("cpu"), dist)
