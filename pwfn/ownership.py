@@ -345,6 +345,35 @@ def _clear(dir_fd: int, path: Path, rule: _Rule, kept: list[str], top: bool, rel
     return True
 
 
+#: the calls relative to an open folder that keep a swapped-in link from being followed
+_FD_OPS = all(f in os.supports_dir_fd for f in (os.open, os.stat, os.unlink, os.rmdir)) and os.listdir in \
+    os.supports_fd
+
+
+def _clear_by_path(path: Path, rule: _Rule, kept: list[str], top: bool, rel: str = "") -> bool:
+    """:func:`_clear` by path, for platforms without relative calls: links are still never followed."""
+    left: list[str] = []
+    for name in os.listdir(path):
+        st = os.lstat(path / name)
+        if stat.S_ISREG(st.st_mode) and rule.files(name):
+            os.unlink(path / name)
+        elif stat.S_ISDIR(st.st_mode) and (sub := rule.folders(name, path / name)) is not None:
+            if _clear_by_path(path / name, sub, kept, top=False, rel=f"{rel}{name}/"):
+                os.rmdir(path / name)
+            else:
+                left.append(name)
+        elif name in rule.own and stat.S_ISREG(st.st_mode):
+            left.append(name)
+        else:
+            kept.append(rel + name + ("/" if stat.S_ISDIR(st.st_mode) else ""))
+            left.append(name)
+    if top or any(n not in rule.own for n in left):
+        return False
+    for name in left:
+        os.unlink(path / name)
+    return True
+
+
 def clear_run_folder(folder: PathLike) -> list[str]:
     """``--fresh``: delete what pwfn wrote in the run folder ``folder`` (its lock and marker stay);
     returns the entries kept because pwfn did not write them (logged as a warning).
@@ -356,11 +385,14 @@ def clear_run_folder(folder: PathLike) -> list[str]:
     if not folder.exists():
         return []
     kept: list[str] = []
-    fd = os.open(folder, _DIRFLAGS)
-    try:
-        _clear(fd, folder, _RUN, kept, top=True)
-    finally:
-        os.close(fd)
+    if _FD_OPS:
+        fd = os.open(folder, _DIRFLAGS)
+        try:
+            _clear(fd, folder, _RUN, kept, top=True)
+        finally:
+            os.close(fd)
+    else:  # platforms without *at() calls (Windows): by path, every entry lstat'ed
+        _clear_by_path(folder, _RUN, kept, top=True)
     if kept:
         shown = ", ".join(kept[:8]) + (f" (+{len(kept) - 8} more)" if len(kept) > 8 else "")
         log.warning("--fresh kept %d entr%s in %s that pwfn did not write: %s", len(kept),

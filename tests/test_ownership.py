@@ -189,8 +189,13 @@ def test_a_run_folder_written_before_the_marker_is_still_recognised(finished, tm
     assert folder_kind(run) is None
 
 
-def test_clear_run_folder_tree(tmp_path):
-    """Unit check of what --fresh deletes: pwfn's names and types only, links never followed."""
+@pytest.mark.parametrize("by_path", [False, True], ids=["dir-fds", "by-path"])
+def test_clear_run_folder_tree(by_path, tmp_path, monkeypatch):
+    """Unit check of what --fresh deletes: pwfn's names and types only, links never followed (through
+    directory fds, and by path as on platforms without them)."""
+    import pwfn.ownership
+
+    monkeypatch.setattr(pwfn.ownership, "_FD_OPS", not by_path)
     victim = _victim(tmp_path)
     before_victim = _tree(victim)
     run = tmp_path / "run"
