@@ -145,7 +145,7 @@ def _is_export_folder(folder: Path) -> bool:
     return obj is not None and obj.get("format") == "pwfn-export"
 
 
-def _config_names(folder: Path) -> Optional[str]:
+def _config_name(folder: Path) -> Optional[str]:
     """The ``name:`` a pwfn-written ``config.yaml`` starts with (its first line), or None."""
     data = _read_small(folder / "config.yaml", 1 << 20)
     if data is None:
@@ -171,7 +171,7 @@ def folder_kind(folder: PathLike) -> Optional[str]:
         return EXPORT
     # a run that started from model.checkpoint has no baseline.pt: its own config.yaml (which
     # names the run) next to a method folder
-    if _config_names(folder) == folder.name and any(
+    if _config_name(folder) == folder.name and any(
             _is_real_dir(folder / m) and _is_method_folder(folder / m) for m in method_names()):
         return RUN
     return None
