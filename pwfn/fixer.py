@@ -25,6 +25,7 @@ import contextlib
 import copy
 import functools
 import logging
+import numbers
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from torch.optim.optimizer import (
 )
 
 from .budget import plan_budget
-from .checks import check_float_model
+from .checks import check_float_model, check_materialized
 from .config import (
     RunConfig,
     apply_overrides,
@@ -90,6 +91,34 @@ class Round:
     row: dict[str, Any] = field(default_factory=dict)
 
 
+# --------------------------------------------------------------------------------------------
+# one owner per model: the tensors every live Fixer holds
+
+#: id(tensor) -> (weak reference to the tensor, weak reference to the Fixer holding it)
+_HELD: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _holder(t: torch.Tensor) -> Optional[Fixer]:
+    """The live (not closed) Fixer holding ``t``, or None."""
+    entry = _HELD.get(id(t))
+    if entry is None or entry[0]() is not t:
+        return None
+    fixer = entry[1]()
+    return fixer if fixer is not None and not fixer._closed else None
+
+
+def _refuse_held(model: nn.Module) -> None:
+    """A model (or any of its tensors) a live Fixer holds cannot be taken by another (``inplace=True``)."""
+    for name, p in model.named_parameters():
+        other = _holder(p)
+        if other is not None:
+            raise ModelError(
+                f"the model's tensor {name!r} is held by a live pwfn.Fixer ({other.method}, {other.round} of "
+                f"{len(other.fractions)} rounds done): a second Fixer taking it (inplace=True) would move the weights "
+                "the first one fixed. Finish or close the first Fixer (fixer.finalize() or fixer.close()) before "
+                "giving the model to another, or let the second Fixer work on its own copy (inplace=False)")
+
+
 def _mask_grad(view_ref, slot: QuantSlot):
     def hook(grad: torch.Tensor) -> torch.Tensor:
         view = view_ref()
@@ -120,6 +149,11 @@ class Fixer:
                  steps_per_round: Optional[int] = None) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._closed = True  # until the hooks are in place (close() and __del__ of a refused Fixer do nothing)
+        # a Fixer sees no data: lazy modules must have run a forward pass (pwfn.compress runs the first batch)
+        check_materialized(model, lazy_ok=False)
+        if inplace:
+            _refuse_held(model)
         self.cfg = resolve_config(config, overrides)
         #: the method object (:mod:`pwfn.methods`); the Fixer talks to it only through its protocol
         self.method_impl: Method = build_method(method, self.cfg)
@@ -129,6 +163,9 @@ class Fixer:
         check_float_model(model)
         prepared = self.method_impl.prepare(model, inplace=inplace)
         self.model: nn.Module = prepared.to(device) if device is not None else prepared
+        # the tensors of the model this Fixer copied: an optimizer holding them (and none of fixer.model's)
+        # trains the original, not the model being fixed, and is refused at its first step
+        self._source: dict[int, weakref.ref] = {} if inplace else {id(p): weakref.ref(p) for p in model.parameters()}
         self.view = self.method_impl.view(self.model)
         self.coverage = self.method_impl.coverage
         self.engine_config = self.method_impl.engine_config()
@@ -146,10 +183,17 @@ class Fixer:
         self.caution = 0
         self.history: list[dict[str, Any]] = []
         self._extra = None
-        self._closed = False
         self._guard_warned = False
         self._active: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._saved: dict[int, FixedGuard] = {}  # per optimizer, between its step's pre and post hooks
+        # per optimizer: (weak ref, param-group sizes, _active version, the (tensor, mask) pairs it steps)
+        self._optimizers: dict[int, tuple[weakref.ref, tuple[int, ...], int, list]] = {}
+        self._version = 0
+        self._closed = False
+        self._held = [p for p in self.model.parameters()]
+        me_ref = weakref.ref(self)
+        for p in self._held:
+            _HELD[id(p)] = (weakref.ref(p), me_ref)
         self._install_hooks()
         if steps_per_round is not None:  # PWFN's budget-aware regulariser (pwfn.sigma_steps_reference)
             self.set_training_steps(steps_per_round)
@@ -180,13 +224,42 @@ class Fixer:
     def _refresh_active(self) -> None:
         """The (tensor, mask) pairs with fixed entries (mu and sigma); recomputed after every round."""
         self._active = [(p, m) for p, m in self.view.parameters_with_masks() if bool(m.any())]
+        self._version += 1
+
+    def _pairs_of(self, optimizer: torch.optim.Optimizer) -> list:
+        """The fixed (tensor, mask) pairs ``optimizer`` steps; worked out once per optimizer (again when its
+        parameter groups or the fixed entries change), so the step hook costs a lookup."""
+        key = id(optimizer)
+        sizes = tuple(len(group["params"]) for group in optimizer.param_groups)
+        entry = self._optimizers.get(key)
+        if entry is not None and entry[0]() is optimizer and entry[1] == sizes and entry[2] == self._version:
+            return entry[3]
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if entry is None or entry[0]() is not optimizer or entry[1] != sizes:  # a new optimizer, or new groups
+            self._check_optimizer(optimizer, ids)
+        pairs = [(p, m) for p, m in self._active if id(p) in ids]
+        if len(self._optimizers) > 64:  # forget optimizers that are gone
+            self._optimizers = {k: v for k, v in self._optimizers.items() if v[0]() is not None}
+        self._optimizers[key] = (weakref.ref(optimizer), sizes, self._version, pairs)
+        return pairs
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer, ids: set[int]) -> None:
+        """Refuse an optimizer that steps the model this Fixer copied instead of ``fixer.model``."""
+        stale = sum(1 for i in ids if i in self._source and self._source[i]() is not None)
+        if not stale:
+            return  # another model's optimizer (or this Fixer's own): not ours to judge
+        mine = sum(1 for p in self.model.parameters() if id(p) in ids)
+        raise ConfigError(
+            f"{type(optimizer).__name__} steps {stale} tensor(s) of the model this {self.method} Fixer copied"
+            + (f" (and {mine} of fixer.model's)" if mine else ", and none of fixer.model's")
+            + ": its updates would train the original, not the model being fixed, and the fixing would see no "
+            "training. Build the optimizer on the Fixer's model after creating the Fixer "
+            "(torch.optim.SGD(fixer.model.parameters(), ...)), or create the Fixer with inplace=True to fix your "
+            "model itself")
 
     @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self._active:
-            return
-        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        pairs = [(p, m) for p, m in self._active if id(p) in ids]
+        pairs = self._pairs_of(optimizer)
         if pairs:
             guard = FixedGuard(pairs)
             guard.before_step()
@@ -206,6 +279,11 @@ class Fixer:
             h.remove()
         self._grad_handles, self._opt_handles = [], []
         self._closed = True
+        for p in self._held:  # the model can be taken by another Fixer now
+            entry = _HELD.get(id(p))
+            if entry is not None and entry[1]() in (self, None):
+                del _HELD[id(p)]
+        self._held, self._optimizers = [], {}
 
     def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
         with contextlib.suppress(Exception):
@@ -411,13 +489,63 @@ class Fixer:
         if diff:
             raise CheckpointError(f"{where} was written under other fixing settings ({'; '.join(diff[:4])}); "
                                   "resume with the same config or start over")
+        rounds = self._check_state(state, where)  # everything checked before anything is loaded
         load_state_dict_strict(self.model, state["model"], where)
         self.view.load_mask_state(state["masks"], where)
-        self.round = int(state["round"])
+        self.round = rounds
         self.history = list(state.get("history") or [])
         self.caution = next((int(row["guard"]["caution"]) for row in reversed(self.history) if "guard" in row), 0)
         self._extra = None
         self._refresh_active()
+
+    def _check_state(self, state: Mapping[str, Any], where: str) -> int:
+        """The rounds done a state says, once its rounds, fractions, history, masks and weights fit this
+        Fixer; a state that cannot be resumed (hand-edited, another run's) raises CheckpointError."""
+        n = len(self.fractions)
+        rounds = state.get("round")
+        if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or not 0 <= rounds <= n:
+            raise CheckpointError(f"{where} says {rounds!r} rounds are done, but this Fixer runs {n} rounds "
+                                  f"({self.fractions}): not a state it can resume")
+        rounds = int(rounds)
+        saved = state.get("fractions")
+        if saved is not None and (not isinstance(saved, (list, tuple)) or len(saved) != n
+                                  or any(isinstance(f, bool) or not isinstance(f, numbers.Real)
+                                         or abs(float(f) - g) > 1e-9 for f, g in zip(saved, self.fractions))):
+            raise CheckpointError(f"{where} was written for the fractions {saved!r}, this Fixer runs {self.fractions}: "
+                                  "resume with the same fractions or start over")
+        history = state.get("history") or []
+        if not isinstance(history, (list, tuple)) or not all(isinstance(r, Mapping) for r in history) \
+                or len(history) != rounds:
+            shown = len(history) if isinstance(history, (list, tuple)) else type(history).__name__
+            raise CheckpointError(f"{where} holds a history of {shown} round rows for {rounds} rounds done: "
+                                  "it was edited or is damaged")
+        if not isinstance(state.get("model"), Mapping):
+            raise CheckpointError(f"{where} holds no model weights")
+        params = {name for name, _ in self.model.named_parameters()}
+        for key, t in state["model"].items():
+            if key in params and isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) \
+                    and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{where}: the weight {key!r} holds NaN/inf values: it cannot be resumed")
+        masks = state.get("masks")
+        if not isinstance(masks, Mapping) or not all(isinstance(m, torch.Tensor) for m in masks.values()):
+            raise CheckpointError(f"{where} holds no fixed masks (a mapping of tensor name to a bool mask)")
+        slots = {slot.name: slot for slot in self.view.slots}
+        if set(masks) != set(slots):
+            extra, missing = sorted(set(masks) - set(slots)), sorted(set(slots) - set(masks))
+            raise CheckpointError(f"{where}'s fixed masks do not fit this model's quantised tensors (unexpected "
+                                  f"{extra[:3]}, missing {missing[:3]})")
+        fixed = total = 0
+        for name, m in masks.items():
+            want = tuple(slots[name].value.shape)
+            if m.dtype != torch.bool or tuple(m.shape) != want:
+                raise CheckpointError(f"{where}'s fixed mask for {name} has shape {tuple(m.shape)} / {m.dtype}, "
+                                      f"expected {want} / bool")
+            fixed += int(m.sum())
+            total += m.numel()
+        if (rounds == 0 and fixed) or (rounds == n and fixed != total):
+            raise CheckpointError(f"{where} says {rounds} of {n} rounds are done but fixes {fixed} of {total} "
+                                  "weights: its masks and rounds disagree (edited or damaged)")
+        return rounds
 
     # -- the end ------------------------------------------------------------------------------
     def finalize(self) -> nn.Module:

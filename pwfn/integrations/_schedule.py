@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 from typing import Any, Optional
 
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..fixer import Fixer, apply_batchnorm_policy
 
 log = logging.getLogger(__name__)
+
+
+def whole_epochs(name: str, value: Any, least: int) -> int:
+    """``value`` as a whole number of epochs >= ``least``; anything else (a bool, a float, a string) is a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < least:
+        raise ConfigError(f"{name} must be a whole number of epochs >= {least}, got {value!r} "
+                          f"({type(value).__name__})")
+    return int(value)
 
 
 class RoundSchedule:
@@ -18,9 +27,8 @@ class RoundSchedule:
     def __init__(self, fixer: Fixer, epochs_per_round: int = 1, warmup_epochs: int = 0) -> None:
         if not isinstance(fixer, Fixer):
             raise ConfigError(f"expected a pwfn.Fixer, got {type(fixer).__name__}")
-        if epochs_per_round < 1 or warmup_epochs < 0:
-            raise ConfigError(f"epochs_per_round must be >= 1 and warmup_epochs >= 0 (got {epochs_per_round}, "
-                              f"{warmup_epochs})")
+        whole_epochs("epochs_per_round", epochs_per_round, 1)
+        whole_epochs("warmup_epochs", warmup_epochs, 0)
         self.fixer = fixer
         self.epochs_per_round = int(epochs_per_round)
         self.warmup_epochs = int(warmup_epochs)
@@ -76,7 +84,13 @@ class RoundSchedule:
         return {"fixer": state, "epochs": self.epochs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        where = "the trainer checkpoint's fixing state"
+        if not isinstance(state, dict) or not isinstance(state.get("fixer"), dict):
+            raise CheckpointError(f"{where} is not a pwfn fixing state (no 'fixer' mapping)")
+        epochs = state.get("epochs", 0)
+        if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
+            raise CheckpointError(f"{where} says {epochs!r} epochs were trained: not a whole number >= 0")
         fx = dict(state["fixer"])
         fx["model"] = self.fixer.model.state_dict()
-        self.fixer.load_state_dict(fx, "the trainer checkpoint's fixing state")
-        self.epochs = int(state.get("epochs", 0))
+        self.fixer.load_state_dict(fx, where)
+        self.epochs = int(epochs)

@@ -22,6 +22,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the extra
     raise ImportError("pwfn.integrations.huggingface needs transformers: pip install 'pwfn-compress[hf]'") from exc
 
+from ..errors import ConfigError
 from ..fixer import Fixer
 from ..tasks import BatchAdapter, Task, resolve_task
 from ._schedule import RoundSchedule
@@ -38,6 +39,11 @@ class FixingTrainerCallback(TrainerCallback):
         return self.schedule.epochs_needed()
 
     def on_train_begin(self, args, state, control, **kwargs):
+        model = kwargs.get("model")
+        if model is not None and not any(m is self.fixer.model for m in model.modules()):
+            raise ConfigError("the Trainer's model does not hold the Fixer's model, so training would not reach the "
+                              "weights being fixed: create the Fixer with inplace=True on the model you give the "
+                              "Trainer (or give the Trainer fixer.model)")
         self.schedule.start()
 
     def on_epoch_begin(self, args, state, control, **kwargs):

@@ -31,6 +31,8 @@ class FixingCallback(pl.Callback):
 
     def __init__(self, fixer: Fixer, epochs_per_round: int = 1, warmup_epochs: int = 0, add_loss_term: bool = True) -> None:
         self.schedule = RoundSchedule(fixer, epochs_per_round, warmup_epochs)
+        if not isinstance(add_loss_term, bool):
+            raise ConfigError(f"add_loss_term must be True or False, got {add_loss_term!r}")
         self.fixer = fixer
         self.add_loss_term = add_loss_term
 
