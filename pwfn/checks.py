@@ -11,14 +11,39 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from .errors import ConfigError, ModelError, PwfnError
 from .tasks import BatchAdapter, ClassificationTask, Task, map_tensors, to_device
 from .train import first_nonfinite_weight, rng_state, set_rng_state
 
 
+def check_materialized(model: nn.Module, *, lazy_ok: bool) -> None:
+    """Refuse a model whose tensors hold no values yet: on the meta device, or (unless ``lazy_ok``: the first
+    batch will materialize them) lazy modules that never ran a forward pass. Raises ``ModelError`` saying how."""
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    meta = [name for name, t in tensors if t.is_meta and not is_lazy(t)]
+    if meta:
+        more = f" (and {len(meta) - 3} more)" if len(meta) > 3 else ""
+        raise ModelError(
+            f"the model's tensors {meta[:3]}{more} are on the meta device: they have shapes but no values, so there "
+            "is nothing to fix. Materialize the model first: model.to_empty(device='cpu') (or your device), then "
+            "load its trained weights (model.load_state_dict(...)); or build it outside torch.device('meta')")
+    if lazy_ok:
+        return
+    lazy = [name for name, t in tensors if is_lazy(t)]
+    if lazy:
+        owners = sorted({type(m).__name__ for m in model.modules() if isinstance(m, nn.modules.lazy.LazyModuleMixin)})
+        raise ModelError(
+            f"the model's tensors {lazy[:3]} are not materialized yet (lazy modules {', '.join(owners) or '?'} that "
+            "never ran a forward pass), so their shapes and values are unknown. Run one forward pass on a batch of "
+            "your data first (with torch.no_grad(): model(x)); pwfn.compress does it with the first batch")
+
+
 def check_float_model(float_model: nn.Module) -> None:
-    """Refuse a model with a non-finite weight (naming it)."""
+    """Refuse a model with a non-finite weight (naming it), or one on the meta device. Lazy modules not yet
+    materialized are left to the first batch (see :func:`check_materialized`)."""
+    check_materialized(float_model, lazy_ok=True)
     bad = first_nonfinite_weight(float_model)
     if bad is not None:
         raise ModelError(f"the model to fix is not finite: {bad}. Fix the float model (or its checkpoint) first")
@@ -60,7 +85,8 @@ def check_first_batch(model: nn.Module, loader, device, what: str, *, required: 
     head = batch_head(batch, 16)
     inputs, targets = adapter.split(head)
     was_training = model.training
-    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    # (a lazy module's buffers have no values until this forward pass materializes them)
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers() if not is_lazy(v)}
     try:
         model.eval()
         with torch.no_grad():

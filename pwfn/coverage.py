@@ -82,7 +82,8 @@ def role_of(module: nn.Module, attr: str) -> str:
 
 @dataclass
 class TensorCoverage:
-    """One distinct parameter tensor and whether (and why not) it is quantised."""
+    """One distinct parameter tensor and whether (and why not) it is quantised. ``numel`` counts the real
+    values it stores (a complex entry is two), ``bytes`` its size in its own dtype."""
 
     name: str
     owner: str
@@ -162,7 +163,7 @@ class Coverage:
         log.info("%s: quantising %d of %d parameters (%.1f%%) in %d tensors", method, s["quantised_parameters"],
                  s["parameters"], 100 * s["share"], len(self.quantised))
         for t in self.left_float:
-            log.warning("%s: %s (%s, %d parameters) stays float: %s", method, t.name, t.owner_type, t.numel, t.reason)
+            log.warning("%s: %s (%s, %d values) stays float: %s", method, t.name, t.owner_type, t.numel, t.reason)
         for name, aliases in s["shared"].items():
             log.info("%s: %s is shared with %s: fixed once, stays shared", method, name, ", ".join(aliases))
 
@@ -204,7 +205,14 @@ def plan(
         roles = {role_of(m, a) for _, m, a in site.owners}
         role = "float" if "float" in roles else "norm" if "norm" in roles else "bias" if roles == {"bias"} else "weight"
         reason: Optional[str] = None
-        if not t.is_floating_point():
+        # values: the real numbers a tensor stores (a complex entry is two), so shares and sizes stay honest
+        values = t.numel() * (2 if t.is_complex() else 1)
+        dtype = str(t.dtype).replace("torch.", "")
+        if t.is_complex():
+            reason = (f"complex ({dtype}): pwfn's codebook is real, so it stays float ({t.numel()} entries = {values} "
+                      f"real values, {t.numel() * t.element_size()} bytes). To fix it, hold its real and imaginary "
+                      "parts as two real parameters and combine them with torch.complex(re, im) in forward")
+        elif not t.is_floating_point():
             reason = f"not floating point ({t.dtype})"
         elif exc and _matches(names + owner_names, exc):
             reason = f"excluded by a pattern in {exc}"
@@ -216,7 +224,7 @@ def plan(
             reason = f"normalisation-layer parameter (set {norms_option}=true to quantise it)"
         tensors.append(TensorCoverage(
             name=site.name, owner=site.module_name, owner_type=_owner_class(site.module).__name__, role=role,
-            numel=t.numel(), bytes=t.numel() * t.element_size(), dtype=str(t.dtype).replace("torch.", ""),
+            numel=values, bytes=t.numel() * t.element_size(), dtype=dtype,
             quantised=reason is None, reason=reason, aliases=list(site.aliases)))
     buf_n = buf_b = 0
     seen: set[int] = set()

@@ -13,7 +13,6 @@ import difflib
 import inspect
 import logging
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from .io import (
     save_checkpoint,
     to_jsonable,
 )
-from .lock import LOCK_FILE, RunLock, acquire, check_free
+from .lock import RunLock, acquire, check_free
 from .manifest import (
     file_fingerprint,
     load_json,
@@ -48,6 +47,7 @@ from .manifest import (
 )
 from .methods import get_method
 from .models import build_from_recipe, model_factory
+from .ownership import RUN, claim, clear_run_folder, mark
 from .pipeline import (
     BASELINE_SECTIONS,
     FixingResult,
@@ -183,8 +183,8 @@ def prepare_run(cfg: RunConfig, methods: tuple[str, ...] = (), *, resume: bool =
     the run folder at that point (after the checks, so a refused ``--fresh`` deletes nothing).
     """
     folder = _folder(cfg)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"the run folder {str(folder)!r} is a file, not a folder: choose another name or --out")
+    # a folder pwfn did not make (or a symlink, with --fresh) is refused before anything is read
+    claim(folder, RUN, fresh=fresh)
     dist = init_distributed(cfg.device)
     if dist.is_main:
         check_free(folder)  # another process writes this run folder: fail now, before loading anything
@@ -255,24 +255,14 @@ def prepare_run(cfg: RunConfig, methods: tuple[str, ...] = (), *, resume: bool =
         raise
 
 
-def _clear_folder(folder: Path) -> None:
-    """Delete everything in a run folder but its lock file (``--fresh``; the lock stays held)."""
-    for child in folder.iterdir():
-        if child.name == LOCK_FILE:
-            continue
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
-
-
 def _prepare_in_folder(cfg: RunConfig, dist: DistContext, loaders, recipe: dict, model: nn.Module, folder: Path,
                        base_state: Optional[dict], info: dict[str, Any], inputs: dict[str, Any],
                        lock: Optional[RunLock], fresh: bool) -> Prepared:
     base_path = folder / "baseline.pt"
     if dist.is_main:
-        if fresh:
-            _clear_folder(folder)
+        if fresh:  # only what pwfn wrote; the lock stays held
+            clear_run_folder(folder)
+        mark(folder, RUN)
         remove_stale_temp_files(folder)
         atomic_write_text(folder / "config.yaml", dump_config(cfg))
     if base_state is not None:

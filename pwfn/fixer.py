@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import logging
 import math
+import numbers
 import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from torch.optim.optimizer import (
 )
 
 from .budget import plan_budget
-from .checks import check_float_model
+from .checks import check_float_model, check_materialized
 from .config import (
     RunConfig,
     apply_overrides,
@@ -106,6 +107,34 @@ class Round:
     retry: bool = False
 
 
+# --------------------------------------------------------------------------------------------
+# one owner per model: the tensors every live Fixer holds
+
+#: id(tensor) -> (weak reference to the tensor, weak reference to the Fixer holding it)
+_HELD: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _holder(t: torch.Tensor) -> Optional[Fixer]:
+    """The live (not closed) Fixer holding ``t``, or None."""
+    entry = _HELD.get(id(t))
+    if entry is None or entry[0]() is not t:
+        return None
+    fixer = entry[1]()
+    return fixer if fixer is not None and not fixer._closed else None
+
+
+def _refuse_held(model: nn.Module) -> None:
+    """A model (or any of its tensors) a live Fixer holds cannot be taken by another (``inplace=True``)."""
+    for name, p in model.named_parameters():
+        other = _holder(p)
+        if other is not None:
+            raise ModelError(
+                f"the model's tensor {name!r} is held by a live pwfn.Fixer ({other.method}, {other.round} of "
+                f"{len(other.fractions)} rounds done): a second Fixer taking it (inplace=True) would move the weights "
+                "the first one fixed. Finish or close the first Fixer (fixer.finalize() or fixer.close()) before "
+                "giving the model to another, or let the second Fixer work on its own copy (inplace=False)")
+
+
 def _mask_grad(view_ref, slot: QuantSlot):
     def hook(grad: torch.Tensor) -> torch.Tensor:
         view = view_ref()
@@ -150,6 +179,11 @@ class Fixer:
                  adapter: Optional[BatchAdapter] = None, top_up: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._closed = True  # until the hooks are in place (close() and __del__ of a refused Fixer do nothing)
+        # a Fixer sees no data: lazy modules must have run a forward pass (pwfn.compress runs the first batch)
+        check_materialized(model, lazy_ok=False)
+        if inplace:
+            _refuse_held(model)
         self.cfg = resolve_config(config, overrides)
         #: the method object (:mod:`pwfn.methods`); the Fixer talks to it only through its protocol
         self.method_impl: Method = build_method(method, self.cfg)
@@ -164,6 +198,9 @@ class Fixer:
         check_float_model(model)
         prepared = self.method_impl.prepare(model, inplace=inplace)
         self.model: nn.Module = prepared.to(device) if device is not None else prepared
+        # the tensors of the model this Fixer copied: an optimizer holding them (and none of fixer.model's)
+        # trains the original, not the model being fixed, and is refused at its first step
+        self._source: dict[int, weakref.ref] = {} if inplace else {id(p): weakref.ref(p) for p in model.parameters()}
         self.view = self.method_impl.view(self.model)
         self.coverage = self.method_impl.coverage
         self.engine_config = self.method_impl.engine_config()
@@ -189,9 +226,16 @@ class Fixer:
         self._closed = False
         self._active: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._saved: dict[int, FixedGuard] = {}  # per optimizer, between its step's pre and post hooks
+        # per optimizer: (weak ref, param-group sizes, _active version, the (tensor, mask) pairs it steps,
+        # whether it steps this model at all)
+        self._optimizers: dict[int, tuple[weakref.ref, tuple[int, ...], int, list, bool]] = {}
+        self._version = 0
+        self._held = [p for p in self.model.parameters()]
+        me_ref = weakref.ref(self)
+        for p in self._held:
+            _HELD[id(p)] = (weakref.ref(p), me_ref)
         # optimizer steps on this model: counted, so a loop that never says its steps per round is learned
-        self._param_ids = {id(p) for p in self.model.parameters()}
-        self._holds: dict[int, tuple[int, bool]] = {}  # optimizer id -> (parameter count, holds ours)
+        self._param_ids = {id(p) for p in self._held}
         self.steps_taken = 0
         self._steps_at_round = 0
         self._steps_given = False
@@ -199,7 +243,7 @@ class Fixer:
         self._phase_steps: Optional[int] = None  # what the method was last told (set_training_steps)
         # the contract's evaluation and the float model's value on it
         self._evaluate: Optional[Callable[[], Any]] = None
-        self._optimizers: weakref.WeakSet = weakref.WeakSet()  # optimizers that stepped the model (a round undone)
+        self._stepped: weakref.WeakSet = weakref.WeakSet()  # optimizers that stepped the model (a round undone)
         self._pending: Optional[dict[str, Any]] = None  # the last round, awaiting its verdict after training
         self._redo: Optional[dict[str, Any]] = None  # the round to redo, and where its tries go on
         self._settled: Optional[float] = None  # the metric measured by the last settle() that kept a round
@@ -240,25 +284,47 @@ class Fixer:
     def _refresh_active(self) -> None:
         """The (tensor, mask) pairs with fixed entries (mu and sigma); recomputed after every round."""
         self._active = [(p, m) for p, m in self.view.parameters_with_masks() if bool(m.any())]
+        self._version += 1
 
-    def _optimizer_holds_model(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether ``optimizer`` steps any of this model's parameters (cached until its parameter count changes)."""
-        count = sum(len(group["params"]) for group in optimizer.param_groups)
-        known = self._holds.get(id(optimizer))
-        if known is None or known[0] != count:
-            holds = any(id(p) in self._param_ids for group in optimizer.param_groups for p in group["params"])
-            known = self._holds[id(optimizer)] = (count, holds)
-        return known[1]
+    def _pairs_of(self, optimizer: torch.optim.Optimizer) -> tuple[list, bool]:
+        """The fixed (tensor, mask) pairs ``optimizer`` steps, and whether it steps this model at all; worked
+        out once per optimizer (again when its parameter groups or the fixed entries change), so the step hook
+        costs a lookup."""
+        key = id(optimizer)
+        sizes = tuple(len(group["params"]) for group in optimizer.param_groups)
+        entry = self._optimizers.get(key)
+        if entry is not None and entry[0]() is optimizer and entry[1] == sizes and entry[2] == self._version:
+            return entry[3], entry[4]
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if entry is None or entry[0]() is not optimizer or entry[1] != sizes:  # a new optimizer, or new groups
+            self._check_optimizer(optimizer, ids)
+        pairs = [(p, m) for p, m in self._active if id(p) in ids]
+        holds = not self._param_ids.isdisjoint(ids)
+        if len(self._optimizers) > 64:  # forget optimizers that are gone
+            self._optimizers = {k: v for k, v in self._optimizers.items() if v[0]() is not None}
+        self._optimizers[key] = (weakref.ref(optimizer), sizes, self._version, pairs, holds)
+        return pairs, holds
+
+    def _check_optimizer(self, optimizer: torch.optim.Optimizer, ids: set[int]) -> None:
+        """Refuse an optimizer that steps the model this Fixer copied instead of ``fixer.model``."""
+        stale = sum(1 for i in ids if i in self._source and self._source[i]() is not None)
+        if not stale:
+            return  # another model's optimizer (or this Fixer's own): not ours to judge
+        mine = sum(1 for p in self.model.parameters() if id(p) in ids)
+        raise ConfigError(
+            f"{type(optimizer).__name__} steps {stale} tensor(s) of the model this {self.method} Fixer copied"
+            + (f" (and {mine} of fixer.model's)" if mine else ", and none of fixer.model's")
+            + ": its updates would train the original, not the model being fixed, and the fixing would see no "
+            "training. Build the optimizer on the Fixer's model after creating the Fixer "
+            "(torch.optim.SGD(fixer.model.parameters(), ...)), or create the Fixer with inplace=True to fix your "
+            "model itself")
 
     @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._optimizer_holds_model(optimizer):
+        pairs, holds = self._pairs_of(optimizer)
+        if holds:
             self.steps_taken += 1  # the loop's steps per round, learned (set_training_steps)
-            self._optimizers.add(optimizer)
-        if not self._active:
-            return
-        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        pairs = [(p, m) for p, m in self._active if id(p) in ids]
+            self._stepped.add(optimizer)
         if pairs:
             guard = FixedGuard(pairs)
             guard.before_step()
@@ -278,6 +344,11 @@ class Fixer:
             h.remove()
         self._grad_handles, self._opt_handles = [], []
         self._closed = True
+        for p in self._held:  # the model can be taken by another Fixer now
+            entry = _HELD.get(id(p))
+            if entry is not None and entry[1]() in (self, None):
+                del _HELD[id(p)]
+        self._held, self._optimizers = [], {}
 
     def __del__(self) -> None:  # pragma: no cover - best effort at interpreter exit
         with contextlib.suppress(Exception):
@@ -738,7 +809,7 @@ class Fixer:
         the masks, every optimizer that stepped the model, the budget, the caution and the RNG."""
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                 "masks": self.view.mask_state(),
-                "optimizers": [(opt, copy.deepcopy(opt.state_dict())) for opt in list(self._optimizers)],
+                "optimizers": [(opt, copy.deepcopy(opt.state_dict())) for opt in list(self._stepped)],
                 "budget": None if self.budget is None else (self.budget.merged_weights,
                                                            list(self.budget.merges_per_round)),
                 "fractions": (list(self.fractions), list(self.schedule_index)),
@@ -753,7 +824,7 @@ class Fixer:
         for opt, state in snap["optimizers"]:
             opt.load_state_dict(state)
             known.add(id(opt))
-        for opt in list(self._optimizers):  # first stepped after the snapshot: back to no state at all
+        for opt in list(self._stepped):  # first stepped after the snapshot: back to no state at all
             if id(opt) not in known:
                 opt.state.clear()
         if self.budget is not None and snap["budget"] is not None:
@@ -830,19 +901,11 @@ class Fixer:
         if diff:
             raise CheckpointError(f"{where} was written under other fixing settings ({'; '.join(diff[:4])}); "
                                   "resume with the same config or start over")
-        fractions, index = list(state.get("fractions") or []), list(state.get("schedule_index") or [])
-        planned = list(self.method_impl.fractions)
-        rnd = state.get("round")
-        if (len(fractions) != len(index) or not fractions or fractions[-1] != 1.0
-                or any(b <= a for a, b in zip(fractions, fractions[1:]))
-                or sorted(set(index)) != list(range(len(planned)))
-                or any(fractions[i] > planned[j] for i, j in enumerate(index))
-                or isinstance(rnd, bool) or not isinstance(rnd, int) or not 0 <= rnd <= len(fractions)):
-            raise CheckpointError(f"{where}: its rounds ({rnd} done of {fractions}) do not fit this method's schedule "
-                                  f"{planned}: the state is damaged or from another run")
+        rounds = self._check_state(state, where)  # everything checked before anything is loaded
         load_state_dict_strict(self.model, state["model"], where)
         self.view.load_mask_state(state["masks"], where)
-        self.fractions, self.schedule_index, self.round = fractions, index, rnd
+        self.fractions, self.schedule_index = list(state["fractions"]), list(state["schedule_index"])
+        self.round = rounds
         self.history = list(state.get("history") or [])
         self.caution = int(state.get("caution") or 0)
         self.method_impl.set_caution(self.caution)
@@ -873,6 +936,65 @@ class Fixer:
             if not self.done:
                 out["last_value"] = value
         return out
+
+    def _check_state(self, state: Mapping[str, Any], where: str) -> int:
+        """The rounds done a state says, once its rounds, fractions, history, masks and weights fit this
+        Fixer; a state that cannot be resumed (hand-edited, another run's) raises CheckpointError."""
+        planned = list(self.method_impl.fractions)
+        fractions, index = state.get("fractions"), state.get("schedule_index")
+        if (not isinstance(fractions, (list, tuple)) or not isinstance(index, (list, tuple)) or not fractions
+                or len(fractions) != len(index)
+                or any(isinstance(f, bool) or not isinstance(f, numbers.Real) for f in fractions)
+                or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in index)):
+            raise CheckpointError(f"{where} holds no schedule (fractions and the planned round of each): it was "
+                                  "written by an older pwfn or edited")
+        if (float(fractions[-1]) != 1.0 or any(b <= a for a, b in zip(fractions, fractions[1:]))
+                or any(b < a for a, b in zip(index, index[1:])) or sorted(set(index)) != list(range(len(planned)))
+                or any(float(fractions[k]) > planned[j] + 1e-9 for k, j in enumerate(index))
+                or any(abs(float(fractions[k]) - planned[j]) > 1e-9 for k, j in enumerate(index)
+                       if k + 1 == len(index) or index[k + 1] != j)):
+            raise CheckpointError(f"{where} was written for the fractions {list(fractions)!r}, which do not fit this "
+                                  f"Fixer's schedule {planned} (split rounds aside): resume with the same fractions "
+                                  "or start over")
+        n = len(fractions)
+        rounds = state.get("round")
+        if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or not 0 <= rounds <= n:
+            raise CheckpointError(f"{where} says {rounds!r} rounds are done, but its schedule has {n} rounds "
+                                  f"({list(fractions)}): not a state it can resume")
+        rounds = int(rounds)
+        history = state.get("history") or []
+        if not isinstance(history, (list, tuple)) or not all(isinstance(r, Mapping) for r in history) \
+                or len(history) != rounds:
+            shown = len(history) if isinstance(history, (list, tuple)) else type(history).__name__
+            raise CheckpointError(f"{where} holds a history of {shown} round rows for {rounds} rounds done: "
+                                  "it was edited or is damaged")
+        if not isinstance(state.get("model"), Mapping):
+            raise CheckpointError(f"{where} holds no model weights")
+        params = {name for name, _ in self.model.named_parameters()}
+        for key, t in state["model"].items():
+            if key in params and isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) \
+                    and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{where}: the weight {key!r} holds NaN/inf values: it cannot be resumed")
+        masks = state.get("masks")
+        if not isinstance(masks, Mapping) or not all(isinstance(m, torch.Tensor) for m in masks.values()):
+            raise CheckpointError(f"{where} holds no fixed masks (a mapping of tensor name to a bool mask)")
+        slots = {slot.name: slot for slot in self.view.slots}
+        if set(masks) != set(slots):
+            extra, missing = sorted(set(masks) - set(slots)), sorted(set(slots) - set(masks))
+            raise CheckpointError(f"{where}'s fixed masks do not fit this model's quantised tensors (unexpected "
+                                  f"{extra[:3]}, missing {missing[:3]})")
+        fixed = total = 0
+        for name, m in masks.items():
+            want = tuple(slots[name].value.shape)
+            if m.dtype != torch.bool or tuple(m.shape) != want:
+                raise CheckpointError(f"{where}'s fixed mask for {name} has shape {tuple(m.shape)} / {m.dtype}, "
+                                      f"expected {want} / bool")
+            fixed += int(m.sum())
+            total += m.numel()
+        if (rounds == 0 and fixed) or (rounds == n and fixed != total):
+            raise CheckpointError(f"{where} says {rounds} of {n} rounds are done but fixes {fixed} of {total} "
+                                  "weights: its masks and rounds disagree (edited or damaged)")
+        return rounds
 
     # -- the end ------------------------------------------------------------------------------
     def finalize(self) -> nn.Module:

@@ -14,12 +14,14 @@ import io
 import json
 import logging
 import os
+import re
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: every temp file :func:`atomic_write_bytes` creates matches this pattern (``.<name>.<random>.tmp``)
 TEMP_GLOB = ".*.tmp"
+#: ... and this one exactly (``mkstemp``'s 8 random characters): nothing else is ever taken for one
+TEMP_RE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 def _umask() -> int:
@@ -136,11 +140,19 @@ def _write_replace(path: Path, data: bytes) -> None:
 
 
 def stale_temp_files(folder: PathLike) -> list[Path]:
-    """Temp files that an interrupted :func:`atomic_write_bytes` (SIGKILL, power loss) left in ``folder``."""
+    """Temp files that an interrupted :func:`atomic_write_bytes` (SIGKILL, power loss) left in ``folder``:
+    regular files (never a link) named as it names them."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob(TEMP_GLOB) if p.is_file())
+    out = []
+    for p in folder.glob(TEMP_GLOB):
+        try:
+            if TEMP_RE.match(p.name) and stat.S_ISREG(os.lstat(p).st_mode):
+                out.append(p)
+        except OSError:
+            continue
+    return sorted(out)
 
 
 def remove_stale_temp_files(folder: PathLike) -> list[Path]:
@@ -204,6 +216,34 @@ def save_checkpoint(path: PathLike, payload: dict, *, kind: str) -> None:
          "sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
     ).encode()
     atomic_write_bytes(path, len(header).to_bytes(4, "little") + header + body)
+
+
+def checkpoint_kind(path: PathLike) -> Optional[str]:
+    """The ``kind`` in the header of a checkpoint :func:`save_checkpoint` wrote (``baseline``, ``run-pwfn``
+    ...), or None for anything else (no file, a link, a FIFO, another file). Reads the header only."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except (OSError, ValueError):
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        raw = os.read(fd, 4 + 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    n = int.from_bytes(raw[:4], "little")
+    if len(raw) < 4 + n or not 0 < n <= 4096:
+        return None
+    try:
+        header = json.loads(raw[4 : 4 + n].decode())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(header, dict) or header.get("magic") != _CHECKPOINT_MAGIC or not isinstance(header.get("kind"), str):
+        return None
+    return header["kind"]
 
 
 def load_checkpoint(path: PathLike, *, kind: str, map_location: Any = "cpu") -> dict:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import PwfnError
+from .errors import PwfnError, RunFileError
 from .methods import method_names
 
 LOCK_FILE = ".pwfn.lock"
@@ -36,6 +37,44 @@ except ImportError:  # pragma: no cover - Windows
 
 class RunFolderBusyError(PwfnError):
     """Another process is writing into this run folder."""
+
+
+#: the lock file is opened without following a symbolic link, and without blocking on a FIFO
+_OPEN_FLAGS = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_lock(path: Path, flags: int) -> int:
+    """An fd of the lock file at ``path``, only when it is a plain file of its own (not a link, folder,
+    FIFO or device, not a hard link to another file): writing holder info into anything else could
+    change a file pwfn did not make. Raises RunFileError saying what is in its place."""
+    try:
+        fd = os.open(path, flags | _OPEN_FLAGS, 0o644)
+    except OSError as exc:
+        if os.path.islink(path):
+            what = f"a symbolic link (to {os.readlink(path)!r})"
+        elif os.path.isdir(path):
+            what = "a folder"
+        else:
+            raise
+        raise RunFileError(_not_a_lock(path, what)) from exc
+    try:
+        st = os.fstat(fd)
+        problem = None
+        if not stat.S_ISREG(st.st_mode):
+            problem = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+        elif st.st_nlink != 1:
+            problem = f"a hard link to another file ({st.st_nlink} names)"
+        if problem is not None:
+            raise RunFileError(_not_a_lock(path, problem))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _not_a_lock(path: Path, what: str) -> str:
+    return (f"the lock file {str(path)!r} is {what}: pwfn's lock is a plain file it creates itself, and it never "
+            "writes through anything else. Remove it (it is not pwfn's) and run again")
 
 
 _held: dict[str, tuple[int, int]] = {}  # resolved folder -> (fd, depth)
@@ -93,11 +132,16 @@ def _unlock(fd: int) -> None:
 def holder_info(folder: Union[str, os.PathLike]) -> Optional[dict]:
     """What the lock file says about its (last) holder, or None."""
     try:
-        with open(Path(folder) / LOCK_FILE, "rb") as fh:
-            data = json.loads(fh.read(4096).decode("utf-8"))
+        fd = _open_lock(Path(folder) / LOCK_FILE, os.O_RDONLY)
+    except (OSError, PwfnError):
+        return None
+    try:
+        data = json.loads(os.read(fd, 4096).decode("utf-8"))
         return data if isinstance(data, dict) else None
     except (OSError, ValueError, RecursionError):
         return None
+    finally:
+        os.close(fd)
 
 
 def describe_holder(info: Optional[dict]) -> str:
@@ -117,8 +161,8 @@ def is_locked(folder: Union[str, os.PathLike]) -> Optional[dict]:
     if not folder.is_dir() or _key(folder) in _held:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = _open_lock(path, os.O_RDONLY)
+    except (OSError, PwfnError):  # no lock file, or not one pwfn made (acquire() refuses it, saying so)
         return None
     try:
         if _try_lock(fd):
@@ -180,7 +224,7 @@ def acquire(folder: Union[str, os.PathLike], what: str = "run folder") -> RunLoc
             fd, depth = _held[key]
             _held[key] = (fd, depth + 1)
             return RunLock(folder, owned=False)
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT)
         try:
             if not _try_lock(fd):
                 raise RunFolderBusyError(_busy_message(folder, holder_info(folder), what))

@@ -698,8 +698,14 @@ def read_point_model(folder: PathLike, manifest: Optional[Mapping] = None) -> tu
         if validate_recipe(desc.get("recipe"), where) != manifest.get("recipe"):
             raise DamagedPointModelError(f"{where} is damaged: the recipe in {POINT_MODEL_JSON} "
                                          f"({desc.get('recipe')!r}) differs from the run's ({manifest.get('recipe')!r}); {fix}")
+    buffers = set(_string_list(desc.get("buffers", []), f"{where}: 'buffers'"))
     for name, t in state.items():
-        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        if not (t.is_floating_point() or t.is_complex()) or not t.numel():
+            continue
+        if name in buffers:  # a buffer may hold inf (an attention mask), never NaN
+            if bool(torch.isnan(t).any()):
+                raise DamagedPointModelError(f"{where} is damaged: buffer {name!r} holds NaN; {fix}")
+        elif not bool(torch.isfinite(t).all()):
             raise DamagedPointModelError(f"{where} is damaged: tensor {name!r} holds NaN or inf; {fix}")
     if manifest is not None and manifest.get("codebook") is not None:
         cb = torch.tensor(manifest["codebook"], dtype=torch.float64)

@@ -179,7 +179,7 @@ class TensorSize:
     2^-b keeps its multiplication.
     """
 
-    numel: int
+    numel: int  # real values stored (a complex entry counts two)
     quantised: bool
     fp32_bytes: int
     fp16_bytes: int
@@ -254,6 +254,9 @@ def size_report(
     if missing:
         raise ValueError(f"quantised names not among the tensors: {sorted(missing)}")
     packed = dict(packed_bytes_per_tensor or {})
+    complex_q = sorted(n for n in q if tensors[n].is_complex())
+    if complex_q:
+        raise ValueError(f"quantised tensors hold real codebook values, but {complex_q[:3]} are complex")
 
     q_values = [tensors[n] for n in tensors if n in q]
     if q_values:
@@ -270,8 +273,8 @@ def size_report(
 
     per: dict[str, TensorSize] = {}
     for name, t in tensors.items():
-        numel = t.numel()
-        raw = numel * t.element_size()
+        numel = t.numel() * (2 if t.is_complex() else 1)  # real values: a complex entry is two
+        raw = t.numel() * t.element_size()
         common = dict(
             numel=numel,
             fp32_bytes=numel * 4,
@@ -280,13 +283,16 @@ def size_report(
             packed_bytes=packed.get(name),
         )
         if name not in q:
+            if t.is_complex():
+                kept = 2 * numel  # a complex entry is one complex product: 4 real multiplications
+            else:
+                kept = numel if t.is_floating_point() else 0  # a float value stays a real multiplication
             per[name] = TensorSize(
                 quantised=False,
                 fixed_width_bytes=float(raw),
                 entropy_bound_bytes=float(raw),
                 per_tensor_entropy_bound_bytes=float(raw),
-                # a float value stays a real multiplication (same per-stored-value model)
-                multiplications_kept=numel if t.is_floating_point() else 0,
+                multiplications_kept=kept,
                 **common,
             )
             continue
@@ -321,8 +327,9 @@ def size_report(
         global_entropy_bits=h_global,
         notes={
             "arithmetic": "per stored value: zero skipped; n terms -> n shifts + n-1 adds; every value of a "
-                          "float (unquantised) tensor keeps its multiplication",
+                          "float (unquantised) tensor keeps its multiplication (a complex entry its 4 real ones)",
             "unquantised": "fixed-width and entropy-bound fields are the raw bytes",
+            "values": "numel counts real values: a complex entry is two (fp32/fp16 bytes: 8/4 per complex64 entry)",
         },
     )
 

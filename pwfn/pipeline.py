@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checks import check_first_batch, check_float_model
+from .checks import check_first_batch, check_float_model, check_materialized
 from .config import RunConfig, config_diff, config_to_dict, dump_config
 from .contract import ContractSpec
 from .distributed import DistContext, init_distributed, resolve_device
@@ -64,6 +64,7 @@ from .methods import get_method
 from .methods.base import Method, build_method
 from .metrics import expected_calibration_error, fixing_metrics, nll
 from .models import build_from_recipe
+from .ownership import METHOD, claim, mark
 from .plumbing import QuantView
 from .runlog import open_tensorboard, round_line, write_metrics_csv
 from .tasks import BatchAdapter, CustomTask, Task, WithMetrics, resolve_task
@@ -344,6 +345,7 @@ class FixingRun:
         started = time.perf_counter()
         check_float_model(self.float_model)
         if self.run_dir is not None and self.dist.is_main:
+            claim(self.run_dir, METHOD, what="run_dir", advice="choose another run_dir")  # never into a foreign folder
             check_free(self.run_dir)  # another writer: fail now, before any work
         self._check_inputs()
         self._previous_manifest = manifest_or_none(self.run_dir) if self.run_dir is not None else None
@@ -379,7 +381,7 @@ class FixingRun:
             if not isinstance(extras, dict):
                 raise CheckpointError(f"{str(ckpt)!r} holds no fixing state of the accuracy contract: it was written by "
                                       "an older pwfn; start this method over with --fresh")
-            fixer.load_state_dict({**extras, "model": state["model"], "masks": state["masks"],
+            fixer.load_state_dict({**extras, "round": state["next_round"], "model": state["model"], "masks": state["masks"],
                                    "history": state["history"],
                                    "config": state.get("config") or config_to_dict(self.cfg)}, str(ckpt))
             if fixer.contract is not None:
@@ -490,6 +492,7 @@ class FixingRun:
         if self.run_dir is not None and self.dist.is_main:
             if self._lock is None:
                 self._lock = acquire(self.run_dir)
+            mark(self.run_dir, METHOD)
             remove_stale_temp_files(self.run_dir)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
             self._manifest = new_manifest(
@@ -602,7 +605,8 @@ def save_point_model(model: nn.Module, folder: Path, recipe: Optional[dict], **d
     full = model.state_dict()
     shared = shared_keys(full)  # a tied tensor is stored once; the description records its other names
     state = {k: v.detach().cpu().contiguous() for k, v in full.items() if k not in shared}
-    return write_point_model(folder, state, recipe, shared=shared, **description)
+    buffers = sorted(k for k, _ in model.named_buffers() if k in state)  # may hold inf (masks); weights may not
+    return write_point_model(folder, state, recipe, shared=shared, buffers=buffers, **description)
 
 
 def _engine_record(engine_cfg: EngineConfig) -> dict[str, Any]:
@@ -704,6 +708,7 @@ def compress(
     cfg = resolve_config(config, overrides)
     if not isinstance(model, nn.Module):
         raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    check_materialized(model, lazy_ok=True)  # a meta model cannot move to the device; lazy ones meet the first batch
     if loss is not None:
         if task is not None:
             raise ConfigError("pass either task= or loss= (a loss makes a custom task), not both")

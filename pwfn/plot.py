@@ -18,7 +18,12 @@ pixel size is known in advance (the tests check it). Files go to ``RUN_DIR/plots
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
+import os
+import stat
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -52,16 +57,49 @@ def _pyplot():
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+#: every picture pwfn draws says so in its PNG metadata; an existing file without it is never replaced
+_SOFTWARE = "pwfn (matplotlib)"
+_MARK = b"Software\x00" + _SOFTWARE.encode()
+
+
+def _foreign_picture(path: Path) -> Optional[str]:
+    """None when ``path`` is free or a picture pwfn drew (it may be replaced), else what it is instead."""
     try:
-        fig.savefig(tmp, dpi=DPI, format="png")
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 12)  # the metadata chunk comes right after the header
+    except OSError as exc:
+        return f"cannot be read ({exc})"
+    return None if _MARK in head else "is not a picture pwfn drew"
+
+
+def _save(fig: Any, path: Path) -> Path:
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, dpi=DPI, format="png", metadata={"Software": _SOFTWARE})
     finally:
         import matplotlib.pyplot as plt
 
         plt.close(fig)  # pyplot keeps every figure until it is closed
-    tmp.replace(path)
+    # a new temp file (O_EXCL: never through a link planted in its place) renamed into place
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.getvalue())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return path
 
 
@@ -201,6 +239,13 @@ def plot_run_dir(run_dir: Union[str, Path], out: Optional[Union[str, Path]] = No
     _pyplot()  # a clear error before any work when matplotlib is missing
     target = Path(out) if out is not None else folder / "plots"
     methods = {name: read_method(path) for name, path in method_folders(folder).items()}
+    if out is not None:  # a folder of the user's: replace only pictures pwfn drew (its own plots/ folder is pwfn's)
+        names = ["rounds.png", "compare.png"] + [f"{k}_{m}.png" for m in methods for k in ("weights", "layers")]
+        for name in names:
+            problem = _foreign_picture(target / name)
+            if problem is not None:
+                raise PwfnError(f"{str(target / name)!r} exists and {problem}: pwfn never replaces a file it did not "
+                                "write. Choose another --out, or move the file away")
     written: list[Path] = []
 
     def keep(p: Optional[Path]) -> None:

@@ -173,7 +173,7 @@ def layer_table(method: Mapping[str, Any]) -> list[dict[str, Any]]:
         layer = name.rsplit(".", 1)[0] if "." in name else name
         row = layers.setdefault(layer, {"layer": layer, "params": 0, "quantised": 0, "values": {},
                                         "packed_bytes": 0, "packed_known": True, "fp32_bytes": 0})
-        n = int(arr.size)
+        n = int(arr.size) * (2 if arr.dtype.kind == "c" else 1)  # real values: a complex entry is two
         row["params"] += n
         row["fp32_bytes"] += 4 * n
         if name in quantised:

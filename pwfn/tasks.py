@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 Batch = Any
 
@@ -211,9 +211,33 @@ class Task:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ConfigError(f"the {self.name} loss on the {where}'s first batch is not a scalar tensor")
 
+    def check_targets(self, outputs: torch.Tensor, targets: Any, where: str) -> None:
+        """Raise ``DataError`` naming ``where`` (e.g. "the training data's batch 38 (...)") when a later batch's targets
+        cannot fit the outputs (a label beyond the model's classes ...). The loops call it on every batch
+        with targets still on the CPU (no device synchronisation), and on a loss that failed."""
+
     def describe(self) -> dict[str, Any]:
         """Name, primary metric and its direction, for reports."""
         return {"name": self.name, "primary": self.primary, "higher_is_better": self.higher_is_better}
+
+
+def _label_range(targets: torch.Tensor, classes: int, where: str, what: str, outputs: str,
+                 ignore: Optional[int] = None) -> None:
+    """``DataError`` when integer ``targets`` (``ignore`` aside) fall outside ``[0, classes)``."""
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool or not targets.numel():
+        return
+    t = targets.detach()
+    if ignore is not None:
+        t = t[t != ignore]
+        if not t.numel():
+            return
+    lo, hi = (int(v) for v in torch.aminmax(t))
+    if lo < 0 or hi >= classes:
+        raise DataError(f"{where}: its {what} range over [{lo}, {hi}], but the model outputs {classes} {outputs}, so "
+                        f"every one must be in [0, {classes - 1}]"
+                        + (f" (or {ignore}, ignored)" if ignore is not None else "")
+                        + ". Check the dataset's labels (an unmapped class, a label off by one) and the model's "
+                          "number of classes")
 
 
 class ClassificationTask(Task):
@@ -259,6 +283,10 @@ class ClassificationTask(Task):
             _need(lo >= 0 and hi < outputs.shape[1],
                   f"the {where}'s labels range over [{lo}, {hi}] but the model outputs {outputs.shape[1]} classes: "
                   "the model's settings do not fit the data (check its number of classes)")
+
+    def check_targets(self, outputs, targets, where):
+        if isinstance(targets, torch.Tensor) and outputs.dim() == 2:
+            _label_range(targets, int(outputs.shape[1]), where, "labels", "classes")
 
 
 class RegressionTask(Task):
@@ -344,6 +372,13 @@ class BCETask(Task):
                   f"bce_probs needs probabilities in [0, 1] from the model, but its outputs range over "
                   f"[{float(o.min()):g}, {float(o.max()):g}]; if the model outputs logits use task=bce")
 
+    def check_targets(self, outputs, targets, where):
+        if isinstance(targets, torch.Tensor) and targets.numel() and not targets.is_complex():
+            lo, hi = (float(v) for v in torch.aminmax(targets.detach().float()))
+            if not (lo >= 0 and hi <= 1):
+                raise DataError(f"{where}: {self.name} needs targets in [0, 1], but this batch's range over "
+                                f"[{lo:g}, {hi:g}]. Check the dataset's targets")
+
 
 class LanguageModelTask(Task):
     name = "language_model"
@@ -390,6 +425,11 @@ class LanguageModelTask(Task):
             _need(int(keep.min()) >= 0 and int(keep.max()) < outputs.shape[-1],
                   f"token ids range over [{int(keep.min())}, {int(keep.max())}] but the model outputs "
                   f"{outputs.shape[-1]} logits per token")
+
+    def check_targets(self, outputs, targets, where):
+        if isinstance(targets, torch.Tensor) and outputs.dim() >= 2:
+            _label_range(targets, int(outputs.shape[-1]), where, "token ids", "logits per token",
+                         ignore=self.ignore_index)
 
 
 def _user_metric_sums(metrics: Callable[[torch.Tensor, Any], Mapping[str, float]], outputs: torch.Tensor,
@@ -523,6 +563,27 @@ def resolve_task(task: Union[None, str, Task]) -> Task:
     raise ConfigError(f"unknown task {task!r}; choose one of {sorted(TASKS)} or pass a pwfn.Task / pwfn.CustomTask")
 
 
+def host_targets(adapter: BatchAdapter, batch: Batch) -> Optional[torch.Tensor]:
+    """The batch's targets while they are still a CPU tensor (checking them then needs no device sync), else None."""
+    try:
+        targets = adapter.split(batch)[1]
+    except ConfigError:
+        return None  # the split on the device raises it again, in context
+    return targets if isinstance(targets, torch.Tensor) and targets.device.type == "cpu" else None
+
+
+def checked_sums(task: Task, outputs: torch.Tensor, targets: Any, host: Optional[torch.Tensor], where: str) -> dict:
+    """``task.sums`` of a batch, its targets checked first (on the CPU copy ``host`` when there is one, else
+    only when the sums fail): a bad label is a ``DataError`` naming ``where``, never torch's IndexError."""
+    if host is not None:
+        task.check_targets(outputs, host, where)
+    try:
+        return task.sums(outputs, targets)
+    except (IndexError, RuntimeError):
+        task.check_targets(outputs, targets, where)
+        raise
+
+
 @torch.no_grad()
 def evaluate_task(model: nn.Module, loader, device, task: Task, adapter: Optional[BatchAdapter] = None,
                   dist=None) -> dict[str, float]:
@@ -531,21 +592,34 @@ def evaluate_task(model: nn.Module, loader, device, task: Task, adapter: Optiona
     was = model.training
     model.eval()
     totals: dict[str, float] = {}
+    ddp = dist is not None and getattr(dist, "enabled", False)
+    problem: Optional[DataError] = None
     try:
-        for batch in loader:
+        for i, batch in enumerate(loader, 1):
+            host = host_targets(adapter, batch)
             inputs, targets = adapter.split(to_device(batch, device))
             outputs = adapter.call(model, inputs)
-            for k, v in task.sums(outputs, targets).items():
+            try:
+                sums = checked_sums(task, outputs, targets, host, f"the evaluation data's batch {i}")
+            except DataError as exc:
+                if not ddp:
+                    raise
+                problem, totals = exc, {"bad targets": 1.0}  # every rank learns of it in the reduction below
+                break
+            for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + v
     finally:
         model.train(was)
-    if dist is not None and getattr(dist, "enabled", False):
+    if ddp:
         # ranks may hold different keys (a rank whose shard is empty has none, top-5 exists only for
         # more than 5 classes): reduce over the union of every rank's keys, 0 where a rank lacks one
         mine = torch.tensor(list(",".join(sorted(totals)).encode()), dtype=torch.uint8)
         keys = sorted({k for t in dist.all_gather_tensors(mine) for k in bytes(t.tolist()).decode().split(",") if k})
         values = dist.all_reduce_sum([totals.get(k, 0.0) for k in keys])
         totals = dict(zip(keys, values))
+        if totals.get("bad targets"):
+            raise problem or DataError("another rank's evaluation data holds targets the model cannot take (that "
+                                       "rank's error names them)")
     return task.finish(totals)
 
 
@@ -557,6 +631,6 @@ def primary_value(metrics: Mapping[str, Any], task: Task) -> Optional[float]:
 
 __all__: Sequence[str] = [
     "BCETask", "BatchAdapter", "ClassificationTask", "CustomTask", "LanguageModelTask", "METRIC_SCALES", "MetricInfo",
-    "RegressionTask", "TASKS", "Task", "WithMetrics", "evaluate_task", "map_tensors", "primary_value",
-    "register_task", "resolve_task", "to_device",
+    "RegressionTask", "TASKS", "Task", "WithMetrics", "checked_sums", "evaluate_task", "host_targets", "map_tensors",
+    "primary_value", "register_task", "resolve_task", "to_device",
 ]

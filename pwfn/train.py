@@ -16,13 +16,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 from tqdm.auto import tqdm
 
 import bayes
 
 from .distributed import DistContext
-from .errors import ConfigError, TrainingDivergedError
-from .tasks import BatchAdapter, ClassificationTask, Task, evaluate_task, to_device
+from .errors import ConfigError, DataError, TrainingDivergedError
+from .tasks import BatchAdapter, ClassificationTask, Task, evaluate_task, host_targets, to_device
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,27 @@ def _has_nonfinite(obj: Any) -> bool:
 
 
 def first_nonfinite_weight(model: nn.Module) -> Optional[str]:
-    """The first layer (module order) holding a NaN/inf parameter or floating buffer, described."""
+    """The first layer (module order) holding a NaN/inf parameter or a NaN buffer, described.
+
+    Weights (parameters) must be finite. A buffer may hold infinities (an attention mask of -inf, as
+    ``nn.Transformer.generate_square_subsequent_mask`` makes, or a clamp bound), never a NaN (diverged
+    running statistics). Lazy tensors not yet materialized hold no values and are skipped.
+    """
     for mname, module in model.named_modules():
-        tensors = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
-        for pname, t in tensors:
-            if _has_nonfinite(t):
-                bad = int((~torch.isfinite(t.detach())).sum())
-                return (f"layer {mname or '<model>'!r} ({type(module).__name__}) holds non-finite weights: "
-                        f"{pname} has {bad} of {t.numel()} entries NaN/inf")
+        for kind, tensors in (("weights", module.named_parameters(recurse=False)),
+                              ("buffer", module.named_buffers(recurse=False))):
+            for pname, t in tensors:
+                if is_lazy(t) or t.is_meta or not (t.is_floating_point() or t.is_complex()):
+                    continue
+                if kind == "weights" and _has_nonfinite(t):
+                    bad = int((~torch.isfinite(t.detach())).sum())
+                    return (f"layer {mname or '<model>'!r} ({type(module).__name__}) holds non-finite weights: "
+                            f"{pname} has {bad} of {t.numel()} entries NaN/inf")
+                if kind == "buffer" and bool(torch.isnan(t.detach()).any()):
+                    bad = int(torch.isnan(t.detach()).sum())
+                    return (f"layer {mname or '<model>'!r} ({type(module).__name__}) holds a NaN buffer: "
+                            f"{pname} has {bad} of {t.numel()} entries NaN (infinities are allowed in buffers, "
+                            "e.g. attention masks; a NaN is not)")
     return None
 
 
@@ -144,6 +158,20 @@ def _diverged(where: str, loss: torch.Tensor, ce: torch.Tensor, inner: nn.Module
         f"{where}: training diverged, the loss became {float(loss.detach())} at step {step}. "
         f"{cause[0].upper() + cause[1:]}. {advice or DEFAULT_DIVERGENCE_ADVICE}"
     )
+
+
+def _target_problem(task: Task, outputs: torch.Tensor, host: Optional[torch.Tensor], where: str,
+                    world: int) -> Optional[DataError]:
+    """The batch's targets checked on their CPU copy: raises at once alone, returned under DDP (all ranks stop)."""
+    if host is None:
+        return None
+    try:
+        task.check_targets(outputs, host, where)
+    except DataError as exc:
+        if world == 1:
+            raise
+        return exc
+    return None
 
 
 def train_epochs(
@@ -209,20 +237,34 @@ def train_epochs(
         while total_steps is None or steps < total_steps:
             _set_epoch(loader, counter.value)
             counter.value += 1
-            for batch in loader:
+            for batch_no, batch in enumerate(loader, 1):
+                host_y = host_targets(adapter, batch)  # checked on the CPU: no device sync
                 x, y = adapter.split(to_device(batch, device, non_blocking=True))
                 with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = adapter.call(model, x)
                 logits = logits.float()
                 n = adapter.size(y)
+                where = f"the training data's batch {batch_no} ({desc}, pass {counter.value})"
+                problem = _target_problem(task, logits, host_y, where, world)
+                if problem is None:
+                    try:
+                        local = task.loss(logits, y)
+                    except (IndexError, RuntimeError):  # targets already on the device: checked now, in context
+                        task.check_targets(logits, y, where)
+                        raise
+                else:  # under DDP every rank learns of it in the all-reduce below, and all stop together
+                    local = logits.sum() * 0.0
                 if world > 1:
                     # the task loss is a mean over this rank's n examples: as a share of the global batch
-                    local = task.loss(logits, y)
-                    total, count = dist.all_reduce_sum([float(local.detach()) * n, float(n)])
+                    total, count, bad = dist.all_reduce_sum([float(local.detach()) * n, float(n),
+                                                             float(problem is not None)])
+                    if bad:
+                        raise problem or DataError(f"{where}: another rank's share of this batch holds targets the "
+                                                   "model cannot take (that rank's error names them)")
                     ce = local * (n * world / count)
                     ce_mean = torch.tensor(total / count, dtype=ce.dtype, device=ce.device)  # global mean
                 else:
-                    ce = ce_mean = task.loss(logits, y)
+                    ce = ce_mean = local
                 loss = ce + extra_loss(inner, ce_mean) if extra_loss is not None else ce
                 # Under DDP ce_mean is the global mean, so a NaN/inf on any rank stops every rank here
                 # together (a rank that went on would wait for ever in DDP's gradient all-reduce).

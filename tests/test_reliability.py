@@ -611,7 +611,7 @@ def test_doctor_healthy_and_damaged_run_folders(finished_run, tmp_path, capsys):
     assert rc == 0 and "decodes to model.safetensors bit for bit" in text, text
 
     # stray temp file: a warning (exit 0) saying it is harmless
-    (folder / "pwfn" / ".checkpoint.pt.abc123.tmp").write_bytes(b"x")
+    (folder / "pwfn" / ".checkpoint.pt.abc12345.tmp").write_bytes(b"x")  # as mkstemp names it
     rc, text = _doctor(capsys, folder / "pwfn")
     assert rc == 0 and "left by an interrupted write" in text
 

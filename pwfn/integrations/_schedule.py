@@ -17,7 +17,7 @@ import numbers
 from typing import Any, Optional
 
 from ..contract import ContractSpec
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..fixer import Evaluation, Fixer, apply_batchnorm_policy
 
 log = logging.getLogger(__name__)
@@ -152,11 +152,16 @@ class RoundSchedule:
         return {"fixer": state, "epochs": self.epochs, "next_due": self.next_due}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        where = "the trainer checkpoint's fixing state"
         if not isinstance(state, dict) or not isinstance(state.get("fixer"), dict):
-            raise ConfigError("the trainer checkpoint's fixing state is not one a pwfn callback wrote")
+            raise CheckpointError(f"{where} is not a pwfn fixing state (no 'fixer' mapping)")
+        epochs, due = state.get("epochs", 0), state.get("next_due")
+        if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
+            raise CheckpointError(f"{where} says {epochs!r} epochs were trained: not a whole number >= 0")
+        if due is not None and (isinstance(due, bool) or not isinstance(due, numbers.Integral) or due < 0):
+            raise CheckpointError(f"{where} says the next round is due at step {due!r}: not a whole number >= 0")
         fx = dict(state["fixer"])
         fx["model"] = self.fixer.model.state_dict()
-        self.fixer.load_state_dict(fx, "the trainer checkpoint's fixing state")
-        self.epochs = int(state.get("epochs", 0))
-        due = state.get("next_due")
+        self.fixer.load_state_dict(fx, where)
+        self.epochs = int(epochs)
         self.next_due = None if due is None else int(due)

@@ -48,8 +48,9 @@ class FixingTrainerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, eval_dataloader=None,
                        **kwargs):
         if model is not None and not any(m is self.fixer.model for m in model.modules()):
-            raise ConfigError("the Trainer's model does not hold the Fixer's model: create the Fixer with "
-                              "inplace=True on the model you give the Trainer")
+            raise ConfigError("the Trainer's model does not hold the Fixer's model, so training would not reach the "
+                              "weights being fixed: create the Fixer with inplace=True on the model you give the "
+                              "Trainer (or give the Trainer fixer.model)")
         accumulate = max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
         try:
             steps = -(-len(train_dataloader) // accumulate)
