@@ -240,6 +240,8 @@ class ContractConfig:
     """Examples that judge each round at least (more for a tight accuracy tolerance: 500 / max_drop for a drop in points): the validation set, topped up with training examples when it holds fewer (see `guard_from_train`)."""
     guard_from_train: bool = True
     """When the validation set holds fewer than the guard needs, add training examples (drawn reproducibly from the seed, said in the log); false: judge on the validation set alone and say that it is small."""
+    margin: float = 1.0
+    """The guard keeps a state only when its drop plus this many standard errors of that drop is within the allowance: the error of the paired drop (fixed against float model on the same examples) is estimated over 32 parts of the guard data, so a small guard set needs a clearer result. 1: about 84 % one-sided confidence that the drop on data like the guard's is within it; 0: the measured drop alone."""
     recovery_factor: float = 3.0
     """A round that training follows may at first cost up to this many times the contract's allowance (measured right after fixing); the training that follows must bring the model back within the contract itself, or the round is undone (weights, optimizer state, RNG) and redone more cautiously. 1: every fixing must keep the contract before any training."""
     pace: float = 0.5
@@ -636,6 +638,7 @@ def validate(cfg: RunConfig) -> None:
            f"contract.drop_type = {c.drop_type!r}: choose absolute or relative (or null for the metric's default)")
     _check(c.metric is None or bool(c.metric), "contract.metric must be a metric name or null")
     _check(1 <= c.guard_examples <= 10**8, f"contract.guard_examples = {c.guard_examples} must be in [1, 1e8]")
+    _check(0 <= c.margin <= 10, f"contract.margin = {c.margin} must be in [0, 10] (standard errors)")
     _check(1 <= c.recovery_factor <= 1e3, f"contract.recovery_factor = {c.recovery_factor} must be in [1, 1000]")
     _check(0 <= c.pace <= 4, f"contract.pace = {c.pace} must be in [0, 4]")
     _check(0 <= c.max_splits <= 10, f"contract.max_splits = {c.max_splits} must be in [0, 10]")

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from .errors import ConfigError
-from .tasks import METRIC_SCALES, MetricInfo, Task
+from .tasks import METRIC_SCALES, MetricInfo, Task, add_sums
 
 DROP_TYPES = ("absolute", "relative")
 
@@ -197,22 +197,44 @@ def metric_value(metrics: Any, contract: AccuracyContract, where: str = "the eva
                          if isinstance(metrics, tuple) else ""))
 
 
+def paired_drop(contract: AccuracyContract, task: Task, reference_units: list, units: list) -> tuple[float, float, float]:
+    """The contract's metric on ``units`` (a list of per-unit :meth:`Task.sums`), its drop against the same
+    units' float-model sums ``reference_units``, and that drop's standard error, estimated by the jackknife
+    over the units (leave one unit out: the paired difference's spread, for any metric the task computes
+    from its sums). The error is 0 with fewer than two units."""
+    def value(us: list, skip: Optional[int] = None) -> float:
+        return metric_value(task.finish(add_sums(us, skip)), contract, "the contract's evaluation")
+
+    ref, now = value(reference_units), value(units)
+    drop = contract.drop(ref, now)
+    b = len(units)
+    if b < 2 or len(reference_units) != b or not math.isfinite(drop):
+        return now, drop, 0.0
+    leave_out = [contract.drop(value(reference_units, j), value(units, j)) for j in range(b)]
+    mean = sum(leave_out) / b
+    se = math.sqrt((b - 1) / b * sum((x - mean) ** 2 for x in leave_out))
+    return now, drop, se if math.isfinite(se) else math.inf
+
+
 def verdict(contract: Optional[AccuracyContract], reference: Optional[float], value: Optional[float],
-            **extra: Any) -> dict[str, Any]:
-    """The report's ``contract`` record: the promise, the float model's and the fixed model's values, the drop
-    and whether it held (``held`` is None when nothing was measured)."""
+            se: float = 0.0, margin: float = 0.0, **extra: Any) -> dict[str, Any]:
+    """The report's ``contract`` record: the promise, the float model's and the fixed model's values, the drop,
+    its standard error and the bound the guard judged (``drop + margin * se``), and whether it held: the bound
+    within the contract (``held`` is None when nothing was measured)."""
     if contract is None:
         return {"enforced": False, "text": "no accuracy contract (turned off): the result was not checked",
                 **extra}
     out: dict[str, Any] = {"enforced": True, **contract.describe(), "reference": reference, "value": value}
     if reference is not None and value is not None:
-        out["drop"] = contract.drop(reference, value)
-        out["limit"] = contract.limit(reference)
-        out["held"] = contract.holds(reference, value)
+        drop = contract.drop(reference, value)
+        bound = drop + margin * se
+        out.update(drop=drop, drop_se=se, margin=margin, drop_bound=bound, limit=contract.limit(reference),
+                   held=bool(math.isfinite(bound) and bound <= contract.max_drop * (1 + 1e-9) + 1e-12))
     else:
         out["held"] = None
     out.update(extra)
     return out
 
 
-__all__ = ["AccuracyContract", "DEFAULT_DROPS", "DROP_TYPES", "metric_value", "resolve_contract", "verdict"]
+__all__ = ["AccuracyContract", "DEFAULT_DROPS", "DROP_TYPES", "metric_value", "paired_drop", "resolve_contract",
+           "verdict"]

@@ -56,7 +56,14 @@ from .config import (
     config_to_dict,
     load_config,
 )
-from .contract import AccuracyContract, ContractSpec, metric_value, resolve_contract, verdict
+from .contract import (
+    AccuracyContract,
+    ContractSpec,
+    metric_value,
+    paired_drop,
+    resolve_contract,
+    verdict,
+)
 from .distributed import tensor_checksum
 from .engine import EngineCache, fix_round
 from .errors import CheckpointError, ConfigError, ContractError, ModelError
@@ -65,7 +72,7 @@ from .methods.base import Method, build_method
 from .metrics import fixing_metrics
 from .plumbing import FixedGuard, QuantSlot
 from .presets import resolve_config as resolve_shipped
-from .tasks import BatchAdapter, Task, evaluate_task, resolve_task
+from .tasks import BatchAdapter, Task, add_sums, evaluate_units, resolve_task, split_units
 from .train import apply_batchnorm_policy, draw_examples, rng_state, set_rng_state, take_examples
 
 log = logging.getLogger(__name__)
@@ -133,6 +140,11 @@ def _refuse_held(model: nn.Module) -> None:
                 f"{len(other.fractions)} rounds done): a second Fixer taking it (inplace=True) would move the weights "
                 "the first one fixed. Finish or close the first Fixer (fixer.finalize() or fixer.close()) before "
                 "giving the model to another, or let the second Fixer work on its own copy (inplace=False)")
+
+
+def _within(bound: float, allowed: float) -> bool:
+    """A drop (or its bound) within an allowance, with float rounding's slack; NaN never is."""
+    return math.isfinite(bound) and bound <= allowed * (1 + 1e-9) + 1e-12
 
 
 def _mask_grad(view_ref, slot: QuantSlot):
@@ -248,6 +260,10 @@ class Fixer:
         self._redo: Optional[dict[str, Any]] = None  # the round to redo, and where its tries go on
         self._settled: Optional[float] = None  # the metric measured by the last settle() that kept a round
         self._guard_batches: Optional[list] = None  # the guard's batches, when evaluate= was a loader
+        self._units: list = []  # those batches cut into the units the drop's spread is estimated over
+        self._reference_units: Optional[list] = None  # the float model's sums on each unit
+        #: the process group the guard's evaluations reduce over (the built-in loop sets it under torchrun)
+        self.dist: Any = None
         #: the float model's value of the contract's metric on the guard data (None until measured)
         self.reference: Optional[float] = None
         #: what the guard data is: examples, where from (the report's ``contract`` section)
@@ -439,6 +455,10 @@ class Fixer:
             return
         if reference is not None:
             self.reference = float(reference)
+            if self._reference_units is not None and len(self._reference_units) != len(self._units):
+                raise CheckpointError("the contract's guard data differs from the one the float model was measured on "
+                                      f"({len(self._units)} units, then {len(self._reference_units)}): the validation "
+                                      "data changed; start over")
         elif self.reference is None:
             self._measure_reference()
 
@@ -450,7 +470,9 @@ class Fixer:
                         "given: the contract is judged against that. Give the evaluation when you create the "
                         "Fixer (evaluate=...) to judge against the float model itself", self.method,
                         self.contract.metric, self.steps_taken, f" and {self.round} rounds" if self.round else "")
-        self.reference = self.measure()
+        out = self._evaluation()
+        self._reference_units = out if self._guard_batches is not None else None
+        self.reference = self._value(out)
         if not math.isfinite(self.reference):
             raise ContractError(f"the float model's {self.contract.metric} on the guard data is {self.reference}: "
                                 "the contract cannot be judged against it; check the evaluation")
@@ -482,6 +504,7 @@ class Fixer:
         if not m:
             return False
         self._guard_batches.extend(extra)
+        self._units = split_units(self._guard_batches, self.adapter)
         info.update(examples=n + m, batches=len(self._guard_batches), training_examples=m,
                     source=f"{n} validation + {m} training examples")
         log.info("%s: the validation data holds %d examples and the contract's guard needs %d to tell its tolerance "
@@ -518,25 +541,51 @@ class Fixer:
         info: dict[str, Any] = {"source": f"{n} validation examples", "examples": n, "batches": len(batches),
                                 "needed": needed}
         self._guard_batches = batches
+        self._units = split_units(batches, self.adapter)
 
-        def probe() -> dict[str, float]:
+        def probe() -> list[dict[str, float]]:
             device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
-            return evaluate_task(self.model, batches, device, self.task, self.adapter)
+            return evaluate_units(self.model, self._units, device, self.task, self.adapter, self.dist)
 
         return probe, info
 
-    def measure(self) -> float:
-        """The contract's metric of the model now (eval mode, the method's evaluating() context)."""
+    def _evaluation(self) -> Any:
+        """The evaluation's raw result for the model now: per-unit sums (a loader) or what your callable returned
+        (eval mode, the method's evaluating() context)."""
         if self.contract is None or self._evaluate is None:
-            raise ConfigError("measure() needs a contract and an evaluation (set_evaluation)")
+            raise ConfigError("measuring needs a contract and an evaluation (set_evaluation)")
         was = self.model.training
         self.model.eval()
         try:
             with self.evaluating():
-                out = self._evaluate()
+                return self._evaluate()
         finally:
             self.model.train(was)
+
+    def _value(self, out: Any) -> float:
+        assert self.contract is not None
+        if self._guard_batches is not None:  # per-unit sums
+            return metric_value(self.task.finish(add_sums(out)), self.contract, "the contract's evaluation")
         return metric_value(out, self.contract, "the contract's evaluation")
+
+    def measure(self) -> float:
+        """The contract's metric of the model now, on the guard data."""
+        return self._value(self._evaluation())
+
+    def assess(self) -> dict[str, float]:
+        """The model now against the float model on the guard data: ``value``, ``drop``, its standard error
+        ``se`` (over the guard data's units; 0 for an evaluate() callable) and ``bound`` = drop + margin * se,
+        what the guard judges."""
+        c = self.contract
+        assert c is not None and self.reference is not None
+        out = self._evaluation()
+        if self._guard_batches is not None and self._reference_units is not None:
+            value, drop, se = paired_drop(c, self.task, self._reference_units, out)
+        else:
+            value = self._value(out)
+            drop, se = c.drop(self.reference, value), 0.0
+        margin = self.cfg.contract.margin
+        return {"value": value, "drop": drop, "se": se, "bound": drop + margin * se}
 
     def _learn_steps(self) -> int:
         """The optimizer steps since the last round; tells the method the next phase's steps when the loop
@@ -633,15 +682,15 @@ class Fixer:
             return True
         self._pending = None
         c, ref = self.contract, self.reference
-        value = self.measure()
+        now = self.assess()
+        value, drop = now["value"], now["drop"]
         row = self.history[-1]
-        row["contract"]["after_training"] = value
-        drop = row["contract"]["drop_after_training"] = c.drop(ref, value)
+        row["contract"].update(after_training=value, drop_after_training=drop, se_after_training=now["se"])
         # paced: with a share f of the weights fixed, at most f ** pace of the allowance is spent, so the rounds
         # left keep some (without training to recover, early rounds would otherwise spend it all)
         allowed = c.max_drop * (self._fixed_count() / self.view.numel) ** self.cfg.contract.pace
         row["contract"]["allowed_after_training"] = allowed
-        if math.isfinite(drop) and drop <= allowed * (1 + 1e-9) + 1e-12:
+        if _within(now["bound"], allowed):
             self._settled = value
             self.caution = pending["level"]
             if pending["extra"]:
@@ -660,9 +709,9 @@ class Fixer:
             raise ContractError(
                 f"{self.method} round {self.round + 1}: even after training, fixing "
                 f"{100 * pending['target']:.4g} % of the weights ({pending['setting']}) leaves {c.metric} at "
-                f"{value:.6g} against the float model's {ref:.6g} on the guard data: a drop of {drop:.4g}, more "
-                f"than the {allowed:.4g} the contract ({c.text()}) leaves this far into the schedule "
-                f"(contract.pace), and no more cautious setting is left. The model is left as it was before this "
+                f"{value:.6g} against the float model's {ref:.6g} on the guard data: a drop of {drop:.4g} (+- "
+                f"{now['se']:.2g}), beyond the {allowed:.4g} the contract ({c.text()}) leaves this far into the "
+                f"schedule (contract.pace, contract.margin), and no more cautious setting is left. The model is left as it was before this "
                 f"round ({100 * self._fixed_count() / self.view.numel:.4g} % fixed, within the contract). To go on: "
                 f"{self.method_impl.contract_tip()}, or allow a larger drop (contract.max_drop, now "
                 f"{c.max_drop:g} {c.drop_type})")
@@ -718,7 +767,7 @@ class Fixer:
             ladder, position, undone = self._ladder(t), 0, []
             if before is None:
                 before = self.measure()
-            if not c.holds(ref, before):
+            if not c.holds(ref, before):  # the measured drop itself: no margin for a state already kept
                 raise ContractError(
                     f"{self.method}: before round {t + 1} fixes anything, {c.metric} on the guard data is {before:.6g} "
                     f"against the float model's {ref:.6g}: the training since "
@@ -744,12 +793,12 @@ class Fixer:
             self.engine_config = (dataclasses.replace(base_engine, max_order=base_engine.max_order + extra)
                                   if extra else base_engine)
             summary, merged = self._fix_once(t, target, broadcast)
-            value = self.measure()
-            drop = c.drop(ref, value)
+            now = self.assess()
             allowed = c.max_drop * (cc.recovery_factor if follows else 1.0)
             tries.append({"caution": level, "setting": self.method_impl.caution_text(), "fraction": target,
-                          "extra_terms": extra, "value": value, "drop": drop})
-            if math.isfinite(drop) and drop <= allowed * (1 + 1e-9) + 1e-12:
+                          "extra_terms": extra, "value": now["value"], "drop": now["drop"], "se": now["se"],
+                          "bound": now["bound"]})
+            if _within(now["bound"], allowed):
                 kept = summary
                 break
             view.write(*saved)  # undo the try: nothing trained since it
@@ -797,6 +846,7 @@ class Fixer:
                             self.engine_config.max_order)
         value = tries[-1]["value"]
         record = {"reference": ref, "before": before, "value": value, "drop": c.drop(ref, value),
+                  "se": tries[-1]["se"], "bound": tries[-1]["bound"],
                   "caution": level, "setting": self.method_impl.caution_text(), "split": target != frac,
                   "extra_terms": extra, "tries": tries}
         if undone:
@@ -882,6 +932,7 @@ class Fixer:
                 "history": copy.deepcopy(self.history), "config": config_to_dict(self.cfg),
                 "fractions": list(self.fractions), "schedule_index": list(self.schedule_index),
                 "caution": self.caution, "extra_terms": self.extra_terms, "reference": self.reference,
+                "reference_units": self._reference_units,
                 "contract": None if self.contract is None else self.contract.describe(),
                 "steps": {"taken": self.steps_taken, "at_round": self._steps_at_round, "phase": self._phase_steps,
                           "given": self._steps_given}}
@@ -916,6 +967,11 @@ class Fixer:
             self.extra_terms = extra
         if state.get("reference") is not None:
             self.reference = float(state["reference"])
+        units = state.get("reference_units")
+        if units is not None and (not isinstance(units, (list, tuple)) or not all(
+                isinstance(u, Mapping) and all(isinstance(v, (int, float)) for v in u.values()) for u in units)):
+            raise CheckpointError(f"{where}: the float model's sums on the guard data are damaged")
+        self._reference_units = None if units is None else [dict(u) for u in units]
         steps = state.get("steps") or {}
         self.steps_taken, self._steps_at_round = int(steps.get("taken") or 0), int(steps.get("at_round") or 0)
         self._steps_given = bool(steps.get("given"))
@@ -927,8 +983,10 @@ class Fixer:
     def contract_report(self, **extra: Any) -> dict[str, Any]:
         """The report's ``contract`` section: the promise, the float model's and the fixed model's value on the
         guard data, the drop and whether it held (``held`` is None before the last round), and the guard data."""
-        value = next((row["contract"]["value"] for row in reversed(self.history) if "contract" in row), None)
-        out = verdict(self.contract, self.reference, value if self.done else None, **extra)
+        last = next((row["contract"] for row in reversed(self.history) if "contract" in row), {})
+        value = last.get("value")
+        out = verdict(self.contract, self.reference, value if self.done else None, se=last.get("se", 0.0),
+                      margin=self.cfg.contract.margin, **extra)
         out["guard"] = dict(self.guard_info)
         if self.contract is not None:
             out["rounds_added"] = len(self.fractions) - len(self.method_impl.fractions)

@@ -354,6 +354,7 @@ class FixingRun:
                       dataset_size=_dataset_size(self.train_loader), contract=self.contract_spec, task=self.task,
                       adapter=self.adapter)
         self.fixer, self.method_impl = fixer, fixer.method_impl
+        fixer.dist = self.dist  # under torchrun the guard's evaluations reduce over every rank's shard
         s = self.method_impl
         model, view = fixer.model, fixer.view
         self._view = view

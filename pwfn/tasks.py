@@ -584,6 +584,63 @@ def checked_sums(task: Task, outputs: torch.Tensor, targets: Any, host: Optional
         raise
 
 
+def split_units(batches: Sequence[Batch], adapter: BatchAdapter, units: int = 32) -> list[Batch]:
+    """``batches`` cut along the batch dimension into about ``units`` pieces of equal size (a batch smaller than
+    a piece stays whole; a tensor without the batch's first dimension, e.g. a shared mask, is kept in every
+    piece): the units over which the accuracy contract estimates the spread of a drop."""
+    sizes = [int(adapter.size(adapter.split(b)[1])) for b in batches]
+    total = sum(sizes)
+    if total == 0:
+        return list(batches)
+    piece = max(1, math.ceil(total / units))
+    out: list[Batch] = []
+    for batch, n in zip(batches, sizes):
+        if n <= piece:
+            out.append(batch)
+            continue
+        for start in range(0, n, piece):
+            out.append(map_tensors(batch, lambda t, a=start, m=n: t[a:a + piece] if t.dim() and t.shape[0] == m else t))
+    return out
+
+
+@torch.no_grad()
+def evaluate_units(model: nn.Module, units: Sequence[Batch], device, task: Task,
+                   adapter: Optional[BatchAdapter] = None, dist=None) -> list[dict[str, float]]:
+    """The task's additive sums (:meth:`Task.sums`) of ``model`` on each unit, in eval mode; under DDP unit
+    ``i``'s sums are reduced over every rank's unit ``i`` (a rank with fewer units adds zeros), so all ranks
+    hold the same list."""
+    adapter = adapter or BatchAdapter()
+    was = model.training
+    model.eval()
+    out: list[dict[str, float]] = []
+    try:
+        for i, batch in enumerate(units, 1):
+            host = host_targets(adapter, batch)
+            inputs, targets = adapter.split(to_device(batch, device))
+            out.append(dict(checked_sums(task, adapter.call(model, inputs), targets, host,
+                                         f"the contract's guard data (unit {i})")))
+    finally:
+        model.train(was)
+    if dist is not None and getattr(dist, "enabled", False):
+        mine = torch.tensor(list(",".join(sorted({k for u in out for k in u})).encode()), dtype=torch.uint8)
+        keys = sorted({k for t in dist.all_gather_tensors(mine) for k in bytes(t.tolist()).decode().split(",") if k})
+        count = max(int(t.reshape(-1)[0]) for t in dist.all_gather_tensors(torch.tensor([len(out)])))
+        flat = [u.get(k, 0.0) for u in out + [{}] * (count - len(out)) for k in keys]
+        values = dist.all_reduce_sum(flat)
+        out = [dict(zip(keys, values[j * len(keys):(j + 1) * len(keys)])) for j in range(count)]
+    return out
+
+
+def add_sums(units: Sequence[Mapping[str, float]], skip: Optional[int] = None) -> dict[str, float]:
+    """The sums of every unit (``skip``: all but that one), for :meth:`Task.finish`."""
+    total: dict[str, float] = {}
+    for j, u in enumerate(units):
+        if j != skip:
+            for k, v in u.items():
+                total[k] = total.get(k, 0.0) + v
+    return total
+
+
 @torch.no_grad()
 def evaluate_task(model: nn.Module, loader, device, task: Task, adapter: Optional[BatchAdapter] = None,
                   dist=None) -> dict[str, float]:
@@ -631,6 +688,7 @@ def primary_value(metrics: Mapping[str, Any], task: Task) -> Optional[float]:
 
 __all__: Sequence[str] = [
     "BCETask", "BatchAdapter", "ClassificationTask", "CustomTask", "LanguageModelTask", "METRIC_SCALES", "MetricInfo",
-    "RegressionTask", "TASKS", "Task", "WithMetrics", "checked_sums", "evaluate_task", "host_targets", "map_tensors",
+    "RegressionTask", "TASKS", "Task", "WithMetrics", "add_sums", "checked_sums", "evaluate_task", "evaluate_units",
+    "host_targets", "map_tensors", "split_units",
     "primary_value", "register_task", "resolve_task", "to_device",
 ]

@@ -411,3 +411,20 @@ def test_a_resumed_run_ends_bit_identical_with_the_contract(digits, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.report["contract"]["reference"] == whole.report["contract"]["reference"]
     assert [r["contract"]["setting"] for r in resumed.history] == [r["contract"]["setting"] for r in whole.history]
+
+
+def test_the_paired_drop_and_its_jackknife_error_against_a_known_answer():
+    """40 units of 25 examples, all right for the float model; the fixed model gets one wrong in 10 units: a
+    drop of 1 point whose standard error is the sample spread of the units' drops over sqrt(40)."""
+    from pwfn.contract import paired_drop
+
+    task = resolve_task("classification")
+    ref = [{"count": 25.0, "correct": 25.0, "loss": 0.0} for _ in range(40)]
+    now = [{"count": 25.0, "correct": 24.0 if j < 10 else 25.0, "loss": 0.0} for j in range(40)]
+    c = AccuracyContract("top1", 0.5, "absolute", True)
+    value, drop, se = paired_drop(c, task, ref, now)
+    per_unit = torch.tensor([4.0] * 10 + [0.0] * 30)
+    assert value == pytest.approx(99.0) and drop == pytest.approx(1.0)
+    assert se == pytest.approx(float(per_unit.std(unbiased=True) / math.sqrt(40)), rel=1e-9)
+    assert paired_drop(c, task, ref, ref)[1:] == (0.0, 0.0)  # the float model against itself
+    assert paired_drop(c, task, ref[:1], now[:1])[2] == 0.0  # one unit: no spread to estimate
