@@ -70,13 +70,13 @@ def _split(x: torch.Tensor, y: torch.Tensor, seed: int, n_val: int, n_test: int,
 
 def digits(seed: int):
     images, labels = digits_arrays()
-    return _split(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.copy()), seed, 180, 360, 64)
+    return _split(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.copy()), seed, 400, 400, 64)
 
 
 def mnist5k(seed: int):
     images, labels = mnist5k_arrays()
     x = (torch.from_numpy(images.copy()).float() / 255.0 - 0.1307) / 0.3081
-    return _split(x, torch.from_numpy(labels.copy()), seed, 500, 1000, 128)
+    return _split(x, torch.from_numpy(labels.copy()), seed, 1000, 1000, 128)
 
 
 def sequences(seed: int, n: int = 5000, length: int = 12, vocab: int = 8):
@@ -85,7 +85,7 @@ def sequences(seed: int, n: int = 5000, length: int = 12, vocab: int = 8):
     x = torch.randint(0, vocab, (n, length), generator=g)
     counts = torch.nn.functional.one_hot(x, vocab).sum(1)
     y = counts.argmax(1)
-    return _split(x, y, seed, 500, 1000, 128)
+    return _split(x, y, seed, 1000, 1000, 128)
 
 
 def friedman(seed: int, n: int = 6000):

@@ -240,14 +240,14 @@ class ContractConfig:
     """Examples that judge each round at least (more for a tight accuracy tolerance: 500 / max_drop for a drop in points): the validation set, topped up with training examples when it holds fewer (see `guard_from_train`)."""
     guard_from_train: bool = True
     """When the validation set holds fewer than the guard needs, add training examples (drawn reproducibly from the seed, said in the log); false: judge on the validation set alone and say that it is small."""
-    margin: float = 1.0
-    """The guard keeps a state only when its drop plus this many standard errors of that drop is within the allowance: the error of the paired drop (fixed against float model on the same examples) is estimated over 32 parts of the guard data, so a small guard set needs a clearer result. 1: about 84 % one-sided confidence that the drop on data like the guard's is within it; 0: the measured drop alone."""
+    margin: float = 0.5
+    """The guard keeps a state only when its drop plus this many standard errors of that drop is within the allowance: the error of the paired drop (fixed against float model on the same examples) is estimated over 32 parts of the guard data, so a small guard set needs a clearer result. 0.5: about 69 % one-sided confidence that the drop on data like the guard's is within it (1: 84 %); 0: the measured drop alone."""
     recovery_factor: float = 3.0
-    """A round that training follows may at first cost up to this many times the contract's allowance (measured right after fixing); the training that follows must bring the model back within the contract itself, or the round is undone (weights, optimizer state, RNG) and redone more cautiously. 1: every fixing must keep the contract before any training."""
-    pace: float = 0.5
-    """How the allowance is spread over the schedule: once a share f of the weights is fixed (and trained after), the model may be at most f^pace of `max_drop` behind the float model, so early rounds leave room for the last ones (0: the whole allowance from the start; the final round always has all of it)."""
+    """A round that training follows may at first cost up to this many times the contract's allowance (measured right after fixing; after each round the factor becomes what that round's training actually recovered, between 1 and this); the training that follows must bring the model back within the contract itself, or the round is undone (weights, optimizer state, RNG) and redone more cautiously. 1: every fixing must keep the contract before any training."""
+    early_share: float = 0.5
+    """Pacing: after each round's training, the model may have spent at most the larger of this share and the share of the weights fixed so far of the allowance, so the last rounds, which no training follows, have some left (1: all of it from the start)."""
     max_splits: int = 3
-    """When a round breaks the contract at the method's most cautious setting, fix half as many new weights this round (the rest after more training), up to this many halvings per round."""
+    """When a round breaks the contract at the method's most cautious setting, fix half as many new weights this round (the rest follows in an extra round, after more training), up to this many halvings per round; a planned round grows into at most twice this many extra rounds."""
     extra_terms: int = 2
     """The last resort before failing: up to this many more power-of-two terms per value for the round (a finer codebook rather than a lossy one)."""
 
@@ -640,7 +640,7 @@ def validate(cfg: RunConfig) -> None:
     _check(1 <= c.guard_examples <= 10**8, f"contract.guard_examples = {c.guard_examples} must be in [1, 1e8]")
     _check(0 <= c.margin <= 10, f"contract.margin = {c.margin} must be in [0, 10] (standard errors)")
     _check(1 <= c.recovery_factor <= 1e3, f"contract.recovery_factor = {c.recovery_factor} must be in [1, 1000]")
-    _check(0 <= c.pace <= 4, f"contract.pace = {c.pace} must be in [0, 4]")
+    _check(0 < c.early_share <= 1, f"contract.early_share = {c.early_share} must be in (0, 1]")
     _check(0 <= c.max_splits <= 10, f"contract.max_splits = {c.max_splits} must be in [0, 10]")
     _check(0 <= c.extra_terms <= 8, f"contract.extra_terms = {c.extra_terms} must be in [0, 8]")
     bu = cfg.budget

@@ -259,6 +259,9 @@ class Fixer:
         self._pending: Optional[dict[str, Any]] = None  # the last round, awaiting its verdict after training
         self._redo: Optional[dict[str, Any]] = None  # the round to redo, and where its tries go on
         self._settled: Optional[float] = None  # the metric measured by the last settle() that kept a round
+        self._previous: Optional[dict[str, Any]] = None  # the last kept round's snapshot, for one backtrack
+        #: how much of a round's immediate cost the training after it is expected to recover (learned per round)
+        self._recovery = float(self.cfg.contract.recovery_factor)
         self._guard_batches: Optional[list] = None  # the guard's batches, when evaluate= was a loader
         self._units: list = []  # those batches cut into the units the drop's spread is estimated over
         self._reference_units: Optional[list] = None  # the float model's sums on each unit
@@ -651,7 +654,14 @@ class Fixer:
         if self.contract is None:
             summary, _ = self._fix_once(t, self.fractions[t], broadcast)
         else:
-            summary, record = self._contracted_round(t, broadcast, before, redo)
+            try:
+                summary, record = self._contracted_round(t, broadcast, before, redo)
+            except ContractError:
+                if not self._backtrack({"fraction": self.fractions[t], "exhausted": "before training"}):
+                    raise
+                t, redo = self.round, self._redo  # the round before is redone, more cautiously
+                self._redo = None
+                summary, record = self._contracted_round(t, broadcast, redo["before"], redo)
         frac = self.fractions[t]  # a split round fixes less than planned
         view = self.view
         self.round += 1
@@ -686,13 +696,21 @@ class Fixer:
         value, drop = now["value"], now["drop"]
         row = self.history[-1]
         row["contract"].update(after_training=value, drop_after_training=drop, se_after_training=now["se"])
-        # paced: with a share f of the weights fixed, at most f ** pace of the allowance is spent, so the rounds
-        # left keep some (without training to recover, early rounds would otherwise spend it all)
-        allowed = c.max_drop * (self._fixed_count() / self.view.numel) ** self.cfg.contract.pace
+        # paced: with a share f of the weights fixed, at most max(early_share, f) of the allowance may be spent,
+        # so the last rounds (which no training follows) keep some; early rounds would otherwise spend it all
+        allowed = c.max_drop * min(1.0, max(self.cfg.contract.early_share, self._fixed_count() / self.view.numel))
         row["contract"]["allowed_after_training"] = allowed
+        # what training between rounds recovers here: the immediate check of the next rounds expects as much
+        immediate = row["contract"]["bound"]
+        if math.isfinite(immediate) and math.isfinite(now["bound"]):
+            self._recovery = min(max(immediate / max(now["bound"], 1e-12 * max(c.max_drop, 1e-12)), 1.0),
+                                 self.cfg.contract.recovery_factor)
         if _within(now["bound"], allowed):
             self._settled = value
             self.caution = pending["level"]
+            # kept for one backtrack: when the next round cannot keep the contract at all, this one is redone
+            self._previous = {key: pending[key] for key in ("snapshot", "ladder", "position", "undone", "before",
+                                                            "setting", "target", "extra")}
             if pending["extra"]:
                 log.warning("%s round %d: the contract was kept only with %d more power-of-two terms per value: the "
                             "codebook is finer from here on (max_order %d)", self.method, self.round, pending["extra"],
@@ -706,12 +724,14 @@ class Fixer:
         nxt = pending["position"] + 1
         if nxt >= len(pending["ladder"]):
             self.method_impl.set_caution(self.caution)
+            if self._backtrack(failed):  # the round before spent what this one needed: it is redone first
+                return False
             raise ContractError(
                 f"{self.method} round {self.round + 1}: even after training, fixing "
                 f"{100 * pending['target']:.4g} % of the weights ({pending['setting']}) leaves {c.metric} at "
                 f"{value:.6g} against the float model's {ref:.6g} on the guard data: a drop of {drop:.4g} (+- "
-                f"{now['se']:.2g}), beyond the {allowed:.4g} the contract ({c.text()}) leaves this far into the "
-                f"schedule (contract.pace, contract.margin), and no more cautious setting is left. The model is left as it was before this "
+                f"{now['se']:.2g}), beyond the {allowed:.4g} the contract ({c.text()}) allows this far into the "
+                f"schedule (contract.early_share, contract.margin), and no more cautious setting is left. The model is left as it was before this "
                 f"round ({100 * self._fixed_count() / self.view.numel:.4g} % fixed, within the contract). To go on: "
                 f"{self.method_impl.contract_tip()}, or allow a larger drop (contract.max_drop, now "
                 f"{c.max_drop:g} {c.drop_type})")
@@ -720,6 +740,27 @@ class Fixer:
         log.info("%s round %d: after training %s is %.6g against the float model's %.6g (contract: %s): the round "
                  "is undone and redone more cautiously", self.method, self.round + 1, c.metric, value, ref, c.text())
         return False
+
+    def _backtrack(self, failed: dict[str, Any]) -> bool:
+        """When a round cannot keep the contract at any setting, undo the round before it too (its fixing and
+        the training after it) and have it redone at its next, more cautious setting: it may have spent what
+        this round needed. Once per kept round; False when there is none to go back to (or it has no setting
+        left)."""
+        prev = self._previous
+        self._previous = None
+        if prev is None or self.round < 1 or prev["position"] + 1 >= len(prev["ladder"]):
+            return False
+        log.info("%s round %d cannot keep the contract at any setting: round %d is undone too and redone more "
+                 "cautiously", self.method, self.round + 1, self.round)
+        self._pending = None
+        self._restore(prev["snapshot"])
+        self.history.pop()
+        self.round -= 1
+        undone = {"setting": prev["setting"], "fraction": prev["target"], "extra_terms": prev["extra"],
+                  "backtracked_for_next_round": failed}
+        self._redo = {"ladder": prev["ladder"], "position": prev["position"] + 1,
+                      "undone": prev["undone"] + [undone], "before": prev["before"]}
+        return True
 
     def _fixed_count(self) -> int:
         return int(self.view.fixed().sum())
@@ -738,7 +779,10 @@ class Fixer:
         fixed_now = self._fixed_count()
         prev, frac = fixed_now / n, self.fractions[t]
         origin = self.schedule_index[t]
-        splits = max(cc.max_splits - (sum(1 for i in self.schedule_index if i == origin) - 1), 0)
+        # each round may halve what is left of its increment up to max_splits times; one planned round grows
+        # into at most 2 * max_splits extra rounds
+        added = sum(1 for i in self.schedule_index if i == origin) - 1
+        splits = cc.max_splits if added < 2 * cc.max_splits else 0
         targets = [frac] + [prev + (frac - prev) / 2.0**s for s in range(1, splits + 1)]
         targets = [x for i, x in enumerate(targets) if i == 0 or math.ceil(x * n - 1e-9) > fixed_now]
         first, top = min(max(self.caution - 1, 0), self._max_caution()), self._max_caution()
@@ -752,7 +796,7 @@ class Fixer:
                           redo: Optional[dict]) -> tuple[dict, dict[str, Any]]:
         """Round ``t`` under the contract: the first try of its ladder (from ``redo``'s position when a try was
         undone after training) that the immediate check keeps; ContractError (model restored) when none does."""
-        c, cc, view = self.contract, self.cfg.contract, self.view
+        c, view = self.contract, self.view
         assert c is not None and self.reference is not None
         ref = self.reference
         info = self.guard_info
@@ -794,7 +838,7 @@ class Fixer:
                                   if extra else base_engine)
             summary, merged = self._fix_once(t, target, broadcast)
             now = self.assess()
-            allowed = c.max_drop * (cc.recovery_factor if follows else 1.0)
+            allowed = c.max_drop * (self._recovery if follows else 1.0)
             tries.append({"caution": level, "setting": self.method_impl.caution_text(), "fraction": target,
                           "extra_terms": extra, "value": now["value"], "drop": now["drop"], "se": now["se"],
                           "bound": now["bound"]})

@@ -27,6 +27,7 @@ signed powers of two, e.g. 7/8 = 1 - 1/8; otherwise of positive ones).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any, Callable, ClassVar, Optional
 
@@ -196,7 +197,7 @@ class Method:
         values, fixed = view.values(), view.fixed()
         sigma = view.sigmas() if view.has_sigma else None
         result = engine(values, self.tolerance(view, round_index), fixed, fraction, sigma=sigma,
-                        config=engine_config)
+                        config=self.cautious_engine(engine_config))
         return result.values, result.fixed, result.sigma if sigma is not None else None, result.summary
 
     def refresh_posterior(self, model: nn.Module, view: QuantView, loader: Any, device: Any, task: Any,
@@ -213,6 +214,15 @@ class Method:
     def caution_text(self) -> str:
         """The current caution level in the method's own terms (``k = 0.5``), for logs and errors."""
         return "as configured"
+
+    #: the caution levels' last step turned the engine's zero pass off (see :meth:`cautious_engine`)
+    no_zero_pass: bool = False
+
+    def cautious_engine(self, engine_config: EngineConfig) -> EngineConfig:
+        """The engine settings of the current caution level: as given, or without the zero pass (``zero_fix``:
+        every weight below 2^-b joins zero whatever its tolerance) once the method's own tolerance is as small
+        as it goes; the built-in methods' last caution level."""
+        return dataclasses.replace(engine_config, zero_fix=False) if self.no_zero_pass else engine_config
 
     # -- training between rounds ----------------------------------------------------------------
     def pre_epochs(self) -> float:

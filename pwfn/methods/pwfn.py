@@ -126,6 +126,7 @@ class PWFNMethod(Method):
         shifts = self.shift_exponents()
         if not shifts:
             return super().fix(view, round_index, fraction, engine_config, engine)
+        engine_config = self.cautious_engine(engine_config)
         dtype, dev = view.slots[0].value.dtype, view.slots[0].value.device
         factor = torch.cat([torch.full((sl.numel,), 2.0 ** -shifts.get(sl.name, 0), dtype=dtype, device=dev)
                             for sl in view.slots])  # exact powers of two: scaling is exact
@@ -155,16 +156,25 @@ class PWFNMethod(Method):
         p = self.cfg.pwfn
         return p.k if self.caution == 0 else max(p.k / 2.0**self.caution, min(p.k_min, p.k))
 
+    def _k_levels(self) -> int:
+        """The highest caution level that still halves k (k / 2^level reaches k_min there)."""
+        p, level = self.cfg.pwfn, 0
+        while p.k / 2.0**level > min(p.k_min, p.k) and level < 64:
+            level += 1
+        return level
+
     def set_caution(self, level: int) -> bool:
-        """Level ``n`` halves k ``n`` times, down to ``k_min``; a level that cannot lower k further is refused."""
-        p = self.cfg.pwfn
-        if level > 0 and p.k / 2.0 ** (level - 1) <= min(p.k_min, p.k):
+        """Level ``n`` halves k ``n`` times, down to ``k_min``; one level more keeps ``k_min`` and turns the
+        engine's zero pass off (when it is on); a level beyond is refused."""
+        top = self._k_levels() + (1 if self.cfg.pwfn.engine.zero_fix else 0)
+        if not 0 <= level <= top:
             return False
         self.caution = level
+        self.no_zero_pass = level > self._k_levels()
         return True
 
     def caution_text(self) -> str:
-        return f"k = {self.k_now:g}"
+        return f"k = {self.k_now:g}" + (", no zero pass" if self.no_zero_pass else "")
 
     def pre_epochs(self) -> float:
         return float(self.cfg.pwfn.first_round_epochs)

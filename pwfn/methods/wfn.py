@@ -42,19 +42,23 @@ class WFNMethod(Method):
     caution: int = 0
     MAX_CAUTION = 3
 
-    @property
-    def schedule(self) -> Schedule:
-        return wfn_schedule(self.settings.delta / 2.0**self.caution, self.settings.fractions)
-
     def set_caution(self, level: int) -> bool:
-        """Level ``n`` halves delta ``n`` times, at most :attr:`MAX_CAUTION` times."""
-        if not 0 <= level <= self.MAX_CAUTION:
+        """Level ``n`` halves delta ``n`` times, at most :attr:`MAX_CAUTION` times; one level more keeps that
+        delta and turns the engine's zero pass off (when it is on)."""
+        top = self.MAX_CAUTION + (1 if self.settings.engine.zero_fix else 0)
+        if not 0 <= level <= top:
             return False
         self.caution = level
+        self.no_zero_pass = level > self.MAX_CAUTION
         return True
 
+    @property
+    def schedule(self) -> Schedule:
+        return wfn_schedule(self.settings.delta / 2.0 ** min(self.caution, self.MAX_CAUTION), self.settings.fractions)
+
     def caution_text(self) -> str:
-        return f"delta = {self.settings.delta / 2.0**self.caution:g}"
+        text = f"delta = {self.settings.delta / 2.0 ** min(self.caution, self.MAX_CAUTION):g}"
+        return text + (", no zero pass" if self.no_zero_pass else "")
 
     def contract_tip(self) -> str:
         return (f"start from a smaller delta ({self.section_name}.delta, now {self.settings.delta:g}) or train longer "
