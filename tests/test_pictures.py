@@ -98,7 +98,7 @@ def test_plot_without_matplotlib_says_what_to_install(run, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     from pwfn.plot import plot_run_dir
 
-    with pytest.raises(PwfnError, match=r"pip install 'pwfn-compress\[plot\]'"):
+    with pytest.raises(PwfnError, match=r"pip install '\.\[plot\]'"):
         plot_run_dir(run, run / "never")
     assert not (run / "never").exists()
 

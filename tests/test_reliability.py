@@ -658,4 +658,4 @@ def test_doctor_reports_a_broken_optional_import(tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert rc == 1
     assert "torchvision is installed but fails to import (RuntimeError: operator torchvision::nms" in text
-    assert "pip install --force-reinstall 'pwfn-compress[vision]'" in text
+    assert "pip install --force-reinstall '.[vision]'" in text
