@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checks import check_first_batch, check_float_model
 from .config import RunConfig, config_diff, config_to_dict, dump_config
+from .console import progress_bar
 from .distributed import DistContext, init_distributed, resolve_device
 from .engine import EngineConfig
 from .errors import CheckpointError, ConfigError, ModelError, PwfnError, TrainingDivergedError
@@ -432,6 +433,8 @@ class FixingRun:
 
         fractions = s.fractions
         tb = open_tensorboard(self.cfg.tensorboard, self.run_dir, self.dist.is_main)
+        bar = progress_bar(len(fractions), f"{self.method} rounds", enabled=self.cfg.progress and self.dist.is_main,
+                           unit="round", initial=start_round)  # only on a terminal; training bars nest below it
         for t in range(start_round, len(fractions)):
             t0 = time.perf_counter()
             frac = fractions[t]
@@ -457,6 +460,8 @@ class FixingRun:
             row["wall_seconds"] = time.perf_counter() - t0
             if self.dist.is_main:
                 log.info("%s", round_line(self.method, row, len(fractions), self.task.primary))
+            bar.set_postfix_str(f"{100 * row['fixed_fraction']:.0f}% fixed, {row.get('unique')} values", refresh=False)
+            bar.update(1)
             if tb is not None:
                 tb.log_round(row)
             self._save(model, optimizer, counter, history, t + 1, pre_metrics)
@@ -465,6 +470,7 @@ class FixingRun:
             for callback in self.callbacks:
                 callback(state)
 
+        bar.close()
         if tb is not None:
             tb.close()
         return self._finish(model, view, engine_cfg, history, pre_metrics, time.perf_counter() - started)
