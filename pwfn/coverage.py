@@ -81,6 +81,10 @@ def role_of(module: nn.Module, attr: str) -> str:
     return "bias" if "bias" in attr else "weight"
 
 
+#: tensors named in one grouped stays-float warning; the rest are counted
+LISTED = 20
+
+
 @dataclass
 class TensorCoverage:
     """One distinct parameter tensor and whether (and why not) it is quantised."""
@@ -158,12 +162,25 @@ class Coverage:
         }
 
     def log(self, method: str) -> None:
-        """Log the quantised share, every tensor that stays float (a warning each) and the shared tensors."""
+        """Log the quantised share, the tensors that stay float (one warning per reason, listing them with
+        their count, so forty norm layers do not bury the warnings that matter) and the shared tensors."""
         s = self.summary()
         log.info("%s: quantising %d of %d parameters (%.1f%%) in %d tensors", method, s["quantised_parameters"],
                  s["parameters"], 100 * s["share"], len(self.quantised))
+        groups: dict[str, list[TensorCoverage]] = {}
         for t in self.left_float:
-            log.warning("%s: %s (%s, %d parameters) stays float: %s", method, t.name, t.owner_type, t.numel, t.reason)
+            groups.setdefault(str(t.reason), []).append(t)
+        for reason, group in groups.items():
+            if len(group) == 1:
+                t = group[0]
+                log.warning("%s: %s (%s, %d parameters) stays float: %s", method, t.name, t.owner_type, t.numel, reason)
+                continue
+            names = ", ".join(t.name for t in group[:LISTED])
+            if len(group) > LISTED:
+                names += f" and {len(group) - LISTED} more (the report's coverage.left_float lists every one)"
+            owners = ", ".join(sorted({t.owner_type for t in group}))
+            log.warning("%s: %d tensors (%s; %d parameters) stay float: %s: %s", method, len(group), owners,
+                        sum(t.numel for t in group), reason, names)
         for name, aliases in s["shared"].items():
             log.info("%s: %s is shared with %s: fixed once, stays shared", method, name, ", ".join(aliases))
 
@@ -214,7 +231,7 @@ def plan(
         elif role == "float":
             reason = "registered to stay float (pwfn.register_layer)"
         elif role == "norm" and not quantise_norms and not inc:
-            reason = f"normalisation-layer parameter ({setting(norms_option, True)} quantises it)"
+            reason = f"normalisation-layer parameter (quantised with {setting(norms_option, True)})"
         tensors.append(TensorCoverage(
             name=site.name, owner=site.module_name, owner_type=_owner_class(site.module).__name__, role=role,
             numel=t.numel(), bytes=t.numel() * t.element_size(), dtype=str(t.dtype).replace("torch.", ""),

@@ -84,7 +84,7 @@ def _entropy_from_counts(counts: Tensor) -> float:
         return 0.0
     p = counts.to(torch.float64) / total
     h = float(-(p * torch.log2(p)).sum())
-    return max(h, 0.0)  # tiny negative round-off for a single symbol
+    return h if h > 0.0 else 0.0  # a single symbol gives -0.0 (printed '-0.000'), round-off a tiny negative
 
 
 # --------------------------------------------------------------------------- codebook stats

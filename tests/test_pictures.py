@@ -227,7 +227,7 @@ def test_round_summary_is_logged_at_info_without_a_terminal(tmp_path):
     assert proc.returncode == 0, text
     lines = [line for line in text.splitlines() if line.startswith("INFO pwfn.pipeline: wfn round")]
     assert len(lines) == 2, text
-    assert "wfn round 1/2: 50.0% fixed, top-1" in lines[0] and "bits" in lines[0]
+    assert "wfn round 1/2: 50.0% fixed, val top-1" in lines[0] and "bits" in lines[0]
     assert "wfn round 2/2: 100.0% fixed" in lines[1]
     assert "INFO pwfn.experiment: float baseline (trained): test top-1" in text
     assert "checksum" not in text  # per-rank checksums are -v (debug) only
@@ -241,7 +241,7 @@ def test_round_line_and_csv_helpers():
     row = {"round": 2, "fraction": 0.6, "fixed_fraction": 0.6, "after_fix": {"top1": 90.5},
            "after_train": {"top1": 91.25, "train": {"loss": 0.3}}, "unique": 12, "entropy": 2.5,
            "wall_seconds": 3.25, "codebook": [0.5], "engine": {"order": 2}}
-    assert round_line("pwfn", row, 10) == ("pwfn round 3/10: 60.0% fixed, top-1 91.25 (after fix 90.50), "
+    assert round_line("pwfn", row, 10) == ("pwfn round 3/10: 60.0% fixed, val top-1 91.25 (after fix 90.50), "
                                            "unique 12, entropy 2.500 bits, 3.2 s")
     text = metrics_csv_text([row, {"round": 3, "fraction": 1.0, "after_fix": {"top1": 80.0}}])
     lines = text.splitlines()
