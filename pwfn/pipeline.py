@@ -56,7 +56,7 @@ from .manifest import (
 )
 from .methods import get_method
 from .methods.base import Method, build_method
-from .metrics import expected_calibration_error, fixing_metrics, nll
+from .metrics import expected_calibration_error, fixing_metrics, nll, weight_histogram
 from .models import build_from_recipe
 from .plumbing import QuantView
 from .runlog import open_tensorboard, round_line, write_metrics_csv
@@ -421,7 +421,8 @@ class FixingRun:
         else:
             self._write_config(view, engine_cfg)
             optimizer = s.optimizer(model, view, None)
-            pre_metrics = {"initial": self._eval(model, self.val_loader)}
+            # the float weights' distribution, before anything moves them: the weights picture draws it
+            pre_metrics = {"initial": self._eval(model, self.val_loader), "float_weights": weight_histogram(view.values())}
             posterior = self._posterior()
             if posterior is not None:
                 pre_metrics["laplace"] = posterior

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 import subprocess
@@ -83,6 +84,38 @@ def test_report_plot_draws_a_method_folder(run, capsys):
     assert {p.name for p in plots.iterdir()} == {"rounds.png", "weights_pwfn.png", "layers_pwfn.png"}
     for name, kind in [("rounds.png", "rounds"), ("weights_pwfn.png", "weights"), ("layers_pwfn.png", "layers")]:
         _assert_picture(plots / name, kind)
+
+
+def test_the_float_distribution_is_recorded_by_every_run(run, tmp_path):
+    """The weights picture draws the float model under the fixed one from the run's own report, also for a
+    pwfn.compress folder, which has no baseline.pt: the histogram counts every quantised float weight."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    import pwfn
+    from pwfn.rundata import float_histogram, read_method
+
+    for method in ("wfn", "pwfn"):  # a comparison's methods
+        hist = float_histogram(read_method(run / method))
+        report = json.loads((run / method / "report.json").read_text())
+        assert hist is not None and sum(hist["counts"]) == report["final"]["n_weights"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    float_weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    data = [(torch.randn(16, 6), torch.randint(0, 3, (16,))) for _ in range(2)]
+    pwfn.compress(model, data, data, method="wfn", run_dir=tmp_path / "mine",
+                  config={"progress": False, "wfn": {"fractions": [0.5, 1.0], "round_epochs": 0.5}})
+    assert not (tmp_path / "baseline.pt").exists()
+    hist = float_histogram(read_method(tmp_path / "mine"))
+    expected, _ = np.histogram(float_weights.astype(np.float64), bins=np.asarray(hist["edges"]))
+    assert hist["counts"] == expected.tolist()  # numpy's histogram of the float model, on the same edges
+    assert hist["edges"][0] == float(float_weights.min()) and hist["edges"][-1] == float(float_weights.max())
+    if importlib.util.find_spec("matplotlib") is not None:
+        from pwfn.plot import plot_run_dir
+
+        (path,) = [p for p in plot_run_dir(tmp_path / "mine", tmp_path / "pics") if p.name == "weights_wfn.png"]
+        _assert_picture(path, "weights")
 
 
 def test_plot_without_matplotlib_says_what_to_install(run, monkeypatch):
