@@ -648,6 +648,34 @@ def test_doctor_unfinished_run_and_missing_folder(finished_run, tmp_path, capsys
     assert rc == 1 and "not a pwfn run folder" in text
 
 
+def test_doctor_checks_every_extra_and_the_tools_a_target_needs(monkeypatch):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from pwfn import doctor
+    from pwfn.export.targets import TARGETS
+
+    with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as fh:
+        extras = set(tomllib.load(fh)["project"]["optional-dependencies"])
+    checked = {(name, extra) for name, extra, _ in doctor.OPTIONAL}
+    assert {extra for _, extra in checked} == extras  # every extra, and none that does not exist
+    for target in TARGETS.values():  # every module an export target imports
+        assert {(m, target.extra) for m in target.modules} <= checked, target.name
+    assert ("lightning", "lightning") in checked and ("transformers", "hf") in checked
+    assert ("huggingface_hub", "hf") in checked and ("g++", "hls4ml") in {(t, e) for t, e, _ in doctor.TOOLS}
+
+    real_import = doctor._import
+    hls4ml = type(sys)("hls4ml")
+    monkeypatch.setattr(doctor, "_import", lambda name: (hls4ml, None, True) if name == "hls4ml" else real_import(name))
+    monkeypatch.setattr(doctor.shutil, "which", lambda program: None)
+    (gxx,) = [f for f in doctor.check_environment() if f.topic == "g++"]
+    assert gxx.level == "warning" and "the 'hls4ml' extra is installed" in gxx.message and "apt-get install g++" in gxx.fix
+    monkeypatch.setattr(doctor, "_import", lambda name: (None, None, False) if name == "hls4ml" else real_import(name))
+    (gxx,) = [f for f in doctor.check_environment() if f.topic == "g++"]
+    assert gxx.level == "info"  # no hls4ml: a missing g++ is only worth knowing
+    monkeypatch.setattr(doctor.shutil, "which", lambda program: "/usr/bin/" + program)
+    (gxx,) = [f for f in doctor.check_environment() if f.topic == "g++"]
+    assert gxx.level == "ok" and gxx.message.startswith("/usr/bin/g++")
+
+
 def test_doctor_reports_a_broken_optional_import(tmp_path, monkeypatch, capsys):
     pkg = tmp_path / "site" / "torchvision"
     pkg.mkdir(parents=True)
