@@ -217,7 +217,8 @@ def plot_compare(folder: Path, methods: Mapping[str, Mapping[str, Any]], path: P
                 val_ax.plot(*zip(*pts), ".-", color=_colour(name), label=f"{name}, round by round")
                 val_ax.scatter([pts[-1][0]], [pts[-1][1]], s=40, color=_colour(name), zorder=3)
     if float_val is not None:
-        val_ax.axhline(float_val, color=_colour("float"), ls=(0, (6, 3)), lw=1.4, label=f"float model {float_val:.2f}%")
+        val_ax.axhline(float_val, color=_colour("float"), ls=(0, (6, 3)), lw=1.4, zorder=5,
+                       label=f"float model {float_val:.2f}%")
     test_ax.set(title="final: test split", xlabel="entropy of the weights (bits per weight)",
                 ylabel="top-1 % (test split)")
     val_ax.set(title="rounds: validation split", xlabel="entropy of the weights (bits per weight)",
