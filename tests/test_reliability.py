@@ -277,6 +277,14 @@ def test_ctrl_c_stops_cleanly_and_resumes(straight, tmp_path, where):
     assert _point_bytes(folder) == want
 
 
+def _error(err: str) -> str:
+    """The ``pwfn: error: ...`` a command ended with: only log lines (the run's progress) come before it."""
+    head, sep, error = err.partition("pwfn: error: ")
+    assert sep and (not head or head.endswith("\n")), err
+    assert all(line.split(" ", 1)[0] in ("DEBUG", "INFO", "WARNING") for line in head.splitlines()), err
+    return sep + error
+
+
 # --------------------------------------------------------------------------------------------
 # divergence
 
@@ -286,8 +294,8 @@ def test_divergence_is_a_clear_error_naming_layer_and_knobs(method, tmp_path, ca
     extra = [f"{method}.lr=1e30", "pwfn.first_round_epochs=1"]
     rc = cli_main(_args(tmp_path, "nan", method, extra))
     assert rc == 2
-    err = capsys.readouterr().err
-    assert err.startswith("pwfn: error: ") and "training diverged" in err
+    err = _error(capsys.readouterr().err)
+    assert "training diverged" in err
     assert "layer producing non-finite output is 'net." in err or "layer 'net." in err
     assert f"{method}.lr" in err and f"{method}.grad_clip" in err
     assert ("pwfn.sigma_floor" in err) == (method == "pwfn")
@@ -414,7 +422,8 @@ def test_bad_cli_input_is_a_clear_error_and_writes_nothing(label, extra, expect,
     rc = cli_main(["run", "--out", str(out)] + _sets() + extra)
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert err.startswith("pwfn: error: ") and expect.lower() in err.lower(), err
+    err = _error(err)
+    assert expect.lower() in err.lower(), err
     assert not out.exists(), "nothing may be written for bad input"
 
 
