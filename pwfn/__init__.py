@@ -28,6 +28,7 @@ _LAZY = {
     "BatchAdapter": ("pwfn.tasks", "BatchAdapter"),
     "register_task": ("pwfn.tasks", "register_task"),
     "plan_coverage": ("pwfn.coverage", "plan"),
+    "enable_logging": ("pwfn.console", "enable_logging"),
 }
 
 __all__ = ["__version__", *_LAZY]

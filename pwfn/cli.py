@@ -31,7 +31,10 @@ from typing import Optional
 
 from . import __version__
 from .config import load_config
+from .console import FORMAT as LOG_FORMAT
+from .console import enable_logging
 from .errors import PwfnError, os_error_message
+from .hints import command_line
 from .methods import check_method_name, method_names
 from .presets import resolve_config
 
@@ -231,17 +234,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     level = _log_level(args)
-    # other libraries stay at WARNING (or DEBUG with -v); pwfn's and bayes' own loggers say INFO
-    logging.basicConfig(level=min(level, logging.WARNING), format="%(levelname)s %(name)s: %(message)s")
-    for name in ("pwfn", "bayes"):
-        logging.getLogger(name).setLevel(level)
+    # other libraries stay at WARNING (or DEBUG with -v); pwfn's and bayes' own loggers say INFO, written
+    # around the progress bars
+    logging.basicConfig(level=min(level, logging.WARNING), format=LOG_FORMAT)
+    enable_logging(level)
     handlers = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "export": cmd_export,
                 "models": cmd_models, "doctor": cmd_doctor, "plot": cmd_plot, "inspect": cmd_inspect,
                 "configs": cmd_configs}
 
     succeeded = False
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), command_line():  # messages speak the command line's language
             code = handlers[args.command](args)
             succeeded = code == 0
             return code
@@ -262,6 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # `report`, `--help` must not pay for importing torch just to shut nothing down)
         if "pwfn.distributed" in sys.modules:
             sys.modules["pwfn.distributed"].shutdown_distributed(synchronise=succeeded)
+        enable_logging(None)  # main() called from Python removes its console handler again
 
 
 class _Terminated(KeyboardInterrupt):

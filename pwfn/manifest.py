@@ -41,6 +41,7 @@ from .files import (
     parse_json,
     read_limited,
 )
+from .hints import other_run_folder, start_over
 from .methods import method_names
 
 PathLike = Union[str, os.PathLike]
@@ -494,13 +495,12 @@ def _brief(fp: Any) -> str:
     return str(fp)
 
 
-def refuse_changed_inputs(saved: Optional[Mapping], current: Mapping, path: PathLike, *, api: bool = False,
+def refuse_changed_inputs(saved: Optional[Mapping], current: Mapping, path: PathLike, *,
                           keys: Iterable[str] = ("data", "checkpoint", "model")) -> None:
     """Raise InputsChangedError naming every changed input, when ``path`` was written from other inputs."""
     diff = changed_inputs(saved, current, keys)
     if diff:
-        how = ("pass resume=False to start over, or another run_dir to keep both" if api else
-               "use --fresh to start over, or another name (--set name=...) to keep both")
+        how = f"use {start_over()} to start over, or {other_run_folder()} to keep both"
         raise InputsChangedError(f"{str(path)} was written from other inputs: {'; '.join(diff)}. "
                                  f"Resuming would mix two runs: {how}")
 

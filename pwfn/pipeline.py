@@ -24,11 +24,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checks import check_first_batch, check_float_model, check_materialized
 from .config import RunConfig, config_diff, config_to_dict, dump_config
+from .console import progress_bar
 from .distributed import DistContext, init_distributed, resolve_device
 from .engine import EngineConfig
 from .errors import CheckpointError, ConfigError, ModelError, PwfnError, TrainingDivergedError
 from .export import shared_keys
 from .fixer import Fixer, resolve_config
+from .hints import other_run_folder, setting, start_over
 from .io import (
     atomic_write_json,
     atomic_write_text,
@@ -54,7 +56,7 @@ from .manifest import (
 )
 from .methods import get_method
 from .methods.base import Method, build_method
-from .metrics import expected_calibration_error, fixing_metrics, nll
+from .metrics import expected_calibration_error, fixing_metrics, nll, weight_histogram
 from .models import build_from_recipe
 from .ownership import METHOD, claim, mark
 from .plumbing import QuantView
@@ -78,9 +80,9 @@ def divergence_advice(cfg: RunConfig, section: str, tips: Sequence[str] = ()) ->
     """Which settings to turn when training under ``section`` ("baseline" or a method's section) diverges;
     ``tips`` adds the method's own (:meth:`Method.divergence_tips`)."""
     s = getattr(cfg, section)
-    out = [f"lower the learning rate (--set {section}.lr=..., now {s.lr:g})", *tips]
+    out = [f"lower the learning rate ({setting(section + '.lr')}, now {s.lr:g})", *tips]
     clip = "off" if s.grad_clip is None else f"{s.grad_clip:g}"
-    out.append(f"clip gradients harder (--set {section}.grad_clip=..., now {clip})")
+    out.append(f"clip gradients harder ({setting(section + '.grad_clip')}, now {clip})")
     return "To fix it, " + ", ".join(out[:-1]) + " or " + out[-1] + "."
 
 
@@ -111,11 +113,11 @@ def load_run_checkpoint(ckpt: Path, method: str, device: Any = "cpu") -> dict:
         state = load_checkpoint(ckpt, kind=f"run-{method}", map_location=device)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}. Cannot resume {method} from it: restore the file, or start this method "
-                              "over with --fresh (or delete the file)") from exc
+                              f"over with {start_over()} (or delete the file)") from exc
     missing = [k for k in ("next_round", "model", "epoch_counter", "history", "rng") if k not in state]
     if missing:
         raise CheckpointError(f"{str(ckpt)!r} lacks {missing}: it was not written by this version of pwfn; "
-                              "start this method over with --fresh")
+                              f"start this method over with {start_over()}")
     return state
 
 
@@ -270,8 +272,8 @@ class FixingRun:
         if path is None or not path.exists():
             return "No checkpoint of this method was written yet."
         return (f"The last good checkpoint {str(path)!r} ({self._rounds_done} of {len(self.method_impl.fractions)} "
-                "rounds done) is kept unchanged; a changed setting starts the method over (--fresh, or "
-                "another --set name=...).")
+                f"rounds done) is kept unchanged; a changed setting starts the method over ({start_over()}, or "
+                f"{other_run_folder()}).")
 
     def _train(self, train_model, model, optimizer, epochs, counter, desc):
         s, fixer = self.method_impl, self.fixer
@@ -397,10 +399,10 @@ class FixingRun:
             state = self._load_resume_state(ckpt)
             refuse_changed_config(state.get("config"), self.cfg, ckpt, run_sections(s))
             saved_inputs = state.get("inputs") or (self._previous_manifest or {}).get("inputs")
-            refuse_changed_inputs(saved_inputs, self.inputs, ckpt, api=self._given_inputs is None)
+            refuse_changed_inputs(saved_inputs, self.inputs, ckpt)
             if not isinstance(state.get("masks"), dict):
                 raise CheckpointError(f"{str(ckpt)!r} holds no fixed masks: it was written by an older pwfn; "
-                                      "start this method over with --fresh")
+                                      f"start this method over with {start_over()}")
             fixer.load_state_dict({"format": 1, "method": self.method, "round": int(state["next_round"]),
                                    "model": state["model"], "masks": state["masks"], "history": state["history"],
                                    "config": state.get("config") or config_to_dict(self.cfg)}, str(ckpt))
@@ -421,7 +423,8 @@ class FixingRun:
         else:
             self._write_config(view, engine_cfg)
             optimizer = s.optimizer(model, view, None)
-            pre_metrics = {"initial": self._eval(model, self.val_loader)}
+            # the float weights' distribution, before anything moves them: the weights picture draws it
+            pre_metrics = {"initial": self._eval(model, self.val_loader), "float_weights": weight_histogram(view.values())}
             posterior = self._posterior()
             if posterior is not None:
                 pre_metrics["laplace"] = posterior
@@ -433,6 +436,8 @@ class FixingRun:
 
         fractions = s.fractions
         tb = open_tensorboard(self.cfg.tensorboard, self.run_dir, self.dist.is_main)
+        bar = progress_bar(len(fractions), f"{self.method} rounds", enabled=self.cfg.progress and self.dist.is_main,
+                           unit="round", initial=start_round)  # only on a terminal; training bars nest below it
         for t in range(start_round, len(fractions)):
             t0 = time.perf_counter()
             frac = fractions[t]
@@ -458,6 +463,8 @@ class FixingRun:
             row["wall_seconds"] = time.perf_counter() - t0
             if self.dist.is_main:
                 log.info("%s", round_line(self.method, row, len(fractions), self.task.primary))
+            bar.set_postfix_str(f"{100 * row['fixed_fraction']:.0f}% fixed, {row.get('unique')} values", refresh=False)
+            bar.update(1)
             if tb is not None:
                 tb.log_round(row)
             self._save(model, optimizer, counter, history, t + 1, pre_metrics)
@@ -466,6 +473,7 @@ class FixingRun:
             for callback in self.callbacks:
                 callback(state)
 
+        bar.close()
         if tb is not None:
             tb.close()
         return self._finish(model, view, engine_cfg, history, pre_metrics, time.perf_counter() - started)
@@ -557,7 +565,7 @@ def refuse_changed_config(saved: Optional[dict], cfg: RunConfig, path: Path, sec
         shown = "; ".join(diff[:6]) + (f"; ... ({len(diff)} in all)" if len(diff) > 6 else "")
         raise ConfigError(
             f"{path} was written under a different config ({shown}). Resuming would mix two runs: "
-            "use --fresh to start over, or another name (--set name=...) to keep both"
+            f"use {start_over()} to start over, or {other_run_folder()} to keep both"
         )
 
 

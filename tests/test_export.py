@@ -476,7 +476,7 @@ def test_cli_onnx_export_or_clear_skip(tmp_path: Path, capsys, monkeypatch) -> N
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now fails
     assert cli_main(["export", str(run), "--onnx"]) == 0
     out = capsys.readouterr().out
-    assert "onnx: skipped" in out and "pip install 'pwfn-compress[onnx]'" in out
+    assert "onnx: skipped" in out and "pip install '.[onnx]'" in out
     assert not (run / "export" / "model.onnx").exists()  # the earlier one would be stale
 
 

@@ -42,6 +42,7 @@ import bayes
 
 from ..errors import ArtefactError, CheckpointError, ModelError, PwfnError, RunFileError
 from ..files import parse_json, read_limited
+from ..hints import install_hint, start_over
 from ..io import atomic_write_bytes, atomic_write_json, load_checkpoint
 from ..lock import acquire
 from ..manifest import (
@@ -95,7 +96,7 @@ def _onnx_export(
     except ImportError as exc:
         msg = (
             f"ONNX export needs the 'onnx' extra ({exc.name or exc} is not installed): "
-            "pip install 'pwfn-compress[onnx]'"
+            f"{install_hint('onnx')}"
         )
         log.warning("%s", msg)
         return None, {"skipped": msg}
@@ -365,7 +366,7 @@ def _state_from_checkpoint(run_dir: Path, method: str) -> tuple[dict[str, Tensor
     masks = ckpt.get("masks")
     if not isinstance(masks, dict) or any(k not in state for k in masks):
         raise ExportError(f"{path} holds no fixed masks that fit its model: it was written by an older pwfn; "
-                          "rerun the method with --fresh")
+                          f"rerun the method with {start_over()}")
     return state, dict(masks)
 
 

@@ -19,7 +19,9 @@ from typing import Any
 try:
     import lightning.pytorch as pl
 except ImportError as exc:  # pragma: no cover - depends on the extra
-    raise ImportError("pwfn.integrations.lightning needs PyTorch Lightning: pip install 'pwfn-compress[lightning]'") from exc
+    from ..hints import install_hint
+
+    raise ImportError(f"pwfn.integrations.lightning needs PyTorch Lightning: {install_hint('lightning')}") from exc
 
 from ..errors import ConfigError
 from ..fixer import Fixer

@@ -21,6 +21,7 @@ import bayes
 from ..budget import budget_active
 from ..engine import EngineConfig, fix_round
 from ..errors import ConfigError, ModelError
+from ..hints import setting, settings, shipped_config
 from ..plumbing import QuantView
 from ..schedules import Schedule, pwfn_schedule, tolerance_for_round
 from ..tasks import to_device
@@ -172,14 +173,14 @@ class PWFNMethod(Method):
         return float(self.cfg.pwfn.first_round_epochs)
 
     def no_training_hint(self) -> str:
-        return "--set pwfn.first_round_epochs=0 --set pwfn.round_epochs=0"
+        return settings({"pwfn.first_round_epochs": 0, "pwfn.round_epochs": 0})
 
     def guard_tip(self) -> str:
-        return (f"let the guard go further down (--set pwfn.k_min={self.cfg.pwfn.k_min / 8:g}: more values, better "
-                "kept accuracy) or fix with the paper's small tolerances (config='paper_pwfn')")
+        return (f"let the guard go further down ({setting('pwfn.k_min', self.cfg.pwfn.k_min / 8)}: more values, "
+                f"better kept accuracy) or fix with the paper's small tolerances ({shipped_config('paper_pwfn')})")
 
     def divergence_tips(self) -> list[str]:
-        return [f"raise the sigma floor (--set pwfn.sigma_floor=..., now {self.cfg.pwfn.sigma_floor:g})"]
+        return [f"raise the sigma floor ({setting('pwfn.sigma_floor')}, now {self.cfg.pwfn.sigma_floor:g})"]
 
     def point_model(self, model: nn.Module) -> nn.Module:
         return bayes.to_point_estimate(model)

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import PwfnError
+from ...hints import install_hint
 from ...io import atomic_write_bytes, atomic_write_json
 from ..artefact import MODEL_JSON, ExportError, load_exported_model
 from .hls4ml import export_hls4ml
@@ -89,7 +90,7 @@ def _check_available(t: Target) -> None:
     missing = [m for m in t.modules if importlib.util.find_spec(m) is None]
     if missing:
         raise TargetError(f"target {t.name!r} needs the '{t.extra}' extra ({', '.join(missing)} not installed): "
-                          f"pip install 'pwfn-compress[{t.extra}]'")
+                          f"{install_hint(t.extra)}")
 
 
 def run_target(name: str, model: nn.Module, example: Tensor, *, codebook: Tensor | None = None, b: int = 7,

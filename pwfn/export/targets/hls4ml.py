@@ -47,6 +47,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ...errors import PwfnError
+from ...hints import install_hint
 from .graph import GraphError, trace
 from .shiftadd import FixedPoint, ShiftAddNet, calibrate, layer_terms
 
@@ -245,7 +246,7 @@ def export_hls4ml(
         from hls4ml.model.types import ExponentPrecisionType, ExponentWeightVariable
     except ImportError as exc:
         raise Hls4mlError(
-            f"hls4ml export needs the 'hls4ml' extra ({exc.name or exc} is not installed): pip install 'pwfn-compress[hls4ml]'"
+            f"hls4ml export needs the 'hls4ml' extra ({exc.name or exc} is not installed): {install_hint('hls4ml')}"
         ) from exc
     if shutil.which("g++") is None:
         raise Hls4mlError("hls4ml's C simulation needs a C++ compiler: g++ is not on PATH")

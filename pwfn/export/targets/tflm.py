@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import PwfnError
+from ...hints import install_hint
 from .graph import GraphError, Layer, trace
 
 __all__ = ["MAX_LUT_VALUES", "TflmError", "build_tflite", "compress_tflite", "export_tflm", "run_tflm"]
@@ -55,7 +56,7 @@ def _schema() -> Any:
     except ImportError as exc:
         raise TflmError(
             f"TFLite-Micro export needs the 'tflm' extra ({exc.name or exc} is not installed): "
-            "pip install 'pwfn-compress[tflm]'"
+            f"{install_hint('tflm')}"
         ) from exc
     return tfl
 
