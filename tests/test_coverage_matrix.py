@@ -386,10 +386,10 @@ def test_tensors_left_float_for_one_reason_are_one_warning(caplog):
     norms = [m for m in lines if "normalisation-layer" in m]
     assert len(norms) == 1 and len(lines) == 2, lines
     n_norm = 2 * LISTED + 2
-    assert f"pwfn: {n_norm} tensors (BatchNorm1d, LayerNorm; {4 * n_norm} parameters) stay float" in norms[0]
+    assert f"pwfn: {n_norm} tensors (BatchNorm1d, LayerNorm; {4 * n_norm} values) stay float" in norms[0]
     assert "1.weight, 1.bias, 3.weight" in norms[0] and f"and {n_norm - LISTED} more" in norms[0]
     (excluded,) = [m for m in lines if "excluded" in m]  # the other reason: its own line, listing both
-    assert excluded.startswith("pwfn: 2 tensors (Linear; 32 parameters) stay float: excluded by a pattern")
+    assert excluded.startswith("pwfn: 2 tensors (Linear; 32 values) stay float: excluded by a pattern")
     assert excluded.endswith(": 0.weight, 2.weight")
 
 
