@@ -37,6 +37,7 @@ from ..manifest import load_json, sha256_bytes, validate_description
 from ..methods import method_names
 from ..models import create_model
 from . import packing
+from .packcheck import read_artefact_bytes
 
 __all__ = [
     "EXPORT_DIR", "EXPORT_FORMAT", "MODEL_FILE", "MODEL_JSON", "ONNX_FILE", "PACKED_FILE", "SIZE_FILE", "STAGE_SUFFIX",
@@ -489,11 +490,7 @@ def load_packed_model(path: PathLike, model: nn.Module | None = None) -> nn.Modu
     foreign-version file raises ``ArtefactError`` naming the problem.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ArtefactError(f"cannot read packed artefact {str(path)!r}: {exc}") from exc
-    pm = packing.unpack(data)
+    pm = packing.unpack(read_artefact_bytes(path))
     meta = pm.metadata
     if meta.get("pwfn_export") is not None and meta.get("pwfn_export") != EXPORT_FORMAT:
         raise ArtefactError(
