@@ -198,7 +198,10 @@ def _callable_of(recipe: Recipe, where: str, functions: bool) -> Callable[..., n
         _import(recipe["module"], where)  # registers the model
     fn = model_factory(recipe["name"])
     if fn is None:
-        create_model(recipe["name"])  # the ConfigError naming close matches and the registered models
+        try:
+            create_model(recipe["name"])  # its error names close matches and the registered models
+        except ConfigError as exc:
+            raise ModelError(f"{where}: {exc}") from exc
     return fn  # type: ignore[return-value]
 
 
@@ -282,7 +285,10 @@ def check_recipe(recipe: Any, state: Mapping[str, Any], where: str, *, functions
         # a constructor that cannot run on the meta device (it reads values, loads a file ...):
         # built for real, which raises the same error when the recipe itself is bad
         built = _construct(fn, rec, where, None)
-    diff = _compare(_shapes(built.state_dict()), {k: tuple(getattr(v, "shape", ())) for k, v in state.items()})
+    want = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+    diff = _compare(_shapes(built.state_dict()), want)
+    if diff and _fold_parametrizations(built, want, where):  # weights exported as plain fixed values
+        diff = _compare(_shapes(built.state_dict()), want)
     if diff:
         raise RecipeMismatch(f"{where}: the model recipe {describe(rec)} does not build the model of these weights: "
                              f"{diff}")
@@ -314,11 +320,47 @@ def load_state_folded(model: nn.Module, state: Mapping[str, Tensor], where: str)
     a mismatch raises ``ModelError`` with advice for the usual causes."""
     own = model.state_dict()
     state = _fold_compile_prefix(state, own)
+    if set(state) != set(own) and _fold_parametrizations(model, state, where):
+        own = model.state_dict()
+        state = _fold_compile_prefix(state, own)
     try:
         model.load_state_dict(dict(state), strict=True)
     except RuntimeError as exc:
         raise ModelError(f"{where} does not fit the model: {_advice(own, state)}. torch says: "
                          f"{str(exc).splitlines()[0][:300]}") from exc
+
+
+def _fold_parametrizations(model: nn.Module, state: Mapping[str, Any], where: str) -> bool:
+    """Fold weight_norm/spectral_norm (parametrizations or the older hooks) of ``model`` into plain
+    weights where ``state`` holds the plain weight: a fixed network's export holds the effective
+    weight itself (re-deriving it from a norm and a direction would take it off the codebook).
+    Returns whether anything was folded; each fold is logged."""
+    from torch.nn.utils import parametrize
+
+    plain = {k.removeprefix("_orig_mod.") for k in state}  # torch.compile's wrapper on either side
+    folded = []
+    for mname, m in list(model.named_modules()):
+        key_base = f"{mname}.".removeprefix("_orig_mod.") if mname else ""
+        base = f"{mname}." if mname else ""
+        for pname in list(getattr(m, "parametrizations", {}) or {}):
+            if parametrize.is_parametrized(m, pname) and f"{key_base}{pname}" in plain \
+                    and f"{key_base}parametrizations.{pname}.original" not in plain \
+                    and f"{key_base}parametrizations.{pname}.original0" not in plain:
+                parametrize.remove_parametrizations(m, pname, leave_parametrized=True)
+                folded.append(f"{base}{pname}")
+        for hook in list(m._forward_pre_hooks.values()):  # torch.nn.utils.weight_norm / spectral_norm (hooks)
+            name = getattr(hook, "name", None)
+            kind = type(hook).__name__
+            if kind in ("WeightNorm", "SpectralNorm") and isinstance(name, str) and f"{key_base}{name}" in plain \
+                    and f"{key_base}{name}_g" not in plain and f"{key_base}{name}_orig" not in plain:
+                from torch.nn import utils
+
+                (utils.remove_weight_norm if kind == "WeightNorm" else utils.remove_spectral_norm)(m, name)
+                folded.append(f"{base}{name}")
+    if folded:
+        log.info("%s: folded the weight_norm/spectral_norm of %s into plain weights (the export holds each "
+                 "fixed weight itself)", where, ", ".join(folded[:5]) + (" ..." if len(folded) > 5 else ""))
+    return bool(folded)
 
 
 def _advice(own: Mapping[str, Any], state: Mapping[str, Any]) -> str:

@@ -210,3 +210,124 @@ def test_extra_symbols_may_only_be_the_missing_signed_zero() -> None:
     m["extra_symbols_hex"] = "3f800000"  # 1.0 is no zero
     with pytest.raises(ArtefactError, match="signed zero"):
         packing.unpack(_forge(m, area))
+
+
+# ------------------------------------------------------------------------------- export folders
+
+
+def _mlp_export_args():
+    from test_export import fixed_model
+
+    kwargs = {"in_features": 64, "hidden": [16], "num_classes": 10}
+    model, q = fixed_model("mlp", **kwargs)
+    return model, q, {"name": "mlp", "kwargs": kwargs}
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: (p.read_bytes() if p.is_file() and not p.is_symlink() else os.readlink(p) if p.is_symlink()
+                     else "dir") for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("planted", ["foreign model.json", "pwfn description, extra file", "edited file",
+                                     "sub-folder", "link"])
+def test_an_export_never_replaces_a_folder_it_cannot_prove_it_wrote(tmp_path: Path, planted: str, capsys) -> None:
+    from test_export import write_run
+
+    from pwfn.cli import main
+    from pwfn.export import ExportError, export_model, export_run
+
+    model, q, recipe = _mlp_export_args()
+    run = write_run(tmp_path / "r" / "pwfn", model, recipe, q)
+    keep = tmp_path / "keep"
+    if planted == "foreign model.json":
+        keep.mkdir()
+        (keep / "model.json").write_text('{"my": "own model card"}')
+        (keep / "thesis.tex").write_text("years of work")
+    else:
+        export_model(model, q, keep, recipe)  # a real pwfn export ...
+        if planted == "pwfn description, extra file":
+            (keep / "notes.txt").write_text("mine")  # ... with a file of the user's
+        elif planted == "edited file":
+            (keep / "size.json").write_text("{}")  # ... or one changed since
+        elif planted == "sub-folder":
+            (keep / "data").mkdir()
+            (keep / "data" / "x.npy").write_bytes(b"123")
+        else:
+            (keep / "model.onnx").symlink_to(tmp_path / "r" / "pwfn" / "report.json")
+    before = _snapshot(keep)
+    with pytest.raises(ExportError, match="choose a new or empty --out"):
+        export_run(run, keep)
+    assert main(["export", str(run), "--out", str(keep)]) == 2
+    err = capsys.readouterr().err
+    assert "pwfn: error:" in err and ("did not write" in err or "changed since" in err or "not a pwfn export" in err)
+    assert _snapshot(keep) == before
+    assert not list(tmp_path.glob(".keep.*"))
+
+
+def test_an_earlier_pwfn_export_is_replaced_as_a_whole(tmp_path: Path) -> None:
+    from test_export import write_run
+
+    from pwfn.export import export_run
+
+    model, q, recipe = _mlp_export_args()
+    run = write_run(tmp_path / "r" / "pwfn", model, recipe, q)
+    first = export_run(run, tmp_path / "out")
+    described = json.loads((tmp_path / "out" / "model.json").read_text())
+    assert set(described["files"]) == set(first["files"]) and "model.json" not in described["files"]
+    export_run(run, tmp_path / "out")  # provably pwfn's: replaced
+    export_run(run)  # the default folder too, twice
+    export_run(run)
+    assert (run / "export" / "model.pwfn").is_file()
+
+
+def test_an_export_folder_that_is_a_link_or_a_file_is_refused(tmp_path: Path) -> None:
+    from test_export import write_run
+
+    from pwfn.export import ExportError, export_run
+
+    model, q, recipe = _mlp_export_args()
+    run = write_run(tmp_path / "r" / "pwfn", model, recipe, q)
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "a.txt").write_text("a")
+    (tmp_path / "link").symlink_to(target, target_is_directory=True)
+    with pytest.raises(ExportError, match="symbolic link"):
+        export_run(run, tmp_path / "link")
+    assert (tmp_path / "link").is_symlink() and (target / "a.txt").read_text() == "a"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="is a file"):
+        export_run(run, tmp_path / "file")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
+def test_a_fifo_in_an_export_folder_is_refused_without_blocking(tmp_path: Path) -> None:
+    from pwfn.export import ExportError, export_model
+
+    model, q, recipe = _mlp_export_args()
+    export_model(model, q, tmp_path / "e", recipe)
+    os.mkfifo(tmp_path / "e" / "model.onnx")
+    with pytest.raises(ExportError, match="model.onnx \\(not a regular file\\)"):
+        _call_with_timeout(lambda: export_model(model, q, tmp_path / "e", recipe))
+
+
+def test_a_file_added_during_an_export_is_kept(tmp_path: Path, monkeypatch) -> None:
+    """The folder is checked, then renamed aside: a file that appears in between is not deleted with it."""
+    from pwfn.export import export_model, ownership
+
+    model, q, recipe = _mlp_export_args()
+    out = tmp_path / "e"
+    export_model(model, q, out, recipe)
+    real = ownership.check_replaceable
+    calls = {"n": 0}
+
+    def racing(folder, **kw):
+        calls["n"] += 1
+        result = real(folder, **kw)
+        if calls["n"] == 1:  # after the first check passed, someone writes into the folder
+            (out / "late.txt").write_text("arrived during the export")
+        return result
+
+    monkeypatch.setattr(ownership, "check_replaceable", racing)
+    export_model(model, q, out, recipe)
+    kept = [p for p in tmp_path.rglob("late.txt")]
+    assert len(kept) == 1 and kept[0].read_text() == "arrived during the export"
