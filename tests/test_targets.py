@@ -128,13 +128,44 @@ def test_codebook_onnx_is_exact_and_small(make, shape) -> None:
     assert info["coded_tensors"] >= len([p for p in model.parameters() if p.dim() > 1])
     ops = {n.op_type for n in onnx.load_from_string(data).graph.node}
     assert "Gather" in ops
-    # close to the packed indices: tables, the few float tensors and the graph are small extras
+    # the packed indices at ceil(log2 K) bits, one table, the few float tensors, the model's own
+    # graph and a decoder of fixed size: nothing grows with the weights but the index stream
+    n = sum(p.numel() for p in model.parameters())
+    k = info["index_bits"]
+    assert k == max(1, (info["table_values"] - 1).bit_length()) and info["coded_weights"] == n
+    assert info["index_bytes"] <= -(-n * k // 8) + 3
+    assert info["table_bytes"] == 4 * info["table_values"]
     payload = info["index_bytes"] + info["table_bytes"] + info["float_bytes"]
-    assert info["bytes"] < payload + 4000
+    graph = info["fp32_onnx_bytes"] - 4 * n
+    assert info["bytes"] < payload + graph + 1500
     assert info["bytes"] < info["fp32_onnx_bytes"] / 2
     sd = model.state_dict()
     for name, arr in decode_weights(data).items():
         assert np.array_equal(arr.view(np.uint32), sd[name].numpy().view(np.uint32))
+
+
+@needs_onnx
+@pytest.mark.parametrize("K", [1, 2, 3, 8, 100, 128, 129, 513, 3000])
+def test_codebook_onnx_packs_indices_at_ceil_log2_k_bits_for_any_k(K: int) -> None:
+    from pwfn.export.targets.onnx import export_onnx, pack_bits, unpack_bits
+
+    g = torch.Generator().manual_seed(K)
+    table = torch.randperm(1 << 14, generator=g)[:K].float().sub(1 << 13).mul(2.0**-10)  # K distinct values
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(table[torch.randint(0, K, p.shape, generator=g)] * 2.0**-4)
+    cb = torch.unique(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    data, info = export_onnx(model, torch.randn(2, 64, generator=g), cb)
+    assert info["weights_bit_identical"] and info["bit_identical_to_fp32_onnx"]
+    n = sum(p.numel() for p in model.parameters())
+    k = max(1, (len(cb) - 1).bit_length())
+    assert info["index_bits"] == k and info["coded_weights"] == n
+    assert info["index_bytes"] == -(-n * k // 8) + (3 if k > 9 else 2)
+    if len(cb) <= 128:  # below an int8 copy of the weights: one byte each, plus the table
+        assert info["index_bytes"] + info["table_bytes"] < n
+    idx = torch.randint(0, 1 << k, (1001,), generator=g).numpy()
+    assert (unpack_bits(pack_bits(idx, k), k, idx.size) == idx).all()
 
 
 @needs_onnx

@@ -3,7 +3,7 @@
 =========  ==========================================================================  =========
 name       what                                                                         extra
 =========  ==========================================================================  =========
-onnx       ``model.onnx``: weights as value tables + packed indices, decoded by Gather   onnx
+onnx       ``model.onnx``: one value table + indices at ceil(log2 K) bits, decoded      onnx
 tflm       ``model.tflite``: TFLite-Micro flatbuffer, per-tensor LUT-compressed          tflm
 hls4ml     ``hls4ml_prj.tar.gz``: HLS project, power-of-two (shift) products, C-sim'd    hls4ml
 =========  ==========================================================================  =========
@@ -81,7 +81,7 @@ def _hls4ml(model: nn.Module, example: Tensor, *, b: int, signed_terms: bool, **
 
 TARGETS: dict[str, Target] = {
     "onnx": Target("onnx", "onnx", ("onnx", "onnxruntime"),
-                   "ONNX, weights as value tables + packed indices decoded by Gather", _onnx),
+                   "ONNX, weights as one value table + indices packed at ceil(log2 K) bits, decoded in the graph", _onnx),
     "tflm": Target("tflm", "tflm", ("tflite_micro", "flatbuffers"),
                    "TFLite-Micro .tflite with per-tensor lookup-table compression", _tflm),
     "hls4ml": Target("hls4ml", "hls4ml", ("hls4ml",),
