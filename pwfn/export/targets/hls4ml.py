@@ -39,7 +39,7 @@ import shutil
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -47,8 +47,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ...errors import PwfnError
-from .graph import GraphError, trace
-from .shiftadd import FixedPoint, ShiftAddNet, calibrate, layer_terms
+from .graph import GraphError, refuse_unsupported, trace
+from .shiftadd import FixedPoint, ShiftAddNet, bn_fixed, calibrate, layer_terms
 
 __all__ = ["Hls4mlError", "export_hls4ml", "fill_terms", "split_model"]
 
@@ -116,7 +116,8 @@ class _Program(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.steps: list[tuple[str, str, list[str], list[str]]] = []  # (kind, out, ins, modules)
+        # (kind, out, ins, modules or a view's shape)
+        self.steps: list[tuple[str, str, list[str], list[Any]]] = []
         self.add_roles: list[str] = []
         self.input_name = "x"
         self.output_name = "x"
@@ -133,82 +134,145 @@ class _Program(nn.Module):
                 env[out] = env[ins[0]] + env[ins[1]]
             elif kind == "module":
                 env[out] = getattr(self, mods[0])(env[ins[0]])
+            elif kind == "view":
+                env[out] = env[ins[0]].view(-1, *mods)
             else:  # identity
                 env[out] = env[ins[0]]
         return env[self.output_name]
 
 
+def _hls_avgpool(lay: Any) -> str | None:
+    if any(lay.extra["padding"]) or lay.extra.get("ceil_mode"):
+        return "padded or ceil-mode average pooling (hls4ml leaves padding out of the average); padding=0 works"
+    return None
+
+
+def _hls_maxpool(lay: Any) -> str | None:
+    return "ceil_mode=True" if lay.extra.get("ceil_mode") else None
+
+
+def _hls_reshape(lay: Any) -> str | None:
+    shape, src = lay.extra.get("shape"), lay.extra.get("in_shape")
+    if lay.extra.get("op") != "flatten" and (shape is None or (src is not None and shape[0] != src[0])):
+        return "a reshape that needs the example's shape or mixes the batch dimension"
+    return None
+
+
+#: what the hls4ml target takes: kind -> why a layer of that kind is refused (None: taken)
+HLS_KINDS: dict[str, Callable[[Any], str | None]] = {
+    "linear": lambda lay: None, "conv": lambda lay: None, "batchnorm": lambda lay: None,
+    "relu": lambda lay: None, "maxpool": _hls_maxpool, "avgpool": _hls_avgpool, "reshape": _hls_reshape,
+    "identity": lambda lay: None, "add": lambda lay: None,
+}
+
+
+def _plan_fixed(prog: _Program, lay: Any, i: int, plan: dict[str, dict[str, Any]], b: int, signed_terms: bool,
+                mode: str, max_terms: int) -> None:
+    m = lay.module
+    signs, exps, orders = (t.numpy() for t in layer_terms(m.weight, b, signed_terms))
+    T = max(1, int(orders.max(initial=0)))
+    if T == 1 and (orders == 0).any():
+        T = 2
+    path = "fixed" if mode == "fixed" or (mode == "auto" and T > max_terms) else "exponent"
+    if path == "fixed":
+        name = f"q{i}"
+        prog.add_module(name, copy.deepcopy(m))
+        prog.steps.append(("module", lay.name, lay.args, [name]))
+        plan[lay.qual] = {"path": "fixed", "terms": 0, "modules": [name], "node": lay.name, "min_exponent": -b}
+        return
+    s, e = fill_terms(signs, exps, orders, T, b)
+    names = []
+    for t in range(T):
+        name = f"q{i}t{t}"
+        mod = copy.deepcopy(m)
+        with torch.no_grad():
+            mod.weight.copy_(torch.from_numpy(s[..., t] * np.exp2(e[..., t].astype(np.float64))).to(mod.weight.dtype))
+        if t:
+            mod.bias = None
+        prog.add_module(name, mod)
+        names.append(name)
+    prog.steps.append(("split", lay.name, lay.args, names))
+    prog.add_roles += ["inter"] * (T - 2) + ["final"] if T > 1 else []
+    plan[lay.qual] = {"path": "exponent", "terms": T, "modules": names, "node": lay.name,
+                      "min_exponent": int(e.min())}
+
+
+def _plan_batchnorm(prog: _Program, lay: Any, i: int, plan: dict[str, dict[str, Any]]) -> None:
+    """Its own scale-and-shift layer: a BatchNorm whose statistics make hls4ml's scale and bias exactly
+    the fixed-point values the reference uses (mean 0, variance 1, eps 0)."""
+    s_int, c_int, S = bn_fixed(lay.extra["scale"], lay.extra["shift"])
+    bn = (nn.BatchNorm1d if lay.extra["dims"] == 1 else nn.BatchNorm2d)(len(s_int), eps=0.0)
+    with torch.no_grad():
+        bn.weight.copy_(s_int.double() * 2.0**-S)
+        bn.bias.copy_(c_int.double() * 2.0**-S)
+        bn.running_mean.zero_()
+        bn.running_var.fill_(1.0)
+    name = f"n{i}"
+    prog.add_module(name, bn.eval())
+    prog.steps.append(("module", lay.name, lay.args, [name]))
+    plan[f"bn:{lay.qual}"] = {"path": "batchnorm", "modules": [name], "frac_bits": S,
+                              "scale_max": float(s_int.abs().max()) * 2.0**-S if len(s_int) else 0.0,
+                              "shift_max": float(c_int.abs().max()) * 2.0**-S if len(c_int) else 0.0}
+
+
 def split_model(model: nn.Module, *, b: int, signed_terms: bool, mode: str = "auto",
-                max_terms: int = 4, input_rank: int = 2) -> tuple[_Program, dict[str, dict[str, Any]]]:
+                max_terms: int = 4, input_rank: int = 2, example: Tensor | None = None
+                ) -> tuple[_Program, dict[str, dict[str, Any]]]:
     """The torch model hls4ml converts, and per fixed layer how it is implemented.
 
     Returns ``(program, plan)``; ``plan[qual] = {"path": "exponent"|"fixed", "terms": T,
-    "modules": [...], "min_exponent": ...}``.
+    "modules": [...], "min_exponent": ...}``; a BatchNorm's entry (``bn:<qual>``) has path
+    ``batchnorm`` and its scale's fractional bits; a pooling's (``pool:<qual>``) its window.
     """
     if mode not in ("auto", "exponent", "fixed"):
         raise Hls4mlError(f"mode must be auto, exponent or fixed, got {mode!r}")
     try:
-        g = trace(copy.deepcopy(model).eval())
+        g = refuse_unsupported(copy.deepcopy(model).eval(), "hls4ml", HLS_KINDS, example,
+                               alternative="the onnx and tflm targets take it in float")
     except GraphError as exc:
         raise Hls4mlError(str(exc)) from exc
     prog = _Program()
     prog.input_name = g.input
     prog.output_name = g.output
     plan: dict[str, dict[str, Any]] = {}
-    rank = {g.input: input_rank}  # tensor ranks (batch included): a flatten of a flat input is a no-op
+    rank = {g.input: input_rank if example is None else example.dim()}
     for i, lay in enumerate(g.layers):
-        rank[lay.name] = rank[lay.args[0]] if lay.args else input_rank
-        if lay.kind == "flatten":
-            rank[lay.name] = 2
-            if rank[lay.args[0]] <= 2:
-                prog.steps.append(("identity", lay.name, lay.args, []))
-                continue
+        rank[lay.name] = len(lay.extra["shape"]) if "shape" in lay.extra else (rank[lay.args[0]] if lay.args
+                                                                                  else input_rank)
         if lay.kind in ("linear", "conv"):
-            m = lay.module
-            if lay.kind == "conv" and lay.extra["dims"] != 2:
-                raise Hls4mlError(f"{lay.qual}: only 2-D convolutions are exported to hls4ml")
-            signs, exps, orders = (t.numpy() for t in layer_terms(m.weight, b, signed_terms))
-            T = max(1, int(orders.max(initial=0)))
-            if T == 1 and (orders == 0).any():
-                T = 2
-            path = "fixed" if mode == "fixed" or (mode == "auto" and T > max_terms) else "exponent"
-            if path == "fixed":
-                name = f"q{i}"
-                prog.add_module(name, copy.deepcopy(m))
-                prog.steps.append(("module", lay.name, lay.args, [name]))
-                plan[lay.qual] = {"path": "fixed", "terms": 0, "modules": [name], "node": lay.name,
-                                  "min_exponent": -b}
-                continue
-            s, e = fill_terms(signs, exps, orders, T, b)
-            names = []
-            for t in range(T):
-                name = f"q{i}t{t}"
-                mod = copy.deepcopy(m)
-                with torch.no_grad():
-                    mod.weight.copy_(torch.from_numpy(s[..., t] * np.exp2(e[..., t].astype(np.float64))).to(
-                        mod.weight.dtype))
-                    if t and mod.bias is not None:
-                        mod.bias = None
-                if t and isinstance(mod, nn.Linear):
-                    mod.bias = None
-                prog.add_module(name, mod)
-                names.append(name)
-            prog.steps.append(("split", lay.name, lay.args, names))
-            prog.add_roles += ["inter"] * (T - 2) + ["final"] if T > 1 else []
-            plan[lay.qual] = {"path": "exponent", "terms": T, "modules": names, "node": lay.name,
-                              "min_exponent": int(e.min())}
+            _plan_fixed(prog, lay, i, plan, b, signed_terms, mode, max_terms)
+        elif lay.kind == "batchnorm":
+            _plan_batchnorm(prog, lay, i, plan)
         elif lay.kind == "add":
             prog.steps.append(("add", lay.name, lay.args, []))
             prog.add_roles.append("residual")
         elif lay.kind == "identity":
             prog.steps.append(("identity", lay.name, lay.args, []))
-        elif lay.kind == "avgpool":
-            raise Hls4mlError(f"{lay.qual}: average pooling is not exported to hls4ml (its scaling is not a "
-                              "shift there); use max-pooling")
-        else:
+        elif lay.kind == "reshape":
+            if lay.extra.get("op") == "flatten":
+                rank[lay.name] = 2
+                if rank[lay.args[0]] <= 2:  # a flatten of a flat input is a no-op
+                    prog.steps.append(("identity", lay.name, lay.args, []))
+                else:
+                    name = f"m{i}"
+                    prog.add_module(name, nn.Flatten(lay.extra["start"], lay.extra["end"]))
+                    prog.steps.append(("module", lay.name, lay.args, [name]))
+            else:
+                prog.steps.append(("view", lay.name, lay.args, list(lay.extra["shape"][1:])))
+        elif lay.kind in ("maxpool", "avgpool"):
+            e = lay.extra
+            cls = {("maxpool", 1): nn.MaxPool1d, ("maxpool", 2): nn.MaxPool2d, ("avgpool", 1): nn.AvgPool1d,
+                   ("avgpool", 2): nn.AvgPool2d}[(lay.kind, e["dims"])]
+            k, st, pad = (e["kernel"][0], e["stride"][0], e["padding"][0]) if e["dims"] == 1 else (
+                e["kernel"], e["stride"], e["padding"])
             name = f"m{i}"
-            prog.add_module(name, copy.deepcopy(lay.module) if lay.module is not None else
-                            (nn.ReLU() if lay.kind == "relu" else nn.Flatten(lay.extra["start"], lay.extra["end"])))
+            prog.add_module(name, cls(k, st, pad))
+            prog.steps.append(("module", lay.name, lay.args, [name]))
+            plan[f"pool:{lay.qual or lay.name}"] = {"path": lay.kind, "modules": [name],
+                                                    "area": math.prod(e["kernel"])}
+        else:  # relu
+            name = f"m{i}"
+            prog.add_module(name, nn.ReLU())
             prog.steps.append(("module", lay.name, lay.args, [name]))
     return prog.eval(), plan
 
@@ -271,18 +335,19 @@ def export_hls4ml(
     xs = example if check_inputs is None else torch.cat([example, check_inputs])
     xs = xs.to(torch.float32)
     fp = fixed_point or calibrate(model, xs, frac_bits=frac_bits, headroom_bits=2)
-    ref = ShiftAddNet(model, b=b, fixed_point=fp, signed_terms=signed_terms)
-    expected = ref(xs).numpy()
     prog, plan = split_model(model, b=b, signed_terms=signed_terms, mode=mode, max_terms=max_terms,
-                             input_rank=example.dim())
+                             example=example[:1])  # refuses a layer it cannot take before any work
+    ref = ShiftAddNet(model, b=b, fixed_point=fp, signed_terms=signed_terms, example=example[:1])
+    expected = ref(xs).numpy()
+    fixed_plan = {q: p for q, p in plan.items() if p["path"] in ("exponent", "fixed")}
 
     act = _fixed_type(fp.width, fp.int_bits)
     # exact accumulator: enough fractional bits for every shifted term / weight, integer bits
     # for the largest possible partial sum of any layer at the activation range
-    min_e = min((p["min_exponent"] for p in plan.values()), default=-b)
+    min_e = min((p["min_exponent"] for p in fixed_plan.values()), default=-b)
     acc_frac = fp.frac_bits + max(b, -min_e)
     peak_sum = 0.0
-    for lay in trace(model).fixed():
+    for lay in trace(model, example[:1]).fixed():
         w = lay.module.weight.detach().double().reshape(lay.module.weight.shape[0], -1)
         row = float(w.abs().sum(1).max()) * 2.0 ** (fp.int_bits - 1)
         bias = float(lay.module.bias.detach().abs().max()) if lay.module.bias is not None else 0.0
@@ -298,7 +363,9 @@ def export_hls4ml(
             prog, input_shape=tuple(example.shape[1:]), granularity="name", backend="Vivado",
             default_precision=act, channels_last_conversion="full", transpose_outputs=False)
         layer_cfg = cfg["LayerName"]
-        split_of = {m: (qual, p) for qual, p in plan.items() for m in p["modules"]}
+        split_of = {m: (qual, p) for qual, p in fixed_plan.items() for m in p["modules"]}
+        other_of = {m: p for p in plan.values() if p["path"] not in ("exponent", "fixed") for m in p["modules"]}
+        cfg["SkipOptimizers"] = ["fuse_batch_normalization", "fuse_consecutive_batch_normalization"]
         for name, lc in layer_cfg.items():
             prec = lc.setdefault("Precision", {})
             if not isinstance(prec, dict):
@@ -307,6 +374,15 @@ def export_hls4ml(
                 if prec[key] == "auto":
                     prec[key] = act
             prec["result"] = act
+            if name in other_of:
+                p = other_of[name]
+                if p["path"] == "batchnorm":  # scale and shift exactly as the reference rounds them
+                    si, ci = _int_bits(p["scale_max"]), _int_bits(p["shift_max"])
+                    prec["scale"] = _fixed_type(si + p["frac_bits"], si)
+                    prec["bias"] = _fixed_type(ci + p["frac_bits"], ci)
+                elif p["path"] == "avgpool":  # the window's sum exactly, then the division
+                    extra = max(1, math.ceil(math.log2(p["area"]))) + 1
+                    prec["accum"] = _fixed_type(fp.width + extra, fp.int_bits + extra)
             if name in split_of:
                 qual, p = split_of[name]
                 mod = getattr(prog, name)
@@ -369,11 +445,17 @@ def export_hls4ml(
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     counts = ref.operation_counts(tuple(example.shape[1:]))
-    kept = sum(counts["per_layer"][q]["macs"] for q, p in plan.items() if p["path"] == "fixed")
+    kept = sum(counts["per_layer"][q]["macs"] for q, p in fixed_plan.items() if p["path"] == "fixed")
+    # a BatchNorm's scale is a product per value, a pooling window that is not a power of two a division
+    kept += counts["total"]["scale_multiplications"] + counts["total"]["divisions"]
     info = {
         "bytes": len(data),
         "fixed_point": {"activation": act, "accumulator": accum, "frac_bits": fp.frac_bits, "width": fp.width},
-        "layers": {q: {"path": p["path"], "parallel_layers": p["terms"] or 1} for q, p in plan.items()},
+        "layers": {q: {"path": p["path"], "parallel_layers": p["terms"] or 1} for q, p in fixed_plan.items()},
+        "other_layers": {q: {k: v for k, v in p.items() if k != "modules"} for q, p in plan.items()
+                         if q not in fixed_plan},
+        "scale_multiplications": counts["total"]["scale_multiplications"],
+        "divisions": counts["total"]["divisions"],
         "exponent_layers": n_exp,
         "products": products,
         "bit_identical_to_reference": True,
