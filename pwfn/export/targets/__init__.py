@@ -34,9 +34,11 @@ from ...errors import PwfnError
 from ...manifest import load_json
 from ..artefact import MODEL_JSON, ExportError, load_exported_model
 from ..ownership import owned_files, write_export_folder
+from .hls4ml import check_model as check_hls4ml
 from .hls4ml import export_hls4ml
 from .onnx import export_onnx
 from .shiftadd import ShiftAddError, ShiftAddNet
+from .tflm import check_model as check_tflm
 from .tflm import export_tflm
 
 __all__ = ["TARGETS", "TARGETS_FILE", "Target", "TargetError", "build_targets", "check_targets", "example_input",
@@ -58,8 +60,9 @@ class Target:
     modules: tuple[str, ...]  # importable names the target needs
     description: str
     build: Callable[..., tuple[dict[str, bytes], dict[str, Any]]]
-    #: raises (naming the layer and what would work) when the target cannot take the model
-    check: Callable[[nn.Module], None] = lambda model: None
+    #: ``check(model, example)`` raises (naming the layer and what would work) when the target cannot
+    #: take the model; cheap (a trace), so every target is checked before any toolchain runs
+    check: Callable[[nn.Module, Tensor], Any] = lambda model, example: None
 
 
 def _onnx(model: nn.Module, example: Tensor, *, codebook: Tensor | None, **_: Any):
@@ -79,13 +82,21 @@ def _hls4ml(model: nn.Module, example: Tensor, *, b: int, signed_terms: bool, **
     return {"hls4ml_prj.tar.gz": data}, info
 
 
+def _check_tflm(model: nn.Module, example: Tensor) -> None:
+    check_tflm(model, example[:1])
+
+
+def _check_hls4ml(model: nn.Module, example: Tensor) -> None:
+    check_hls4ml(model, example[:1])
+
+
 TARGETS: dict[str, Target] = {
     "onnx": Target("onnx", "onnx", ("onnx", "onnxruntime"),
                    "ONNX, weights as one value table + indices packed at ceil(log2 K) bits, decoded in the graph", _onnx),
     "tflm": Target("tflm", "tflm", ("tflite_micro", "flatbuffers"),
-                   "TFLite-Micro .tflite with per-tensor lookup-table compression", _tflm),
+                   "TFLite-Micro .tflite with per-tensor lookup-table compression", _tflm, _check_tflm),
     "hls4ml": Target("hls4ml", "hls4ml", ("hls4ml",),
-                     "hls4ml HLS project with power-of-two (shift) products, C-simulated", _hls4ml),
+                     "hls4ml HLS project with power-of-two (shift) products, C-simulated", _hls4ml, _check_hls4ml),
 }
 
 
@@ -110,7 +121,8 @@ def run_target(name: str, model: nn.Module, example: Tensor, *, codebook: Tensor
 
 def _fixed_counts(model: nn.Module, example: Tensor, b: int, signed_terms: bool) -> dict[str, Any] | None:
     try:
-        return ShiftAddNet(model, b=b, signed_terms=signed_terms).operation_counts(tuple(example.shape[1:]))
+        net = ShiftAddNet(model, b=b, signed_terms=signed_terms, example=example[:1])
+        return net.operation_counts(tuple(example.shape[1:]))
     except ShiftAddError as exc:
         log.info("no shift-add operation counts: %s", exc)
         return None
@@ -198,7 +210,7 @@ def build_targets(model: nn.Module, names: Iterable[str], *, example: Tensor, co
     names = check_targets(names)
     model = model.eval()
     for n in names:  # refuse a layer a target cannot take before any toolchain runs
-        TARGETS[n].check(model)
+        TARGETS[n].check(model, example)
     fp32, int8 = weight_sizes(model)
     counts = _fixed_counts(model, example, b, signed_terms)
     files: dict[str, bytes] = {}

@@ -50,7 +50,7 @@ from ...errors import PwfnError
 from .graph import GraphError, refuse_unsupported, trace
 from .shiftadd import FixedPoint, ShiftAddNet, bn_fixed, calibrate, layer_terms
 
-__all__ = ["Hls4mlError", "export_hls4ml", "fill_terms", "split_model"]
+__all__ = ["HLS_KINDS", "Hls4mlError", "check_model", "export_hls4ml", "fill_terms", "split_model"]
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,15 @@ def _plan_batchnorm(prog: _Program, lay: Any, i: int, plan: dict[str, dict[str, 
                               "shift_max": float(c_int.abs().max()) * 2.0**-S if len(c_int) else 0.0}
 
 
+def check_model(model: nn.Module, example: Tensor | None = None) -> Any:
+    """Refuse (``Hls4mlError``) the first layer this target cannot take, naming it and what would work."""
+    try:
+        return refuse_unsupported(copy.deepcopy(model).eval(), "hls4ml", HLS_KINDS, example,
+                                  alternative="the onnx and tflm targets take it in float")
+    except GraphError as exc:
+        raise Hls4mlError(str(exc)) from exc
+
+
 def split_model(model: nn.Module, *, b: int, signed_terms: bool, mode: str = "auto",
                 max_terms: int = 4, input_rank: int = 2, example: Tensor | None = None
                 ) -> tuple[_Program, dict[str, dict[str, Any]]]:
@@ -226,11 +235,7 @@ def split_model(model: nn.Module, *, b: int, signed_terms: bool, mode: str = "au
     """
     if mode not in ("auto", "exponent", "fixed"):
         raise Hls4mlError(f"mode must be auto, exponent or fixed, got {mode!r}")
-    try:
-        g = refuse_unsupported(copy.deepcopy(model).eval(), "hls4ml", HLS_KINDS, example,
-                               alternative="the onnx and tflm targets take it in float")
-    except GraphError as exc:
-        raise Hls4mlError(str(exc)) from exc
+    g = check_model(model, example)
     prog = _Program()
     prog.input_name = g.input
     prog.output_name = g.output
