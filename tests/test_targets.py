@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pwfn.centres import candidate_centres
+from pwfn.errors import PwfnError
 from pwfn.export.targets.shiftadd import FixedPoint, ShiftAddError, ShiftAddNet, calibrate
 from pwfn.models import create_model
 
@@ -336,3 +337,170 @@ def test_device_targets_benchmark_dry_run(tmp_path: Path) -> None:
     assert by["hls4ml"]["agree"] >= 95.0 and by["hls4ml"]["mult_left"] == 0  # fixed point: near-ties may flip
     assert any(r["method"] == "PWFN budget" and r["met"] for r in doc["datasets"][0]["budget"])
     assert "| K | method |" in (tmp_path / "out" / "device_targets.md").read_text()
+
+
+# -------------------------------------------------------------------------------- more layers (issue 24)
+
+
+def _with_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``snapped`` model whose BatchNorms have non-trivial statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+    model = snapped(model, seed=seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.normal_(1.0, 0.2, generator=g)
+                m.bias.normal_(0.0, 0.3, generator=g)
+    return model.eval()
+
+
+class SignalNet(nn.Module):
+    """A keyword-spotting-shaped 1-D CNN: Conv1d + BatchNorm + pooling, a (N, L) input unsqueezed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, 4, 5, padding=2)
+        self.bn1 = nn.BatchNorm1d(4)
+        self.pool1 = nn.MaxPool1d(2)
+        self.conv2 = nn.Conv1d(4, 4, 3, padding=1, stride=2)
+        self.bn2 = nn.BatchNorm1d(4)
+        self.pool2 = nn.AvgPool1d(3)  # not a power of two: a division
+        self.fc = nn.Linear(4 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(torch.relu(self.bn1(self.conv1(x.unsqueeze(1)))))
+        x = self.pool2(self.bn2(self.conv2(x)))  # no ReLU: negative values reach the average
+        return self.fc(x.view(x.size(0), -1))
+
+
+def bn_cnn() -> nn.Module:
+    return nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.AvgPool2d(3),
+                         nn.MaxPool2d(3, 1, 1), nn.Flatten(), nn.Linear(3 * 2 * 2, 8), nn.BatchNorm1d(8),
+                         nn.ReLU(), nn.Linear(8, 4))
+
+
+def gap_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 3))
+
+
+LAYER_MODELS = [(lambda: _with_stats(SignalNet()), (24,)), (lambda: _with_stats(bn_cnn(), 1), (1, 6, 6)),
+                (lambda: _with_stats(gap_cnn(), 2), (2, 8, 8))]
+
+
+@pytest.mark.parametrize("make,shape", LAYER_MODELS)
+def test_shift_add_takes_batchnorm_conv1d_pools_and_reshapes(make, shape) -> None:
+    model = make()
+    x = torch.randn(32, *shape, generator=torch.Generator().manual_seed(5))
+    fp = calibrate(model, x, frac_bits=12)
+    net = ShiftAddNet(model, b=7, fixed_point=fp, example=x[:1])
+    xi = fp.quantise(x)
+    assert torch.equal(net.forward_int(xi, "shift"), net.forward_int(xi, "multiply"))
+    with torch.no_grad():
+        ref = model(x).double()
+    err = float((net(x) - ref).abs().max())
+    assert err <= net.error_bound() and err < 2e-2
+    assert torch.equal(net(x).argmax(1), ref.argmax(1)) or err < 1e-3
+    counts = net.operation_counts(shape)["total"]
+    bn_values = sum(m.num_features for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    assert counts["scale_multiplications"] >= bn_values  # one product per value a BatchNorm scales
+    assert counts["multiplications_left"] == counts["scale_multiplications"] + counts["divisions"]
+
+
+def test_a_batchnorm_stays_its_own_layer_and_the_weights_stay_on_the_codebook() -> None:
+    from pwfn.export.targets.graph import trace
+
+    model = _with_stats(SignalNet())
+    g = trace(model, torch.zeros(1, 24))
+    assert [lay.kind for lay in g.layers].count("batchnorm") == 2
+    bn = next(lay for lay in g.layers if lay.kind == "batchnorm")
+    m = model.bn1
+    x = torch.randn(4, 4, 7)
+    expect = x * bn.extra["scale"].float().view(1, -1, 1) + bn.extra["shift"].float().view(1, -1, 1)
+    assert torch.allclose(m(x), expect, atol=1e-5)  # scale and shift are the norm itself, in eval mode
+
+
+@needs_tflm
+@pytest.mark.parametrize("make,shape", LAYER_MODELS + [
+    (lambda: snapped(nn.Sequential(nn.Linear(10, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8),
+                                   nn.LeakyReLU(0.1), nn.Linear(8, 8), nn.ReLU6(), nn.Linear(8, 8), nn.Hardswish(),
+                                   nn.Linear(8, 8), nn.ELU(), nn.Linear(8, 4), nn.Softmax(-1))), (10,))])
+def test_tflm_takes_batchnorm_conv1d_pools_reshapes_and_activations(make, shape) -> None:
+    from pwfn.export.targets.tflm import export_tflm, run_tflm
+
+    model = make()
+    files, info = export_tflm(model, torch.randn(1, *shape))
+    assert info["bit_identical_to_uncompressed"]
+    n_fixed = sum(1 for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)))
+    assert info["compressed_tensors"] == 2 * n_fixed  # every weight and bias LUT-compressed, no folding
+    x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = run_tflm(files["model.tflite"], x.numpy())
+    assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+@pytest.mark.parametrize("target,module,words", [
+    ("tflm", "pwfn.export.targets.tflm", ["'emb' (Embedding)", "'enc' (TransformerEncoderLayer)", "onnx"]),
+    ("hls4ml", "pwfn.export.targets.hls4ml", ["'emb' (Embedding)", "'enc' (TransformerEncoderLayer)", "onnx"]),
+])
+def test_targets_refuse_what_they_cannot_take_naming_the_layer_and_what_works(target, module, words) -> None:
+    import importlib
+
+    check = importlib.import_module(module).check_model
+    with pytest.raises(PwfnError) as info:
+        check(TinyTransformer().eval(), torch.randint(0, 20, (1, 7)))
+    for w in words:
+        assert w in str(info.value)
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(PwfnError, match=r"'0' \(Conv2d\): groups=2.*groups=1 works"):
+        check(grouped, torch.zeros(1, 4, 3, 3))
+    if target == "hls4ml":  # lookup-table activations have no bit-exact reference
+        with pytest.raises(PwfnError, match=r"'1' \(Sigmoid\).*tflm targets take it in float"):
+            check(nn.Sequential(nn.Linear(3, 3), nn.Sigmoid()), torch.zeros(1, 3))
+
+
+@needs_onnx
+def test_onnx_takes_a_small_transformer_with_packed_indices() -> None:
+    from pwfn.export.targets.onnx import export_onnx
+
+    model = snapped(TinyTransformer())
+    cb = torch.unique(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    data, info = export_onnx(model, torch.randint(0, 20, (2, 7)), cb)
+    assert info["bit_identical_to_fp32_onnx"] and info["weights_bit_identical"]
+    assert info["coded_weights"] >= sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight")) // 2
+    # the coded weights shrink to their index bits (a transformer's graph itself is most of its small file)
+    assert info["fp32_onnx_bytes"] - info["bytes"] > 0.7 * info["coded_fp32_bytes"] - 1500
+
+
+@needs_hls
+@pytest.mark.slow
+@pytest.mark.parametrize("make,shape", LAYER_MODELS)
+def test_hls4ml_c_simulation_takes_batchnorm_conv1d_pools_and_reshapes(make, shape) -> None:
+    from pwfn.export.targets.hls4ml import export_hls4ml
+
+    model = make()
+    g = torch.Generator().manual_seed(7)
+    data, info = export_hls4ml(model, torch.randn(2, *shape, generator=g),
+                               check_inputs=torch.randn(30, *shape, generator=g))
+    assert info["bit_identical_to_reference"]  # C simulation == shift-add reference, bit for bit
+    assert info["max_abs_diff_to_float"] <= info["error_bound"]
+    assert info["products"]["weight_exponential"] > 0
+    assert all(v["path"] == "exponent" for v in info["layers"].values())
+    assert info["multiplications_left"] == info["scale_multiplications"] + info["divisions"] > 0

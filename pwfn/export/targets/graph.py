@@ -293,9 +293,11 @@ def _what(node: fx.Node, modules: Mapping[str, nn.Module]) -> str:
     return f"{node.name!r} ({node.op.replace('call_', '')} {target})"
 
 
-def trace(model: nn.Module, example: Tensor | None = None) -> LayerGraph:
+def trace(model: nn.Module, example: Tensor | None = None,
+          unsupported: list[tuple[str, str]] | None = None) -> LayerGraph:
     """The model's layers in execution order (see the module docstring); ``GraphError`` names the first
-    node no handler takes. With ``example`` (a batch), every layer records its output shape."""
+    node no handler takes, or with ``unsupported`` (a list) every such node is appended to it as
+    ``(what, why)`` and left out. With ``example`` (a batch), every layer records its output shape."""
     try:
         gm = fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many types on untraceable control flow
@@ -323,18 +325,24 @@ def trace(model: nn.Module, example: Tensor | None = None) -> LayerGraph:
             continue
         if _is_shape_node(node):
             continue
-        if node.op == "call_module":
-            m = modules[node.target]
-            handler = _module_handler(type(m))
-            if handler is None:
+        try:
+            if node.op == "call_module":
+                m = modules[node.target]
+                handler = _module_handler(type(m))
+                if handler is None:
+                    raise _Unsupported(_what(node, modules))
+                lay = handler(node.name, m, args, str(node.target))
+            elif node.op == "call_function" and node.target in FUNCTION_HANDLERS:
+                lay = FUNCTION_HANDLERS[node.target](node, args)
+            elif node.op == "call_method" and node.target in METHOD_HANDLERS:
+                lay = METHOD_HANDLERS[node.target](node, args)
+            else:
                 raise _Unsupported(_what(node, modules))
-            lay = handler(node.name, m, args, str(node.target))
-        elif node.op == "call_function" and node.target in FUNCTION_HANDLERS:
-            lay = FUNCTION_HANDLERS[node.target](node, args)
-        elif node.op == "call_method" and node.target in METHOD_HANDLERS:
-            lay = METHOD_HANDLERS[node.target](node, args)
-        else:
-            raise _Unsupported(_what(node, modules))
+        except _Unsupported as exc:
+            if unsupported is None:
+                raise
+            unsupported.append((exc.what, exc.why))
+            continue
         if node.name in shapes:
             lay.extra["shape"] = shapes[node.name]
         if lay.kind == "reshape" and lay.extra.get("op") != "flatten" and "shape" not in lay.extra:
@@ -411,17 +419,19 @@ def refuse_unsupported(model: nn.Module, target: str, kinds: Mapping[str, Callab
     """Trace ``model`` and refuse (``GraphError``) the first layer ``target`` cannot take, naming it, why,
     what the target takes and what would work. ``kinds`` maps each supported kind to a check that
     returns why a layer of that kind is refused (or None)."""
-    try:
-        g = trace(model, example)
-    except _Unsupported as exc:
-        raise GraphError(f"{target} cannot take layer {exc.what}{': ' + exc.why if exc.why else ''}. {target} takes "
-                         f"{describe_kinds(kinds)}; {alternative}") from exc
+    bad: list[tuple[str, str]] = []
+    g = trace(model, example, bad)
     for lay in g.layers:
         check = kinds.get(lay.kind)
-        why = "not supported" if check is None else check(lay)
-        if why:
-            raise GraphError(f"{target} cannot take layer {lay.label}: {why}. {target} takes "
-                             f"{describe_kinds(kinds)}; {alternative}")
+        why = "" if check is None else check(lay)
+        if check is None or why:
+            bad.append((lay.label, why or ""))
+    if bad:
+        listed = "; ".join(f"{what}{': ' + why if why else ''}" for what, why in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        word = "layer" if len(bad) == 1 else "layers"
+        raise GraphError(f"{target} cannot take {word} {listed}{more}. {target} takes {describe_kinds(kinds)}; "
+                         f"{alternative}")
     return g
 
 

@@ -362,11 +362,14 @@ def export_hls4ml(
     if acc_int + acc_frac > 120:
         raise Hls4mlError(f"the exact accumulator would need {acc_int + acc_frac} bits; lower frac_bits")
 
+    # a feature-map input (N, C, ...) enters the project channels-last, as hls4ml computes: hls4ml's own
+    # input transposition ("full") mishandles several input channels
+    conversion = "internal" if example.dim() >= 3 else "full"
     workdir = Path(tempfile.mkdtemp(prefix="pwfn_hls4ml_"))
     try:
         cfg = hls4ml.utils.config_from_pytorch_model(
             prog, input_shape=tuple(example.shape[1:]), granularity="name", backend="Vivado",
-            default_precision=act, channels_last_conversion="full", transpose_outputs=False)
+            default_precision=act, channels_last_conversion=conversion, transpose_outputs=False)
         layer_cfg = cfg["LayerName"]
         split_of = {m: (qual, p) for qual, p in fixed_plan.items() for m in p["modules"]}
         other_of = {m: p for p in plan.values() if p["path"] not in ("exponent", "fixed") for m in p["modules"]}
@@ -437,7 +440,8 @@ def export_hls4ml(
             hm.write()
             _patch_exponent_loading(workdir / "prj")
             hm._compile()  # compile() would write the project again, undoing the patch
-            got = np.asarray(hm.predict(np.ascontiguousarray(xs.numpy())), dtype=np.float64)
+            feed = xs.permute(0, *range(2, xs.dim()), 1) if conversion == "internal" else xs
+            got = np.asarray(hm.predict(np.ascontiguousarray(feed.numpy())), dtype=np.float64)
         got = got.reshape(expected.shape)
         if not np.array_equal(got, expected):
             worst = float(np.abs(got - expected).max())
@@ -447,6 +451,11 @@ def export_hls4ml(
             float_out = model(xs).double().numpy()
         products = _product_kinds(workdir / "prj")
         data = _tar(workdir / "prj")
+    except PwfnError:
+        raise
+    except Exception as exc:  # hls4ml's and g++'s own failures: one clear error, nothing written
+        raise Hls4mlError(f"hls4ml could not convert, compile or simulate the model ({type(exc).__name__}: "
+                          f"{str(exc)[:500]}); the onnx and tflm targets take it in float") from exc
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     counts = ref.operation_counts(tuple(example.shape[1:]))
@@ -464,6 +473,7 @@ def export_hls4ml(
         "exponent_layers": n_exp,
         "products": products,
         "bit_identical_to_reference": True,
+        "input_layout": "channels last (N, ..., C)" if conversion == "internal" else "as torch's",
         "samples_checked": int(xs.shape[0]),
         "max_abs_diff_to_float": float(np.abs(got - float_out).max()) if got.size else 0.0,
         "error_bound": ref.error_bound(),
