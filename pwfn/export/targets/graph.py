@@ -23,7 +23,9 @@ batch included) from :class:`torch.fx.passes.shape_prop.ShapeProp`; shape-only n
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import operator
 from collections.abc import Iterable, Mapping
@@ -372,12 +374,14 @@ def _shapes(gm: fx.GraphModule, example: Tensor) -> dict[str, tuple[int, ...]]:
     from torch.fx.passes.shape_prop import ShapeProp
 
     gm = copy.deepcopy(gm).eval()
-    try:
-        with torch.no_grad():
+    try:  # ShapeProp prints a traceback of its own on failure: the message below says it once
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(example)
-    except Exception as exc:  # the model's own errors on the example
-        raise GraphError(f"the model cannot run on the example input of shape {tuple(example.shape)}: "
-                         f"{type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # the model's own errors on the example (fx wraps them)
+        root = exc.__cause__ or exc
+        text = str(root).strip().splitlines()[0][:300] if str(root).strip() else ""
+        raise GraphError(f"the model cannot run on the example input (shape {tuple(example.shape)}, "
+                         f"{str(example.dtype).replace('torch.', '')}): {type(root).__name__}: {text}") from exc
     out = {}
     for node in gm.graph.nodes:
         meta = node.meta.get("tensor_meta")

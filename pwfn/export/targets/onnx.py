@@ -194,6 +194,7 @@ def codebook_onnx(data: bytes, codebook: Tensor | None = None) -> tuple[bytes, d
     old_nodes = list(g.node)
     del g.node[:]
     g.node.extend(nodes + old_nodes)  # decoders first: the graph stays topologically sorted
+    _compact(model)
     _set_opset(model, OPSET)
     out = model.SerializeToString()
     onnx.checker.check_model(onnx.load_from_string(out))
@@ -214,6 +215,29 @@ def codebook_onnx(data: bytes, codebook: Tensor | None = None) -> tuple[bytes, d
         "tensors": {init.name: {"shape": list(shape)} for init, shape in zip(chosen, shapes)},
     })
     return out, info
+
+
+def _compact(model: Any) -> None:
+    """Shorter protobuf for the same graph: intermediate activations renamed ``a0, a1, ...``, node names
+    (but the decoder's output nodes) and doc strings dropped, optional shape annotations removed.
+    Inputs, outputs and weights keep their names; for a small model these names were a large part
+    of the file."""
+    g = model.graph
+    keep = {v.name for v in g.input} | {v.name for v in g.output} | {i.name for i in g.initializer}
+    keep |= {n.output[0] for n in g.node if n.name.startswith(_OUT)}  # decoded weights keep their names
+    rename: dict[str, str] = {}
+    for node in g.node:
+        for out in node.output:
+            if out and out not in keep and out not in rename:
+                rename[out] = f"a{len(rename)}"
+    for node in g.node:
+        node.input[:] = [rename.get(x, x) for x in node.input]
+        node.output[:] = [rename.get(x, x) for x in node.output]
+        if not node.name.startswith(_OUT):
+            node.name = ""
+        node.doc_string = ""
+    del g.value_info[:]
+    g.doc_string = ""
 
 
 def _set_opset(model: Any, version: int) -> None:

@@ -333,11 +333,12 @@ def check_model(model: nn.Module, example: Tensor | None = None) -> Any:
         raise TflmError(str(exc)) from exc
 
 
-def build_tflite(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[bytes, list[int]]:
+def build_tflite(model: nn.Module, input_shape: tuple[int, ...], example: Tensor | None = None
+                 ) -> tuple[bytes, list[int]]:
     """The float32 ``.tflite`` bytes of ``model`` for one input of ``input_shape`` (no batch dim),
-    and the indices of its constant weight/bias tensors."""
+    and the indices of its constant weight/bias tensors (``example``: a batch, for its dtype)."""
     tfl = _schema()
-    g = check_model(model, torch.zeros((1, *input_shape)))
+    g = check_model(model, example[:1] if example is not None else torch.zeros((1, *input_shape)))
     bld = _Builder(tfl)
     shape = (1, *input_shape)
     x_in = bld.tensor("input", shape)
@@ -463,7 +464,7 @@ def export_tflm(model: nn.Module, example: Tensor) -> tuple[dict[str, bytes], di
     interpreter must be bit-identical, and within 1e-5 x max(1, |output|) of torch.
     """
     model = copy.deepcopy(model).eval()
-    plain, weights = build_tflite(model, tuple(example.shape[1:]))
+    plain, weights = build_tflite(model, tuple(example.shape[1:]), example)
     packed, cinfo = compress_tflite(plain, weights)
     g = torch.Generator().manual_seed(2)
     xs = torch.cat([example, torch.randn((6, *example.shape[1:]), generator=g)]).to(torch.float32)
