@@ -132,10 +132,16 @@ def test_codebook_onnx_is_exact_and_small(make, shape) -> None:
     # the packed indices at ceil(log2 K) bits, one table, the few float tensors, the model's own
     # graph and a decoder of fixed size: nothing grows with the weights but the index stream
     n = sum(p.numel() for p in model.parameters())
-    k = info["index_bits"]
+    k = info["index_bits_global"]
     assert k == max(1, (info["table_values"] - 1).bit_length()) and info["coded_weights"] == n
-    assert info["index_bytes"] <= -(-n * k // 8) + 3
-    assert info["table_bytes"] == 4 * info["table_values"]
+    widths = {t["bits"] for t in info["tensors"].values()}
+    assert all(max(1, (t["values"] - 1).bit_length()) <= t["bits"] <= k for t in info["tensors"].values())
+    exact = sum(-(-sd_numel * t["bits"] // 8) for sd_numel, t in zip(
+        [model.state_dict()[name].numel() for name in info["tensors"]], info["tensors"].values()))
+    assert info["index_bytes"] <= exact + 3 * len(widths) + len(info["tensors"])
+    own = sum(t["values"] for t in info["tensors"].values() if t["table"] == "own")
+    shared = any(t["table"] == "shared" for t in info["tensors"].values())
+    assert info["table_bytes"] == 4 * own + (4 * info["table_values"] if shared else 0)
     payload = info["index_bytes"] + info["table_bytes"] + info["float_bytes"]
     graph = info["fp32_onnx_bytes"] - 4 * n
     assert info["bytes"] < payload + graph + 1500
@@ -161,10 +167,11 @@ def test_codebook_onnx_packs_indices_at_ceil_log2_k_bits_for_any_k(K: int) -> No
     assert info["weights_bit_identical"] and info["bit_identical_to_fp32_onnx"]
     n = sum(p.numel() for p in model.parameters())
     k = max(1, (len(cb) - 1).bit_length())
-    assert info["index_bits"] == k and info["coded_weights"] == n
-    assert info["index_bytes"] == -(-n * k // 8) + (3 if k > 9 else 2)
-    if len(cb) <= 128:  # below an int8 copy of the weights: one byte each, plus the table
-        assert info["index_bytes"] + info["table_bytes"] < n
+    assert info["index_bits_global"] == k and info["index_bits"] <= k and info["coded_weights"] == n
+    groups = len({t["bits"] for t in info["tensors"].values()})
+    assert info["index_bytes"] <= -(-n * k // 8) + 4 * groups  # each tensor at ceil(log2 K_t) <= ceil(log2 K)
+    if len(cb) <= 128:  # below an int8 copy of the weights: one byte each and a scale per tensor
+        assert info["index_bytes"] + info["table_bytes"] < n + 4 * len(info["tensors"])
     idx = torch.randint(0, 1 << k, (1001,), generator=g).numpy()
     assert (unpack_bits(pack_bits(idx, k), k, idx.size) == idx).all()
 

@@ -1,19 +1,22 @@
-"""ONNX export with the weights stored as one value table + bit-packed indices, decoded in the graph.
+"""ONNX export with the weights stored as bit-packed codebook indices, decoded in the graph.
 
 Why: an ONNX file with fp32 initializers is as large as the fp32 model, although a fixed
 network has only K distinct weight values. Here every weight tensor whose values all lie on the
 codebook (by default: any float initializer with few distinct values, checked bit for bit) is
-replaced by its indices into one shared table of the K values:
+replaced by its indices into a table of the values it uses:
 
-- the table: the K float32 values (4 K bytes), once for the whole model;
-- the indices of every coded tensor, concatenated, at ``k = ceil(log2 K)`` bits each, packed
-  least significant bit first into one uint8 stream (``N k / 8`` bytes for N weights: below one
-  byte a weight, i.e. below int8, whenever K <= 128);
-- a few standard ONNX nodes that unpack them (opset 18, all run by onnxruntime's CPU provider):
-  ``Range`` (the weight positions), ``Mul``/``Div``/``Mod`` (bit offset -> byte and shift),
-  ``Gather`` of two or three bytes, ``Cast``/``BitShift``/``BitwiseOr`` (a 16- or 24-bit
-  window), ``BitShift`` right + ``BitwiseAnd`` (the index), ``Gather`` from the table, ``Split``
-  per tensor and ``Reshape`` to each weight's shape, named as the initializer it replaces.
+- its indices at ``k_t = ceil(log2 K_t) <= k = ceil(log2 K)`` bits each (K_t: the values it
+  holds), packed least significant bit first into a uint8 stream, one stream per width (a
+  tensor may take a wider width to share a stream: :func:`_choose_widths`): at most about
+  ``N k / 8`` bytes for N weights, below one byte a weight, i.e. below int8, whenever K <= 128;
+- the values its indices point at: the codebook's K values, once (4 K bytes), for tensors at the
+  full width ``k``, or a table of its own K_t values for a narrower tensor;
+- a few standard ONNX nodes that unpack them (opset 18, all run by onnxruntime's CPU provider),
+  one chain per width: ``Range`` (the weight positions), ``Mul``/``Div``/``Mod`` (bit offset ->
+  byte and shift), ``Gather`` of two or three bytes, ``Cast``/``BitShift``/``BitwiseOr`` (a 16-
+  or 24-bit window), ``BitShift`` right + ``BitwiseAnd`` (the index), ``Split`` per tensor, then
+  per tensor ``Gather`` from its table and ``Reshape`` to its shape, named as the initializer it
+  replaces.
 
 All of it depends on constants only, so onnxruntime folds it once when the session is created;
 inference then runs on the decoded float32 weights. The decoded weights are bit-identical to
@@ -50,6 +53,8 @@ OPSET = 18
 _OUT = "pwfn/w"
 #: prefix of the decoder's own tensors and nodes (short: every byte of a small model counts)
 _P = "d/"
+#: protobuf bytes one unpacking chain (one index width) adds, about: what a width must save to get its own
+_CHAIN_BYTES = 600
 #: without a codebook, a tensor joins the table when it holds at most this many distinct values ...
 _MAX_TENSOR_VALUES = 256
 #: ... and at least this many weights per distinct value (a quantised tensor, not a float one)
@@ -113,6 +118,25 @@ def _choose(g: Any, allowed: np.ndarray | None, input_names: set[str]) -> tuple[
     return chosen, table
 
 
+def _choose_widths(tensors: list[tuple[int, int]]) -> list[int]:
+    """The index widths to unpack: each width costs one chain of nodes (:data:`_CHAIN_BYTES`), so a
+    tensor may use a wider width than its own ``ceil(log2 K_t)`` to share one; the set of widths with
+    the fewest bytes in all (the largest width is always in it)."""
+    import itertools
+
+    own = sorted({k for _, k in tensors})
+    top, rest = own[-1], own[:-1]
+    best: tuple[int, list[int]] | None = None
+    for r in range(len(rest) + 1):
+        for extra in itertools.combinations(rest, r):
+            ws = sorted({*extra, top})
+            cost = _CHAIN_BYTES * len(ws) + sum(-(-n * min(w for w in ws if w >= k) // 8) for n, k in tensors)
+            if best is None or cost < best[0]:
+                best = (cost, ws)
+    assert best is not None
+    return best[1]
+
+
 def codebook_onnx(data: bytes, codebook: Tensor | None = None) -> tuple[bytes, dict[str, Any]]:
     """Rewrite an ONNX model's float32 initializers as one value table + packed indices (see the module note).
 
@@ -133,27 +157,34 @@ def codebook_onnx(data: bytes, codebook: Tensor | None = None) -> tuple[bytes, d
     float_bytes = sum(4 * int(np.prod(i.dims) if len(i.dims) else 1) for i in g.initializer
                       if i.data_type == TensorProto.FLOAT) - sum(4 * int(np.prod(i.dims)) for i in chosen)
     info: dict[str, Any] = {"coded_tensors": 0, "index_bits": None, "table_values": int(table.size),
+                            "index_bits_global": index_bits(int(table.size)) if table.size else None,
                             "index_bytes": 0, "table_bytes": 0, "coded_weights": 0, "coded_fp32_bytes": 0,
                             "float_bytes": float_bytes + sum(4 * int(np.prod(i.dims)) for i in chosen),
                             "tensors": {}}
     if not chosen:
         _set_opset(model, OPSET)
         return model.SerializeToString(), info
-    k = index_bits(int(table.size))
-    idx, sizes, shapes = [], [], []
+    # each tensor indexes its own table (the codebook values it uses) at ceil(log2 K_t) <= ceil(log2 K)
+    # bits; tensors of one width share one bit stream and one unpacking chain
+    tensors = []
     for init in chosen:
         arr = numpy_helper.to_array(init)
-        idx.append(np.searchsorted(table, _as_bits(arr.reshape(-1))))
-        sizes.append(int(arr.size))
-        shapes.append(tuple(int(d) for d in arr.shape))
-    all_idx = np.concatenate(idx)
-    n = int(all_idx.size)
-    window = 3 if k > 9 else 2  # bytes read per index: shift (<= 7) + k bits must fit
-    stream = np.concatenate([pack_bits(all_idx, k), np.zeros(window, dtype=np.uint8)])
-
+        bits = _as_bits(arr.reshape(-1))
+        own, local = np.unique(bits, return_inverse=True)
+        tensors.append({"init": init, "shape": tuple(int(d) for d in arr.shape), "table": own, "values": own.size,
+                        "idx": local.reshape(-1), "k": index_bits(int(own.size))})
+    widths = _choose_widths([(int(t["idx"].size), t["k"]) for t in tensors])
+    k_all = index_bits(int(table.size))
+    for t in tensors:
+        t["k"] = min(w for w in widths if w >= t["k"])
+        if t["k"] >= k_all:  # as wide as the codebook's indices: index the one shared table, no table of its own
+            t["k"] = k_all
+            t["idx"] = np.searchsorted(table, t["table"])[t["idx"]]
+            t["table"] = None
     names = {i.name for i in chosen}
     kept = [i for i in g.initializer if i.name not in names]
     consts: list[Any] = []
+    nodes: list[Any] = []
 
     def const(name: str, arr: np.ndarray) -> str:
         consts.append(numpy_helper.from_array(arr, _P + name))
@@ -163,32 +194,51 @@ def codebook_onnx(data: bytes, codebook: Tensor | None = None) -> tuple[bytes, d
         nodes.append(helper.make_node(op, ins, [_P + out], **attrs))
         return _P + out
 
-    nodes: list[Any] = []
     i64 = lambda v: np.array(v, dtype=np.int64)  # noqa: E731
     u32 = TensorProto.UINT32
-    pos = node("Range", [const("zero", i64(0)), const("n", i64(n)), const("one", i64(1))], "pos")
-    bit = node("Mul", [pos, const("k", i64(k))], "bit")
-    byte = node("Div", [bit, const("eight", i64(8))], "byte")
-    shift = node("Cast", [node("Mod", [bit, _P + "eight"], "shift64")], "shift", to=u32)
-    s_name = const("stream", stream)
-    word = node("Cast", [node("Gather", [s_name, byte], "b0")], "w0", to=u32)
-    for j in range(1, window):
-        bj = node("Gather", [s_name, node("Add", [byte, const(f"off{j}", i64(j))], f"byte{j}")], f"b{j}")
-        part = node("BitShift", [node("Cast", [bj], f"c{j}", to=u32), const(f"sh{j}", np.array(8 * j, np.uint32))],
-                    f"p{j}", direction="LEFT")
-        word = node("BitwiseOr", [word, part], f"w{j}")
-    index = node("BitwiseAnd", [node("BitShift", [word, shift], "shifted", direction="RIGHT"),
-                                const("mask", np.array((1 << k) - 1, np.uint32))], "index")
-    values = node("Gather", [const("table", table.view(np.float32)), node("Cast", [index], "index64",
-                                                                             to=TensorProto.INT64)], "values")
-    if len(chosen) > 1:
-        parts = [f"{_P}{i}" for i in range(len(chosen))]
-        nodes.append(helper.make_node("Split", [values, const("sizes", i64(sizes))], parts, axis=0))
-    else:
-        parts = [values]
-    for i, (init, part, shape) in enumerate(zip(chosen, parts, shapes)):
-        nodes.append(helper.make_node("Reshape", [part, const(f"s{i}", i64(list(shape)))], [init.name],
+    const("zero", i64(0))
+    const("one", i64(1))
+    const("eight", i64(8))
+    stream_bytes = 0
+    outputs: dict[int, str] = {}
+    for k in sorted({t["k"] for t in tensors}):
+        group = [i for i, t in enumerate(tensors) if t["k"] == k]
+        idx = np.concatenate([tensors[i]["idx"] for i in group])
+        window = 3 if k > 9 else 2  # bytes read per index: shift (<= 7) + k bits must fit
+        stream = np.concatenate([pack_bits(idx, k), np.zeros(window, dtype=np.uint8)])
+        stream_bytes += int(stream.size)
+        p = f"k{k}/"
+        pos = node("Range", [_P + "zero", const(p + "n", i64(idx.size)), _P + "one"], p + "pos")
+        bit = node("Mul", [pos, const(p + "k", i64(k))], p + "bit")
+        byte = node("Div", [bit, _P + "eight"], p + "byte")
+        shift = node("Cast", [node("Mod", [bit, _P + "eight"], p + "shift64")], p + "shift", to=u32)
+        s_name = const(p + "stream", stream)
+        word = node("Cast", [node("Gather", [s_name, byte], p + "b0")], p + "w0", to=u32)
+        for j in range(1, window):
+            bj = node("Gather", [s_name, node("Add", [byte, const(f"{p}off{j}", i64(j))], f"{p}byte{j}")],
+                      f"{p}b{j}")
+            part = node("BitShift", [node("Cast", [bj], f"{p}c{j}", to=u32),
+                                     const(f"{p}sh{j}", np.array(8 * j, np.uint32))], f"{p}p{j}", direction="LEFT")
+            word = node("BitwiseOr", [word, part], f"{p}w{j}")
+        index = node("BitwiseAnd", [node("BitShift", [word, shift], p + "shifted", direction="RIGHT"),
+                                    const(p + "mask", np.array((1 << k) - 1, np.uint32))], p + "index")
+        index = node("Cast", [index], p + "index64", to=TensorProto.INT64)
+        if len(group) > 1:
+            parts = [f"{_P}{p}{i}" for i in group]
+            sizes = [int(tensors[i]["idx"].size) for i in group]
+            nodes.append(helper.make_node("Split", [index, const(p + "sizes", i64(sizes))], parts, axis=0))
+        else:
+            parts = [index]
+        outputs.update(zip(group, parts))
+    shared_table = const("table", table.view(np.float32)) if any(t["table"] is None for t in tensors) else None
+    for i, t in enumerate(tensors):
+        own = shared_table if t["table"] is None else const(f"t{i}", t["table"].view(np.float32))
+        values = node("Gather", [own, outputs[i]], f"v{i}")
+        nodes.append(helper.make_node("Reshape", [values, const(f"s{i}", i64(list(t["shape"])))], [t["init"].name],
                                       name=f"{_OUT}{i}"))
+    n = sum(int(t["idx"].size) for t in tensors)
+    table_bytes = 4 * sum(int(t["table"].size) for t in tensors if t["table"] is not None)
+    table_bytes += 4 * int(table.size) if shared_table is not None else 0
     del g.initializer[:]
     g.initializer.extend(kept + consts)
     old_nodes = list(g.node)
@@ -205,14 +255,16 @@ def codebook_onnx(data: bytes, codebook: Tensor | None = None) -> tuple[bytes, d
         return model.SerializeToString(), info
     info.update({
         "coded_tensors": len(chosen),
-        "index_bits": k,
-        "index_bytes": int(stream.size),
-        "table_bytes": 4 * int(table.size),
+        "index_bits": max(t["k"] for t in tensors),
+        "index_bits_global": index_bits(int(table.size)),
+        "index_bytes": stream_bytes,
+        "table_bytes": table_bytes,
         "coded_weights": n,
         "coded_fp32_bytes": 4 * n,
         "float_bytes": float_bytes,
-        "bits_per_coded_weight": 8.0 * (stream.size + 4 * table.size) / n,
-        "tensors": {init.name: {"shape": list(shape)} for init, shape in zip(chosen, shapes)},
+        "bits_per_coded_weight": 8.0 * (stream_bytes + table_bytes) / n,
+        "tensors": {t["init"].name: {"shape": list(t["shape"]), "values": int(t["values"]), "bits": t["k"],
+                                     "table": "shared" if t["table"] is None else "own"} for t in tensors},
     })
     return out, info
 
