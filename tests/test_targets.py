@@ -338,11 +338,18 @@ def test_device_targets_benchmark_dry_run(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=900, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "out" / "device_targets.json").read_text())
-    rows = doc["datasets"][0]["targets"]["rows"]
-    by = {r["target"].split(" ")[0]: r for r in rows}
-    assert by["ONNX"]["agree"] == 100.0 and by["TFLite-Micro,"]["agree"] == 100.0  # float runtimes: same
-    assert by["hls4ml"]["agree"] >= 95.0 and by["hls4ml"]["mult_left"] == 0  # fixed point: near-ties may flip
-    assert any(r["method"] == "PWFN budget" and r["met"] for r in doc["datasets"][0]["budget"])
+    for ds in doc["datasets"]:  # digits (a config run) and the Conv1d + BatchNorm signal model (from Python)
+        by = {r["target"].split(" ")[0].rstrip(","): r for r in ds["targets"]["rows"]}
+        assert not any(r.get("refused") for r in by.values()), by
+        assert by["ONNX"]["agree"] == 100.0 and by["TFLite-Micro"]["agree"] == 100.0  # float runtimes: same
+        assert by["hls4ml"]["agree"] >= 95.0  # fixed point: near-ties may flip
+        assert by["ONNX"]["bytes"] < ds["targets"]["fp32_bytes"]
+    digits, signal = doc["datasets"]
+    assert {r["target"].split(" ")[0]: r for r in digits["targets"]["rows"]}["hls4ml"]["mult_left"] == 0
+    assert signal["export_run"] == {"onnx": "exported", "tflm": "exported", "hls4ml": "exported"}
+    assert signal["recipe"]["factory"] == "_device_models:SignalNet"
+    assert signal["targets"]["operations"]["scale_multiplications"] > 0  # BatchNorm: its own layer
+    assert any(r["method"] == "PWFN budget" and r["met"] for r in digits["budget"])
     assert "| K | method |" in (tmp_path / "out" / "device_targets.md").read_text()
 
 
