@@ -290,8 +290,7 @@ def check_recipe(recipe: Any, state: Mapping[str, Any], where: str, *, functions
     if diff and _fold_parametrizations(built, want, where):  # weights exported as plain fixed values
         diff = _compare(_shapes(built.state_dict()), want)
     if diff:
-        raise RecipeMismatch(f"{where}: the model recipe {describe(rec)} does not build the model of these weights: "
-                             f"{diff}")
+        raise RecipeMismatch(f"{where} does not fit the model its recipe {describe(rec)} builds: {diff}")
     return rec
 
 

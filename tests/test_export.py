@@ -379,9 +379,19 @@ def test_interrupted_run_is_exported_from_its_checkpoint_only_when_allowed(tmp_p
     with pytest.raises(ExportError, match=r"manifest\.json is missing"):
         export_run(run, allow_unfixed=True)
     sd = model.state_dict()
-    write_manifest(run, new_manifest(method="pwfn", engine={"b": B, "max_order": 3, "signed_terms": False},
-                                     recipe={"name": "mlp", "kwargs": kwargs}, inputs={},
-                                     quantised=[{"name": n, "numel": sd[n].numel()} for n in q]))
+
+    def manifest(recipe: dict) -> None:
+        write_manifest(run, new_manifest(method="pwfn", engine={"b": B, "max_order": 3, "signed_terms": False},
+                                         recipe=recipe, inputs={},
+                                         quantised=[{"name": n, "numel": sd[n].numel()} for n in q]))
+
+    # a hand-edited recipe is a clear error (it was torch's "negative dimension" from this path)
+    for hidden, expect in (([-5], "negative dimension"), ([10**9], r"\[1000000000, 64\] in the recipe")):
+        manifest({"name": "mlp", "kwargs": dict(kwargs, hidden=hidden)})
+        with pytest.raises(ExportError, match=f"{expect}.*was the recipe edited"):
+            export_run(run, allow_unfixed=True)
+        assert not (run / "export").exists()
+    manifest({"name": "mlp", "kwargs": kwargs})
     result = export_run(run, allow_unfixed=True)
     assert result["unfixed_weights"] == int((~fixed).sum())
     back = load_packed_model(run / "export" / "model.pwfn")

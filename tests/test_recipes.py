@@ -187,7 +187,7 @@ def test_a_file_cannot_make_pwfn_call_an_arbitrary_function() -> None:
 @pytest.mark.parametrize("bad,match", [
     ({"name": "mlp", "kwargs": {"hidden": [-5]}}, "cannot be built: RuntimeError"),
     ({"name": "mlp", "kwargs": {"hidden": [10**9]}}, r"but \[1000000000, 64\] in the recipe's model"),
-    ({"name": "mlp", "kwargs": {"hiden": [16]}}, "does not build the model of these weights"),
+    ({"name": "mlp", "kwargs": {"hiden": [16]}}, "does not fit the model its recipe"),
     ({"name": "nonexistent"}, "unknown model"),
     ({"factory": "test_recipes:Net", "kwargs": {"width": "wide"}}, "cannot be built"),
     ({"factory": "no.such.module:Net"}, "cannot import"),

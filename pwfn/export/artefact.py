@@ -444,7 +444,7 @@ def build_model(recipe: Mapping[str, Any], state: Mapping[str, Tensor], where: s
     try:
         return recipes.build_recipe(recipe, state, where, functions=functions)
     except recipes.RecipeMismatch as exc:
-        raise ArtefactError(f"{where} does not fit the model built from its recipe: {exc}") from exc
+        raise ArtefactError(str(exc)) from exc
 
 
 def caller_model(model: Any, recipe: Any, state: Mapping[str, Tensor], where: str) -> nn.Module:
