@@ -24,6 +24,14 @@ fractional bits and hls4ml's ordinary product) when ``mode="fixed"``, or, with
 ``mode="auto"``, when it would need more than ``max_terms`` parallel layers. That path is
 exact too, so the same bit-exact check applies; it reports its multiplications as kept.
 
+Other layers (one entry per kind in :data:`STEPS`, refused by :data:`HLS_KINDS` otherwise):
+a BatchNorm is its own layer whose scale and shift are exactly the fixed-point values the
+reference rounds them to (``shiftadd.bn_fixed``: the module handed to hls4ml has mean 0,
+variance 1, eps 0, so hls4ml's scale and bias are those values), and hls4ml's fusion of a
+BatchNorm into the preceding layer is switched off (it would take the weights off the
+codebook); average pooling gets an accumulator that holds the window's exact sum; max pooling,
+ReLU and reshapes are exact. A feature-map input (N, C, ...) enters the project channels-last.
+
 Needs the ``hls4ml`` extra and a C++ compiler (g++) for the C simulation.
 """
 
@@ -38,6 +46,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -50,7 +59,7 @@ from ...errors import PwfnError
 from .graph import GraphError, refuse_unsupported, trace
 from .shiftadd import FixedPoint, ShiftAddNet, bn_fixed, calibrate, layer_terms
 
-__all__ = ["HLS_KINDS", "Hls4mlError", "check_model", "export_hls4ml", "fill_terms", "split_model"]
+__all__ = ["HLS_KINDS", "STEPS", "Hls4mlError", "check_model", "export_hls4ml", "fill_terms", "split_model"]
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +233,76 @@ def check_model(model: nn.Module, example: Tensor | None = None) -> Any:
         raise Hls4mlError(str(exc)) from exc
 
 
+@dataclass
+class _Plan:
+    """What split_model builds: the program, the plan, tensor ranks, and the settings of fixed layers."""
+
+    prog: _Program
+    plan: dict[str, dict[str, Any]]
+    rank: dict[str, int]
+    b: int
+    signed_terms: bool
+    mode: str
+    max_terms: int
+
+
+def _step_fixed(p: _Plan, lay: Any, i: int) -> None:
+    _plan_fixed(p.prog, lay, i, p.plan, p.b, p.signed_terms, p.mode, p.max_terms)
+
+
+def _step_batchnorm(p: _Plan, lay: Any, i: int) -> None:
+    _plan_batchnorm(p.prog, lay, i, p.plan)
+
+
+def _step_add(p: _Plan, lay: Any, i: int) -> None:
+    p.prog.steps.append(("add", lay.name, lay.args, []))
+    p.prog.add_roles.append("residual")
+
+
+def _step_identity(p: _Plan, lay: Any, i: int) -> None:
+    p.prog.steps.append(("identity", lay.name, lay.args, []))
+
+
+def _step_module(p: _Plan, lay: Any, i: int, module: nn.Module) -> str:
+    name = f"m{i}"
+    p.prog.add_module(name, module)
+    p.prog.steps.append(("module", lay.name, lay.args, [name]))
+    return name
+
+
+def _step_reshape(p: _Plan, lay: Any, i: int) -> None:
+    if lay.extra.get("op") != "flatten":
+        p.prog.steps.append(("view", lay.name, lay.args, list(lay.extra["shape"][1:])))
+        return
+    p.rank[lay.name] = 2
+    if p.rank[lay.args[0]] <= 2:  # a flatten of a flat input is a no-op
+        _step_identity(p, lay, i)
+    else:
+        _step_module(p, lay, i, nn.Flatten(lay.extra["start"], lay.extra["end"]))
+
+
+def _step_pool(p: _Plan, lay: Any, i: int) -> None:
+    e = lay.extra
+    cls = {("maxpool", 1): nn.MaxPool1d, ("maxpool", 2): nn.MaxPool2d, ("avgpool", 1): nn.AvgPool1d,
+           ("avgpool", 2): nn.AvgPool2d}[(lay.kind, e["dims"])]
+    k, st, pad = (e["kernel"][0], e["stride"][0], e["padding"][0]) if e["dims"] == 1 else (
+        e["kernel"], e["stride"], e["padding"])
+    name = _step_module(p, lay, i, cls(k, st, pad))
+    p.plan[f"pool:{lay.qual or lay.name}"] = {"path": lay.kind, "modules": [name], "area": math.prod(e["kernel"])}
+
+
+def _step_relu(p: _Plan, lay: Any, i: int) -> None:
+    _step_module(p, lay, i, nn.ReLU())
+
+
+#: one entry per layer kind HLS_KINDS admits: how it enters the program hls4ml converts
+STEPS: dict[str, Callable[[_Plan, Any, int], None]] = {
+    "linear": _step_fixed, "conv": _step_fixed, "batchnorm": _step_batchnorm, "add": _step_add,
+    "identity": _step_identity, "reshape": _step_reshape, "maxpool": _step_pool, "avgpool": _step_pool,
+    "relu": _step_relu,
+}
+
+
 def split_model(model: nn.Module, *, b: int, signed_terms: bool, mode: str = "auto",
                 max_terms: int = 4, input_rank: int = 2, example: Tensor | None = None
                 ) -> tuple[_Program, dict[str, dict[str, Any]]]:
@@ -232,54 +311,19 @@ def split_model(model: nn.Module, *, b: int, signed_terms: bool, mode: str = "au
     Returns ``(program, plan)``; ``plan[qual] = {"path": "exponent"|"fixed", "terms": T,
     "modules": [...], "min_exponent": ...}``; a BatchNorm's entry (``bn:<qual>``) has path
     ``batchnorm`` and its scale's fractional bits; a pooling's (``pool:<qual>``) its window.
+    Each layer kind enters through its entry in :data:`STEPS`.
     """
     if mode not in ("auto", "exponent", "fixed"):
         raise Hls4mlError(f"mode must be auto, exponent or fixed, got {mode!r}")
     g = check_model(model, example)
-    prog = _Program()
-    prog.input_name = g.input
-    prog.output_name = g.output
-    plan: dict[str, dict[str, Any]] = {}
-    rank = {g.input: input_rank if example is None else example.dim()}
+    p = _Plan(_Program(), {}, {g.input: input_rank if example is None else example.dim()}, b, signed_terms, mode,
+              max_terms)
+    p.prog.input_name, p.prog.output_name = g.input, g.output
     for i, lay in enumerate(g.layers):
-        rank[lay.name] = len(lay.extra["shape"]) if "shape" in lay.extra else (rank[lay.args[0]] if lay.args
-                                                                                  else input_rank)
-        if lay.kind in ("linear", "conv"):
-            _plan_fixed(prog, lay, i, plan, b, signed_terms, mode, max_terms)
-        elif lay.kind == "batchnorm":
-            _plan_batchnorm(prog, lay, i, plan)
-        elif lay.kind == "add":
-            prog.steps.append(("add", lay.name, lay.args, []))
-            prog.add_roles.append("residual")
-        elif lay.kind == "identity":
-            prog.steps.append(("identity", lay.name, lay.args, []))
-        elif lay.kind == "reshape":
-            if lay.extra.get("op") == "flatten":
-                rank[lay.name] = 2
-                if rank[lay.args[0]] <= 2:  # a flatten of a flat input is a no-op
-                    prog.steps.append(("identity", lay.name, lay.args, []))
-                else:
-                    name = f"m{i}"
-                    prog.add_module(name, nn.Flatten(lay.extra["start"], lay.extra["end"]))
-                    prog.steps.append(("module", lay.name, lay.args, [name]))
-            else:
-                prog.steps.append(("view", lay.name, lay.args, list(lay.extra["shape"][1:])))
-        elif lay.kind in ("maxpool", "avgpool"):
-            e = lay.extra
-            cls = {("maxpool", 1): nn.MaxPool1d, ("maxpool", 2): nn.MaxPool2d, ("avgpool", 1): nn.AvgPool1d,
-                   ("avgpool", 2): nn.AvgPool2d}[(lay.kind, e["dims"])]
-            k, st, pad = (e["kernel"][0], e["stride"][0], e["padding"][0]) if e["dims"] == 1 else (
-                e["kernel"], e["stride"], e["padding"])
-            name = f"m{i}"
-            prog.add_module(name, cls(k, st, pad))
-            prog.steps.append(("module", lay.name, lay.args, [name]))
-            plan[f"pool:{lay.qual or lay.name}"] = {"path": lay.kind, "modules": [name],
-                                                    "area": math.prod(e["kernel"])}
-        else:  # relu
-            name = f"m{i}"
-            prog.add_module(name, nn.ReLU())
-            prog.steps.append(("module", lay.name, lay.args, [name]))
-    return prog.eval(), plan
+        p.rank[lay.name] = len(lay.extra["shape"]) if "shape" in lay.extra else (
+            p.rank[lay.args[0]] if lay.args else input_rank)
+        STEPS[lay.kind](p, lay, i)
+    return p.prog.eval(), p.plan
 
 
 def _fixed_type(width: int, integer: int) -> str:
