@@ -34,7 +34,7 @@ _LAZY = {
     "export_targets": ("pwfn.export.targets", "export_targets"),
     "load_packed_model": ("pwfn.export", "load_packed_model"),
     "load_exported_model": ("pwfn.export", "load_exported_model"),
-    "save_pretrained": ("pwfn.export.hub", "save_pretrained"),
+    "save_pretrained": ("pwfn.export.share", "save_pretrained"),
     "from_pretrained": ("pwfn.export.hub", "from_pretrained"),
 }
 

@@ -15,7 +15,8 @@ One module per idea:
 - :mod:`~pwfn.export.folder`   the export folder, written at once, and reading a run folder;
 - :mod:`~pwfn.export.ownership` which folders an export may replace (those pwfn provably wrote);
 - :mod:`~pwfn.export.targets`  the device targets (``pwfn export RUN --to onnx,tflm,hls4ml``);
-- :mod:`~pwfn.export.hub`      ``save_pretrained`` / ``from_pretrained`` with a model card.
+- :mod:`~pwfn.export.hub`      ``from_pretrained`` and the model card; :mod:`~pwfn.export.share`
+  ``save_pretrained``.
 
 How a model is rebuilt from a file is :mod:`pwfn.recipes`.
 

@@ -607,7 +607,7 @@ def export_run(
 
 
 # --------------------------------------------------------------------------------------------
-# sharing (pwfn.export.hub.save_pretrained)
+# sharing (pwfn.export.share.save_pretrained)
 
 
 def prepared_for_sharing(source: Any, out: Path, *, model: Any = None, allow_unfixed: bool = False

@@ -1,6 +1,6 @@
 """Hugging Face-style sharing of a fixed network: ``save_pretrained`` / ``from_pretrained``, local folders only.
 
-``save_pretrained(source, folder)`` writes, into a folder of its own (replaced only when pwfn
+``save_pretrained(source, folder)`` (:mod:`pwfn.export.share`) writes, into a folder of its own (replaced only when pwfn
 can prove it wrote it, as every export folder):
 
 - ``model.safetensors``, ``model.pwfn``, ``size.json``, ``model.json``: the export
@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any, Union
 
 from ..errors import ArtefactError, PwfnError
+from ..recipes import describe
 from ..report import format_terms, power_of_two_terms
-from .artefact import MODEL_FILE, MODEL_JSON, PACKED_FILE
+from .artefact import MODEL_FILE, MODEL_JSON, PACKED_FILE, load_exported_model, load_packed_model
 
-__all__ = ["CARD_FILE", "CONFIG_FILE", "HubError", "from_pretrained", "model_card", "save_pretrained"]
+__all__ = ["CARD_FILE", "CONFIG_FILE", "HubError", "from_pretrained", "hub_module", "model_card"]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class HubError(PwfnError, ValueError):
     """``save_pretrained``/``from_pretrained`` cannot do what was asked (missing extra, not a local folder)."""
 
 
-def _hub() -> Any:
+def hub_module() -> Any:
     try:
         import huggingface_hub
     except ImportError as exc:
@@ -94,7 +95,7 @@ def model_card(description: Mapping[str, Any], size: Mapping[str, Any] | None, r
                files: Mapping[str, int], name: str) -> str:
     """The README.md of a shared fixed network (YAML metadata + Markdown), from the export's
     ``model.json`` (``description``), ``size.json`` and the run's report (when there is one)."""
-    hub = _hub()
+    hub = hub_module()
     method = description.get("method", "pwfn")
     codebook = [float(v) for v in description.get("codebook") or []]
     size = size or {}
@@ -159,56 +160,7 @@ def model_card(description: Mapping[str, Any], size: Mapping[str, Any] | None, r
 
 
 def _describe(recipe: Mapping[str, Any]) -> str:
-    if not recipe:
-        return "no recipe recorded"
-    from ..recipes import describe
-
-    return describe(recipe)
-
-
-# --------------------------------------------------------------------------------------------
-# saving
-
-
-def save_pretrained(source: Any, save_directory: PathLike, *, model: Any = None, allow_unfixed: bool = False,
-                    name: str | None = None) -> dict[str, Any]:
-    """Write ``source`` (a run folder, an export folder, or a :class:`pwfn.FixingResult`) as a shareable
-    folder: the export, ``config.json`` and a model card ``README.md`` (see the module docstring).
-
-    ``model``: how to rebuild the model when the run records no recipe (as for ``export_run``).
-    Everything is built and checked in memory first; the folder is then written as a whole,
-    replacing an earlier one only when pwfn can prove it wrote it. Returns the export summary
-    with ``card`` (the README text). Needs huggingface_hub (``pip install 'pwfn-compress[hf]'``).
-    """
-    _hub()  # refuse before any work when the card cannot be written
-    from .folder import prepared_for_sharing  # writing needs bayes; loading never does
-    from .ownership import write_export_folder
-
-    out = Path(save_directory)
-    files, description, result, report = prepared_for_sharing(source, out, model=model, allow_unfixed=allow_unfixed)
-    size = result.get("size")
-    recipe = description.get("recipe") or {}
-    if recipe.get("factory"):
-        files[CONFIG_FILE] = (json.dumps(recipe.get("kwargs") or {}, indent=2, sort_keys=True) + "\n").encode()
-    title = name or _default_name(source, recipe)
-    sizes = {k: len(v) for k, v in files.items()}
-    card = model_card(description, size, report, {**sizes, CARD_FILE: 0}, title)
-    files[CARD_FILE] = card.encode("utf-8")
-    sizes[CARD_FILE] = len(files[CARD_FILE])
-    card = model_card(description, size, report, sizes, title)  # with the card's own size
-    files[CARD_FILE] = card.encode("utf-8")
-    write_export_folder(out, files, description)
-    result = dict(result, out_dir=str(out), files={k: len(v) for k, v in files.items()}, card=card)
-    log.info("saved %s to %s (model card %s)", result.get("source"), out, CARD_FILE)
-    return result
-
-
-def _default_name(source: Any, recipe: Mapping[str, Any]) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        p = Path(source).resolve()
-        return f"{p.parent.name}/{p.name}" if p.name in ("pwfn", "wfn", "wfn_published", "export") else p.name
-    what = recipe.get("name") or str(recipe.get("factory") or "").split(":")[-1]
-    return f"{what or 'model'} ({getattr(source, 'method', 'pwfn')})"
+    return describe(recipe) if recipe else "no recipe recorded"
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,8 +175,6 @@ def from_pretrained(directory: PathLike, model: Any = None, *, packed: bool = Fa
     ``"module:factory"``, when the folder records no recipe (or a function factory).
     ``directory`` must be a local folder: nothing is downloaded.
     """
-    from . import load_exported_model, load_packed_model
-
     path = Path(directory)
     if not path.is_dir():
         hint = ""
