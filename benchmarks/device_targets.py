@@ -345,6 +345,14 @@ def markdown(doc: dict[str, Any], argv) -> str:
                                "same prediction as point model %", "multiplications left"],
                               [[r["target"], r["bytes"], r["vs_fp32"], r["vs_int8"], r["top1"], r["agree"],
                                 r["mult_left"] if r.get("refused") is None else "refused"] for r in t["rows"]]), ""]
+        onnx = next((r for r in t["rows"] if r["target"].startswith("ONNX") and not r.get("refused")), None)
+        if onnx and onnx.get("detail", {}).get("index_bytes") is not None:
+            d = onnx["detail"]
+            w = d["index_bytes"] + d["table_bytes"] + d["float_bytes"]
+            lines += [f"ONNX weights: {d['index_bytes']:,} B of indices (at most {d['index_bits']} bits, K = "
+                      f"{d['table_values']}) + {d['table_bytes']:,} B of value tables + {d['float_bytes']:,} B kept "
+                      f"float = {w:,} B, {w / t['int8_bytes']:.2f} x the int8 copy; the rest of the file is the "
+                      "model's graph.", ""]
         for r in t["rows"]:
             if r.get("refused"):
                 lines += [f"- {r['target']} refused: {r['refused']}"]
