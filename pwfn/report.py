@@ -251,8 +251,8 @@ def format_export_summary(result: Mapping[str, Any]) -> str:
             vs = (f", weights {so['weight_bytes']:,} B = {so['weight_bytes_vs_int8']:.2f} x an int8 copy"
                   if so.get("weight_bytes_vs_int8") is not None else "")
             lines.append(f"  onnx: written and checked with onnxruntime (max |diff| {o['max_abs_diff']:.2e}); "
-                         f"{o.get('coded_tensors', 0)} tensors as {o.get('index_bits')}-bit indices into one table of "
-                         f"{o.get('table_values', 0)} values, {o.get('bytes', 0):,} B (fp32 ONNX "
+                         f"{o.get('coded_tensors', 0)} tensors as indices of at most {o.get('index_bits')} bits "
+                         f"(K = {o.get('table_values', 0)}), {o.get('bytes', 0):,} B (fp32 ONNX "
                          f"{o.get('fp32_onnx_bytes', 0):,} B){vs}")
     return "\n".join(lines)
 
