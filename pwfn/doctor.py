@@ -295,6 +295,7 @@ def _check_export(folder: Path) -> list[Finding]:
 
     from . import export as E
     from .export import packing
+    from .export.packcheck import read_artefact_bytes
 
     exp = folder / E.EXPORT_DIR
     topic = f"{folder.name} export"
@@ -323,8 +324,8 @@ def _check_export(folder: Path) -> list[Finding]:
     if bad:
         return out + [_f("problem", topic, f"{exp}: " + "; ".join(bad), f"export again: pwfn export {folder}")]
     try:
-        exported = st_load((exp / E.MODEL_FILE).read_bytes())
-        packed = packing.unpack((exp / E.PACKED_FILE).read_bytes())
+        exported = st_load(read_artefact_bytes(exp / E.MODEL_FILE, "exported model"))  # regular files only
+        packed = packing.unpack(read_artefact_bytes(exp / E.PACKED_FILE))
         unpacked = E.reassemble(packed.tensors, packed.metadata)
     except (OSError, PwfnError) as exc:
         return out + [_f("problem", topic, f"{exp} cannot be read back: {exc}", f"export again: pwfn export {folder}")]

@@ -35,8 +35,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from . import __version__
-from .errors import ConfigError, PwfnError, RunFileError
+from . import __version__, recipes
+from .errors import ConfigError, ModelError, PwfnError, RunFileError
 from .files import (
     parse_json,
     read_limited,
@@ -243,14 +243,12 @@ def read_compare(path: PathLike) -> dict:
 
 
 def validate_recipe(recipe: Any, where: str) -> Optional[dict]:
-    """A model recipe: null, or {"name": str, "kwargs": {...}}."""
-    if recipe is None:
-        return None
-    _check(recipe, (dict,), f"{where}: 'recipe'")
-    _field(recipe, "name", (str,), f"{where}: 'recipe'")
-    kwargs = recipe.get("kwargs", {})
-    _check(kwargs, (dict,), f"{where}: recipe 'kwargs'")
-    return {"name": recipe["name"], "kwargs": dict(kwargs)}
+    """A model recipe (:mod:`pwfn.recipes`): null, ``{"name": str, "kwargs": {...}}`` or
+    ``{"factory": "module:qualname", "kwargs": {...}}``; malformed raises ``RunFileError``."""
+    try:
+        return recipes.validate_recipe(recipe, where)
+    except ModelError as exc:
+        raise RunFileError(str(exc)) from exc
 
 
 def validate_description(obj: Any, where: str, formats: Iterable[str]) -> dict:

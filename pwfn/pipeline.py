@@ -35,7 +35,6 @@ from .io import (
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
-    load_state_dict_strict,
     remove_stale_temp_files,
     save_checkpoint,
     to_jsonable,
@@ -57,9 +56,10 @@ from .manifest import (
 from .methods import get_method
 from .methods.base import Method, build_method
 from .metrics import expected_calibration_error, fixing_metrics, nll, weight_histogram
-from .models import build_from_recipe
 from .ownership import METHOD, claim, mark
 from .plumbing import QuantView
+from .recipes import build_recipe, recipe_of
+from .recipes import describe as describe_recipe
 from .runlog import open_tensorboard, round_line, write_metrics_csv
 from .tasks import BatchAdapter, CustomTask, Task, resolve_task
 from .train import (
@@ -365,6 +365,9 @@ class FixingRun:
                                                self.test_loader if self.test_loader is not self.val_loader else None,
                                                first_batches=first)}
         inputs["model"] = model_fingerprint(self.float_model)
+        example = _example_record(first["val"], self.adapter)
+        if example is not None:  # what an export feeds the model to check a device target
+            inputs["example"] = example
         self.inputs = inputs
 
     def _run(self, resume: bool) -> FixingResult:
@@ -486,10 +489,15 @@ class FixingRun:
                 self._lock = acquire(self.run_dir)
             mark(self.run_dir, METHOD)
             remove_stale_temp_files(self.run_dir)
+            recipe_note = None
+            if self.recipe is None:  # a model passed in from Python: record how it is rebuilt, if it can be
+                self.recipe, recipe_note = recorded_recipe(self.float_model)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
             self._manifest = new_manifest(
                 method=self.method, engine=_engine_record(engine_cfg), recipe=self.recipe, inputs=self.inputs,
                 quantised=quantised_tensors(view, self.method_impl.coverage), config=config_to_dict(self.cfg))
+            if recipe_note:  # why no recipe could be recorded, for the export that needs one
+                self._manifest["recipe_note"] = recipe_note
             write_manifest(self.run_dir, self._manifest)
 
     def _finish(self, model, view, engine_cfg, history, pre_metrics, seconds) -> FixingResult:
@@ -594,6 +602,23 @@ def _dataset_size(loader) -> Optional[int]:
         return None
 
 
+def _example_record(batch: Any, adapter: BatchAdapter) -> Optional[dict]:
+    """Shape (without the batch) and dtype of a batch's inputs when they are one tensor, else None;
+    token ids also record their largest value (an export's example stays within the vocabulary)."""
+    if batch is None:
+        return None
+    try:
+        inputs, _ = adapter.split(batch)
+    except Exception:  # noqa: BLE001 - a layout the adapter reads only in the loop: nothing recorded
+        return None
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1:
+        return None
+    out: dict[str, Any] = {"shape": [int(s) for s in inputs.shape[1:]], "dtype": str(inputs.dtype).replace("torch.", "")}
+    if not inputs.is_floating_point() and not inputs.is_complex() and inputs.numel():
+        out["max"] = int(inputs.max())
+    return out
+
+
 def save_point_model(model: nn.Module, folder: Path, recipe: Optional[dict], **description: Any) -> dict:
     """The point-estimate model as safetensors plus its checksummed description (recipe, tensor
     order, SHA-256; ``description`` adds method, b, codebook ...); returns the manifest's record."""
@@ -644,9 +669,18 @@ def load_point_model(folder: Union[str, Path]) -> nn.Module:
     if not recipe:
         raise ModelError(f"{folder} holds no model recipe (the model was passed in from Python); "
                          "load the safetensors into your own model instead")
-    model = build_from_recipe({"name": recipe["name"], "kwargs": recipe.get("kwargs", {})})
-    load_state_dict_strict(model, state, str(folder / "point_model.safetensors"))
-    return model
+    return build_recipe(recipe, state, str(folder / "point_model.safetensors"))
+
+
+def recorded_recipe(model: nn.Module) -> tuple[Optional[dict], Optional[str]]:
+    """The recipe a run of ``model`` records (:func:`pwfn.recipes.recipe_of`), saying in the log where
+    it came from; or None and why there is none and what would work (exports then need ``model=``)."""
+    recipe, source = recipe_of(model)
+    if recipe is not None:
+        log.info("model recipe: %s (from %s); its exports rebuild the model from it", describe_recipe(recipe), source)
+        return recipe, None
+    log.info("no model recipe recorded: %s", source)
+    return None, source
 
 
 # --------------------------------------------------------------------------------------------

@@ -247,9 +247,13 @@ def format_export_summary(result: Mapping[str, Any]) -> str:
         if o.get("skipped"):
             lines.append(f"  onnx: skipped: {o['skipped']}")
         else:
+            so = (result.get("size") or {}).get("onnx") or {}
+            vs = (f", weights {so['weight_bytes']:,} B = {so['weight_bytes_vs_int8']:.2f} x an int8 copy"
+                  if so.get("weight_bytes_vs_int8") is not None else "")
             lines.append(f"  onnx: written and checked with onnxruntime (max |diff| {o['max_abs_diff']:.2e}); "
-                         f"{o.get('coded_tensors', 0)} tensors as codebook indices + Gather, "
-                         f"{o.get('bytes', 0):,} B (fp32 ONNX {o.get('fp32_onnx_bytes', 0):,} B)")
+                         f"{o.get('coded_tensors', 0)} tensors as indices of at most {o.get('index_bits')} bits "
+                         f"(K = {o.get('table_values', 0)}), {o.get('bytes', 0):,} B (fp32 ONNX "
+                         f"{o.get('fp32_onnx_bytes', 0):,} B){vs}")
     return "\n".join(lines)
 
 
@@ -262,7 +266,7 @@ def format_targets(summary: Mapping[str, Any]) -> str:
     macs = (ops.get("total") or {}).get("macs")
     for n, t in summary["targets"].items():
         if n == "onnx":
-            check = "weights bit-identical, outputs = fp32 ONNX bit for bit"
+            check = (f"{t.get('index_bits')}-bit indices: weights bit-identical, outputs = fp32 ONNX bit for bit")
         elif n == "tflm":
             check = "TFLM interpreter: LUT = uncompressed bit for bit"
         else:
