@@ -62,7 +62,7 @@ OPTIONAL = (
     ("lightning", "lightning", "pwfn.integrations.lightning"),
     ("transformers", "hf", "pwfn.integrations.huggingface and Hugging Face models"),
     ("accelerate", "hf", "the Hugging Face Trainer"),
-    ("huggingface_hub", "hf", "exporting models built with huggingface_hub's PyTorchModelHubMixin"),
+    ("huggingface_hub", "hf", "pwfn.save_pretrained (its model card) and models built with PyTorchModelHubMixin"),
     ("mkdocs", "docs", "make docs"),
     ("mkdocstrings", "docs", "make docs"),
     ("bayesian_torch", "bench", "benchmarks against bayesian-torch"),

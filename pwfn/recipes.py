@@ -17,7 +17,9 @@ Where a run made from Python gets its recipe (:func:`recipe_of`, in this order):
 
 Every candidate is checked before it is recorded: its factory must be importable (a class defined
 in ``__main__`` or inside a function is not), its arguments JSON, and the recipe must build
-(on the meta device, allocating nothing) a model with exactly the weights' names and shapes.
+(on the meta device, allocating nothing) a model with exactly the weights' names and shapes (a lazy
+module's tensors, ``nn.LazyLinear`` ..., take their shapes from the weights loaded into them: only
+their names are compared).
 What cannot be encoded is not recorded, and the log says why and what would work.
 
 Building from a file (:func:`build_recipe`) never calls an arbitrary function a file names:
@@ -231,16 +233,22 @@ def _construct(fn: Callable[..., nn.Module], recipe: Recipe, where: str, device:
     return model
 
 
-def _shapes(state: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
+def _shapes(state: Mapping[str, Any]) -> dict[str, Optional[tuple[int, ...]]]:
+    """``{name: shape}``; ``None`` for a lazy module's tensor not materialized yet (``nn.LazyLinear`` ...):
+    its shape is whatever the weights loaded into it say (torch materializes it from them)."""
+    from torch.nn.parameter import is_lazy
+
+    return {k: None if is_lazy(v) else tuple(v.shape) for k, v in state.items() if is_lazy(v) or hasattr(v, "shape")}
 
 
-def _compare(built: Mapping[str, tuple], want: Mapping[str, tuple]) -> Optional[str]:
-    """What differs between two {name: shape} maps (None when they agree)."""
+def _compare(built: Mapping[str, Optional[tuple]], want: Mapping[str, Optional[tuple]]) -> Optional[str]:
+    """What differs between two {name: shape} maps (None when they agree; a ``None`` shape, a lazy
+    module's tensor, fits any shape)."""
     want = _fold_compile_prefix(want, built)
     missing = [k for k in want if k not in built]
     extra = [k for k in built if k not in want]
-    shapes = [k for k in want if k in built and tuple(built[k]) != tuple(want[k])]
+    shapes = [k for k in want if k in built and built[k] is not None and want[k] is not None
+              and tuple(built[k]) != tuple(want[k])]
     if not (missing or extra or shapes):
         return None
     parts = []
@@ -285,7 +293,7 @@ def check_recipe(recipe: Any, state: Mapping[str, Any], where: str, *, functions
         # a constructor that cannot run on the meta device (it reads values, loads a file ...):
         # built for real, which raises the same error when the recipe itself is bad
         built = _construct(fn, rec, where, None)
-    want = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+    want = {k: _shapes({k: v}).get(k, ()) for k, v in state.items()}
     diff = _compare(_shapes(built.state_dict()), want)
     if diff and _fold_parametrizations(built, want, where):  # weights exported as plain fixed values
         diff = _compare(_shapes(built.state_dict()), want)

@@ -11,7 +11,9 @@ Bash lines: ``pwfn ...`` runs the command line in this process (``pwfn run`` / `
 with :data:`TINY` settings appended, the one change made to what the page says); ``python
 FILE.py`` runs the file. Lines that install packages or build the venv (``pip``, ``make``) and
 multi-process launches (``torchrun``) are not run here, each for the reason in :data:`NOT_HERE`.
-A block that needs an optional extra that is missing is skipped with the reason. Each block is
+A block that needs an optional extra that is missing is skipped with the reason: an ImportError
+of an extra's module, or pwfn's own refusal naming the extra (its install hint) while that
+extra's modules are indeed missing; the lines before it have run. Each block is
 its own test (``test_block[page:N]``); registries a page adds to (models, datasets, methods ...)
 are restored afterwards, so pages do not change what other tests see.
 """
@@ -189,6 +191,31 @@ def _hf_model() -> dict[str, Any]:
     return {"model": model, "train_set": Dicts()}
 
 
+def _signals() -> dict[str, Any]:
+    """The reader's loaders of 1-D signals (batch, 1, 32), four classes: a sine of 1 to 4 periods plus noise."""
+    import math
+
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    n, length = 448, 32
+    y = torch.randint(0, 4, (n,), generator=g)
+    t = torch.arange(length) / length
+    x = torch.sin(2 * math.pi * (y[:, None] + 1) * t)[:, None, :] + 0.3 * torch.randn(n, 1, length, generator=g)
+    train = DataLoader(TensorDataset(x[:224], y[:224]), batch_size=32, shuffle=True,
+                       generator=torch.Generator().manual_seed(0))
+    return {"train_loader": train, "val_loader": DataLoader(TensorDataset(x[224:], y[224:]), batch_size=64)}
+
+
+def _digit_inputs() -> dict[str, Any]:
+    """The reader's inputs for the exported digits MLP, as a numpy batch (N, 1, 8, 8)."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images[:8] / 16.0
+    return {"x": images.reshape(-1, 1, 8, 8)}
+
+
 def _a_comparison() -> dict[str, Any]:
     """runs/digits_mlp, as the getting-started page leaves it (on the tiny budget)."""
     _pwfn(["compare", "digits_mlp"])
@@ -203,6 +230,8 @@ GIVEN: dict[tuple[str, Optional[str]], Callable[[], dict[str, Any]]] = {
     ("docs/howto/own-loop.md", "PyTorch Lightning (extra `lightning`)"): _lightning_module,
     ("docs/howto/own-loop.md", "Hugging Face Trainer (extra `hf`)"): _hf_model,
     ("docs/howto/export.md", None): _a_comparison,
+    ("docs/howto/export.md", "Runs made from Python"): _signals,
+    ("docs/howto/export.md", "Running the results"): _digit_inputs,
 }
 
 
@@ -220,13 +249,33 @@ def _optional_modules() -> dict[str, str]:
     return {name: extra for name, extra, _ in OPTIONAL}
 
 
+def _refused_for_extra(message: str) -> Optional[str]:
+    """pwfn's own refusal for a missing extra (every such message names it through
+    ``pwfn.hints.install_hint``: ``pip install '.[NAME]'``), when that extra's modules are indeed
+    not importable here; a refusal while they are is not a reason to skip."""
+    import importlib.util
+
+    for extra in re.findall(r"pip install '\.\[(\w+)\]'", message):
+        missing = [name for name, e in _optional_modules().items() if e == extra and importlib.util.find_spec(name) is None]
+        if missing:
+            return f"needs the '{extra}' extra ({', '.join(missing)} not installed)"
+    return None
+
+
 def _missing_extra(exc: BaseException) -> Optional[str]:
-    """The extra an ImportError (or the ImportError it was raised from) is about, if any."""
+    """The extra an ImportError (or the ImportError it was raised from) is about, or that pwfn refused
+    the block for (:func:`_refused_for_extra`), if any."""
+    from pwfn.errors import PwfnError
+
     optional = _optional_modules()
     while exc is not None:
         name = getattr(exc, "name", None)
         if isinstance(exc, ImportError) and name and name.split(".")[0] in optional:
             return f"needs the '{optional[name.split('.')[0]]}' extra ({name} is not installed)"
+        if isinstance(exc, Skipped):
+            return str(exc)
+        if isinstance(exc, PwfnError) and _refused_for_extra(str(exc)):
+            return _refused_for_extra(str(exc))
         exc = exc.__cause__ or exc.__context__
     return None
 
@@ -234,12 +283,16 @@ def _missing_extra(exc: BaseException) -> Optional[str]:
 def _pwfn(argv: list[str]) -> str:
     from pwfn.cli import main
 
+    command = f"pwfn {shlex.join(argv)}"  # as the page says it
     if argv and argv[0] in ("run", "compare"):
         argv = argv + [item for pair in (["--set", t] for t in TINY) for item in pair]
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         code = main(argv)
     if code != 0:
+        reason = _refused_for_extra(out.getvalue())
+        if reason is not None:
+            raise Skipped(f"`{command}` {reason}")
         raise AssertionError(f"pwfn {shlex.join(argv)} exited {code}:\n{out.getvalue()[-3000:]}")
     return out.getvalue()
 
@@ -386,3 +439,18 @@ def test_every_how_to_has_code_that_runs():
         text = (ROOT / page).read_text()
         for fence in re.findall(r"^```(\w*)\s*$", text, re.M):
             assert fence in ("", "python", "bash", "yaml", "text"), (page, fence)
+
+
+def test_only_a_refusal_for_an_extra_that_is_really_missing_skips(monkeypatch):
+    """pwfn's refusal naming an extra skips a block only while that extra's modules are missing: a refusal
+    with the extra installed (a bug, or a broken install) fails the block."""
+    from pwfn.hints import install_hint
+
+    message = f"pwfn: error: target 'onnx' needs the 'onnx' extra (onnxruntime not installed): {install_hint('onnx')}"
+    installed = sys.modules["os"]  # a module with a spec: find_spec finds it
+    monkeypatch.setitem(sys.modules, "onnx", installed)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # not importable
+    assert _refused_for_extra(message) == "needs the 'onnx' extra (onnxruntime not installed)"
+    monkeypatch.setitem(sys.modules, "onnxruntime", installed)
+    assert _refused_for_extra(message) is None
+    assert _refused_for_extra("pwfn: error: the model cannot take the batches") is None

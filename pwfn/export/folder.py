@@ -89,6 +89,26 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 
 
+def _finish_lazy(model: nn.Module, example: Tensor) -> None:
+    """Let lazy modules (``nn.LazyLinear`` ...) of a model rebuilt from its recipe become the layers they
+    stand for (``nn.Linear`` ...), which the targets' handlers take: loading the weights gave them their
+    shapes and values, and one forward pass on the example (eval mode, no gradient) finishes what torch
+    leaves to it. The weights are not changed."""
+    if not any(isinstance(m, nn.modules.lazy.LazyModuleMixin) for m in model.modules()):
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    except Exception as exc:  # noqa: BLE001 - the user's model: said with the input it was given
+        raise ExportError(f"the model's lazy modules could not be finished with one forward pass on the example "
+                          f"input {tuple(example.shape[1:])}: {type(exc).__name__}: {exc}; pass example_input "
+                          "(Python) with a batch of your data") from exc
+    finally:
+        model.train(was_training)
+
+
 def _onnx_export(
     model: nn.Module, example: Tensor, codebook: Tensor | None = None
 ) -> tuple[bytes | None, dict[str, Any]]:
@@ -165,6 +185,7 @@ def _prepare(
     x: Tensor | None = None
     if model is not None and (targets or onnx):
         x = example if example is not None else example_input(model, recipe, image_size, example_record)
+        _finish_lazy(model, x)
     if onnx and "onnx" not in targets:
         if model is None:
             onnx_info = {"skipped": f"no model recipe: the model cannot be rebuilt for ONNX export ({no_model_reason})"}

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Union
 
 from ..errors import ArtefactError, PwfnError
+from ..hints import install_hint
 from ..recipes import describe
 from ..report import format_terms, power_of_two_terms
 from .artefact import MODEL_FILE, MODEL_JSON, PACKED_FILE, load_exported_model, load_packed_model
@@ -53,7 +54,7 @@ def hub_module() -> Any:
         import huggingface_hub
     except ImportError as exc:
         raise HubError("save_pretrained writes its model card with huggingface_hub, which is not installed: "
-                       "pip install 'pwfn-compress[hf]'") from exc
+                       f"{install_hint('hf')}") from exc
     return huggingface_hub
 
 

@@ -50,7 +50,7 @@ def save_pretrained(source: Any, save_directory: str | os.PathLike, *, model: An
     ``model``: how to rebuild the model when the run records no recipe (as for ``export_run``).
     Everything is built and checked in memory first; the folder is then written as a whole,
     replacing an earlier one only when pwfn can prove it wrote it. Returns the export summary
-    with ``card`` (the README text). Needs huggingface_hub (``pip install 'pwfn-compress[hf]'``).
+    with ``card`` (the README text). Needs huggingface_hub (the ``hf`` extra).
     """
     hub_module()  # refuse before any work when the card cannot be written
     out = Path(save_directory)

@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from ...errors import PwfnError
 from ...hints import install_hint
-from ...io import atomic_write_bytes, atomic_write_json
 from ...manifest import load_json
 from ..artefact import MODEL_JSON, ExportError, load_exported_model
 from ..ownership import owned_files, write_export_folder
