@@ -36,10 +36,11 @@ parameter of the window that samples in one ``torch.randn`` per dtype and device
 one buffer, so one RNG call for the whole network), and closing clears the per-window sample.
 All of that state lives on the parameters' own scratch objects and is the same at the start of
 every forward (closed), so ``torch.compile`` captures one graph per forward mode and never
-recompiles for a new draw; no module-wide counter, ``data_ptr`` or ``_version`` is read. A draw
-is one autograd node per tensor (``mu + max(sigma, floor) * eps``), so each tensor's gradients
-are ready as soon as its layer's backward is done (DDP's overlap and FSDP's per-module
-reduce-scatter keep working).
+recompiles for a new draw; no module-wide counter, ``data_ptr`` or ``_version`` is read. The
+draw itself runs eagerly (dynamo steps around it, see :func:`_draw_eps`): compiled and eager
+runs draw the same numbers from the same seed. A sample is one autograd node per tensor
+(``mu + max(sigma, floor) * eps``), so each tensor's gradients are ready as soon as its layer's
+backward is done (DDP's overlap and FSDP's per-module reduce-scatter keep working).
 """
 
 from __future__ import annotations
@@ -185,8 +186,19 @@ class GaussianParameter(nn.Module):
         self.__dict__.setdefault("retired", False)
 
 
+_EAGER_DRAW = ("bayes draws eps eagerly: torch's own generator (the same numbers as without compile), "
+               "and inductor's CPU randn is an order of magnitude slower")
+
+
+@torch.compiler.disable(reason=_EAGER_DRAW)
 def _draw_eps(params: list[GaussianParameter]) -> None:
-    """A fresh eps for each parameter: one ``torch.randn`` per (dtype, device), cut into views."""
+    """A fresh eps for each parameter: one ``torch.randn`` per (dtype, device), cut into views.
+
+    Run eagerly even inside ``torch.compile`` (dynamo steps around it): the draw is one kernel per
+    group either way, eager keeps torch's generator (compiled and eager runs draw the same numbers
+    from the same seed), and inductor's own CPU random kernels are about ten times slower than
+    torch's. The compiled forward reads the views as inputs.
+    """
     groups: dict[tuple, tuple[list[GaussianParameter], list[torch.Tensor]]] = {}
     for g in params:
         s = g.sigma
