@@ -257,28 +257,57 @@ def _validate(values: Any, tolerance: Any, fixed: Any, target_fraction: Any,
 
 
 def _closest(values: torch.Tensor, tolerance: torch.Tensor, candidates: torch.Tensor,
-             centre: float, mult: float, r: int) -> torch.Tensor:
+             centre: float, mult: float, r: int, step: int) -> torch.Tensor:
     """The partial pick: the ``r`` candidates with the smallest ``|v - c| / (m*t)``."""
-    dist = (values.index_select(0, candidates).double() - centre).abs_()
-    ratio = dist / (tolerance.index_select(0, candidates).double() * mult)
-    ratio.masked_fill_(dist == 0, 0.0)  # 0/0 := 0; x/0 = inf already
-    return candidates.index_select(0, fast.smallest(ratio, r))
+
+    def ratio(s: int, e: int) -> torch.Tensor:
+        idx = candidates[s:e]
+        dist = (values.index_select(0, idx).double() - centre).abs_()
+        out = dist / (tolerance.index_select(0, idx).double() * mult)
+        return out.masked_fill_(dist == 0, 0.0)  # 0/0 := 0; x/0 = inf already
+
+    return candidates.index_select(0, fast.select_smallest(ratio, int(candidates.numel()), r, step))
 
 
-def _new_sigma(sigma: torch.Tensor, values: torch.Tensor, fixing: fast.Assignments,
-               weights: torch.Tensor, centres: CentreSet, cfg: EngineConfig) -> torch.Tensor:
-    """The sigma update of the newly fixed ``weights`` (``cfg.sigma_update``), floored."""
-    out = sigma.clone()
-    if cfg.sigma_update == "keep" or fixing.count == 0:
-        return out
-    if cfg.sigma_update == "divide":
-        s_new = (sigma.index_select(0, weights).double() / cfg.sigma_divisor
-                 ).clamp_(min=cfg.sigma_floor).to(sigma.dtype)
-    else:  # std_mu: spread of the values fixed to the same centre in this round
-        std = fast.group_std(values.index_select(0, weights), fixing.centres, centres.values,
-                             len(centres))
-        s_new = std.clamp_(min=cfg.sigma_floor).to(sigma.dtype).index_select(0, fixing.centres)
-    return fast.scatter_(out, weights, s_new)
+def _nearest_fallback(values: torch.Tensor, free: torch.Tensor, book: fast.Codebook, need: int,
+                      step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fallback: the ``need`` free weights nearest to a centre (nearest first, ties by
+    index) and their centres."""
+    chosen = fast.select_smallest(lambda s, e: fast.nearest_centres(values, free[s:e], book)[1],
+                                  int(free.numel()), need, step)
+    weights = free.index_select(0, chosen)
+    return weights, fast.nearest_centres(values, weights, book)[0]
+
+
+def _write(values: torch.Tensor, fixed: torch.Tensor, sigma: torch.Tensor | None,
+           fixing: fast.Assignments, centres: CentreSet, cfg: EngineConfig,
+           step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The round's outputs: copies of the inputs with the newly fixed entries written, chunk by
+    chunk (no index or value copy of the whole assignment list).
+
+    The sigma update of the newly fixed weights (``cfg.sigma_update``) is floored at
+    ``cfg.sigma_floor``; ``std_mu`` is the population std of the values fixed to the same centre
+    in this round.
+    """
+    step = max(step, -(-fixing.count // 16))  # a few large chunks: 1/16 of the list at most
+    update = None if sigma is None or fixing.count == 0 else cfg.sigma_update
+    std = None
+    if update == "std_mu":  # before the outputs exist: the gathered values are the peak's smaller part
+        std = fast.group_std(values.index_select(0, fixing.weights), fixing.centres, centres.values,
+                             len(centres), step).clamp_(min=cfg.sigma_floor).to(sigma.dtype)
+    new_values, new_fixed = values.clone(), fixed.clone()
+    new_sigma = None if sigma is None else sigma.clone()
+    for s, e in fast.chunks(fixing.count, step):
+        w = fixing.weights[s:e].to(torch.int64)  # one index conversion per chunk, for every write
+        ci = fixing.centres[s:e].to(torch.int32)
+        fast.scatter_(new_values, w, centres.values.index_select(0, ci))
+        fast.scatter_(new_fixed, w, True)
+        if update == "divide":
+            fast.scatter_(new_sigma, w, (sigma.index_select(0, w).double() / cfg.sigma_divisor
+                                         ).clamp_(min=cfg.sigma_floor).to(sigma.dtype))
+        elif update == "std_mu":
+            fast.scatter_(new_sigma, w, std.index_select(0, ci))
+    return new_values, new_fixed, torch.bitwise_xor(new_fixed, fixed), new_sigma  # fixed stays fixed
 
 
 def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor,
@@ -312,7 +341,7 @@ def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor
     book = (cache.codebook(grid, cfg, values.dtype, values.device) if cache is not None
             else _codebook(grid, cfg, values.dtype, values.device))
     need = n_target - n_fixed0
-    fixing = fast.Assignments(need, n, values.device)
+    fixing = fast.Assignments(need, n, values.device, len(book.centres))
     picks: list[dict] = []
     order, mult, escalations, order_turn, levels, n_fallback = 1, 1.0, 0, True, 0, 0
     free = fast.free_indices(fixed, n - n_fixed0, tuning) if need > 0 else None
@@ -324,22 +353,28 @@ def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor
         plan = runs.plan(order, need)  # the level's greedy pick sequence, from counts alone
         if plan.picks:
             candidates = runs.apply(plan, fixing)  # full picks: all their fitting weights
-            if plan.partial:  # the last pick fits more than still needed: the closest ones
-                centre, r = plan.picks[-1][:2]
-                chosen = _closest(values, tolerance, candidates, book.values_list[centre], mult, r)
-                fixing.add(chosen, torch.full_like(chosen, centre, dtype=torch.int32))
             picks += [{"centre": book.values_list[c], "count": k,
                        "centre_order": book.orders_list[c], "level_order": order,
                        "multiplier": mult, "partial": part} for c, k, part in plan.picks]
+            if plan.partial:  # the last pick fits more than still needed: the closest ones
+                runs = free = None  # the round ends with this pick: the free list goes first
+                centre, r = plan.picks[-1][:2]
+                chosen = _closest(values, tolerance, candidates, book.values_list[centre], mult, r,
+                                  tuning.chunk)
+                del candidates
+                fixing.add(chosen, torch.full_like(chosen, centre, dtype=fixing.centres.dtype))
+                need = plan.need
+                log.debug("level order=%d mult=%g: %d picks, partial", order, mult, len(plan.picks))
+                break
         need, free = plan.need, runs.free
         log.debug("level order=%d mult=%g: %d picks, need %d", order, mult, len(plan.picks), need)
         if need <= 0:
             break
         if escalations >= cfg.max_escalations:  # fallback: the nearest centres, nearest first
-            centre_of, dist = fast.nearest_centres(values, free, book)
-            chosen = fast.smallest(dist, need)
-            fixing.add(free.index_select(0, chosen), centre_of.index_select(0, chosen))
-            n_fallback = int(chosen.numel())
+            runs = None
+            weights, centre_of = _nearest_fallback(values, free, book, need, tuning.chunk)
+            fixing.add(weights, centre_of)
+            n_fallback = int(weights.numel())
             log.warning("fixing round: %d weights fixed by nearest-centre fallback after "
                         "%d escalations", n_fallback, escalations)
             break
@@ -354,22 +389,20 @@ def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor
     del runs, free
 
     centres = book.centres
-    weights = fixing.weights.to(torch.int64)
-    new_values = fast.scatter_(values.clone(), weights,
-                               centres.values.index_select(0, fixing.centres))
-    new_fixed = fast.scatter_(fixed.clone(), weights, torch.ones_like(weights, dtype=torch.bool))
-    new_sigma = (None if sigma is None
-                 else _new_sigma(sigma.detach(), values, fixing, weights, centres, cfg))
+    n_new = fixing.count
+    new_values, new_fixed, newly, new_sigma = _write(values, fixed, None if sigma is None else sigma.detach(),
+                                                     fixing, centres, cfg, tuning.chunk)
+    del fixing
     per_centre: dict[str, int] = {}
     for p in picks:  # dyadic, so repr is exact; str keys stay JSON-friendly
         per_centre[repr(p["centre"])] = per_centre.get(repr(p["centre"]), 0) + p["count"]
     summary = {
         "n": n, "target_fraction": float(target_fraction), "target": n_target,
-        "fixed_before": n_fixed0, "fixed_after": n_fixed0 + fixing.count,
-        "newly_fixed": fixing.count, "max_abs": max_abs, "n_candidates": len(centres),
+        "fixed_before": n_fixed0, "fixed_after": n_fixed0 + n_new,
+        "newly_fixed": n_new, "max_abs": max_abs, "n_candidates": len(centres),
         "picks": picks, "fixed_per_centre": per_centre, "levels": levels,
         "escalations": escalations, "final_order": order, "final_multiplier": mult,
         "fallback": n_fallback, "seconds": time.perf_counter() - t_start,
     }
-    return RoundResult(values=new_values, fixed=new_fixed, newly_fixed=new_fixed & ~fixed,
+    return RoundResult(values=new_values, fixed=new_fixed, newly_fixed=newly,
                        sigma=new_sigma, centres=centres, summary=summary)
