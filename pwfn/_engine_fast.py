@@ -48,8 +48,8 @@ import torch
 from pwfn.centres import CentreSet
 from pwfn.errors import ConfigError
 
-__all__ = ["Assignments", "Codebook", "EngineTuning", "FitRuns", "LevelPlan", "chunks", "free_indices",
-           "group_std", "nearest_centres", "scatter_", "select_smallest", "smallest"]
+__all__ = ["Assignments", "Codebook", "EngineTuning", "FitRuns", "LevelPlan", "Reductions", "chunks",
+           "free_indices", "group_std", "nearest_centres", "scatter_", "select_smallest", "smallest"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,46 @@ class EngineTuning:
             x = getattr(self, name)
             if isinstance(x, bool) or not isinstance(x, int) or x < low:
                 raise ConfigError(f"EngineTuning.{name} must be an int >= {low}, got {x!r}")
+
+
+class Reductions:
+    """Where a round's global quantities come from: on one process, the vectors themselves.
+
+    A round decides from a few global quantities: the number of weights and of fixed ones, the
+    value range, per grid-pair counts, the k smallest partial-pick ratios (ties by index), and
+    the per-centre sums of the ``std_mu`` sigma update.  When the vectors are one process's
+    shards of a network-wide vector (FSDP), :class:`pwfn.sharding.ShardGroup` combines the
+    shards' parts instead; every decision is then the single-process one.
+    """
+
+    #: whether the vectors are shards of a larger vector
+    sharded = False
+
+    def total(self, n: int) -> int:
+        """The sum of an integer over the shards."""
+        return n
+
+    def range(self, lo: float, hi: float) -> tuple[float, float]:
+        """(min, max) over the shards (NaN anywhere: NaN)."""
+        return lo, hi
+
+    def sum_counts_(self, counts: torch.Tensor) -> torch.Tensor:
+        """Integer counts summed over the shards, in place."""
+        return counts
+
+    def merge_counts(self, keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted unique keys with their counts, merged over the shards."""
+        return keys, counts
+
+    def sum_floats(self, x: np.ndarray) -> np.ndarray:
+        """Float sums over the shards, added in a fixed order (the same on every process)."""
+        return x
+
+    def select_smallest(self, score_of: Callable[[int, int], torch.Tensor], n: int, k: int, step: int,
+                        index_of: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+        """Positions (of this process's ``n`` scores) among the ``k`` smallest scores of all shards,
+        ties by global index (``index_of(start, stop)``: the global indices of a chunk)."""
+        return select_smallest(score_of, n, k, step)
 
 
 def _find(x: torch.Tensor, test: Callable[[Any], Any]) -> torch.Tensor:
@@ -177,7 +217,7 @@ def select_smallest(score_of: Callable[[int, int], torch.Tensor], n: int, k: int
 
 
 def group_std(v: torch.Tensor, ci: torch.Tensor, centre_values: torch.Tensor,
-              n_centres: int, step: int = 1 << 16) -> torch.Tensor:
+              n_centres: int, step: int = 1 << 16, red: Reductions | None = None) -> torch.Tensor:
     """Population std of ``v`` per centre index ``ci`` (float64, shape ``(n_centres,)``).
 
     Why on the host with numpy's serial sums: float sums must not depend on thread or atomic
@@ -185,8 +225,10 @@ def group_std(v: torch.Tensor, ci: torch.Tensor, centre_values: torch.Tensor,
     runs give bit-identical sigmas.  Two passes (mean, then squared deviations from it) on
     deviations from the centre keep the precision.  Chunked: ``np.add.at`` adds each chunk's
     terms in order onto the running sums, exactly the serial sum one ``bincount`` over the
-    whole vector would do, with float64 temporaries of one chunk only.
+    whole vector would do, with float64 temporaries of one chunk only.  Sharded (``red``): each
+    process's serial sums are added in rank order, the same on every process.
     """
+    red = red or Reductions()
     centres64 = centre_values.cpu().numpy().astype(np.float64)
     n = int(ci.numel())
     counts = np.zeros(n_centres, dtype=np.int64)
@@ -202,6 +244,9 @@ def group_std(v: torch.Tensor, ci: torch.Tensor, centre_values: torch.Tensor,
         idx, d = chunk(s, e)
         counts += np.bincount(idx, minlength=n_centres)
         np.add.at(sums, idx, d)
+    if red.sharded:
+        counts = red.sum_counts_(torch.from_numpy(counts)).numpy()
+        sums = red.sum_floats(sums)
     denom = np.maximum(counts, 1).astype(np.float64)
     mean = sums / denom
     sq = np.zeros(n_centres, dtype=np.float64)
@@ -209,6 +254,8 @@ def group_std(v: torch.Tensor, ci: torch.Tensor, centre_values: torch.Tensor,
         idx, d = chunk(s, e)
         d -= np.take(mean, idx)
         np.add.at(sq, idx, np.square(d, out=d))
+    if red.sharded:
+        sq = red.sum_floats(sq)
     return torch.from_numpy(np.sqrt(sq / denom)).to(centre_values.device)
 
 
@@ -308,14 +355,16 @@ class FitRuns:
     """The free weights at one tolerance multiplier, bucketed by grid pair ``(lo, hi)``."""
 
     def __init__(self, book: Codebook, values: torch.Tensor, tolerance: torch.Tensor,
-                 free: torch.Tensor, mult: float, zero_fix: bool, tuning: EngineTuning) -> None:
+                 free: torch.Tensor, mult: float, zero_fix: bool, tuning: EngineTuning,
+                 red: Reductions | None = None) -> None:
+        red = red or Reductions()
         self.book = book
         self.free = free
         self.tuning = tuning
         n = int(free.numel())
         self.width = 2 * book.span + 3  # grid pair key: (lo + G+1) * width + (hi + G+1)
         self.nbins = self.width**2
-        self.dense = self.nbins <= max(tuning.dense_min, tuning.work_factor * n)
+        self.dense = self.nbins <= max(tuning.dense_min, tuning.work_factor * red.total(n))
         keys = torch.empty(n, dtype=_index_dtype(self.nbins), device=free.device)
         step = tuning.chunk
         for s in range(0, n, step):
@@ -324,14 +373,18 @@ class FitRuns:
                              zero_fix, keys[s:s + step])
         self.keys = keys
         if self.dense:
-            hist = torch.bincount(keys, minlength=self.nbins)
+            hist = red.sum_counts_(torch.bincount(keys, minlength=self.nbins))
             pairs = _find(hist, lambda h: h != 0)
             counts = hist.index_select(0, pairs)
         else:
             pairs, counts = torch.unique(keys, sorted=True, return_counts=True)
+            if red.sharded:
+                merged, counts = red.merge_counts(pairs.cpu().numpy().astype(np.int64),
+                                                  counts.cpu().numpy().astype(np.int64))
+                pairs = torch.as_tensor(merged, dtype=keys.dtype, device=keys.device)
         self.pairs_dev = pairs
         self.pairs = pairs.cpu().numpy().astype(np.int64)
-        self.counts = counts.cpu().numpy().astype(np.int64)
+        self.counts = counts.cpu().numpy().astype(np.int64) if isinstance(counts, torch.Tensor) else counts
 
     def _grid_pairs(self, v: torch.Tensor, t: torch.Tensor, mult: float, zero_fix: bool,
                     out: torch.Tensor) -> None:
@@ -387,8 +440,9 @@ class FitRuns:
             table = code_dev  # aligned with the sorted unique pairs
         keep_rest = plan.need > 0
         stays = plan.code == -1
-        cand = torch.empty(int(self.counts[plan.code == -2].sum()), dtype=self.free.dtype,
-                           device=dev)
+        # (the counts are over every shard: this process holds at most its free weights of them)
+        cand = torch.empty(min(int(self.counts[plan.code == -2].sum()), int(self.free.numel())),
+                           dtype=self.free.dtype, device=dev)
         n_cand = n_rest = 0
         step = self.tuning.chunk
         for s in range(0, int(self.free.numel()), step):
@@ -412,7 +466,7 @@ class FitRuns:
             self.free, self.keys = self.free[:n_rest], self.keys[:n_rest]
             self.pairs, self.counts = self.pairs[stays], self.counts[stays]
             self.pairs_dev = torch.as_tensor(self.pairs, dtype=self.pairs_dev.dtype, device=dev)
-        return cand
+        return cand[:n_cand]
 
 
 def _greedy(type_keys: np.ndarray, type_counts: np.ndarray, C: int, prio: np.ndarray,
