@@ -37,8 +37,8 @@ one buffer, so one RNG call for the whole network), and closing clears the per-w
 All of that state lives on the parameters' own scratch objects and is the same at the start of
 every forward (closed), so ``torch.compile`` captures one graph per forward mode and never
 recompiles for a new draw; no module-wide counter, ``data_ptr`` or ``_version`` is read. The
-draw itself runs eagerly (dynamo steps around it, see :func:`_draw_eps`): compiled and eager
-runs draw the same numbers from the same seed. A sample is one autograd node per tensor
+draw itself is torch's own kernel and generator, an opaque operator inside a compiled graph (see
+:func:`fill_normal_`): compiled and eager runs draw the same numbers from the same seed. A sample is one autograd node per tensor
 (``mu + max(sigma, floor) * eps``), so each tensor's gradients are ready as soon as its layer's
 backward is done (DDP's overlap and FSDP's per-module reduce-scatter keep working).
 """
@@ -186,18 +186,34 @@ class GaussianParameter(nn.Module):
         self.__dict__.setdefault("retired", False)
 
 
-_EAGER_DRAW = ("bayes draws eps eagerly: torch's own generator (the same numbers as without compile), "
-               "and inductor's CPU randn is an order of magnitude slower")
+def _fill_normal(out: torch.Tensor) -> None:
+    out.normal_()
 
 
-@torch.compiler.disable(reason=_EAGER_DRAW)
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4
+    # The draw as an opaque operator: torch.compile keeps it in the graph (no graph break) and runs
+    # torch's own kernel and generator. Compiled and eager runs draw the same numbers from the same
+    # seed (unless the graph also holds random ops of inductor's, which draw its seeds first), and
+    # inductor's own CPU random kernels, about ten times slower than torch's, are not used. It
+    # mutates its argument, so a compiler never merges two draws into one.
+    @torch.library.custom_op("bayes::fill_normal_", mutates_args=("out",))
+    def _fill_normal_op(out: torch.Tensor) -> None:
+        out.normal_()
+
+    @_fill_normal_op.register_fake
+    def _(out: torch.Tensor) -> None:
+        return None
+
+    fill_normal_ = _fill_normal_op
+else:  # pragma: no cover - older torch: dynamo steps around the eager draw
+    fill_normal_ = torch.compiler.disable(_fill_normal)
+
+
 def _draw_eps(params: list[GaussianParameter]) -> None:
-    """A fresh eps for each parameter: one ``torch.randn`` per (dtype, device), cut into views.
+    """A fresh eps for each parameter: one standard-normal fill per (dtype, device), cut into views.
 
-    Run eagerly even inside ``torch.compile`` (dynamo steps around it): the draw is one kernel per
-    group either way, eager keeps torch's generator (compiled and eager runs draw the same numbers
-    from the same seed), and inductor's own CPU random kernels are about ten times slower than
-    torch's. The compiled forward reads the views as inputs.
+    The fill is :func:`fill_normal_`, torch's own kernel and generator also inside
+    ``torch.compile``; the compiled forward reads the views.
     """
     groups: dict[tuple, tuple[list[GaussianParameter], list[torch.Tensor]]] = {}
     for g in params:
@@ -206,7 +222,8 @@ def _draw_eps(params: list[GaussianParameter]) -> None:
         gs.append(g)
         sigmas.append(s)
     for (dtype, device), (gs, sigmas) in groups.items():
-        flat = torch.randn(sum(s.numel() for s in sigmas), dtype=dtype, device=device)
+        flat = torch.empty(sum(s.numel() for s in sigmas), dtype=dtype, device=device)
+        fill_normal_(flat)
         # views shaped like each sigma, made by torch in one call (DDP's bucket flattening uses it too)
         for g, eps in zip(gs, torch._utils._unflatten_dense_tensors(flat, sigmas)):
             g._scratch.eps = eps

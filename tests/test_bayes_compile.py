@@ -64,8 +64,9 @@ def _compiled(how, cnt):
     """A Bayesian model compiled as users do: its root a module of theirs, a torch.nn container
     (dynamo then traces the root's hooks inside the forward's graph), or compiled in place."""
     torch.manual_seed(0)
-    if how == "sequential":
-        b = bayes.bayesianize(nn.Sequential(_Net()), sigma_init=0.02)
+    if how == "sequential":  # several children of different types: one graph, not one per child
+        b = bayes.bayesianize(nn.Sequential(_Net(), nn.Tanh(), nn.Linear(12, 12), nn.Linear(12, 12)),
+                              sigma_init=0.02)
     else:
         b = bayes.bayesianize(_Net(), sigma_init=0.02)
     if how == "in_place":
@@ -85,12 +86,15 @@ def test_training_and_evaluation_compile_once_per_mode_and_never_again(how):
         with torch.no_grad(), bayes.forward_mode(b, mode):
             return compiled(ids)
 
-    _step(compiled, b, opt, ids, y)  # warm-up: sample mode, training
-    evaluate("mean")  # mean mode, evaluation
-    with bayes.forward_mode(b, "local"):
-        _step(compiled, b, opt, ids, y)  # local mode, training
+    for _ in range(2):  # warm-up: each mode twice (dynamo settles how it runs the root's hooks)
+        _step(compiled, b, opt, ids, y)  # sample mode, training
+        evaluate("mean")  # mean mode, evaluation
+        with bayes.forward_mode(b, "local"):
+            _step(compiled, b, opt, ids, y)  # local mode, training
     warm = cnt.frame_count
-    assert warm == 3, f"one graph per forward mode, got {warm}"
+    # per mode the forward's graph, and the draw's when dynamo runs the root's hooks as frames of their
+    # own (a root of the user's class; a torch.nn container's hooks are traced into the forward's graph)
+    assert (warm == 3) if how == "sequential" else (3 <= warm <= 6), warm
     eps = None
     for _ in range(10):  # training in sample mode: a new draw every step, no new graph
         _step(compiled, b, opt, ids, y)
@@ -102,8 +106,7 @@ def test_training_and_evaluation_compile_once_per_mode_and_never_again(how):
         _step(compiled, b, opt, ids, y)
     assert cnt.frame_count == warm, "recompiled after warm-up"
     assert counters["stats"]["unique_graphs"] == warm
-    # the only break: dynamo steps around the eager draw of the noise (bayes.layers._draw_eps)
-    assert all("_draw_eps" in reason for reason in counters["graph_break"]), dict(counters["graph_break"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
     assert not any("recompile" in k.lower() for k in counters["unimplemented"]), dict(counters["unimplemented"])
 
 

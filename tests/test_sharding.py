@@ -111,7 +111,8 @@ def _spawn(fn, world, tmp_path, *args):
     return [pickle.loads((tmp_path / f"rank{r}.pt").read_bytes()) for r in range(world)]
 
 
-@pytest.mark.parametrize("world,case", [(2, "pwfn"), pytest.param(3, "wfn", marks=pytest.mark.slow),
+@pytest.mark.parametrize("world,case", [(2, "ties"), pytest.param(2, "pwfn", marks=pytest.mark.slow),
+                                        pytest.param(3, "wfn", marks=pytest.mark.slow),
                                         pytest.param(3, "ties", marks=pytest.mark.slow),
                                         pytest.param(4, "fallback", marks=pytest.mark.slow)])
 def test_sharded_rounds_equal_the_single_process_rounds(world, case, tmp_path):
