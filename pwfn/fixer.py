@@ -39,6 +39,8 @@ from torch.optim.optimizer import (
     register_optimizer_step_pre_hook,
 )
 
+import bayes
+
 from .budget import plan_budget
 from .checks import check_float_model
 from .config import (
@@ -446,11 +448,20 @@ class Fixer:
 
     # -- the end ------------------------------------------------------------------------------
     def finalize(self) -> nn.Module:
-        """The plain point-estimate model (your module classes, no sigma, no hooks), every weight fixed."""
+        """The plain point-estimate model (your module classes, no sigma, no hooks), every weight fixed.
+
+        A sharded (FSDP2) model is not copied: its hooks are removed and ``self.model`` itself, still
+        sharded, is returned (save it with ``torch.distributed.checkpoint``)."""
         free = self.view.global_numel - self.view.n_fixed()
         if not self.done or free:
             raise ModelError(f"{self.method}: {free} weights are not fixed yet "
                              f"({self.round} of {len(self.fractions)} rounds done); run the remaining rounds first")
+        if self.view.shards is not None:
+            if bayes.is_bayesian(self.model):
+                raise ConfigError("finalize() cannot strip the Gaussians of a sharded (FSDP2) model yet; save "
+                                  "fixer.model with torch.distributed.checkpoint and convert it unsharded")
+            self.close()
+            return self.model
         point = self.method_impl.point_model(self.model)
         self.close()
         return point

@@ -190,6 +190,7 @@ def _fixer_worker(rank, world, init, out_dir, mode):
             result["state"] = _local_state(fixer)
             result["history"] = [{k: row[k] for k in ("unique", "entropy", "codebook", "codebook_counts",
                                                      "fixed_fraction")} for row in fixer.history]
+            result["finalized_in_place"] = fixer.finalize() is model  # still sharded, hooks removed
         else:  # training between rounds keeps fixed entries exact; a checkpoint restores the run exactly
             import torch.distributed.checkpoint as dcp
 
@@ -252,6 +253,7 @@ def test_fsdp2_model_is_fixed_onto_one_codebook_like_one_process(world, tmp_path
         assert torch.equal(values, slot.value.detach()), slot.name
         assert torch.equal(mask, single.view._mask(slot)), slot.name
     for r in ranks:  # every rank reports the network-wide rounds
+        assert r["finalized_in_place"]
         for got, want in zip(r["history"], single.history):
             assert got["codebook"] == want["codebook"] and got["codebook_counts"] == want["codebook_counts"]
             assert got["unique"] == want["unique"]
