@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -125,8 +126,6 @@ class ShardGroup(_Reductions):
         return self._all_reduce(counts)
 
     def merge_counts(self, keys, counts):
-        import numpy as np
-
         parts: list = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(parts, (keys, counts), group=self.group)
         all_keys = np.concatenate([p[0] for p in parts])
@@ -137,8 +136,6 @@ class ShardGroup(_Reductions):
 
     def merge_codebooks(self, values: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted distinct values (float64) and summed counts over the group's processes."""
-        import numpy as np
-
         merged, total = self.merge_counts(values.numpy().view(np.int64).copy(), counts.numpy().astype(np.int64))
         # float64 bit patterns as int64 keys: exact (no -0.0 left), sorted again by value below
         vals = torch.from_numpy(np.ascontiguousarray(merged).view(np.float64).copy())
@@ -146,8 +143,6 @@ class ShardGroup(_Reductions):
         return vals[order], torch.from_numpy(total)[order]
 
     def sum_floats(self, x):
-        import numpy as np
-
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64))
         parts = [torch.empty_like(t) for _ in range(dist.get_world_size(self.group))]
         dev = self._device()
