@@ -180,6 +180,10 @@ def sort_floor(n: int, seed: int, passes: int = 10) -> float:
 
 
 AVX2_ENV = {"NPY_DISABLE_CPU_FEATURES": "AVX512_ICL X86_V4"}
+#: each size's process: glibc's mmap threshold held at its 128 KiB default (it otherwise rises with
+#: every freed block up to 32 MiB, keeping freed blocks of a few MiB in the heap, so small sizes'
+#: peaks depend on the order of earlier frees); blocks of the largest sizes are mmapped either way
+CHILD_ENV = {**__import__("os").environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def sort_floor_avx2(n: int, seed: int) -> float | None:
@@ -371,7 +375,7 @@ def main(argv: list | None = None) -> int:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", str(n),
                    "--device", args.device, "--threads", str(args.threads),
                    "--seed", str(args.seed), "--repeat", str(repeats(n))]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=CHILD_ENV)
             r = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(r)
         print(f"N={n:>10,d}  pwfn {r['pwfn']['total_seconds']:8.3f}s  "
@@ -384,7 +388,8 @@ def main(argv: list | None = None) -> int:
            "machine": machine(), "device": args.device, "results": results,
            "estimate": estimate(max(results, key=lambda r: r["n"])),
            "memory_measure": ("max over rounds of VmHWM - VmRSS around one fix_round call, after "
-                              "malloc_trim(0) and clear_refs=5; bytes (and per weight)")}
+                              "malloc_trim(0) and clear_refs=5, glibc mmap threshold held at 128 KiB "
+                              "(MALLOC_MMAP_THRESHOLD_); bytes (and per weight)")}
     text = json.dumps(doc, indent=1)
     print(text)
     if args.out:

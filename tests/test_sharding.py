@@ -70,9 +70,12 @@ def _schedule(case: str):
     return pwfn_schedule(k=1.0), EngineConfig(sigma_update="std_mu")
 
 
-def _run_rounds(values, sigma, sched, cfg, shards=None):
+def _run_rounds(values, sigma, sched, cfg, shards=None, sparse=False):
     from pwfn.engine import EngineCache, EngineTuning, fix_round
     from pwfn.schedules import tolerance_for_round
+
+    # small chunks: the radix passes cross chunk borders; sparse: grid pairs merged as sorted unique keys
+    tuning = EngineTuning(chunk=7, dense_min=0, work_factor=0) if sparse else EngineTuning(chunk=7)
 
     fixed = torch.zeros_like(values, dtype=torch.bool)
     sig = None if sched.relative else sigma
@@ -80,8 +83,7 @@ def _run_rounds(values, sigma, sched, cfg, shards=None):
     cache = EngineCache()
     for t, p in enumerate(sched.fractions):
         tol = tolerance_for_round(sched, t, values=values, sigma=sig)
-        r = fix_round(values, tol, fixed, p, sigma=sig, config=cfg, cache=cache, shards=shards,
-                      tuning=EngineTuning(chunk=7))  # small chunks: the radix passes cross chunk borders
+        r = fix_round(values, tol, fixed, p, sigma=sig, config=cfg, cache=cache, shards=shards, tuning=tuning)
         out.append({"values": r.values, "fixed": r.fixed, "sigma": r.sigma, "newly": r.newly_fixed,
                     "summary": {k: v for k, v in r.summary.items() if k != "seconds"}})
         values, fixed, sig = r.values, r.fixed, r.sigma
@@ -98,7 +100,7 @@ def _engine_worker(rank, world, init, out_dir, case):
         pieces, index = _local_pieces(offsets, world, rank)
         shards = ShardGroup(pieces)
         sched, cfg = _schedule(case)
-        rounds = _run_rounds(values[index], sigma[index], sched, cfg, shards)
+        rounds = _run_rounds(values[index], sigma[index], sched, cfg, shards, sparse=case == "wfn")
         (Path(out_dir) / f"rank{rank}.pt").write_bytes(pickle.dumps({"index": index, "rounds": rounds}))
     finally:
         dist.destroy_process_group()
