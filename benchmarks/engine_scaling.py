@@ -180,10 +180,11 @@ def sort_floor(n: int, seed: int, passes: int = 10) -> float:
 
 
 AVX2_ENV = {"NPY_DISABLE_CPU_FEATURES": "AVX512_ICL X86_V4"}
-#: each size's process: glibc's mmap threshold held at its 128 KiB default (it otherwise rises with
-#: every freed block up to 32 MiB, keeping freed blocks of a few MiB in the heap, so small sizes'
-#: peaks depend on the order of earlier frees); blocks of the largest sizes are mmapped either way
-CHILD_ENV = {**__import__("os").environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+#: each size's process: glibc's mmap threshold held at 4 MiB (by default it rises with every freed
+#: block up to 32 MiB, keeping freed blocks of a few MiB in the heap, so the peaks of sizes up to
+#: ~5e6 depend on the order of earlier frees); chunk-sized temporaries stay in the heap, and blocks
+#: of 25M+ weights are mmapped either way
+CHILD_ENV = {**__import__("os").environ, "MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
 
 
 def sort_floor_avx2(n: int, seed: int) -> float | None:
@@ -388,7 +389,7 @@ def main(argv: list | None = None) -> int:
            "machine": machine(), "device": args.device, "results": results,
            "estimate": estimate(max(results, key=lambda r: r["n"])),
            "memory_measure": ("max over rounds of VmHWM - VmRSS around one fix_round call, after "
-                              "malloc_trim(0) and clear_refs=5, glibc mmap threshold held at 128 KiB "
+                              "malloc_trim(0) and clear_refs=5, glibc mmap threshold held at 4 MiB "
                               "(MALLOC_MMAP_THRESHOLD_); bytes (and per weight)")}
     text = json.dumps(doc, indent=1)
     print(text)
