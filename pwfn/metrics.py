@@ -440,3 +440,29 @@ def fixing_metrics(values: Tensor, fixed: Tensor, b: int, signed_terms: bool) ->
     out["codebook"] = [float(v) for v in cb.tolist()]
     out["codebook_counts"] = [int(c) for c in counts.tolist()]
     return out
+
+
+def fixing_metrics_from_codebook(codebook_values: Tensor, counts: Tensor, n_weights: int, b: int,
+                                 signed_terms: bool) -> dict:
+    """:func:`fixing_metrics` from the fixed weights' codebook (sorted distinct values, -0.0 folded into
+    0.0, and their counts) instead of the weights themselves: what a sharded model's processes can
+    merge without gathering its weights. ``fixed_fraction`` is the exact ratio."""
+    n_fixed = int(counts.sum())
+    out: dict = {"fixed_fraction": n_fixed / n_weights if n_weights else 0.0, "n_weights": int(n_weights)}
+    if n_fixed == 0:
+        return out
+    nonzero = codebook_values != 0
+    orders = term_counts(codebook_values, b=b, signed_terms=signed_terms)
+    per_order: dict[int, int] = {}
+    for k, c in zip(orders.tolist(), counts.tolist()):
+        per_order[int(k)] = per_order.get(int(k), 0) + int(c)
+    out.update(
+        unique=int(codebook_values.numel()),
+        unique_nonzero=int(nonzero.sum()),
+        entropy=_entropy_from_counts(counts),
+        entropy_nonzero=_entropy_from_counts(counts[nonzero]),
+        order_shares={str(k): c / n_fixed for k, c in sorted(per_order.items())},
+    )
+    out["codebook"] = [float(v) for v in codebook_values.tolist()]
+    out["codebook_counts"] = [int(c) for c in counts.tolist()]
+    return out
