@@ -23,15 +23,13 @@ from torch.nn.utils import parametrize
 from .errors import ConversionError
 from .init import DEFAULT_SIGMA_FLOOR, SigmaInit, resolve_sigma_init
 from .layers import (
+    DrawWindow,
     GaussianParameter,
     _local_hook,
     check_mode,
     gaussian_parameters,
     gaussians_of,
     local_rule_for,
-    owner_forward_starts,
-    root_forward_ends,
-    root_forward_starts,
 )
 
 log = logging.getLogger(__name__)
@@ -280,26 +278,42 @@ def _speed_up(module: nn.Module, attr: str) -> None:
         setattr(cls, attr, property(fget, prop.fset, prop.fdel, prop.__doc__))
 
 
-_OUR_HOOKS = (owner_forward_starts, root_forward_starts, root_forward_ends, _local_hook)
+def _window_of(module: nn.Module) -> Optional[DrawWindow]:
+    for h in module._forward_pre_hooks.values():
+        if isinstance(getattr(h, "__self__", None), DrawWindow):
+            return h.__self__
+    return None
 
 
-def _hook_once(module: nn.Module, local: bool) -> None:
-    if not any(h is owner_forward_starts for h in module._forward_pre_hooks.values()):
-        module.register_forward_pre_hook(owner_forward_starts)
+def _hook_window(module: nn.Module, params, root: bool) -> None:
+    """Give ``module`` a draw window over ``params`` (or update the one it has)."""
+    window = _window_of(module)
+    if window is not None:
+        window.params = tuple(dict.fromkeys([*window.params, *params]))
+        if root:  # the root's window opens first
+            key = next(k for k, h in module._forward_pre_hooks.items() if getattr(h, "__self__", None) is window)
+            module._forward_pre_hooks.move_to_end(key, last=False)
+        return
+    window = DrawWindow(params)
+    # a root's window opens before any owner hook of the same module runs
+    module.register_forward_pre_hook(window.open, prepend=root)
+    module.register_forward_hook(window.close, always_call=True)
+
+
+def _hook_owner(module: nn.Module, local: bool) -> None:
+    _hook_window(module, gaussians_of(module).values(), root=False)
     if local and not any(h is _local_hook for h in module._forward_hooks.values()):
         module.register_forward_hook(_local_hook, with_kwargs=True)
 
 
 def _hook_root(model: nn.Module) -> None:
-    if not any(h is root_forward_starts for h in model._forward_pre_hooks.values()):
-        # the root's window opens before any owner hook of the same module runs
-        model.register_forward_pre_hook(root_forward_starts, prepend=True)
-        model.register_forward_hook(root_forward_ends, always_call=True)
+    _hook_window(model, [e.gaussian for e in gaussian_parameters(model)], root=True)
 
 
 def _unhook(module: nn.Module) -> None:
     for hooks in (module._forward_pre_hooks, module._forward_hooks):
-        for key in [k for k, h in hooks.items() if any(h is ours for ours in _OUR_HOOKS)]:
+        for key in [k for k, h in hooks.items()
+                    if h is _local_hook or isinstance(getattr(h, "__self__", None), DrawWindow)]:
             del hooks[key]
             for extra in ("_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
                           "_forward_hooks_always_called"):
@@ -406,6 +420,7 @@ def bayesianize(
             + (f" include={_as_list(include)!r}" if include else "")
             + (f" exclude={_as_list(exclude)!r}" if exclude else "")
         )
+    owners: dict[int, tuple[nn.Module, bool]] = {}
     for site in sites:
         mu = site.tensor
         with torch.no_grad():
@@ -419,7 +434,9 @@ def bayesianize(
             parametrize.register_parametrization(module, attr, gp, unsafe=True)
             type(module).__deepcopy__ = _deepcopy_with_own_class
             _speed_up(module, attr)
-            _hook_once(module, local)
+            owners[id(module)] = (module, owners.get(id(module), (module, False))[1] or local)
+    for module, local in owners.values():  # after every registration: a window covers all the owner's tensors
+        _hook_owner(module, local)
     _hook_root(model)
     log.debug("made %d tensors Gaussian: %s", len(sites), [s.name for s in sites][:20])
     return model
@@ -434,7 +451,8 @@ def to_point_estimate(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         model = copy_model(model)
     for _, module in list(model.named_modules(remove_duplicate=True)):
         gps = gaussians_of(module)
-        for attr in gps:
+        for attr, gp in gps.items():
+            gp.retired = True  # a window of an enclosing converted model draws no more for it
             parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
         _unhook(module)
     return model

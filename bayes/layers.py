@@ -19,8 +19,9 @@ Three forward modes, per Gaussian parameter:
   opens at each forward of the converted root module, so one forward of the network reads one
   draw per parameter however often, and by however many modules, it is read (an LSTM reads its
   weights twice; tied embedding/output weights are one draw). A module that owns a Gaussian
-  parameter and is called on its own, outside a root forward, opens its own window. The drawn
-  ``eps`` is remembered for the sigma regulariser.
+  parameter and is called on its own, outside a root forward, opens its own window; a read of
+  the weight outside any forward draws afresh. The drawn ``eps`` is remembered for the sigma
+  regulariser.
 * ``local`` — local reparameterisation: for owners with a registered variance rule (Linear,
   Conv/ConvTranspose 1-3d, Hugging Face ``Conv1D``, or yours via :func:`register_local_rule`)
   the output is ``f(x, mu) + sqrt(f(x**2, sigma**2)) * noise``. Parameters of other owners
@@ -28,6 +29,18 @@ Three forward modes, per Gaussian parameter:
   as in ``sample`` mode; :func:`local_mode_coverage` tells which.
 * ``mean`` — ``w = mu`` itself (the same tensor): a converted model computes exactly what the
   original did.
+
+How a window works, and why it compiles: the window's module holds a :class:`DrawWindow` as
+forward pre-hook and (always-called) forward hook. Opening draws ``eps`` for every Gaussian
+parameter of the window that samples in one ``torch.randn`` per dtype and device (views of
+one buffer, so one RNG call for the whole network), and closing clears the per-window sample.
+All of that state lives on the parameters' own scratch objects and is the same at the start of
+every forward (closed), so ``torch.compile`` captures one graph per forward mode and never
+recompiles for a new draw; no module-wide counter, ``data_ptr`` or ``_version`` is read. The
+draw itself is torch's own kernel and generator, an opaque operator inside a compiled graph (see
+:func:`fill_normal_`): compiled and eager runs draw the same numbers from the same seed. A sample is one autograd node per tensor
+(``mu + max(sigma, floor) * eps``), so each tensor's gradients are ready as soon as its layer's
+backward is done (DDP's overlap and FSDP's per-module reduce-scatter keep working).
 """
 
 from __future__ import annotations
@@ -48,13 +61,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("sample", "local", "mean")
 
-# A global draw counter: a Gaussian parameter draws a new eps the first time it is read after
-# the counter moved. The converted root's forward pre-hook moves it; an owner's pre-hook moves it
-# only when no root forward is under way (``_depth`` counts root forwards in progress).
-_window = [0]
-_depth = [0]
-
-
 def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise BayesError(f"unknown forward mode {mode!r}; choose one of {list(MODES)}")
@@ -73,22 +79,41 @@ def _floored(sigma: torch.Tensor, floor: float) -> torch.Tensor:
     return d.clamp_min(floor) + (sigma - d)
 
 
-def root_forward_starts(*_: Any, **__: Any) -> None:
-    """Forward pre-hook of a converted root: a new draw window for the whole network."""
-    _window[0] += 1
-    _depth[0] += 1
+class _Draw(torch.autograd.Function):
+    """``mu + max(sigma, floor) * eps`` as one autograd node (the floor passes gradients straight).
+
+    The value is bit-identical to ``torch.addcmul(mu, _floored(sigma, floor), eps)``; the
+    gradients are ``g`` for mu and ``g * eps`` for sigma. One node per tensor instead of three
+    keeps a training step cheap, and keeps every tensor's gradient independent of the others'.
+    (No forward-mode AD rule: ``torch.compile`` cannot trace a Function that has one.)
+    """
+
+    @staticmethod
+    def forward(ctx, mu, sigma, eps, floor):
+        ctx.save_for_backward(eps)
+        return torch.addcmul(mu, sigma.clamp_min(floor), eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (eps,) = ctx.saved_tensors
+        return grad, grad * eps if ctx.needs_input_grad[1] else None, None, None
 
 
-def root_forward_ends(*_: Any, **__: Any) -> None:
-    """Forward hook of a converted root (also called when the forward raised)."""
-    _depth[0] = max(0, _depth[0] - 1)
+class _Scratch:
+    """A Gaussian parameter's per-forward state: never saved, copied or pickled.
 
+    ``opener``: the :class:`DrawWindow` whose window is open for this parameter (None: closed);
+    ``eps``: the current draw; ``sample``: this window's ``mu + sigma * eps`` (reused by every
+    read in the window), computed with grad mode ``grad``.
+    """
 
-def owner_forward_starts(*_: Any, **__: Any) -> None:
-    """Forward pre-hook of a module owning a Gaussian parameter: a new window only when it is
-    called on its own (inside a root forward the root's window holds)."""
-    if _depth[0] == 0:
-        _window[0] += 1
+    __slots__ = ("opener", "eps", "sample", "grad")
+
+    def __init__(self) -> None:
+        self.opener: Optional[DrawWindow] = None
+        self.eps: Optional[torch.Tensor] = None
+        self.sample: Optional[torch.Tensor] = None
+        self.grad = False
 
 
 class GaussianParameter(nn.Module):
@@ -104,10 +129,15 @@ class GaussianParameter(nn.Module):
         self.sigma_floor = float(sigma_floor)
         #: every owner of this tensor has a local-reparameterisation rule
         self.local_owner = bool(local_owner)
-        self._eps: Optional[torch.Tensor] = None
-        self._window = -1
-        self._sample: Optional[torch.Tensor] = None  # this window's draw, reused by repeated reads
-        self._sample_key: tuple = ()
+        #: set when the parametrization was removed (``to_point_estimate``): no window draws for it
+        self.retired = False
+        self._scratch = _Scratch()
+
+    @property
+    def draws(self) -> bool:
+        """Whether a forward in the current mode samples this tensor (``sample``, or ``local``
+        without a local-reparameterisation rule for every owner)."""
+        return self.mode == "sample" or (self.mode == "local" and not self.local_owner)
 
     def floored_sigma(self) -> torch.Tensor:
         """sigma, floored at ``sigma_floor`` with a straight-through gradient."""
@@ -116,27 +146,26 @@ class GaussianParameter(nn.Module):
     @property
     def last_eps(self) -> Optional[torch.Tensor]:
         """The eps of the current draw (``None`` before any sample-mode read, or after a mean/local forward)."""
-        return self._eps
+        return self._scratch.eps
 
     def compute(self, mu: torch.Tensor) -> torch.Tensor:
         """The tensor the owner sees: mu (mean mode, local-mode owners) or this window's draw."""
-        d = self.__dict__  # plain attribute writes: Module.__setattr__ is slow on this hot path
-        if self.mode == "mean" or (self.mode == "local" and self.local_owner):
-            d["_eps"] = None
+        st = self._scratch
+        if not self.draws:
+            st.eps = None
             return mu
-        window = _window[0]
-        key = (window, torch.is_grad_enabled(), mu.data_ptr(), mu._version, self.sigma._version)
-        if d["_sample_key"] == key:
-            return d["_sample"]  # read again in the same window (an LSTM reads its weights twice)
-        eps = d["_eps"]
-        if eps is None or d["_window"] != window or eps.shape != mu.shape or eps.device != mu.device \
-                or eps.dtype != mu.dtype:
+        grad = torch.is_grad_enabled()
+        sample = st.sample
+        if sample is not None and st.grad == grad:
+            return sample  # read again in the same window (an LSTM reads its weights twice)
+        eps = st.eps if st.opener is not None else None  # outside a window every read draws afresh
+        if eps is None or eps.shape != mu.shape or eps.dtype != mu.dtype or eps.device != mu.device:
             eps = torch.randn_like(mu)
-            d["_eps"] = eps
-            d["_window"] = window
-        w = torch.addcmul(mu, self.floored_sigma(), eps)  # mu + sigma * eps, one kernel and one autograd node
-        d["_sample"] = w
-        d["_sample_key"] = key
+            st.eps = eps
+        w = _Draw.apply(mu, self.sigma, eps, self.sigma_floor)
+        if st.opener is not None:
+            st.sample = w
+            st.grad = grad
         return w
 
     def forward(self, mu: torch.Tensor) -> torch.Tensor:
@@ -147,10 +176,92 @@ class GaussianParameter(nn.Module):
         return f"mode={self.mode}, sigma_floor={self.sigma_floor:g}"
 
     def __getstate__(self):
-        state = super().__getstate__()
-        state = dict(state)
-        state.update(_eps=None, _sample=None, _sample_key=())  # scratch: never pickled or deep-copied
+        state = dict(super().__getstate__())
+        state["_scratch"] = _Scratch()  # scratch: never pickled or deep-copied
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_scratch", _Scratch())
+        self.__dict__.setdefault("retired", False)
+
+
+def _fill_normal(out: torch.Tensor) -> None:
+    out.normal_()
+
+
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4
+    # The draw as an opaque operator: torch.compile keeps it in the graph (no graph break) and runs
+    # torch's own kernel and generator. Compiled and eager runs draw the same numbers from the same
+    # seed (unless the graph also holds random ops of inductor's, which draw its seeds first), and
+    # inductor's own CPU random kernels, about ten times slower than torch's, are not used. It
+    # mutates its argument, so a compiler never merges two draws into one.
+    @torch.library.custom_op("bayes::fill_normal_", mutates_args=("out",))
+    def _fill_normal_op(out: torch.Tensor) -> None:
+        out.normal_()
+
+    @_fill_normal_op.register_fake
+    def _(out: torch.Tensor) -> None:
+        return None
+
+    fill_normal_ = _fill_normal_op
+else:  # pragma: no cover - older torch: dynamo steps around the eager draw
+    fill_normal_ = torch.compiler.disable(_fill_normal)
+
+
+def _draw_eps(params: list[GaussianParameter]) -> None:
+    """A fresh eps for each parameter: one standard-normal fill per (dtype, device), cut into views.
+
+    The fill is :func:`fill_normal_`, torch's own kernel and generator also inside
+    ``torch.compile``; the compiled forward reads the views.
+    """
+    groups: dict[tuple, tuple[list[GaussianParameter], list[torch.Tensor]]] = {}
+    for g in params:
+        s = g.sigma
+        gs, sigmas = groups.setdefault((s.dtype, s.device), ([], []))
+        gs.append(g)
+        sigmas.append(s)
+    for (dtype, device), (gs, sigmas) in groups.items():
+        flat = torch.empty(sum(s.numel() for s in sigmas), dtype=dtype, device=device)
+        fill_normal_(flat)
+        # views shaped like each sigma, made by torch in one call (DDP's bucket flattening uses it too)
+        for g, eps in zip(gs, torch._utils._unflatten_dense_tensors(flat, sigmas)):
+            g._scratch.eps = eps
+
+
+class DrawWindow:
+    """The draw window of one module's forward: its pre-hook opens it, its forward hook closes it.
+
+    ``params``: the Gaussian parameters the window covers (a converted root: all of its own; an
+    owner: the ones it owns). A window opens only for parameters not already in an open window
+    (an owner called inside its root's forward shares the root's draw) and closes only what it
+    opened, also when the forward raised.
+    """
+
+    def __init__(self, params) -> None:
+        self.params: tuple[GaussianParameter, ...] = tuple(params)
+
+    def open(self, module: nn.Module, args: Any) -> None:
+        drawing = []
+        for g in self.params:
+            st = g._scratch
+            if st.opener is not None or g.retired:
+                continue
+            st.opener = self
+            st.sample = None
+            if g.draws:
+                drawing.append(g)
+            else:
+                st.eps = None
+        if drawing:
+            _draw_eps(drawing)
+
+    def close(self, module: nn.Module, args: Any, output: Any) -> None:
+        for g in self.params:
+            st = g._scratch
+            if st.opener is self:
+                st.opener = None
+                st.sample = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +395,21 @@ class GaussianEntry:
         return f"GaussianEntry({self.name!r}, aliases={self.aliases})"
 
 
+def _named_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules(remove_duplicate=False)`` (same order), minus the insides of
+    parametrizations (the ``parametrizations`` containers hold no Gaussian owner): about a third
+    of the modules of a converted model, and this walk runs at every regulariser call."""
+    stack = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        yield name, module
+        children = module._modules
+        skip = "parametrizations" if isinstance(children.get("parametrizations"), nn.ModuleDict) else None
+        for cname, child in reversed(children.items()):
+            if child is not None and cname != skip:
+                stack.append((f"{name}.{cname}" if name else cname, child))
+
+
 def gaussian_parameters(model: nn.Module) -> list[GaussianEntry]:
     """Every distinct Gaussian tensor of ``model``, named as in the point-estimate model.
 
@@ -292,7 +418,7 @@ def gaussian_parameters(model: nn.Module) -> list[GaussianEntry]:
     """
     seen: dict[int, GaussianEntry] = {}
     out: list[GaussianEntry] = []
-    for mname, module in model.named_modules(remove_duplicate=False):
+    for mname, module in _named_modules(model):
         for pname, gp in gaussians_of(module).items():
             qual = f"{mname}.{pname}" if mname else pname
             entry = seen.get(id(gp))

@@ -86,47 +86,77 @@ def sigma_regularizer(
             if not (s >= 0 and math.isfinite(s)):
                 raise BayesError(f"tau_scale for {key!r} must be finite and >= 0, got {s}")
             taus.append(float(tau) * s)
-    sigmas = [e.sigma for e in entries]
-    drawn = [e.gaussian.last_eps for e in entries]
-    have = [i for i, (eps, s) in enumerate(zip(drawn, sigmas)) if eps is not None and eps.shape == s.shape]
-    weights: list = [None] * len(entries)
-    if have:
-        for i, w in zip(have, torch._foreach_abs([drawn[i].detach() for i in have])):
-            weights[i] = w
+    total: Optional[torch.Tensor] = None
+    for group in _by_dtype_and_device(entries).values():  # one flat vector per dtype and device
+        term = _regularise_group([entries[i] for i in group], [taus if isinstance(taus, float) else taus[i]
+                                                               for i in group], frozen, float(lam))
+        total = term if total is None else total + term.to(total.device)
+    assert total is not None
+    return total
+
+
+def _by_dtype_and_device(entries: list[GaussianEntry]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = {}
     for i, e in enumerate(entries):
-        if weights[i] is None:
-            weights[i] = torch.full_like(sigmas[i], EXPECTED_ABS_EPS)
-        if frozen:
-            mask = _frozen_mask(frozen, e, sigmas[i])
-            if mask is not None:
-                weights[i] = weights[i].masked_fill(mask, 0.0)  # frozen entries: no push, no gradient
-    # One autograd node for the whole network: the gradient is known in closed form, and one
-    # node instead of seven per tensor keeps a training step cheap (see bayes_layer_cost).
-    return _SigmaRegularizer.apply(taus, float(lam), weights, *sigmas)
+        s = e.gaussian.sigma
+        groups.setdefault((s.dtype, s.device), []).append(i)
+    return groups
+
+
+def _regularise_group(entries: list[GaussianEntry], taus: list[float],
+                      frozen: Optional[Mapping[str, torch.Tensor]], lam: float) -> torch.Tensor:
+    """``lam/2 * sum(w * relu(tau - sigma)**2)`` over the tensors of one dtype and device.
+
+    Why flat: the weights ``w`` (``|eps|``, zero where frozen) and the sigmas are concatenated
+    once, so the term is a handful of single kernels on any device instead of several ops per
+    tensor, and one autograd node hands each sigma its gradient as a view of one flat vector.
+    """
+    sigmas = [e.gaussian.sigma for e in entries]
+    pieces = []
+    for e, s in zip(entries, sigmas):
+        eps = e.gaussian.last_eps  # drawn under no autograd graph (never requires grad)
+        if eps is not None and eps.shape == s.shape:
+            pieces.append(eps)
+        else:  # no per-weight draw in this forward (local/mean modes): E|eps|
+            pieces.append(torch.full_like(s, EXPECTED_ABS_EPS, requires_grad=False))
+    weight = _flatten(pieces).abs()  # a new tensor (the flat of one tensor is a view of it)
+    if frozen:
+        masks = [_frozen_mask(frozen, e, s) for e, s in zip(entries, sigmas)]
+        if any(m is not None for m in masks):
+            weight.masked_fill_(_flatten([m if m is not None else torch.zeros_like(s, dtype=torch.bool)
+                                          for m, s in zip(masks, sigmas)]), 0.0)  # frozen: no push, no gradient
+    tau: object = taus[0]
+    if len(set(taus)) > 1:  # a target per tensor
+        sizes = torch.tensor([s.numel() for s in sigmas], device=weight.device)
+        tau = torch.tensor(taus, dtype=weight.dtype, device=weight.device).repeat_interleave(sizes)
+    return _SigmaRegularizer.apply(tau, lam, weight, *sigmas)
+
+
+def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One flat vector of the tensors (torch's own flattening: a single copy, no per-tensor op in Python)."""
+    return torch._utils._flatten_dense_tensors(tensors)
 
 
 class _SigmaRegularizer(torch.autograd.Function):
-    """``lam/2 * sum(w * relu(tau - sigma)**2)`` with gradient ``-lam * relu(tau - sigma) * w``."""
+    """``lam/2 * sum(w * relu(tau - sigma)**2)`` on flat vectors, gradient ``-lam * relu(tau - sigma) * w``.
+
+    One node for all the group's sigmas: the gradient is known in closed form and comes back as
+    views of one flat vector (see bayes_layer_cost for what a node per tensor costs).
+    """
 
     @staticmethod
-    def forward(ctx, tau, lam, weights, *sigmas):
-        # relu(tau - sigma) for every tensor at once (torch's multi-tensor ops)
-        r = torch._foreach_neg(list(sigmas))
-        torch._foreach_add_(r, tau)  # one float, or one float per tensor
-        torch._foreach_clamp_min_(r, 0.0)
-        rw = torch._foreach_mul(r, list(weights))  # w * relu(tau - sigma)
+    def forward(ctx, tau, lam, weight, *sigmas):
+        r = torch.rsub(_flatten(list(sigmas)), tau).clamp_min_(0.0)  # relu(tau - sigma), a new tensor
+        rw = r * weight
         ctx.lam = lam
-        ctx.save_for_backward(*rw)
-        sq = torch._foreach_mul(rw, r)  # w * relu(tau - sigma)^2
-        total = torch.cat([t.reshape(-1) for t in sq]).sum() if len(sq) > 1 else sq[0].sum()
-        return total * (0.5 * lam)
+        ctx.save_for_backward(rw, *sigmas)
+        return torch.dot(rw, r) * (0.5 * lam)
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = torch._foreach_mul(list(ctx.saved_tensors), -ctx.lam)
-        if not bool(grad_out == 1):
-            grads = torch._foreach_mul(grads, grad_out)
-        return (None, None, None, *grads)
+        rw, *sigmas = ctx.saved_tensors
+        grad = rw * (grad_out * -ctx.lam)
+        return (None, None, None, *torch._utils._unflatten_dense_tensors(grad, sigmas))
 
 
 def kl_divergence(

@@ -25,9 +25,21 @@ parameter counts alongside. Same thread count for all (``--threads``, default 1)
 Target (issue): a ``sample``-mode step <= 1.6x the deterministic step and no slower than the
 fastest of the two libraries' layers (CE-only variants compared).
 
-    python benchmarks/bayes_layer_cost.py            # LeNet-5 and ResNet-20, more repeats
+Float vs Bayesian, eager and compiled (the first table): the small transformer of
+coverage_matrix.py (batch 32 x 16 tokens) and LeNet-5 (batch 128). Per model one float model and
+its ``bayes.bayesianize`` copy, each stepped eagerly and through ``torch.compile`` (inductor; the
+loss, the regulariser and the optimizer eager, as a user compiles a model). Variants: float;
+``sample``; ``sample`` + sigma regulariser; each Bayesian step as a ratio to the float step of the
+same mode (eager to eager, compiled to compiled), all six interleaved in one run. Ratios use CPU
+time (``time.process_time``, one torch thread): on a shared machine, wall time also counts the
+time other processes hold the core; wall-time ratios are recorded alongside. Goals (issue 26):
+every Bayesian step <= 1.15x its float step, eager and compiled, on both models. The run also
+counts the graphs dynamo compiled after the warm-up (0 expected: no recompiles).
+
+    python benchmarks/bayes_layer_cost.py            # both tables, LeNet-5 and ResNet-20, more repeats
     python benchmarks/bayes_layer_cost.py --quick    # fewer repeats (a few minutes)
-    python benchmarks/bayes_layer_cost.py --dry      # LeNet-5, batch 16, seconds
+    python benchmarks/bayes_layer_cost.py --dry      # tiny sizes, aot_eager backend, seconds
+    python benchmarks/bayes_layer_cost.py --part compile   # only the float-vs-Bayesian table
 """
 
 from __future__ import annotations
@@ -251,6 +263,162 @@ def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------
+# float vs Bayesian, eager and compiled
+
+TABLE_GOAL = 1.15
+TABLE_MODELS = ("transformer", "lenet5", "transformer-64")
+#: measured to show the trend, outside the goals: the same transformer on 64 tokens per sequence
+TABLE_INFORMATIVE = ("transformer-64",)
+
+
+def _table_model(name: str, dry: bool) -> tuple[nn.Module, Callable[[torch.Generator], tuple]]:
+    """The float model and a maker of its fixed batch."""
+    torch.manual_seed(0)
+    if name.startswith("transformer"):
+        from coverage_matrix import _Clf  # the small transformer of the coverage benchmark
+
+        batch, tokens = (4, 8) if dry else (32, 64 if name == "transformer-64" else 16)
+        return _Clf(), lambda g: (torch.randint(0, 100, (batch, tokens), generator=g),
+                                  torch.randint(0, 10, (batch,), generator=g))
+    shape, kwargs = MODELS[name]
+    batch = 16 if dry else 128
+    return create_model(name, **kwargs), lambda g: (torch.randn(batch, *shape, generator=g),
+                                                    torch.randint(0, 10, (batch,), generator=g))
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def measure_table(name: str, repeats: int, block: int, warmup: int, backend: str, seed: int, dry: bool,
+                  log) -> dict[str, Any]:
+    """Six variants of one model, interleaved: {eager, compiled} x {float, sample, sample + sigma reg}."""
+    float_model, batch_of = _table_model(name, dry)
+    bnn = bayes.bayesianize(float_model)
+    float_model.train()
+    bnn.train()
+    x, y = batch_of(torch.Generator().manual_seed(seed))
+    compiled = {"float": torch.compile(float_model, backend=backend), "bayes": torch.compile(bnn, backend=backend)}
+    variants = []
+    for mode in ("eager", "compiled"):
+        for kind in ("float", "sample", "sample + sigma reg"):
+            root = float_model if kind == "float" else bnn
+            call = root if mode == "eager" else compiled["float" if kind == "float" else "bayes"]
+            opt = torch.optim.SGD(root.parameters(), lr=1e-4, momentum=0.9)
+            reg = kind.endswith("reg")
+            variants.append({"mode": mode, "variant": kind, "call": call, "root": root, "opt": opt, "reg": reg,
+                             "wall": [], "cpu": []})
+
+    def step(v: dict) -> None:
+        v["opt"].zero_grad(set_to_none=True)
+        loss = F.cross_entropy(v["call"](x), y)
+        if v["reg"]:
+            loss = loss + bayes.sigma_regularizer(v["root"])
+        loss.backward()
+        v["opt"].step()
+
+    t0 = time.perf_counter()
+    for v in variants:
+        for _ in range(warmup):
+            step(v)
+    warm_graphs, warm_seconds = _graphs(), time.perf_counter() - t0
+    order_rng = random.Random(seed)
+    for r in range(repeats):
+        order = list(range(len(variants)))
+        order_rng.shuffle(order)
+        for i in order:
+            v = variants[i]
+            w, c = time.perf_counter(), time.process_time()
+            for _ in range(block):
+                step(v)
+            v["cpu"].append((time.process_time() - c) / block)
+            v["wall"].append((time.perf_counter() - w) / block)
+        log(f"[{name} table] round {r + 1}/{repeats}")
+    rows = []
+    for v in variants:
+        base = next(u for u in variants if u["mode"] == v["mode"] and u["variant"] == "float")
+        row = {"mode": v["mode"], "variant": v["variant"], "median_cpu_s": statistics.median(v["cpu"]),
+               "median_wall_s": statistics.median(v["wall"]), "cpu_s": v["cpu"], "wall_s": v["wall"]}
+        for clock in ("cpu", "wall"):
+            paired = [a / b for a, b in zip(v[clock], base[clock])]
+            q = statistics.quantiles(paired, n=4, method="inclusive") if len(paired) >= 2 else [paired[0]] * 3
+            row[f"ratio_{clock}"] = statistics.median(paired)
+            row[f"ratio_{clock}_q1"], row[f"ratio_{clock}_q3"] = q[0], q[2]
+        if v["variant"] != "float" and name not in TABLE_INFORMATIVE:
+            row["goal"] = TABLE_GOAL
+            row["goal_met"] = row["ratio_cpu"] <= TABLE_GOAL
+        rows.append(row)
+    n_float = sum(p.numel() for p in float_model.parameters())
+    return {"model": name, "input": list(x.shape), "parameters": n_float,
+            "gaussian_tensors": len(bayes.gaussian_parameters(bnn)), "backend": backend, "repeats": repeats,
+            "block": block, "warmup": warmup, "warmup_seconds": warm_seconds, "graphs_after_warmup": warm_graphs,
+            "graphs_compiled_after_warmup": _graphs() - warm_graphs, "rows": rows,
+            "parts": _parts(bnn, x, statistics.median(variants[0]["cpu"]), repeats)}
+
+
+def _parts(bnn: nn.Module, x: torch.Tensor, float_step_s: float, repeats: int) -> dict[str, float]:
+    """Where a Bayesian step's extra time goes, as fractions of the eager float step: the noise
+    (one standard-normal fill of every Gaussian weight) and the sigma regulariser (forward and
+    backward, after a forward)."""
+    n = sum(e.sigma.numel() for e in bayes.gaussian_parameters(bnn))
+    buf = torch.empty(n)
+    bnn(x)
+
+    def reg() -> None:
+        bayes.sigma_regularizer(bnn).backward()
+
+    out = {}
+    for key, fn in (("noise_fill", lambda: bayes.layers.fill_normal_(buf)), ("sigma_regularizer", reg)):
+        ts = []
+        for _ in range(max(5, repeats)):
+            t = time.process_time()
+            for _ in range(10):
+                fn()
+            ts.append((time.process_time() - t) / 10)
+        out[key] = statistics.median(ts) / float_step_s
+    return out
+
+
+def table_markdown(table: dict[str, Any]) -> list[str]:
+    lines = ["## Float vs Bayesian step, eager and compiled", "",
+             "Each Bayesian step as a ratio to the float model's step in the same mode (eager to eager, compiled "
+             "to compiled), median over interleaved rounds of the paired ratios [interquartile range], from CPU "
+             "time (one torch thread; the wall-time ratio alongside). Goal: every Bayesian step <= "
+             f"{TABLE_GOAL}x. `torch.compile` ({table['models'][0]['backend'] if table['models'] else '-'}) wraps "
+             "the model; loss, regulariser and optimizer (SGD, momentum 0.9) run eagerly.", ""]
+    rows, verdicts = [], []
+    for m in table["models"]:
+        for r in m["rows"]:
+            goal = ("" if r["variant"] == "float" else "(informative)" if "goal_met" not in r
+                    else "met" if r["goal_met"] else "**missed**")
+            rows.append([m["model"], r["mode"], r["variant"], f"{1000 * r['median_cpu_s']:.2f}",
+                         f"{r['ratio_cpu']:.3f} [{r['ratio_cpu_q1']:.3f}-{r['ratio_cpu_q3']:.3f}]",
+                         f"{r['ratio_wall']:.3f}", goal])
+            if "goal_met" in r:
+                verdicts.append(r["goal_met"])
+    lines.append(BE.md_table(["model", "mode", "step", "median CPU ms/step", "x float (CPU, paired) [IQR]",
+                              "x float (wall)", f"<= {TABLE_GOAL}x"], rows))
+    lines.append("")
+    for m in table["models"]:
+        parts = m.get("parts") or {}
+        lines.append(f"- {m['model']}: {m['parameters']:,} float parameters, {m['gaussian_tensors']} Gaussian tensors, "
+                     f"input {'x'.join(map(str, m['input']))}; {m['repeats']} rounds x {m['block']} steps after "
+                     f"{m['warmup']} warm-up steps ({m['warmup_seconds']:.0f} s with compilation); graphs compiled "
+                     f"after the warm-up: {m['graphs_compiled_after_warmup']}."
+                     + (f" Measured alone, as fractions of the eager float step: the noise fill "
+                        f"{parts['noise_fill']:.3f}, the sigma regulariser (forward + backward) "
+                        f"{parts['sigma_regularizer']:.3f}." if parts else ""))
+    if verdicts:
+        lines += ["", f"Goals met: {sum(verdicts)} of {len(verdicts)}."]
+    for note in table.get("notes", []):
+        lines.append(f"- {note}")
+    lines.append("")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------
 # output
 
 
@@ -262,7 +430,11 @@ RELATION = {"slower": "ours is slower (the ranges do not overlap)",
 def markdown(doc: dict[str, Any], argv) -> str:
     lines = BE.header("Bayesian layer cost: training-step time and memory", "bayes_layer_cost.py", argv,
                       doc["machine"], command=doc.get("command"), date=doc.get("date"))
-    lines += [
+    if doc.get("table"):
+        lines += table_markdown(doc["table"])
+    if not doc["models"]:
+        return "\n".join(lines)
+    lines += ["## Against other Bayesian layer libraries", "",
         "One step = zero_grad + forward + cross-entropy (+ the variant's objective) + backward + SGD step, on a "
         "fixed batch of synthetic inputs. *median s/step* over the rounds; *x det (paired)* is the median over "
         "rounds of (variant step / deterministic step in the same round), with its interquartile range; "
@@ -273,7 +445,7 @@ def markdown(doc: dict[str, Any], argv) -> str:
         "",
     ]
     for m in doc["models"]:
-        lines += [f"## {m['model']} (batch {m['batch']}, input {'x'.join(map(str, m['input_shape']))}; "
+        lines += [f"### {m['model']} (batch {m['batch']}, input {'x'.join(map(str, m['input_shape']))}; "
                   f"{m['repeats']} rounds x {m['block']} steps, {m['warmup']} warm-up steps)", ""]
         rows = []
         for r in m["rows"]:
@@ -308,6 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads for every variant (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=BE.RESULTS)
+    ap.add_argument("--part", choices=("all", "compile", "libraries"), default="all",
+                    help="compile: only the float-vs-Bayesian table (eager and compiled); libraries: only the "
+                         "comparison with other Bayesian layer libraries")
+    ap.add_argument("--backend", default=None, help="torch.compile backend of the table (default inductor; "
+                                                    "--dry: aot_eager)")
     ap.add_argument("--rerender", action="store_true",
                     help="rewrite the Markdown (and verdicts) from the JSON in --out without measuring")
     args = ap.parse_args(argv)
@@ -319,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
                     doc["date"] = line[len("Date: "):].strip()
         for m in doc["models"]:
             m["verdict"] = verdict(m["rows"])
+        for m in (doc.get("table") or {}).get("models", []):
+            for r in m["rows"]:
+                if "goal_met" in r:
+                    r["goal_met"] = r["ratio_cpu"] <= TABLE_GOAL
         text = markdown(doc, None)
         BE.write_outputs(args.out, "bayes_layer_cost", doc, text)
         print(text)
@@ -335,6 +516,19 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    if args.part in ("all", "compile"):
+        backend = args.backend or ("aot_eager" if args.dry else "inductor")
+        doc["table"] = {"models": [], "notes": []}
+        for name in TABLE_MODELS:
+            repeats, block, warmup = (2, 1, 3) if args.dry else (9, 5, 5) if args.quick else (21, 10, 5)
+            doc["table"]["models"].append(measure_table(name, args.repeats or repeats, block, warmup, backend,
+                                                        args.seed, args.dry, log))
+        doc["table"]["notes"] += [
+            "Ratios from CPU time because this machine is shared: wall time also counts the time other processes "
+            "hold the core, which does not cancel in a ratio. CPU only here (no GPU).",
+        ]
+    if args.part == "compile":
+        models = []
     for name in models:
         if args.dry:
             repeats, block, warmup = 2, 1, 1
@@ -346,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             repeats, block, warmup = (11, 5, 5) if args.quick else (25, 10, 10)
         repeats = args.repeats or repeats
         doc["models"].append(measure_model(name, batch, repeats, block, warmup, status, args.seed, log))
-    doc["notes"] += [
+    doc["notes"] += [] if not models else [
         "CPU only (no GPU on this machine); the machine is shared, so absolute times drift - compare ratios.",
         "bayesian-torch was installed with --no-deps (its torchvision/tensorboard requirements would pull "
         "another torch); its layers import and run with this torch." if status.get("bayesian-torch", "").startswith("ok")

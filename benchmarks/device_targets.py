@@ -1,14 +1,18 @@
 """Device targets and budget mode (issue 16): file sizes, accuracy, multiplications, K values.
 
 Per dataset (digits-MLP, MNIST-5k LeNet-5) one float baseline is trained
-(``pwfn.pipeline.prepare_run``) and every method starts from it:
+(``pwfn.pipeline.prepare_run``) and every method starts from it; two more models are made from
+Python with ``pwfn.compress(model, ..., run_dir=...)`` as a user would (``_device_models``: a
+Conv1d + BatchNorm signal classifier and a small transformer, on generated data) and exported
+with ``pwfn.export_run(run, targets=[...])``, their recipes recorded by ``pwfn.RecipeMixin``:
 
 1. **Targets** for the PWFN point model (config settings): the codebook ONNX, the
    LUT-compressed TFLite-Micro model and the hls4ml project (power-of-two products), each
    checked by its exporter (``pwfn.export.targets``). Reported: file bytes against the fp32 and an
    int8 copy of the weights, top-1 on the test split *as each runtime computes it* (onnxruntime,
    the TFLite-Micro interpreter, hls4ml's C simulation, the shift-add reference) against the
-   point model, and multiplications left per input.
+   point model, and multiplications left per input. A target that cannot take a model is
+   recorded with its message.
 2. **Budget mode** at K = 16, 32, 64 unique values (``budget.max_values``, with
    ``budget.max_values_per_tensor: 128`` so the TFLite-Micro tables always fit) against
    network-wide k-means weight sharing with K values and uniform per-tensor quantisation
@@ -16,7 +20,7 @@ Per dataset (digits-MLP, MNIST-5k LeNet-5) one float baseline is trained
    tensor (what a per-tensor table of K entries holds) and the largest odd number of levels per
    tensor whose network-wide total stays <= K.
 
-    python benchmarks/device_targets.py            # both datasets
+    python benchmarks/device_targets.py            # every dataset
     python benchmarks/device_targets.py --quick    # digits-MLP only
     python benchmarks/device_targets.py --dry      # tiny smoke run (seconds)
 
@@ -61,7 +65,8 @@ def _test_arrays(loader) -> tuple[torch.Tensor, torch.Tensor]:
     for x, y in loader:
         xs.append(x)
         ys.append(y)
-    return torch.cat(xs).float(), torch.cat(ys)
+    x = torch.cat(xs)
+    return (x.float() if x.is_floating_point() else x), torch.cat(ys)
 
 
 def _acc(logits: np.ndarray | torch.Tensor, y: torch.Tensor) -> float:
@@ -70,70 +75,130 @@ def _acc(logits: np.ndarray | torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _state_sizes(model: torch.nn.Module) -> tuple[int, int]:
-    sd = [t for t in model.state_dict().values() if t.is_floating_point()]
-    numel = sum(t.numel() for t in sd)
-    return 4 * numel, numel + 4 * len(sd)  # fp32; int8 + one fp32 scale per tensor
+    from pwfn.export.targets import weight_sizes
+
+    return weight_sizes(model)  # fp32; int8 + one fp32 scale per tensor
 
 
-def targets_rows(point: torch.nn.Module, report: dict, x: torch.Tensor, y: torch.Tensor, b: int,
+def _dense_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates per input of the Linear/Conv layers and attention (inputs and outputs
+    projections and its two matrix products), counted with hooks on one sample."""
+    total = 0
+    hooks = []
+
+    def hook(m, inp, out):
+        nonlocal total
+        o = out[0] if isinstance(out, tuple) else out
+        if isinstance(m, torch.nn.Linear):
+            total += m.in_features * o.numel()
+        elif isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            total += o.numel() * (m.in_channels // m.groups) * int(np.prod(m.kernel_size))
+        elif isinstance(m, torch.nn.MultiheadAttention):
+            t, e = inp[0].shape[-2], m.embed_dim
+            total += 4 * t * e * e + 2 * t * t * e
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.MultiheadAttention)):
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model.eval()(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def _refused(rows: list, target: str, exc: Exception, log) -> None:
+    rows.append({"target": target, "bytes": None, "top1": None, "agree": None, "mult_left": None,
+                 "refused": str(exc)})
+    log(f"  {target}: refused: {str(exc)[:160]}")
+
+
+def targets_rows(point: torch.nn.Module, codebook: torch.Tensor, x: torch.Tensor, y: torch.Tensor, b: int,
                  log) -> dict[str, Any]:
+    from pwfn.errors import PwfnError
+
     point = copy.deepcopy(point).cpu().eval()
     fp32, int8 = _state_sizes(point)
     with torch.no_grad():
         ref_logits = point(x)
     base_acc = _acc(ref_logits, y)
-    codebook = torch.tensor(report["final"]["codebook"], dtype=torch.float32)
-    fp = calibrate(point, x, frac_bits=12, headroom_bits=1)
-    net = ShiftAddNet(point, b=b, fixed_point=fp)
-    counts = net.operation_counts(tuple(x.shape[1:]))
-    macs = counts["total"]["macs"]
+    macs = _dense_macs(point, x)
     rows: list[dict[str, Any]] = [{"target": "point model (torch, fp32)", "bytes": fp32, "top1": base_acc,
                                    "agree": 100.0, "mult_left": macs}]
-    sa = net(x)
-    rows.append({"target": f"shift-add reference (ap_fixed<{fp.width},{fp.int_bits}>)", "bytes": None,
-                 "top1": _acc(sa, y), "agree": _agree(sa, ref_logits), "mult_left": 0})
+    counts = None
+    fp = None
+    try:
+        ShiftAddNet(point, b=b, example=x[:1])  # refuses a layer it cannot take, naming it
+        fp = calibrate(point, x, frac_bits=12, headroom_bits=1)
+        net = ShiftAddNet(point, b=b, fixed_point=fp, example=x[:1])
+        counts = net.operation_counts(tuple(x.shape[1:]))
+        sa = net(x)
+        rows.append({"target": f"shift-add reference (ap_fixed<{fp.width},{fp.int_bits}>)", "bytes": None,
+                     "top1": _acc(sa, y), "agree": _agree(sa, ref_logits),
+                     "mult_left": counts["total"]["multiplications_left"]})
+    except PwfnError as exc:
+        _refused(rows, "shift-add reference", exc, log)
     example = x[:2]
     t = time.perf_counter()
-    files, info = run_target("onnx", point, example, codebook=codebook, b=b)
-    import onnxruntime
+    try:
+        files, info = run_target("onnx", point, example, codebook=codebook, b=b)
+        import onnxruntime
 
-    sess = onnxruntime.InferenceSession(files["model.onnx"], providers=["CPUExecutionProvider"])
-    out = sess.run(None, {"input": x.numpy()})[0]
-    rows.append({"target": "ONNX codebook + Gather (onnxruntime)", "bytes": len(files["model.onnx"]),
-                 "top1": _acc(out, y), "agree": _agree(out, ref_logits), "mult_left": macs,
-                 "detail": {k: info[k] for k in ("index_bytes", "table_bytes", "float_bytes", "fp32_onnx_bytes")},
-                 "seconds": time.perf_counter() - t})
-    log(f"  onnx: {len(files['model.onnx']):,} B")
+        sess = onnxruntime.InferenceSession(files["model.onnx"], providers=["CPUExecutionProvider"])
+        out = sess.run(None, {"input": x.numpy()})[0]
+        rows.append({"target": "ONNX, packed indices (onnxruntime)", "bytes": len(files["model.onnx"]),
+                     "top1": _acc(out, y), "agree": _agree(out, ref_logits), "mult_left": macs,
+                     "detail": {k: info.get(k) for k in ("index_bits", "table_values", "index_bytes", "table_bytes",
+                                                         "float_bytes", "fp32_onnx_bytes")},
+                     "seconds": time.perf_counter() - t})
+        log(f"  onnx: {len(files['model.onnx']):,} B ({info.get('index_bits')}-bit indices)")
+    except PwfnError as exc:
+        _refused(rows, "ONNX", exc, log)
     t = time.perf_counter()
-    files, info = run_target("tflm", point, example, b=b)
-    from pwfn.export.targets.tflm import run_tflm
+    try:
+        files, info = run_target("tflm", point, example, b=b)
+        from pwfn.export.targets.tflm import run_tflm
 
-    out = run_tflm(files["model.tflite"], x.numpy())
-    rows.append({"target": "TFLite-Micro, LUT-compressed (TFLM interpreter)", "bytes": len(files["model.tflite"]),
-                 "top1": _acc(out, y), "agree": _agree(out, ref_logits), "mult_left": macs,
-                 "detail": {"uncompressed_bytes": info["uncompressed_bytes"],
-                            "not_compressed": info["not_compressed"]},
-                 "seconds": time.perf_counter() - t})
-    log(f"  tflm: {len(files['model.tflite']):,} B")
+        out = run_tflm(files["model.tflite"], x.numpy())
+        rows.append({"target": "TFLite-Micro, LUT-compressed (TFLM interpreter)", "bytes": len(files["model.tflite"]),
+                     "top1": _acc(out, y), "agree": _agree(out, ref_logits), "mult_left": macs,
+                     "detail": {"uncompressed_bytes": info["uncompressed_bytes"],
+                                "not_compressed": info["not_compressed"]},
+                     "seconds": time.perf_counter() - t})
+        log(f"  tflm: {len(files['model.tflite']):,} B")
+    except PwfnError as exc:
+        _refused(rows, "TFLite-Micro", exc, log)
     t = time.perf_counter()
-    from pwfn.export.targets.hls4ml import export_hls4ml
+    try:
+        from pwfn.export.targets.hls4ml import export_hls4ml
 
-    # the whole test split through the C simulation, checked bit for bit against the reference
-    data, info = export_hls4ml(point, x[:2], b=b, fixed_point=fp, check_inputs=x[2:])
-    hls_out = net(x)  # equal to the C simulation's outputs (checked inside, bit for bit)
-    rows.append({"target": "hls4ml exponent products (C simulation)", "bytes": len(data),
-                 "top1": _acc(hls_out, y), "agree": _agree(hls_out, ref_logits),
-                 "mult_left": info["multiplications_left"],
-                 "detail": {"layers": info["layers"], "products": info["products"],
-                            "fixed_point": info["fixed_point"], "note": "bytes: the project tar.gz (sources, "
-                            "weights as text, ap_types headers), not a device image"},
-                 "seconds": time.perf_counter() - t})
-    log(f"  hls4ml: bit-identical to the reference on {len(x)} test inputs")
+        if fp is None:  # the shift-add reference refused: hls4ml's own check names the layers
+            from pwfn.export.targets.hls4ml import check_model
+
+            check_model(point, x[:1])
+            raise PwfnError("no fixed-point reference (see the shift-add row)")
+        # the whole test split through the C simulation, checked bit for bit against the reference
+        data, info = export_hls4ml(point, x[:2], b=b, fixed_point=fp, check_inputs=x[2:])
+        hls_out = net(x)  # equal to the C simulation's outputs (checked inside, bit for bit)
+        rows.append({"target": "hls4ml exponent products (C simulation)", "bytes": len(data),
+                     "top1": _acc(hls_out, y), "agree": _agree(hls_out, ref_logits),
+                     "mult_left": info["multiplications_left"],
+                     "detail": {"layers": info["layers"], "other_layers": info.get("other_layers"),
+                                "products": info["products"], "fixed_point": info["fixed_point"],
+                                "scale_multiplications": info.get("scale_multiplications"),
+                                "divisions": info.get("divisions"),
+                                "note": "bytes: the project tar.gz (sources, weights as text, ap_types headers), "
+                                        "not a device image"},
+                     "seconds": time.perf_counter() - t})
+        log(f"  hls4ml: bit-identical to the reference on {len(x)} test inputs")
+    except PwfnError as exc:
+        _refused(rows, "hls4ml", exc, log)
     for r in rows:
         r["vs_fp32"] = fp32 / r["bytes"] if r["bytes"] else None
         r["vs_int8"] = int8 / r["bytes"] if r["bytes"] else None
-    return {"fp32_bytes": fp32, "int8_bytes": int8, "macs": macs, "operations": counts["total"],
-            "point_top1": base_acc, "rows": rows}
+    return {"fp32_bytes": fp32, "int8_bytes": int8, "macs": macs,
+            "operations": counts["total"] if counts else None, "point_top1": base_acc, "rows": rows}
 
 
 def _agree(a: Any, ref: torch.Tensor) -> float:
@@ -202,12 +267,63 @@ def run_dataset(key: str, cfg, ks, log) -> dict[str, Any]:
                     run_dir=folder / "pwfn", recipe=recipe).run(resume=False)
     log(f"[{key}] PWFN: top-1 {res.report['final']['test']['top1']:.2f}, {res.report['final']['unique']} values "
         f"({time.perf_counter() - t:.0f} s)")
-    targets = targets_rows(res.point_model, res.report, x, y, cfg.pwfn.engine.b, log)
+    codebook = torch.tensor(res.report["final"]["codebook"], dtype=torch.float32)
+    targets = targets_rows(res.point_model, codebook, x, y, cfg.pwfn.engine.b, log)
     budget = budget_rows(key, cfg, prep, folder, ks, log)
     return {"key": key, "title": DATASETS[key]["title"], "float_top1": info["test"]["top1"],
             "pwfn": {"top1": res.report["final"]["test"]["top1"], "unique": res.report["final"]["unique"],
                      "entropy": res.report["final"]["entropy"]},
             "test_images": len(y), "targets": targets, "budget": budget}
+
+
+PYTHON_MODELS = {
+    "signal_conv1d_bn": {"kind": "signal", "title": "generated signals (4 waveforms) - Conv1d + BatchNorm CNN",
+                         "model": "SignalNet", "epochs": 15},
+    "tokens_transformer": {"kind": "tokens", "title": "generated tokens (majority of 3) - small transformer",
+                           "model": "TinyTransformer", "epochs": 30},
+}
+PY_PWFN = {"progress": False, "pwfn": {"round_epochs": 1, "first_round_epochs": 0.5, "mc_samples": 2}}
+
+
+def run_python(key: str, work: Path, threads: int, dry: bool, log) -> dict[str, Any]:
+    """A model made and compressed from Python (``pwfn.compress`` with ``run_dir``), exported to each
+    target with ``pwfn.export_run`` from its recorded recipe; then every runtime on the test split."""
+    import _device_models as D
+
+    import pwfn
+    from pwfn.errors import PwfnError
+    from pwfn.train import evaluate
+
+    spec = PYTHON_MODELS[key]
+    seed_everything(0)
+    tr, va, te = D.loaders(spec["kind"])
+    model = D.train(getattr(D, spec["model"])(), tr, 1 if dry else spec["epochs"])
+    float_top1 = evaluate(model, te, torch.device("cpu"))["top1"]
+    cfg = copy.deepcopy(PY_PWFN)
+    cfg["threads"] = threads
+    if dry:
+        cfg["pwfn"].update(fractions=[0.5, 1.0], round_epochs=0.2, first_round_epochs=0.1, mc_samples=1)
+    run = work / key / "pwfn"
+    t = time.perf_counter()
+    res = pwfn.compress(model, tr, va, method="pwfn", test_loader=te, run_dir=run, config=cfg, resume=False)
+    final = res.report["final"]
+    log(f"[{key}] PWFN: top-1 {final['test']['top1']:.2f} (float {float_top1:.2f}), {final['unique']} values "
+        f"({time.perf_counter() - t:.0f} s)")
+    routes = {}
+    for target in ("onnx", "tflm", "hls4ml"):  # the user's route: the run folder, its recipe, one target each
+        try:
+            pwfn.export_run(run, work / key / f"export_{target}", targets=[target])
+            routes[target] = "exported"
+        except PwfnError as exc:
+            routes[target] = f"refused: {exc}"
+        log(f"  export_run --to {target}: {routes[target][:160]}")
+    x, y = _test_arrays(te)
+    codebook = torch.tensor(final["codebook"], dtype=torch.float32)
+    targets = targets_rows(res.point_model, codebook, x, y, 7, log)
+    return {"key": key, "title": spec["title"], "float_top1": float_top1,
+            "pwfn": {"top1": final["test"]["top1"], "unique": final["unique"], "entropy": final["entropy"]},
+            "recipe": pwfn.recipes.recipe_of(model)[0], "export_run": routes,
+            "test_images": len(y), "targets": targets, "budget": []}
 
 
 def markdown(doc: dict[str, Any], argv) -> str:
@@ -217,23 +333,47 @@ def markdown(doc: dict[str, Any], argv) -> str:
         t = ds["targets"]
         lines += [f"## {ds['title']}", "",
                   f"Float baseline {ds['float_top1']:.2f} %, PWFN point model {ds['pwfn']['top1']:.2f} % with "
-                  f"{ds['pwfn']['unique']} values ({ds['pwfn']['entropy']:.2f} bits), {ds['test_images']} test images. "
+                  f"{ds['pwfn']['unique']} values ({ds['pwfn']['entropy']:.2f} bits), {ds['test_images']} test inputs. "
                   f"Weights: fp32 {t['fp32_bytes']:,} B, int8 {t['int8_bytes']:,} B; {t['macs']:,} multiply-"
-                  "accumulates per input.", "",
-                  BE.md_table(["target", "file bytes", "fp32 / file", "int8 / file", "top-1 %",
+                  "accumulates per input.", ""]
+        if ds.get("recipe"):
+            lines += [f"Made from Python: `pwfn.compress(model, ..., run_dir=...)`, recipe recorded as "
+                      f"`{ds['recipe']['factory']}({', '.join(f'{k}={v}' for k, v in ds['recipe']['kwargs'].items())})`; "
+                      "`pwfn.export_run(run, targets=[target])` per target: "
+                      + ", ".join(f"{k}: {v.split(':')[0]}" for k, v in ds["export_run"].items()) + ".", ""]
+        lines += [BE.md_table(["target", "file bytes", "fp32 / file", "int8 / file", "top-1 %",
                                "same prediction as point model %", "multiplications left"],
                               [[r["target"], r["bytes"], r["vs_fp32"], r["vs_int8"], r["top1"], r["agree"],
-                                r["mult_left"]] for r in t["rows"]]), ""]
+                                r["mult_left"] if r.get("refused") is None else "refused"] for r in t["rows"]]), ""]
+        onnx = next((r for r in t["rows"] if r["target"].startswith("ONNX") and not r.get("refused")), None)
+        if onnx and onnx.get("detail", {}).get("index_bytes") is not None:
+            d = onnx["detail"]
+            w = d["index_bytes"] + d["table_bytes"] + d["float_bytes"]
+            lines += [f"ONNX weights: {d['index_bytes']:,} B of indices (at most {d['index_bits']} bits, K = "
+                      f"{d['table_values']}) + {d['table_bytes']:,} B of value tables + {d['float_bytes']:,} B kept "
+                      f"float = {w:,} B, {w / t['int8_bytes']:.2f} x the int8 copy; the rest of the file is the "
+                      "model's graph.", ""]
+        for r in t["rows"]:
+            if r.get("refused"):
+                lines += [f"- {r['target']} refused: {r['refused']}"]
+        if any(r.get("refused") for r in t["rows"]):
+            lines.append("")
         ops = t["operations"]
-        lines += [f"Shift-add: {ops['macs']:,} multiply-accumulates become {ops['shifts']:,} shifts and "
-                  f"{ops['adds']:,} adds; {ops['zero_weight_macs_skipped']:,} products with a zero weight are "
-                  "skipped.", "",
-                  "Budget mode against k-means and uniform quantisation at the same K (post-training for the "
-                  "baselines):", "",
-                  BE.md_table(["K", "method", "top-1 %", "unique values", "entropy bits", "met K",
-                               "power-of-two (no multiplier)"],
-                              [[r["K"], r["method"], r["top1"], r["unique"], r["entropy"], r["met"],
-                                r["power_of_two"]] for r in ds["budget"]]), ""]
+        if ops:
+            extra = ""
+            if ops.get("scale_multiplications") or ops.get("divisions"):
+                extra = (f" Left: {ops.get('scale_multiplications', 0):,} BatchNorm scale products and "
+                         f"{ops.get('divisions', 0):,} pooling divisions.")
+            lines += [f"Shift-add: {ops['macs']:,} multiply-accumulates become {ops['shifts']:,} shifts and "
+                      f"{ops['adds']:,} adds; {ops['zero_weight_macs_skipped']:,} products with a zero weight are "
+                      f"skipped.{extra}", ""]
+        if ds["budget"]:
+            lines += ["Budget mode against k-means and uniform quantisation at the same K (post-training for the "
+                      "baselines):", "",
+                      BE.md_table(["K", "method", "top-1 %", "unique values", "entropy bits", "met K",
+                                   "power-of-two (no multiplier)"],
+                                  [[r["K"], r["method"], r["top1"], r["unique"], r["entropy"], r["met"],
+                                    r["power_of_two"]] for r in ds["budget"]]), ""]
     lines += ["## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines)
 
@@ -242,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="digits-MLP only")
     ap.add_argument("--dry", action="store_true", help="tiny smoke run (seconds)")
-    ap.add_argument("--datasets", default=None, help=f"comma-separated subset of {','.join(DATASETS)}")
+    ap.add_argument("--datasets", default=None,
+                    help=f"comma-separated subset of {','.join([*DATASETS, *PYTHON_MODELS])}")
     ap.add_argument("--ks", default=None, help="budget values K (default 16,32,64)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=None, help="run folders (default: a new folder under /tmp)")
@@ -250,25 +391,38 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
-    keys = args.datasets.split(",") if args.datasets else (["digits_mlp"] if args.quick or args.dry else list(DATASETS))
+    keys = args.datasets.split(",") if args.datasets else (
+        ["digits_mlp", "signal_conv1d_bn"] if args.quick or args.dry else [*DATASETS, *PYTHON_MODELS])
     ks = [int(k) for k in args.ks.split(",")] if args.ks else ([16] if args.dry else list(KS))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="pwfn-bench-targets-"))
     doc: dict[str, Any] = {"benchmark": "device_targets", "command": BE.command_line("device_targets.py", argv),
                            "machine": BE.machine(), "date": BE.utc_now(), "datasets": [], "notes": [
         "int8 bytes: one byte per weight plus one fp32 scale per tensor (a nominal int8 copy, for scale).",
-        "ONNX and TFLite-Micro decode the weights to float and multiply as usual: they save storage, not "
-        "multiplications. The hls4ml project applies each weight as shifts (power-of-two products, values with "
+        "ONNX holds one table of the K values and every weight's index at ceil(log2 K) bits, unpacked in the graph "
+        "(onnxruntime folds it once at session start); TFLite-Micro holds per-tensor lookup tables. Both decode "
+        "the weights to float and multiply as usual: they save storage, not multiplications (their multiplications "
+        "left are the dense layers' multiply-accumulates, counted with hooks, attention included). The hls4ml project applies each weight as shifts (power-of-two products, values with "
         "several terms split into parallel layers); its C simulation equals the shift-add reference bit for bit "
         "on every test input (checked), so its accuracy is the reference's.",
         "hls4ml bytes are the project archive (C++ sources, weights as text, headers), not a bitstream.",
         "Baselines are post-training (no fine-tuning); budget-mode PWFN retrains between rounds as usual.",
         "Single seed (0); on these small test splits a few images are within noise.",
+        "BatchNorm stays its own per-channel scale-and-shift layer on every target (folding it into the weights "
+        "would take them off the codebook): in hls4ml and the shift-add reference one fixed-point product per "
+        "value, counted under multiplications left, as is a division per output of an average pool whose window "
+        "is not a power of two.",
+        "The Python-made models (signal CNN, transformer) train on generated data with pwfn.compress's defaults "
+        "but 1-epoch rounds; their runs are exported with pwfn.export_run from the recorded recipe, as a user's "
+        "would be.",
     ]}
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
     for key in keys:
+        if key in PYTHON_MODELS:
+            doc["datasets"].append(run_python(key, work, args.threads, args.dry, log))
+            continue
         extra = [f"out_dir={work}", "progress=false", "device=cpu", f"threads={args.threads}"]
         if args.dry:
             extra += DRY_SET

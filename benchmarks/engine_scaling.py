@@ -10,11 +10,14 @@ will own it), then
   both with one ``EngineCache`` per schedule, as a run keeps one across its rounds;
 * floor: 10 ``np.sort`` passes over N float32 values of the same distribution, in the same
   process (numpy's sort is single-threaded; ``--threads 1`` compares like with like, and
-  on a busy shared machine torch's default 2 threads can be far slower than 1).
+  on a busy shared machine torch's default 2 threads can be far slower than 1); and the same
+  in a subprocess with ``NPY_DISABLE_CPU_FEATURES="AVX512_ICL X86_V4"`` (numpy's AVX2 sort: on
+  some machines its AVX-512 sort is several times slower), so both ratios come from one run.
 
-Timing: the three are interleaved and repeated (``--repeat``; default 5 for N <= 1e6, 3 up to
-5e6, else 1) and the best total of each is reported - on a shared machine other load can
-only add time.  All totals are kept in the JSON.
+Timing: CPU time of the process (``time.process_time``; single-threaded work, so on a shared
+machine this leaves out the time other processes hold the core).  The three are interleaved and
+repeated (``--repeat``; default 5 for N <= 1e6, 3 up to 5e6, else 1) and the best total of each is
+reported - other load can only add time.  All totals are kept in the JSON.
 
 Memory: for each round, the peak resident set size (``VmHWM``) during the engine call
 above the resident size just before it, after returning freed heap pages to the OS (glibc
@@ -24,9 +27,14 @@ top of its inputs (its outputs and temporaries), as the OS saw it.  Timings incl
 tolerance computation and the engine call, not this bookkeeping.  Each N runs in a fresh
 subprocess so peaks do not leak between sizes.
 
+The Markdown ends with an estimate for a 7e9-weight model fixed on 8 ranks (FSDP2, each rank
+fixing its shards, :mod:`pwfn.sharding`), from the per-weight time and memory measured at the
+largest N.
+
 Usage::
 
     python benchmarks/engine_scaling.py --threads 1      # 1e5, 1e6, 5e6, 2.5e7
+    python benchmarks/engine_scaling.py --threads 1 --sizes 1e5,1e6,5e6,2.5e7,1e8   # + 1e8 (~4 GB)
     python benchmarks/engine_scaling.py --quick          # 1e5, 1e6
     python benchmarks/engine_scaling.py --dry            # tiny smoke test (about a second)
     python benchmarks/engine_scaling.py --sizes 1e6,5e6 --out results.json
@@ -57,6 +65,12 @@ from pwfn.engine import EngineCache, EngineConfig, fix_round  # noqa: E402
 from pwfn.schedules import pwfn_schedule, tolerance_for_round, wfn_schedule  # noqa: E402
 
 SIGMA_FLOOR = 2.0**-30
+
+
+def _clock() -> float:
+    """CPU seconds of this process: the engine and the sort floor are single-threaded (``--threads 1``),
+    and on a shared machine wall time also counts the time other processes hold the core."""
+    return time.process_time()
 
 
 def entropy_stats(values: torch.Tensor) -> dict:
@@ -117,18 +131,18 @@ def run_schedule(method: str, w: torch.Tensor, sigma: torch.Tensor, device: str,
     peak_kb = 0
     peak_ok = False
     for t, p in enumerate(sched.fractions):
-        tr = time.perf_counter()
+        tr = _clock()
         tol = tolerance_for_round(sched, t, values=values, sigma=sig)
-        dt = time.perf_counter() - tr
+        dt = _clock() - tr
         # memory of the engine call: everything above its inputs (values, tol, fixed, sigma)
         if measure_memory:
             peak_ok = _reset_peak()
             rss0 = _status_kb("VmRSS")
-        tr = time.perf_counter()
+        tr = _clock()
         res = fix_round(values, tol, fixed, p, sigma=sig, config=cfg, cache=cache)
         if device == "cuda":
             torch.cuda.synchronize()
-        dt += time.perf_counter() - tr
+        dt += _clock() - tr
         total += dt
         if peak_ok:
             peak_kb = max(peak_kb, _status_kb("VmHWM") - rss0)
@@ -159,10 +173,29 @@ def sort_floor(n: int, seed: int, passes: int = 10) -> float:
     """Seconds for ``passes`` np.sort calls over n float32 values (the floor we compare to)."""
     x = np.random.default_rng(seed).laplace(0.0, 0.03 / math.sqrt(2), n).astype(np.float32)
     np.sort(x[: min(n, 1000)])  # warm-up
-    t = time.perf_counter()
+    t = _clock()
     for _ in range(passes):
         np.sort(x)
-    return time.perf_counter() - t
+    return _clock() - t
+
+
+AVX2_ENV = {"NPY_DISABLE_CPU_FEATURES": "AVX512_ICL X86_V4"}
+#: each size's process: glibc's mmap threshold held at 4 MiB (by default it rises with every freed
+#: block up to 32 MiB, keeping freed blocks of a few MiB in the heap, so the peaks of sizes up to
+#: ~5e6 depend on the order of earlier frees); chunk-sized temporaries stay in the heap, and blocks
+#: of 25M+ weights are mmapped either way
+CHILD_ENV = {**__import__("os").environ, "MALLOC_MMAP_THRESHOLD_": str(4 << 20)}
+
+
+def sort_floor_avx2(n: int, seed: int) -> float | None:
+    """:func:`sort_floor` in a subprocess whose numpy may not use its AVX-512 sort."""
+    import os
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_sort", str(n), "--seed", str(seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **AVX2_ENV})
+    if proc.returncode != 0:
+        return None
+    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def one_size(n: int, device: str, seed: int, repeats: int, warm_up: bool = True) -> dict:
@@ -177,9 +210,10 @@ def one_size(n: int, device: str, seed: int, repeats: int, warm_up: bool = True)
         run_schedule(method, w[:4096].clone(), sigma[:4096].clone(), device)
     res = {"n": n, "weight_std": round(float(w.std()), 5), "max_abs": float(w.abs().max()),
            "repeats": repeats}
-    floors = []
+    floors, floors_avx2 = [], []
     for r in range(repeats):  # interleaved, best of `repeats` (other load only adds time)
         floors.append(sort_floor(n, seed))
+        floors_avx2.append(sort_floor_avx2(n, seed))
         for method in ("pwfn", "wfn"):
             out = run_schedule(method, w, sigma, device, measure_memory=(r == 0))
             if r == 0:
@@ -194,10 +228,38 @@ def one_size(n: int, device: str, seed: int, repeats: int, warm_up: bool = True)
             res[method]["all_totals"].append(out["total_seconds"])
     res["sort_floor_seconds"] = round(min(floors), 4)
     res["sort_floor_all"] = [round(f, 4) for f in floors]
+    avx2 = [f for f in floors_avx2 if f is not None]
+    res["sort_floor_avx2_seconds"] = round(min(avx2), 4) if avx2 else None
     for method in ("pwfn", "wfn"):
         res[method]["ratio_to_sort_floor"] = round(
             res[method]["total_seconds"] / res["sort_floor_seconds"], 3)
+        res[method]["ratio_to_sort_floor_avx2"] = (
+            round(res[method]["total_seconds"] / res["sort_floor_avx2_seconds"], 3) if avx2 else None)
     return res
+
+
+def estimate(row: dict, weights: float = 7e9, ranks: int = 8) -> dict:
+    """A ``weights``-weight model fixed on ``ranks`` ranks, from one measured size's per-weight figures.
+
+    Each rank fixes its 1/ranks share of the vector with the same per-weight work as one process
+    (the reductions between ranks move a few histograms of at most 65,536 counts per level), so
+    its time and memory scale from the measured ones; its inputs are values, tolerance and sigma
+    (4 bytes each) and the fixed mask (1 byte) of its share.
+    """
+    share = weights / ranks
+    out = {"weights": weights, "ranks": ranks, "weights_per_rank": share, "from_n": row["n"]}
+    for method in ("pwfn", "wfn"):
+        r = row[method]
+        per_w = r["peak_extra_bytes_per_weight"]
+        inputs = 13 if method == "pwfn" else 9  # WFN has no sigma
+        out[method] = {
+            "engine_extra_bytes_per_weight": per_w,
+            "engine_extra_gb_per_rank": None if per_w is None else round(per_w * share / 1e9, 2),
+            "inputs_gb_per_rank": round(inputs * share / 1e9, 2),
+            "schedule_seconds_per_rank": round(r["total_seconds"] / row["n"] * share, 1),
+            "single_process_engine_extra_gb": None if per_w is None else round(per_w * weights / 1e9, 1),
+        }
+    return out
 
 
 def markdown(doc: dict) -> str:
@@ -212,27 +274,54 @@ def markdown(doc: dict) -> str:
         f"{m.get('numpy')}, Python {m.get('python')}; load average at start "
         f"{m.get('loadavg_at_start')} (shared machine).  ",
         f"Device: {doc['device']}.  Memory: {doc['memory_measure']}.  ",
-        "Times: best of the repeats (interleaved with the sort floor); sort floor = 10 "
-        "`np.sort` passes over N float32.  Compare ratios only between runs on equally quiet "
+        "Times: CPU seconds, best of the repeats (interleaved with the sort floor); sort floor = 10 "
+        "`np.sort` passes over N float32 (AVX2 floor: numpy with `NPY_DISABLE_CPU_FEATURES=\"AVX512_ICL X86_V4\"`).  Compare ratios only between runs on equally quiet "
         "machines: under load from other processes the vectorised sort slows down far more "
         "than the engine does.",
         "",
-        "| N | PWFN s | WFN s | sort floor s | PWFN / floor | WFN / floor | PWFN peak B/w "
+        "| N | PWFN s | WFN s | sort floor s | PWFN / floor | WFN / floor | AVX2 sort floor s "
+        "| PWFN / AVX2 floor | WFN / AVX2 floor | PWFN peak B/w "
         "| WFN peak B/w | PWFN unique (w/o 0) | PWFN entropy bits (w/o 0) | WFN unique (w/o 0) "
         "| WFN entropy bits (w/o 0) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def f(x, spec):
+        return "-" if x is None else format(x, spec)
+
     for r in doc["results"]:
         p, w = r["pwfn"], r["wfn"]
         lines.append(
             f"| {r['n']:,} | {p['total_seconds']:.3f} | {w['total_seconds']:.3f} "
             f"| {r['sort_floor_seconds']:.3f} | {p['ratio_to_sort_floor']:.2f} "
-            f"| {w['ratio_to_sort_floor']:.2f} | {p['peak_extra_bytes_per_weight']} "
+            f"| {w['ratio_to_sort_floor']:.2f} | {f(r.get('sort_floor_avx2_seconds'), '.3f')} "
+            f"| {f(p.get('ratio_to_sort_floor_avx2'), '.2f')} | {f(w.get('ratio_to_sort_floor_avx2'), '.2f')} "
+            f"| {p['peak_extra_bytes_per_weight']} "
             f"| {w['peak_extra_bytes_per_weight']} "
             f"| {p['unique_with_zero']} ({p['unique_without_zero']}) "
             f"| {p['entropy_bits_with_zero']} ({p['entropy_bits_without_zero']}) "
             f"| {w['unique_with_zero']} ({w['unique_without_zero']}) "
             f"| {w['entropy_bits_with_zero']} ({w['entropy_bits_without_zero']}) |")
+    est = doc.get("estimate")
+    if est:
+        p, w = est["pwfn"], est["wfn"]
+        lines += [
+            "",
+            f"## Estimate: {est['weights']:.0e} weights on {est['ranks']} ranks",
+            "",
+            f"From the figures measured at N = {est['from_n']:,} (per weight: time, and peak memory beyond the "
+            f"inputs), scaled to each rank's {est['weights_per_rank']:.3g} weights (FSDP2: every rank fixes "
+            "its own shards, `pwfn.sharding`; the reductions between ranks move a few histograms of at most "
+            "65,536 counts per greedy level, not weights). Not measured at that size.",
+            "",
+            "| method | engine extra B/weight | engine extra GB per rank | inputs GB per rank (values, "
+            "tolerance, sigma, mask) | schedule s per rank | one process, engine extra GB |",
+            "|---|---:|---:|---:|---:|---:|",
+            f"| PWFN | {p['engine_extra_bytes_per_weight']} | {p['engine_extra_gb_per_rank']} "
+            f"| {p['inputs_gb_per_rank']} | {p['schedule_seconds_per_rank']} | {p['single_process_engine_extra_gb']} |",
+            f"| WFN | {w['engine_extra_bytes_per_weight']} | {w['engine_extra_gb_per_rank']} "
+            f"| {w['inputs_gb_per_rank']} | {w['schedule_seconds_per_rank']} | {w['single_process_engine_extra_gb']} |",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -258,6 +347,7 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--inline", action="store_true",
                     help="run sizes in this process (default: one subprocess per size)")
     ap.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_sort", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available")
@@ -270,6 +360,9 @@ def main(argv: list | None = None) -> int:
             return 1
         return 5 if n <= 1_000_000 else 3 if n <= 5_000_000 else 1
 
+    if args._sort is not None:
+        print(sort_floor(args._sort, args.seed))
+        return 0
     if args._child is not None:
         print(json.dumps(one_size(args._child, args.device, args.seed, repeats(args._child))))
         return 0
@@ -283,7 +376,7 @@ def main(argv: list | None = None) -> int:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", str(n),
                    "--device", args.device, "--threads", str(args.threads),
                    "--seed", str(args.seed), "--repeat", str(repeats(n))]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=CHILD_ENV)
             r = json.loads(proc.stdout.strip().splitlines()[-1])
         results.append(r)
         print(f"N={n:>10,d}  pwfn {r['pwfn']['total_seconds']:8.3f}s  "
@@ -294,8 +387,10 @@ def main(argv: list | None = None) -> int:
                        + (sys.argv[1:] if argv is None else list(argv)))
     doc = {"benchmark": "engine_scaling", "command": command,
            "machine": machine(), "device": args.device, "results": results,
+           "estimate": estimate(max(results, key=lambda r: r["n"])),
            "memory_measure": ("max over rounds of VmHWM - VmRSS around one fix_round call, after "
-                              "malloc_trim(0) and clear_refs=5; bytes (and per weight)")}
+                              "malloc_trim(0) and clear_refs=5, glibc mmap threshold held at 4 MiB "
+                              "(MALLOC_MMAP_THRESHOLD_); bytes (and per weight)")}
     text = json.dumps(doc, indent=1)
     print(text)
     if args.out:

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry", action="store_true", help="plot a built-in sample when no --input is given")
     args = ap.parse_args(argv)
     if not BE.have_matplotlib():
-        print("matplotlib is not installed: nothing to plot (pip install 'pwfn-compress[plot]')", file=sys.stderr)
+        print("matplotlib is not installed: nothing to plot (the 'plot' extra: pip install matplotlib)", file=sys.stderr)
         return 0
     if args.input is None and args.dry:
         doc, source = SAMPLE, "built-in sample"

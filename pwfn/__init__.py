@@ -28,6 +28,15 @@ _LAZY = {
     "BatchAdapter": ("pwfn.tasks", "BatchAdapter"),
     "register_task": ("pwfn.tasks", "register_task"),
     "plan_coverage": ("pwfn.coverage", "plan"),
+    "enable_logging": ("pwfn.console", "enable_logging"),
+    "RecipeMixin": ("pwfn.recipes", "RecipeMixin"),
+    "set_recipe": ("pwfn.recipes", "set_recipe"),
+    "export_run": ("pwfn.export", "export_run"),
+    "export_targets": ("pwfn.export.targets", "export_targets"),
+    "load_packed_model": ("pwfn.export", "load_packed_model"),
+    "load_exported_model": ("pwfn.export", "load_exported_model"),
+    "save_pretrained": ("pwfn.export.share", "save_pretrained"),
+    "from_pretrained": ("pwfn.export.hub", "from_pretrained"),
 }
 
 __all__ = ["__version__", *_LAZY]

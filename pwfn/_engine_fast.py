@@ -25,6 +25,11 @@ allocated, and results are exactly those of :mod:`pwfn.engine_reference`.
   Only the partial pick ranks weights, with a k-th value selection, not a sort.
 * Determinism.  No float atomics: counts are integer bincounts and per-centre sigma statistics
   serial host sums, so CPU and GPU results are bit-identical.
+* Memory.  Beyond its outputs a round holds the free weights' indices and grid-pair keys (4 + 4
+  bytes each, compacted in place as levels fix weights), the newly fixed weights and their
+  centres (4 + 2 bytes each), and chunk-sized temporaries; the partial pick ranks its candidates
+  in one float64 array (partitioned in place), after the free list is gone.  Per-weight float64
+  statistics and int64 index copies are never made for the whole vector.
 
 On the CPU, comparisons, positions of true entries, the k-th smallest value and scatters
 run in numpy on views of the tensors (torch's single-threaded CPU kernels for these are up to
@@ -43,8 +48,8 @@ import torch
 from pwfn.centres import CentreSet
 from pwfn.errors import ConfigError
 
-__all__ = ["Assignments", "Codebook", "EngineTuning", "FitRuns", "LevelPlan", "free_indices",
-           "group_std", "nearest_centres", "scatter_", "smallest"]
+__all__ = ["Assignments", "Codebook", "EngineTuning", "FitRuns", "LevelPlan", "Reductions", "chunks",
+           "free_indices", "group_std", "nearest_centres", "scatter_", "select_smallest", "smallest"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,46 @@ class EngineTuning:
                 raise ConfigError(f"EngineTuning.{name} must be an int >= {low}, got {x!r}")
 
 
+class Reductions:
+    """Where a round's global quantities come from: on one process, the vectors themselves.
+
+    A round decides from a few global quantities: the number of weights and of fixed ones, the
+    value range, per grid-pair counts, the k smallest partial-pick ratios (ties by index), and
+    the per-centre sums of the ``std_mu`` sigma update.  When the vectors are one process's
+    shards of a network-wide vector (FSDP), :class:`pwfn.sharding.ShardGroup` combines the
+    shards' parts instead; every decision is then the single-process one.
+    """
+
+    #: whether the vectors are shards of a larger vector
+    sharded = False
+
+    def total(self, n: int) -> int:
+        """The sum of an integer over the shards."""
+        return n
+
+    def range(self, lo: float, hi: float) -> tuple[float, float]:
+        """(min, max) over the shards (NaN anywhere: NaN)."""
+        return lo, hi
+
+    def sum_counts_(self, counts: torch.Tensor) -> torch.Tensor:
+        """Integer counts summed over the shards, in place."""
+        return counts
+
+    def merge_counts(self, keys: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sorted unique keys with their counts, merged over the shards."""
+        return keys, counts
+
+    def sum_floats(self, x: np.ndarray) -> np.ndarray:
+        """Float sums over the shards, added in a fixed order (the same on every process)."""
+        return x
+
+    def select_smallest(self, score_of: Callable[[int, int], torch.Tensor], n: int, k: int, step: int,
+                        index_of: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+        """Positions (of this process's ``n`` scores) among the ``k`` smallest scores of all shards,
+        ties by global index (``index_of(start, stop)``: the global indices of a chunk)."""
+        return select_smallest(score_of, n, k, step)
+
+
 def _find(x: torch.Tensor, test: Callable[[Any], Any]) -> torch.Tensor:
     """Ascending positions (int64) where the elementwise ``test`` holds on 1-D ``x``."""
     if x.device.type == "cpu":
@@ -76,11 +121,14 @@ def _find(x: torch.Tensor, test: Callable[[Any], Any]) -> torch.Tensor:
     return torch.nonzero(test(x)).squeeze(1)
 
 
-def scatter_(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-    """``dst[index] = src`` in place (``index`` int64, no duplicates); returns ``dst``."""
+def scatter_(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor | bool | float) -> torch.Tensor:
+    """``dst[index] = src`` in place (``index`` int64, no duplicates; ``src`` a tensor or one
+    value for all); returns ``dst``."""
     if dst.device.type == "cpu":
-        dst.numpy()[index.numpy()] = src.numpy()
+        dst.numpy()[index.numpy()] = src.numpy() if isinstance(src, torch.Tensor) else src
         return dst
+    if not isinstance(src, torch.Tensor):
+        src = torch.tensor(src, dtype=dst.dtype, device=dst.device)
     return dst.index_put_((index,), src)
 
 
@@ -102,52 +150,126 @@ def free_indices(fixed: torch.Tensor, n_free: int, tuning: EngineTuning) -> torc
     return out
 
 
+def chunks(n: int, step: int):
+    """``(start, stop)`` of consecutive chunks of ``range(n)``."""
+    for s in range(0, n, step):
+        yield s, min(n, s + step)
+
+
 def smallest(score: torch.Tensor, k: int) -> torch.Tensor:
     """Ascending positions of the ``k`` smallest scores, ties by position (no sort)."""
     n = int(score.numel())
-    if k >= n:
-        return torch.arange(n, device=score.device)
+    return select_smallest(lambda s, e: score[s:e], n, k, max(n, 1), scratch=score.clone())
+
+
+def select_smallest(score_of: Callable[[int, int], torch.Tensor], n: int, k: int, step: int,
+                    scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """Ascending positions of the ``k`` smallest of ``n`` scores, ties by position (no sort).
+
+    ``score_of(start, stop)`` gives the scores of a chunk; it is called twice per chunk, so the
+    scores are never held twice: once into one array (``scratch`` when given, overwritten) whose
+    k-th value a selection finds in place, then again to pick the positions.  Positions are
+    int32 when ``n`` allows.
+    """
     if k <= 0:
-        return torch.zeros(0, dtype=torch.int64, device=score.device)
-    if score.device.type == "cpu":
-        theta = float(np.partition(score.numpy(), k - 1)[k - 1])
+        return torch.zeros(0, dtype=torch.int64, device=scratch.device if scratch is not None else None)
+    if scratch is None:
+        first = score_of(0, min(n, step))
+        scratch = torch.empty(n, dtype=first.dtype, device=first.device)
+        scratch[:first.numel()] = first
+        done = first.numel()
     else:
-        theta = float(torch.kthvalue(score, k).values)
-    chosen = _find(score, lambda x: x <= theta)
-    ties = _find(score, lambda x: x == theta)
-    room = k - (int(chosen.numel()) - int(ties.numel()))
-    if room < ties.numel():  # only the first `room` ties make it
-        keep = torch.ones(chosen.numel(), dtype=torch.bool, device=score.device)
-        keep[torch.searchsorted(chosen, ties[room:])] = False
-        chosen = chosen[keep]
-    return chosen
+        done = n
+    dev = scratch.device
+    if k >= n:
+        return torch.arange(n, device=dev)
+    for s, e in chunks(n, step):
+        if s >= done:
+            scratch[s:e] = score_of(s, e)
+    if dev.type == "cpu":
+        arr = scratch.numpy()
+        arr.partition(k - 1)  # in place: no copy of the scores
+        theta = float(arr[k - 1])
+        below, upto = int(np.count_nonzero(arr < theta)), int(np.count_nonzero(arr <= theta))
+    else:
+        theta_t = torch.kthvalue(scratch, k).values
+        theta = float(theta_t)
+        below, upto = int(torch.count_nonzero(scratch < theta_t)), int(torch.count_nonzero(scratch <= theta_t))
+    del scratch
+    room = k - below  # >= 1: how many of the ties at theta make it, lowest positions first
+    trim = upto > k  # more ties than room: the later ones stay out
+    out = torch.empty(k, dtype=_index_dtype(n), device=dev)
+    got = 0
+    for s, e in chunks(n, step):
+        x = score_of(s, e)
+        pos = _find(x, lambda a: a <= theta)
+        if trim and pos.numel():
+            tie = _find(x.index_select(0, pos), lambda a: a == theta)
+            if tie.numel() > room:
+                keep = torch.ones(pos.numel(), dtype=torch.bool, device=dev)
+                keep[tie[max(room, 0):]] = False
+                pos = pos[keep]
+            room -= min(int(tie.numel()), max(room, 0))
+        out[got:got + pos.numel()] = pos.add_(s)
+        got += int(pos.numel())
+    assert got == k, (got, k)
+    return out
 
 
 def group_std(v: torch.Tensor, ci: torch.Tensor, centre_values: torch.Tensor,
-              n_centres: int) -> torch.Tensor:
+              n_centres: int, step: int = 1 << 16, red: Reductions | None = None) -> torch.Tensor:
     """Population std of ``v`` per centre index ``ci`` (float64, shape ``(n_centres,)``).
 
-    Why on the host with numpy's serial bincount: float sums must not depend on thread or
-    atomic order (CUDA float ``cumsum``/``index_add`` are not deterministic), and this way
-    CPU and GPU runs give bit-identical sigmas.  Two passes (mean, then squared deviations
-    from it) on deviations from the centre keep the precision.
+    Why on the host with numpy's serial sums: float sums must not depend on thread or atomic
+    order (CUDA float ``cumsum``/``index_add`` are not deterministic), and this way CPU and GPU
+    runs give bit-identical sigmas.  Two passes (mean, then squared deviations from it) on
+    deviations from the centre keep the precision.  Chunked: ``np.add.at`` adds each chunk's
+    terms in order onto the running sums, exactly the serial sum one ``bincount`` over the
+    whole vector would do, with float64 temporaries of one chunk only.  Sharded (``red``): each
+    process's serial sums are added in rank order, the same on every process.
     """
-    idx = ci.cpu().numpy().astype(np.intp)
-    per_weight = centre_values.cpu().numpy().astype(np.float64).take(idx)
-    d = np.subtract(v.cpu().numpy(), per_weight)  # float64 deviations from the centre
-    denom = np.maximum(np.bincount(idx, minlength=n_centres), 1).astype(np.float64)
-    mean = np.bincount(idx, weights=d, minlength=n_centres) / denom
-    d -= np.take(mean, idx, out=per_weight)
-    var = np.bincount(idx, weights=np.square(d, out=d), minlength=n_centres) / denom
-    return torch.from_numpy(np.sqrt(var)).to(v.device)
+    red = red or Reductions()
+    centres64 = centre_values.cpu().numpy().astype(np.float64)
+    n = int(ci.numel())
+    counts = np.zeros(n_centres, dtype=np.int64)
+    sums = np.zeros(n_centres, dtype=np.float64)
+
+    v_host, ci_host = v.cpu().numpy(), ci.cpu().numpy()
+
+    def chunk(s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        idx = ci_host[s:e].astype(np.intp)
+        return idx, np.subtract(v_host[s:e], centres64.take(idx))  # float64 deviations
+
+    for s, e in chunks(n, step):
+        idx, d = chunk(s, e)
+        counts += np.bincount(idx, minlength=n_centres)
+        np.add.at(sums, idx, d)
+    if red.sharded:
+        counts = red.sum_counts_(torch.from_numpy(counts)).numpy()
+        sums = red.sum_floats(sums)
+    denom = np.maximum(counts, 1).astype(np.float64)
+    mean = sums / denom
+    sq = np.zeros(n_centres, dtype=np.float64)
+    for s, e in chunks(n, step):
+        idx, d = chunk(s, e)
+        d -= np.take(mean, idx)
+        np.add.at(sq, idx, np.square(d, out=d))
+    if red.sharded:
+        sq = red.sum_floats(sq)
+    return torch.from_numpy(np.sqrt(sq / denom)).to(centre_values.device)
 
 
 class Assignments:
-    """Newly fixed weights and their codebook centres, in fixing order (sigma sums follow it)."""
+    """Newly fixed weights and their codebook centres, in fixing order (sigma sums follow it).
 
-    def __init__(self, capacity: int, n: int, device: torch.device) -> None:
+    Weight indices take 4 bytes (int32 when ``n`` allows), centre indices 2 (int16 when the
+    codebook has fewer than 2**15 centres).
+    """
+
+    def __init__(self, capacity: int, n: int, device: torch.device, n_centres: int = 1 << 31) -> None:
         self._weights = torch.empty(capacity, dtype=_index_dtype(n), device=device)
-        self._centres = torch.empty(capacity, dtype=torch.int32, device=device)
+        self._centres = torch.empty(capacity, dtype=torch.int16 if n_centres < 1 << 15 else torch.int32,
+                                    device=device)
         self.count = 0
 
     def add(self, weights: torch.Tensor, centres: torch.Tensor) -> None:
@@ -233,14 +355,16 @@ class FitRuns:
     """The free weights at one tolerance multiplier, bucketed by grid pair ``(lo, hi)``."""
 
     def __init__(self, book: Codebook, values: torch.Tensor, tolerance: torch.Tensor,
-                 free: torch.Tensor, mult: float, zero_fix: bool, tuning: EngineTuning) -> None:
+                 free: torch.Tensor, mult: float, zero_fix: bool, tuning: EngineTuning,
+                 red: Reductions | None = None) -> None:
+        red = red or Reductions()
         self.book = book
         self.free = free
         self.tuning = tuning
         n = int(free.numel())
         self.width = 2 * book.span + 3  # grid pair key: (lo + G+1) * width + (hi + G+1)
         self.nbins = self.width**2
-        self.dense = self.nbins <= max(tuning.dense_min, tuning.work_factor * n)
+        self.dense = self.nbins <= max(tuning.dense_min, tuning.work_factor * red.total(n))
         keys = torch.empty(n, dtype=_index_dtype(self.nbins), device=free.device)
         step = tuning.chunk
         for s in range(0, n, step):
@@ -249,14 +373,18 @@ class FitRuns:
                              zero_fix, keys[s:s + step])
         self.keys = keys
         if self.dense:
-            hist = torch.bincount(keys, minlength=self.nbins)
+            hist = red.sum_counts_(torch.bincount(keys, minlength=self.nbins))
             pairs = _find(hist, lambda h: h != 0)
             counts = hist.index_select(0, pairs)
         else:
             pairs, counts = torch.unique(keys, sorted=True, return_counts=True)
+            if red.sharded:
+                merged, counts = red.merge_counts(pairs.cpu().numpy().astype(np.int64),
+                                                  counts.cpu().numpy().astype(np.int64))
+                pairs = torch.as_tensor(merged, dtype=keys.dtype, device=keys.device)
         self.pairs_dev = pairs
         self.pairs = pairs.cpu().numpy().astype(np.int64)
-        self.counts = counts.cpu().numpy().astype(np.int64)
+        self.counts = counts.cpu().numpy().astype(np.int64) if isinstance(counts, torch.Tensor) else counts
 
     def _grid_pairs(self, v: torch.Tensor, t: torch.Tensor, mult: float, zero_fix: bool,
                     out: torch.Tensor) -> None:
@@ -312,11 +440,9 @@ class FitRuns:
             table = code_dev  # aligned with the sorted unique pairs
         keep_rest = plan.need > 0
         stays = plan.code == -1
-        cand = torch.empty(int(self.counts[plan.code == -2].sum()), dtype=self.free.dtype,
-                           device=dev)
-        rest_n = int(self.counts[stays].sum()) if keep_rest else 0
-        rest = torch.empty(rest_n, dtype=self.free.dtype, device=dev)
-        rest_keys = torch.empty(rest_n, dtype=self.keys.dtype, device=dev)
+        # (the counts are over every shard: this process holds at most its free weights of them)
+        cand = torch.empty(min(int(self.counts[plan.code == -2].sum()), int(self.free.numel())),
+                           dtype=self.free.dtype, device=dev)
         n_cand = n_rest = 0
         step = self.tuning.chunk
         for s in range(0, int(self.free.numel()), step):
@@ -330,16 +456,17 @@ class FitRuns:
                 pos = _find(code, lambda c: c == -2)
                 cand[n_cand:n_cand + pos.numel()] = free.index_select(0, pos)
                 n_cand += pos.numel()
-            elif keep_rest:
+            elif keep_rest:  # compact in place: the kept entries move down (n_rest <= s)
                 pos = _find(code, lambda c: c == -1)
-                rest[n_rest:n_rest + pos.numel()] = free.index_select(0, pos)
-                rest_keys[n_rest:n_rest + pos.numel()] = keys.index_select(0, pos)
+                kept, kept_keys = free.index_select(0, pos), keys.index_select(0, pos)  # copies first
+                self.free[n_rest:n_rest + pos.numel()] = kept
+                self.keys[n_rest:n_rest + pos.numel()] = kept_keys
                 n_rest += pos.numel()
         if keep_rest:  # every weight of a fully picked run type is fixed now
-            self.free, self.keys = rest, rest_keys
+            self.free, self.keys = self.free[:n_rest], self.keys[:n_rest]
             self.pairs, self.counts = self.pairs[stays], self.counts[stays]
             self.pairs_dev = torch.as_tensor(self.pairs, dtype=self.pairs_dev.dtype, device=dev)
-        return cand
+        return cand[:n_cand]
 
 
 def _greedy(type_keys: np.ndarray, type_counts: np.ndarray, C: int, prio: np.ndarray,

@@ -5,7 +5,7 @@
     pwfn report RUN_DIR [--plot]
     pwfn plot RUN_DIR [--out DIR]
     pwfn inspect FILE.pwfn
-    pwfn export RUN_DIR [--out DIR] [--allow-unfixed] [--onnx]
+    pwfn export RUN_DIR [--out DIR] [--allow-unfixed] [--onnx] [--to TARGETS] [--model MODULE:FACTORY]
     pwfn doctor [RUN_DIR]
     pwfn models
 
@@ -31,7 +31,10 @@ from typing import Optional
 
 from . import __version__
 from .config import load_config
+from .console import FORMAT as LOG_FORMAT
+from .console import enable_logging
 from .errors import PwfnError, os_error_message
+from .hints import command_line
 from .methods import check_method_name, method_names
 from .presets import resolve_config
 
@@ -85,9 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     p_exp.add_argument("--onnx", action="store_true",
                        help="also write model.onnx, checked with onnxruntime (needs the 'onnx' extra)")
     p_exp.add_argument("--to", action="append", default=[], metavar="TARGET[,TARGET]",
-                       help="also export to device targets: onnx (codebook + Gather), tflm (TFLite-Micro, "
+                       help="also export to device targets: onnx (codebook + packed indices), tflm (TFLite-Micro, "
                             "LUT-compressed), hls4ml (shift-product HLS project, C-simulated); each is checked "
-                            "end to end and its sizes and multiplications left are reported (repeatable)")
+                            "end to end before anything is written, and its sizes and multiplications left are "
+                            "reported (repeatable)")
+    p_exp.add_argument("--model", default=None, metavar="MODULE:FACTORY",
+                       help="how to build the model when the run records no recipe (a model passed in from Python) "
+                            "or records a function: an importable class or function, e.g. mypkg.models:make_net "
+                            "(the current folder is importable), or a registered model name")
+    p_exp.add_argument("--model-kwargs", default=None, metavar="JSON",
+                       help="keyword arguments for --model as a JSON object, e.g. '{\"hidden\": 32}' (default: the "
+                            "run's recorded arguments when it recorded the same factory, else none)")
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("configs", help="list the shipped configs (usable by name: pwfn compare digits_mlp)")
     p_doc = sub.add_parser(
@@ -169,19 +180,31 @@ def cmd_inspect(args) -> int:
 
 def cmd_export(args) -> int:
     from .export import export_run
-    from .export.targets import check_targets, export_targets
+    from .export.targets import check_targets
+    from .recipes import ensure_cwd_importable, parse_model_spec
     from .report import format_export_summary, format_targets
 
     targets: list[str] = []
     if args.to:
-        targets = check_targets(args.to)  # unknown names or missing extras: refused before any write
-    result = export_run(args.run_dir, args.out, allow_unfixed=args.allow_unfixed, onnx=args.onnx)
+        targets = check_targets(args.to)  # unknown names or missing extras: refused before any work
+    model = None
+    if args.model_kwargs is not None and args.model is None:
+        from .errors import ConfigError
+
+        raise ConfigError("--model-kwargs goes with --model")
+    ensure_cwd_importable()  # a recipe's module:factory may live in the current folder, as with python -m
+    if args.model is not None:
+        # the recorded kwargs of the same factory are filled in by the export (parse_model_spec sees the run's)
+        model = args.model if args.model_kwargs is None else parse_model_spec(args.model, args.model_kwargs)
+    # the base export and every target are built and checked in memory first: a failure writes nothing
+    result = export_run(args.run_dir, args.out, allow_unfixed=args.allow_unfixed, onnx=args.onnx, targets=targets,
+                        model=model)
     runs = result["runs"] if "runs" in result else {"": result}
     texts = []
     for r in runs.values():
         text = format_export_summary(r)
-        if targets:
-            text += "\n" + format_targets(export_targets(r["out_dir"], targets))
+        if r.get("targets"):
+            text += "\n" + format_targets(r["targets"])
         texts.append(text)
     _out("\n\n".join(texts))
     return 0
@@ -231,17 +254,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     level = _log_level(args)
-    # other libraries stay at WARNING (or DEBUG with -v); pwfn's and bayes' own loggers say INFO
-    logging.basicConfig(level=min(level, logging.WARNING), format="%(levelname)s %(name)s: %(message)s")
-    for name in ("pwfn", "bayes"):
-        logging.getLogger(name).setLevel(level)
+    # other libraries stay at WARNING (or DEBUG with -v); pwfn's and bayes' own loggers say INFO, written
+    # around the progress bars
+    logging.basicConfig(level=min(level, logging.WARNING), format=LOG_FORMAT)
+    enable_logging(level)
     handlers = {"run": cmd_run, "compare": cmd_compare, "report": cmd_report, "export": cmd_export,
                 "models": cmd_models, "doctor": cmd_doctor, "plot": cmd_plot, "inspect": cmd_inspect,
                 "configs": cmd_configs}
 
     succeeded = False
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), command_line():  # messages speak the command line's language
             code = handlers[args.command](args)
             succeeded = code == 0
             return code
@@ -262,6 +285,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # `report`, `--help` must not pay for importing torch just to shut nothing down)
         if "pwfn.distributed" in sys.modules:
             sys.modules["pwfn.distributed"].shutdown_distributed(synchronise=succeeded)
+        enable_logging(None)  # main() called from Python removes its console handler again
 
 
 class _Terminated(KeyboardInterrupt):

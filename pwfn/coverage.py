@@ -37,6 +37,7 @@ from torch import nn
 import bayes
 
 from .errors import ModelError
+from .hints import setting
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,10 @@ def role_of(module: nn.Module, attr: str) -> str:
     if bayes.is_norm_module(module):
         return "norm"
     return "bias" if "bias" in attr else "weight"
+
+
+#: tensors named in one grouped stays-float warning; the rest are counted
+LISTED = 20
 
 
 @dataclass
@@ -158,12 +163,25 @@ class Coverage:
         }
 
     def log(self, method: str) -> None:
-        """Log the quantised share, every tensor that stays float (a warning each) and the shared tensors."""
+        """Log the quantised share, the tensors that stay float (one warning per reason, listing them with
+        their count, so forty norm layers do not bury the warnings that matter) and the shared tensors."""
         s = self.summary()
         log.info("%s: quantising %d of %d parameters (%.1f%%) in %d tensors", method, s["quantised_parameters"],
                  s["parameters"], 100 * s["share"], len(self.quantised))
+        groups: dict[str, list[TensorCoverage]] = {}
         for t in self.left_float:
-            log.warning("%s: %s (%s, %d values) stays float: %s", method, t.name, t.owner_type, t.numel, t.reason)
+            groups.setdefault(str(t.reason), []).append(t)
+        for reason, group in groups.items():
+            if len(group) == 1:
+                t = group[0]
+                log.warning("%s: %s (%s, %d values) stays float: %s", method, t.name, t.owner_type, t.numel, reason)
+                continue
+            names = ", ".join(t.name for t in group[:LISTED])
+            if len(group) > LISTED:
+                names += f" and {len(group) - LISTED} more (the report's coverage.left_float lists every one)"
+            owners = ", ".join(sorted({t.owner_type for t in group}))
+            log.warning("%s: %d tensors (%s; %d values) stay float: %s: %s", method, len(group), owners,
+                        sum(t.numel for t in group), reason, names)
         for name, aliases in s["shared"].items():
             log.info("%s: %s is shared with %s: fixed once, stays shared", method, name, ", ".join(aliases))
 
@@ -221,7 +239,7 @@ def plan(
         elif role == "float":
             reason = "registered to stay float (pwfn.register_layer)"
         elif role == "norm" and not quantise_norms and not inc:
-            reason = f"normalisation-layer parameter (set {norms_option}=true to quantise it)"
+            reason = f"normalisation-layer parameter (quantised with {setting(norms_option, True)})"
         tensors.append(TensorCoverage(
             name=site.name, owner=site.module_name, owner_type=_owner_class(site.module).__name__, role=role,
             numel=values, bytes=t.numel() * t.element_size(), dtype=dtype,

@@ -231,3 +231,4 @@ def tensor_checksum(*tensors: torch.Tensor) -> str:
 
 def local_batch_size(global_batch: int, world: int) -> int:
     return max(1, math.ceil(global_batch / world))
+

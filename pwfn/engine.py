@@ -40,7 +40,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -214,27 +214,34 @@ def _check_tensor(name: str, x: Any, like: torch.Tensor | None,
         raise EngineInputError(f"{name}: dtype {x.dtype} != values dtype {dtype}")
 
 
-def _range(x: torch.Tensor) -> tuple[float, float]:
-    """(min, max) in one pass; NaN propagates."""
-    lo, hi = torch.aminmax(x.detach())
-    return float(lo), float(hi)
+def _range(x: torch.Tensor, red: fast.Reductions | None = None) -> tuple[float, float]:
+    """(min, max) in one pass; NaN propagates (over every shard when ``red`` combines shards)."""
+    if x.numel():
+        lo, hi = (float(t) for t in torch.aminmax(x.detach()))
+    else:  # an empty shard
+        lo, hi = math.inf, -math.inf
+    return (red or fast.Reductions()).range(lo, hi)
 
 
 def _validate(values: Any, tolerance: Any, fixed: Any, target_fraction: Any,
-              sigma: Any) -> tuple[float, int]:
-    """Check every input; return (max |values|, number fixed).  One pass per tensor."""
+              sigma: Any, red: fast.Reductions | None = None) -> tuple[float, int]:
+    """Check every input; return (max |values|, number fixed).  One pass per tensor.
+
+    With ``red`` combining shards, the checks and counts are over all of them (every process
+    raises the same error)."""
+    red = red or fast.Reductions()
     _check_tensor("values", values, None)
     if values.dim() != 1:
         raise EngineInputError(f"values: expected a 1-D tensor, got shape {tuple(values.shape)}")
-    if values.numel() == 0:
+    if red.total(values.numel()) == 0:
         raise EngineInputError("values: empty (N = 0), nothing to fix")
     if values.dtype not in (torch.float32, torch.float64):
         raise EngineInputError(f"values: dtype must be float32 or float64, got {values.dtype}")
-    lo, hi = _range(values)
+    lo, hi = _range(values, red)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise EngineInputError("values: contains NaN or inf")
     _check_tensor("tolerance", tolerance, values, values.dtype)
-    tlo, thi = _range(tolerance)
+    tlo, thi = _range(tolerance, red)
     if math.isnan(tlo) or math.isnan(thi):
         raise EngineInputError("tolerance: contains NaN")
     if tlo < 0:
@@ -246,45 +253,79 @@ def _validate(values: Any, tolerance: Any, fixed: Any, target_fraction: Any,
         raise EngineInputError(f"fixed: dtype must be torch.bool, got {fixed.dtype}")
     if sigma is not None:
         _check_tensor("sigma", sigma, values, values.dtype)
-        if not all(map(math.isfinite, _range(sigma))):
+        if not all(map(math.isfinite, _range(sigma, red))):
             raise EngineInputError("sigma: contains NaN or inf")
     if (isinstance(target_fraction, bool) or not isinstance(target_fraction, numbers.Real)
             or not math.isfinite(float(target_fraction))
             or not 0.0 <= float(target_fraction) <= 1.0):
         raise EngineInputError(
             f"target_fraction: must be a number in [0, 1], got {target_fraction!r}")
-    return max(-lo, hi), int(torch.count_nonzero(fixed))
+    return max(-lo, hi), red.total(int(torch.count_nonzero(fixed)))
 
 
 def _closest(values: torch.Tensor, tolerance: torch.Tensor, candidates: torch.Tensor,
-             centre: float, mult: float, r: int) -> torch.Tensor:
-    """The partial pick: the ``r`` candidates with the smallest ``|v - c| / (m*t)``."""
-    dist = (values.index_select(0, candidates).double() - centre).abs_()
-    ratio = dist / (tolerance.index_select(0, candidates).double() * mult)
-    ratio.masked_fill_(dist == 0, 0.0)  # 0/0 := 0; x/0 = inf already
-    return candidates.index_select(0, fast.smallest(ratio, r))
+             centre: float, mult: float, r: int, step: int, red: fast.Reductions,
+             index_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The partial pick: the ``r`` candidates with the smallest ``|v - c| / (m*t)`` (ties: lower
+    index; ``index_of`` maps this process's indices to the global ones)."""
+
+    def ratio(s: int, e: int) -> torch.Tensor:
+        idx = candidates[s:e]
+        dist = (values.index_select(0, idx).double() - centre).abs_()
+        out = dist / (tolerance.index_select(0, idx).double() * mult)
+        return out.masked_fill_(dist == 0, 0.0)  # 0/0 := 0; x/0 = inf already
+
+    chosen = red.select_smallest(ratio, int(candidates.numel()), r, step,
+                                 lambda s, e: index_of(candidates[s:e]))
+    return candidates.index_select(0, chosen)
 
 
-def _new_sigma(sigma: torch.Tensor, values: torch.Tensor, fixing: fast.Assignments,
-               weights: torch.Tensor, centres: CentreSet, cfg: EngineConfig) -> torch.Tensor:
-    """The sigma update of the newly fixed ``weights`` (``cfg.sigma_update``), floored."""
-    out = sigma.clone()
-    if cfg.sigma_update == "keep" or fixing.count == 0:
-        return out
-    if cfg.sigma_update == "divide":
-        s_new = (sigma.index_select(0, weights).double() / cfg.sigma_divisor
-                 ).clamp_(min=cfg.sigma_floor).to(sigma.dtype)
-    else:  # std_mu: spread of the values fixed to the same centre in this round
-        std = fast.group_std(values.index_select(0, weights), fixing.centres, centres.values,
-                             len(centres))
-        s_new = std.clamp_(min=cfg.sigma_floor).to(sigma.dtype).index_select(0, fixing.centres)
-    return fast.scatter_(out, weights, s_new)
+def _nearest_fallback(values: torch.Tensor, free: torch.Tensor, book: fast.Codebook, need: int,
+                      step: int, red: fast.Reductions,
+                      index_of: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fallback: the ``need`` free weights nearest to a centre (nearest first, ties by
+    index) and their centres."""
+    chosen = red.select_smallest(lambda s, e: fast.nearest_centres(values, free[s:e], book)[1],
+                                 int(free.numel()), need, step, lambda s, e: index_of(free[s:e]))
+    weights = free.index_select(0, chosen)
+    return weights, fast.nearest_centres(values, weights, book)[0]
+
+
+def _write(values: torch.Tensor, fixed: torch.Tensor, sigma: torch.Tensor | None,
+           fixing: fast.Assignments, centres: CentreSet, cfg: EngineConfig,
+           step: int, red: fast.Reductions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The round's outputs: copies of the inputs with the newly fixed entries written, chunk by
+    chunk (no index or value copy of the whole assignment list).
+
+    The sigma update of the newly fixed weights (``cfg.sigma_update``) is floored at
+    ``cfg.sigma_floor``; ``std_mu`` is the population std of the values fixed to the same centre
+    in this round.
+    """
+    step = max(step, -(-fixing.count // 16))  # a few large chunks: 1/16 of the list at most
+    update = None if sigma is None or red.total(fixing.count) == 0 else cfg.sigma_update
+    std = None
+    if update == "std_mu":  # before the outputs exist: the gathered values are the peak's smaller part
+        std = fast.group_std(values.index_select(0, fixing.weights), fixing.centres, centres.values,
+                             len(centres), step, red).clamp_(min=cfg.sigma_floor).to(sigma.dtype)
+    new_values, new_fixed = values.clone(), fixed.clone()
+    new_sigma = None if sigma is None else sigma.clone()
+    for s, e in fast.chunks(fixing.count, step):
+        w = fixing.weights[s:e].to(torch.int64)  # one index conversion per chunk, for every write
+        ci = fixing.centres[s:e].to(torch.int32)
+        fast.scatter_(new_values, w, centres.values.index_select(0, ci))
+        fast.scatter_(new_fixed, w, True)
+        if update == "divide":
+            fast.scatter_(new_sigma, w, (sigma.index_select(0, w).double() / cfg.sigma_divisor
+                                         ).clamp_(min=cfg.sigma_floor).to(sigma.dtype))
+        elif update == "std_mu":
+            fast.scatter_(new_sigma, w, std.index_select(0, ci))
+    return new_values, new_fixed, torch.bitwise_xor(new_fixed, fixed), new_sigma  # fixed stays fixed
 
 
 def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor,
               target_fraction: float, *, sigma: torch.Tensor | None = None,
               config: EngineConfig | None = None, tuning: EngineTuning | None = None,
-              cache: EngineCache | None = None) -> RoundResult:
+              cache: EngineCache | None = None, shards: fast.Reductions | None = None) -> RoundResult:
     """Fix free weights to shared power-of-two centres until ``ceil(p*N)`` are fixed.
 
     Why one function: PWFN (``tolerance = k*sigma``, ``signed_terms=False``) and WFN
@@ -292,6 +333,10 @@ def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor
     config.  Inputs are not modified; already-fixed entries are returned bit-identical.
     ``tuning`` changes how the fast path computes, never the result; ``cache`` (owned by
     the caller, e.g. one per run) saves rebuilding the candidate set every round.
+    ``shards`` (:class:`pwfn.sharding.ShardGroup`): the vectors are this process's shards of
+    one network-wide vector (FSDP); every process calls this together, each gets its shards of
+    the single-process result (``std_mu`` sigmas up to float rounding: per-process sums added in
+    rank order) and the single-process summary.
     Raises :class:`~pwfn.errors.EngineInputError` (naming the tensor) on bad input.
     """
     cfg = EngineConfig() if config is None else config
@@ -300,10 +345,15 @@ def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor
     tuning = EngineTuning() if tuning is None else tuning
     if not isinstance(tuning, EngineTuning) or not isinstance(cache, (EngineCache, type(None))):
         raise ConfigError("tuning must be an EngineTuning and cache an EngineCache (or None)")
+    if not isinstance(shards, (fast.Reductions, type(None))):
+        raise ConfigError(f"shards must be a pwfn.sharding.ShardGroup (or None), got {type(shards).__name__}")
+    red = shards or fast.Reductions()
+    index_of = getattr(red, "global_index", None) or (lambda local: local)
     t_start = time.perf_counter()
-    max_abs, n_fixed0 = _validate(values, tolerance, fixed, target_fraction, sigma)
+    max_abs, n_fixed0 = _validate(values, tolerance, fixed, target_fraction, sigma, red)
     values, tolerance = values.detach(), tolerance.detach()
-    n = int(values.numel())
+    n_local = int(values.numel())
+    n = red.total(n_local)
     n_target = target_count(target_fraction, n)
     if n_target < n_fixed0:
         raise EngineInputError(f"target_fraction: {target_fraction!r} asks for {n_target} fixed "
@@ -312,34 +362,41 @@ def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor
     book = (cache.codebook(grid, cfg, values.dtype, values.device) if cache is not None
             else _codebook(grid, cfg, values.dtype, values.device))
     need = n_target - n_fixed0
-    fixing = fast.Assignments(need, n, values.device)
+    n_free = n_local - int(torch.count_nonzero(fixed)) if red.sharded else n - n_fixed0
+    fixing = fast.Assignments(min(need, n_free), n_local, values.device, len(book.centres))
     picks: list[dict] = []
     order, mult, escalations, order_turn, levels, n_fallback = 1, 1.0, 0, True, 0, 0
-    free = fast.free_indices(fixed, n - n_fixed0, tuning) if need > 0 else None
+    free = fast.free_indices(fixed, n_free, tuning) if need > 0 else None
     runs = None
     while need > 0:
         levels += 1
         if runs is None:  # which centres a weight fits depends on the multiplier, not the order
-            runs = fast.FitRuns(book, values, tolerance, free, mult, cfg.zero_fix, tuning)
+            runs = fast.FitRuns(book, values, tolerance, free, mult, cfg.zero_fix, tuning, red)
         plan = runs.plan(order, need)  # the level's greedy pick sequence, from counts alone
         if plan.picks:
             candidates = runs.apply(plan, fixing)  # full picks: all their fitting weights
-            if plan.partial:  # the last pick fits more than still needed: the closest ones
-                centre, r = plan.picks[-1][:2]
-                chosen = _closest(values, tolerance, candidates, book.values_list[centre], mult, r)
-                fixing.add(chosen, torch.full_like(chosen, centre, dtype=torch.int32))
             picks += [{"centre": book.values_list[c], "count": k,
                        "centre_order": book.orders_list[c], "level_order": order,
                        "multiplier": mult, "partial": part} for c, k, part in plan.picks]
+            if plan.partial:  # the last pick fits more than still needed: the closest ones
+                runs = free = None  # the round ends with this pick: the free list goes first
+                centre, r = plan.picks[-1][:2]
+                chosen = _closest(values, tolerance, candidates, book.values_list[centre], mult, r,
+                                  tuning.chunk, red, index_of)
+                del candidates
+                fixing.add(chosen, torch.full_like(chosen, centre, dtype=fixing.centres.dtype))
+                need = plan.need
+                log.debug("level order=%d mult=%g: %d picks, partial", order, mult, len(plan.picks))
+                break
         need, free = plan.need, runs.free
         log.debug("level order=%d mult=%g: %d picks, need %d", order, mult, len(plan.picks), need)
         if need <= 0:
             break
         if escalations >= cfg.max_escalations:  # fallback: the nearest centres, nearest first
-            centre_of, dist = fast.nearest_centres(values, free, book)
-            chosen = fast.smallest(dist, need)
-            fixing.add(free.index_select(0, chosen), centre_of.index_select(0, chosen))
-            n_fallback = int(chosen.numel())
+            runs = None
+            weights, centre_of = _nearest_fallback(values, free, book, need, tuning.chunk, red, index_of)
+            fixing.add(weights, centre_of)
+            n_fallback = red.total(int(weights.numel()))
             log.warning("fixing round: %d weights fixed by nearest-centre fallback after "
                         "%d escalations", n_fallback, escalations)
             break
@@ -354,22 +411,20 @@ def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor
     del runs, free
 
     centres = book.centres
-    weights = fixing.weights.to(torch.int64)
-    new_values = fast.scatter_(values.clone(), weights,
-                               centres.values.index_select(0, fixing.centres))
-    new_fixed = fast.scatter_(fixed.clone(), weights, torch.ones_like(weights, dtype=torch.bool))
-    new_sigma = (None if sigma is None
-                 else _new_sigma(sigma.detach(), values, fixing, weights, centres, cfg))
+    n_new = red.total(fixing.count)
+    new_values, new_fixed, newly, new_sigma = _write(values, fixed, None if sigma is None else sigma.detach(),
+                                                     fixing, centres, cfg, tuning.chunk, red)
+    del fixing
     per_centre: dict[str, int] = {}
     for p in picks:  # dyadic, so repr is exact; str keys stay JSON-friendly
         per_centre[repr(p["centre"])] = per_centre.get(repr(p["centre"]), 0) + p["count"]
     summary = {
         "n": n, "target_fraction": float(target_fraction), "target": n_target,
-        "fixed_before": n_fixed0, "fixed_after": n_fixed0 + fixing.count,
-        "newly_fixed": fixing.count, "max_abs": max_abs, "n_candidates": len(centres),
+        "fixed_before": n_fixed0, "fixed_after": n_fixed0 + n_new,
+        "newly_fixed": n_new, "max_abs": max_abs, "n_candidates": len(centres),
         "picks": picks, "fixed_per_centre": per_centre, "levels": levels,
         "escalations": escalations, "final_order": order, "final_multiplier": mult,
         "fallback": n_fallback, "seconds": time.perf_counter() - t_start,
     }
-    return RoundResult(values=new_values, fixed=new_fixed, newly_fixed=new_fixed & ~fixed,
+    return RoundResult(values=new_values, fixed=new_fixed, newly_fixed=newly,
                        sigma=new_sigma, centres=centres, summary=summary)

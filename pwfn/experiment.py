@@ -28,6 +28,7 @@ from .data import STREAM_SHUFFLE, make_loaders, torch_generator
 from .distributed import ContiguousShard, DistContext, GlobalBatchShard, init_distributed
 from .errors import CheckpointError, ConfigError, PwfnError
 from .files import parse_json, regular_file_problem
+from .hints import start_over
 from .io import (
     atomic_write_json,
     atomic_write_text,
@@ -226,7 +227,7 @@ def prepare_run(cfg: RunConfig, methods: tuple[str, ...] = (), *, resume: bool =
             base_state = load_checkpoint(base_path, kind="baseline", map_location=dist.device)
         except CheckpointError as exc:
             raise CheckpointError(f"{exc}. Delete it to retrain the float baseline, or start over with "
-                                  "--fresh") from exc
+                                  f"{start_over()}") from exc
         refuse_changed_config(base_state.get("config"), cfg, base_path, BASELINE_SECTIONS)
         refuse_changed_inputs(base_state.get("inputs"), inputs, base_path, keys=("data",))
         load_state_dict_strict(model, base_state["model"], str(base_path))
@@ -244,7 +245,7 @@ def prepare_run(cfg: RunConfig, methods: tuple[str, ...] = (), *, resume: bool =
             try:
                 load_state_dict_strict(fixed_model, saved["model"], str(ckpt))
             except CheckpointError as exc:
-                raise CheckpointError(f"{exc}. Start this method over with --fresh (or delete the file)") from exc
+                raise CheckpointError(f"{exc}. Start this method over with {start_over()} (or delete the file)") from exc
     # every check passed: from here on the run folder is written, under its lock
     lock = acquire(folder) if dist.is_main else None
     try:

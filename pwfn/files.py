@@ -55,8 +55,14 @@ def read_limited(path: PathLike, what: str, max_bytes: int, error: type[PwfnErro
     if problem is not None:
         raise error(f"{what} {str(path)!r} {problem}")
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
+        # O_NONBLOCK: a FIFO swapped in after the check above must not block the open; fstat then
+        # checks the file actually opened
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise error(f"{what} {str(path)!r} is {_kind(st.st_mode)}, not a file")
+            size = st.st_size
             data = b"" if size > max_bytes else fh.read(min(size, max_bytes) + 1)
             if size <= max_bytes and len(data) > size:  # a file that grew while read: read the rest, bounded
                 data += fh.read(max_bytes + 1 - len(data))

@@ -30,6 +30,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import json
 import logging
 import math
 import numbers
@@ -45,6 +46,8 @@ from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
+
+import bayes
 
 from .budget import plan_budget
 from .checks import check_float_model, check_materialized
@@ -69,9 +72,10 @@ from .engine import EngineCache, fix_round
 from .errors import CheckpointError, ConfigError, ContractError, ModelError
 from .io import load_state_dict_strict, to_jsonable
 from .methods.base import Method, build_method
-from .metrics import fixing_metrics
+from .metrics import fixing_metrics, fixing_metrics_from_codebook
 from .plumbing import FixedGuard, QuantSlot
 from .presets import resolve_config as resolve_shipped
+from .sharding import is_sharded
 from .tasks import BatchAdapter, Task, add_sums, evaluate_units, resolve_task, split_units
 from .train import apply_batchnorm_policy, draw_examples, rng_state, set_rng_state, take_examples
 
@@ -153,6 +157,12 @@ def _mask_grad(view_ref, slot: QuantSlot):
         if view is None:
             return grad
         mask = view._mask(slot)
+        if is_sharded(grad):  # a DTensor gradient (FSDP2 sets its sharded grads outside autograd)
+            local = grad.to_local()
+            if mask.shape != local.shape:
+                return grad
+            return type(grad).from_local(local.masked_fill(mask, 0), grad.device_mesh, grad.placements,
+                                         shape=grad.shape, stride=grad.stride(), run_check=False)
         return grad.masked_fill(mask, 0) if mask.shape == grad.shape else grad
 
     return hook
@@ -222,6 +232,13 @@ class Fixer:
                                   lambda: self.method_impl.tolerance(self.view, 0))
         if self.budget is not None:
             self.engine_config = self.budget.engine_config
+            if self.view.shards is not None:
+                raise ConfigError("budget mode is not available for a sharded (FSDP2) model yet: its allowed values "
+                                  "are chosen from the whole vector; turn budget off")
+        if self.view.shards is not None and self.contract is not None:
+            raise ConfigError("the accuracy contract cannot judge a sharded (FSDP2) model yet (undoing a round would "
+                              "need every rank's snapshot of its shards): pass contract=False, and judge the fixed "
+                              "model yourself; the report then says the contract was not checked")
         #: the share of the weights fixed after each round; a round the contract splits adds one
         self.fractions: list[float] = list(self.method_impl.fractions)
         #: for each round, the method's schedule round it belongs to (a split round repeats its index)
@@ -382,7 +399,12 @@ class Fixer:
         ``reg_ratio`` x ``task_loss`` (so pass the task loss); zero before the first round.
         """
         if self._extra is None:
-            self._extra = self.method_impl.extra_loss(self.view) or (lambda model, ce: None)
+            term = self.method_impl.extra_loss(self.view)
+            if term is not None and self.view.shards is not None:
+                raise ConfigError(f"{self.method}'s loss term is not available for a sharded (FSDP2) model yet "
+                                  "(sharded fixing covers the rounds, the fixed-entry guard and checkpoints); "
+                                  "for WFN set wfn.reg_ratio=0")
+            self._extra = term or (lambda model, ce: None)
         if self.method_impl.needs_task_loss and task_loss is None and self.round > 0:
             raise ConfigError(f"{self.method}'s loss term is scaled to the task loss: call fixer.loss_term(task_loss)")
         base = task_loss if task_loss is not None else torch.zeros((), device=self.view.slots[0].value.device)
@@ -936,7 +958,8 @@ class Fixer:
         new_values, new_fixed, new_sigma, summary = self.method_impl.fix(self.view, self.schedule_index[t], frac,
                                                                       self.engine_config,
                                                                       engine=functools.partial(
-                                                                          fix_round, cache=self._engine_cache))
+                                                                          fix_round, cache=self._engine_cache,
+                                                                          shards=self.view.shards))
         if broadcast is not None:
             for tensor in (new_values, new_fixed) + ((new_sigma,) if new_sigma is not None else ()):
                 broadcast(tensor)
@@ -970,10 +993,17 @@ class Fixer:
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything to resume: model weights (and sigmas), fixed masks, rounds done (and the rounds the
-        contract added), history, config, the contract's float reference and caution."""
+        contract added), history, config, the contract's float reference and caution.
+
+        A sharded (FSDP2) model's state is for ``torch.distributed.checkpoint``: weights and masks are
+        DTensors, and the history (which grows with the rounds) is one JSON string, so the state a
+        fresh Fixer gives has the same keys to load into."""
+        history: Any = copy.deepcopy(self.history)
+        if self.view.shards is not None:
+            history = json.dumps(to_jsonable(history))
         return {"format": STATE_FORMAT, "method": self.method, "round": self.round,
                 "model": self.model.state_dict(), "masks": self.view.mask_state(),
-                "history": copy.deepcopy(self.history), "config": config_to_dict(self.cfg),
+                "history": history, "config": config_to_dict(self.cfg),
                 "fractions": list(self.fractions), "schedule_index": list(self.schedule_index),
                 "caution": self.caution, "extra_terms": self.extra_terms, "reference": self.reference,
                 "reference_units": self._reference_units,
@@ -996,12 +1026,17 @@ class Fixer:
         if diff:
             raise CheckpointError(f"{where} was written under other fixing settings ({'; '.join(diff[:4])}); "
                                   "resume with the same config or start over")
+        if isinstance(state.get("history"), str):  # a sharded Fixer's history travels as one JSON string
+            try:
+                state = {**state, "history": json.loads(state["history"])}
+            except ValueError as exc:
+                raise CheckpointError(f"{where}: its round history is not valid JSON ({exc})") from exc
         rounds = self._check_state(state, where)  # everything checked before anything is loaded
         load_state_dict_strict(self.model, state["model"], where)
         self.view.load_mask_state(state["masks"], where)
         self.fractions, self.schedule_index = list(state["fractions"]), list(state["schedule_index"])
         self.round = rounds
-        self.history = list(state.get("history") or [])
+        self.history = list(state["history"])
         self.caution = int(state.get("caution") or 0)
         self.method_impl.set_caution(self.caution)
         extra = int(state.get("extra_terms") or 0)
@@ -1100,16 +1135,29 @@ class Fixer:
 
     # -- the end ------------------------------------------------------------------------------
     def finalize(self) -> nn.Module:
-        """The plain point-estimate model (your module classes, no sigma, no hooks), every weight fixed."""
-        if not self.done or not bool(self.view.fixed().all()):
-            raise ModelError(f"{self.method}: {int((~self.view.fixed()).sum())} weights are not fixed yet "
+        """The plain point-estimate model (your module classes, no sigma, no hooks), every weight fixed.
+
+        A sharded (FSDP2) model is not copied: its hooks are removed and ``self.model`` itself, still
+        sharded, is returned (save it with ``torch.distributed.checkpoint``)."""
+        free = self.view.global_numel - self.view.n_fixed()
+        if not self.done or free:
+            raise ModelError(f"{self.method}: {free} weights are not fixed yet "
                              f"({self.round} of {len(self.fractions)} rounds done); run the remaining rounds first")
+        if self.view.shards is not None:
+            if bayes.is_bayesian(self.model):
+                raise ConfigError("finalize() cannot strip the Gaussians of a sharded (FSDP2) model yet; save "
+                                  "fixer.model with torch.distributed.checkpoint and convert it unsharded")
+            self.close()
+            return self.model
         point = self.method_impl.point_model(self.model)
         self.close()
         return point
 
     def _metrics(self) -> dict[str, Any]:
         """Unique values, entropy, term shares and codebook of the weights fixed so far."""
+        if self.view.shards is not None:  # network-wide, from the merged codebooks of the shards
+            return fixing_metrics_from_codebook(*self.view.fixed_codebook(), self.view.global_numel,
+                                                self.engine_config.b, self.engine_config.signed_terms)
         return fixing_metrics(self.view.values(), self.view.fixed(), self.engine_config.b,
                               self.engine_config.signed_terms)
 

@@ -21,7 +21,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Union
 
-from .errors import ArtefactError
 from .report import format_terms, power_of_two_terms
 
 
@@ -36,12 +35,10 @@ def inspect_file(path: Union[str, Path]) -> dict[str, Any]:
     import numpy as np
 
     from .export import packing
+    from .export.packcheck import read_artefact_bytes
 
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ArtefactError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from exc
+    data = read_artefact_bytes(path, "file")  # a regular file of bounded size: never a FIFO or a device
     packed = packing.unpack(data)  # full validation and decoding first
     manifest = packed.manifest
     sizes = packing.size_breakdown(data)

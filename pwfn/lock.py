@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import PwfnError, RunFileError
+from .hints import other_run_folder
 from .methods import method_names
 
 LOCK_FILE = ".pwfn.lock"
@@ -210,7 +211,7 @@ def check_free(folder: Union[str, os.PathLike], what: str = "run folder") -> Non
 
 def _busy_message(folder: Path, info: Optional[dict], what: str) -> str:
     return (f"{what} {str(folder)!r} is in use by {describe_holder(info)}: two writers would mix their files. "
-            "Wait for it to finish (or stop it), or use another name (--set name=...) / another folder")
+            f"Wait for it to finish (or stop it), or use {other_run_folder()}")
 
 
 def acquire(folder: Union[str, os.PathLike], what: str = "run folder") -> RunLock:

@@ -35,12 +35,13 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from . import __version__
-from .errors import ConfigError, PwfnError, RunFileError
+from . import __version__, recipes
+from .errors import ConfigError, ModelError, PwfnError, RunFileError
 from .files import (
     parse_json,
     read_limited,
 )
+from .hints import other_run_folder, start_over
 from .methods import method_names
 
 PathLike = Union[str, os.PathLike]
@@ -242,14 +243,12 @@ def read_compare(path: PathLike) -> dict:
 
 
 def validate_recipe(recipe: Any, where: str) -> Optional[dict]:
-    """A model recipe: null, or {"name": str, "kwargs": {...}}."""
-    if recipe is None:
-        return None
-    _check(recipe, (dict,), f"{where}: 'recipe'")
-    _field(recipe, "name", (str,), f"{where}: 'recipe'")
-    kwargs = recipe.get("kwargs", {})
-    _check(kwargs, (dict,), f"{where}: recipe 'kwargs'")
-    return {"name": recipe["name"], "kwargs": dict(kwargs)}
+    """A model recipe (:mod:`pwfn.recipes`): null, ``{"name": str, "kwargs": {...}}`` or
+    ``{"factory": "module:qualname", "kwargs": {...}}``; malformed raises ``RunFileError``."""
+    try:
+        return recipes.validate_recipe(recipe, where)
+    except ModelError as exc:
+        raise RunFileError(str(exc)) from exc
 
 
 def validate_description(obj: Any, where: str, formats: Iterable[str]) -> dict:
@@ -494,13 +493,12 @@ def _brief(fp: Any) -> str:
     return str(fp)
 
 
-def refuse_changed_inputs(saved: Optional[Mapping], current: Mapping, path: PathLike, *, api: bool = False,
+def refuse_changed_inputs(saved: Optional[Mapping], current: Mapping, path: PathLike, *,
                           keys: Iterable[str] = ("data", "checkpoint", "model")) -> None:
     """Raise InputsChangedError naming every changed input, when ``path`` was written from other inputs."""
     diff = changed_inputs(saved, current, keys)
     if diff:
-        how = ("pass resume=False to start over, or another run_dir to keep both" if api else
-               "use --fresh to start over, or another name (--set name=...) to keep both")
+        how = f"use {start_over()} to start over, or {other_run_folder()} to keep both"
         raise InputsChangedError(f"{str(path)} was written from other inputs: {'; '.join(diff)}. "
                                  f"Resuming would mix two runs: {how}")
 

@@ -38,6 +38,7 @@ __all__ = [
     "term_counts",
     "topk_accuracy",
     "unique_count",
+    "weight_histogram",
 ]
 
 TensorOrTensors = Union[Tensor, Sequence[Tensor]]
@@ -84,7 +85,7 @@ def _entropy_from_counts(counts: Tensor) -> float:
         return 0.0
     p = counts.to(torch.float64) / total
     h = float(-(p * torch.log2(p)).sum())
-    return max(h, 0.0)  # tiny negative round-off for a single symbol
+    return h if h > 0.0 else 0.0  # a single symbol gives -0.0 (printed '-0.000'), round-off a tiny negative
 
 
 # --------------------------------------------------------------------------- codebook stats
@@ -102,6 +103,25 @@ def entropy_bits(values: TensorOrTensors, include_zero: bool = True) -> float:
     with one shared table, which is why the size report multiplies it by the weight count.
     """
     return _entropy_from_counts(_counts(_weights(values, include_zero))[1])
+
+
+def weight_histogram(values: TensorOrTensors, bins: int = 120) -> dict[str, list]:
+    """``{"edges": bins + 1 floats, "counts": bins ints}``: an equal-width histogram of the weights over
+    their range (a single value gets a bin of width 1 around it); small enough for a report, so the
+    float model's distribution can be drawn under the fixed one without the float model."""
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    flat = _weights(values, include_zero=True).detach().to(torch.float64)
+    if flat.numel() == 0:
+        return {"edges": [], "counts": []}
+    lo, hi = float(flat.min()), float(flat.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("a histogram of non-finite weights is undefined")
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    counts = torch.histc(flat, bins=bins, min=lo, max=hi)  # the last bin includes hi
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+    return {"edges": [float(e) for e in edges.tolist()], "counts": [int(c) for c in counts.round().tolist()]}
 
 
 def codebook(values: TensorOrTensors, include_zero: bool = True) -> tuple[Tensor, Tensor]:
@@ -418,5 +438,31 @@ def fixing_metrics(values: Tensor, fixed: Tensor, b: int, signed_terms: bool) ->
     )
     cb, counts = codebook(fv)
     out["codebook"] = [float(v) for v in cb.tolist()]
+    out["codebook_counts"] = [int(c) for c in counts.tolist()]
+    return out
+
+
+def fixing_metrics_from_codebook(codebook_values: Tensor, counts: Tensor, n_weights: int, b: int,
+                                 signed_terms: bool) -> dict:
+    """:func:`fixing_metrics` from the fixed weights' codebook (sorted distinct values, -0.0 folded into
+    0.0, and their counts) instead of the weights themselves: what a sharded model's processes can
+    merge without gathering its weights. ``fixed_fraction`` is the exact ratio."""
+    n_fixed = int(counts.sum())
+    out: dict = {"fixed_fraction": n_fixed / n_weights if n_weights else 0.0, "n_weights": int(n_weights)}
+    if n_fixed == 0:
+        return out
+    nonzero = codebook_values != 0
+    orders = term_counts(codebook_values, b=b, signed_terms=signed_terms)
+    per_order: dict[int, int] = {}
+    for k, c in zip(orders.tolist(), counts.tolist()):
+        per_order[int(k)] = per_order.get(int(k), 0) + int(c)
+    out.update(
+        unique=int(codebook_values.numel()),
+        unique_nonzero=int(nonzero.sum()),
+        entropy=_entropy_from_counts(counts),
+        entropy_nonzero=_entropy_from_counts(counts[nonzero]),
+        order_shares={str(k): c / n_fixed for k, c in sorted(per_order.items())},
+    )
+    out["codebook"] = [float(v) for v in codebook_values.tolist()]
     out["codebook_counts"] = [int(c) for c in counts.tolist()]
     return out

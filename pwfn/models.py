@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, ModelError, PwfnError
+from .hints import install_hint
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
@@ -202,7 +203,7 @@ def _import_optional(module: str, extra: str = "vision"):
     except Exception as exc:  # ImportError, or a binary mismatch with the installed torch
         raise ModelError(
             f"this model needs {module!r}, which could not be imported ({exc.__class__.__name__}: {exc}). "
-            f"Install the optional extra: pip install 'pwfn-compress[{extra}]'"
+            f"Install the optional extra: {install_hint(extra)}"
         ) from exc
 
 

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .checks import check_first_batch, check_float_model, check_materialized
 from .config import RunConfig, config_diff, config_to_dict, dump_config
+from .console import progress_bar
 from .contract import ContractSpec
 from .distributed import DistContext, init_distributed, resolve_device
 from .engine import EngineConfig
@@ -37,11 +38,11 @@ from .errors import (
 )
 from .export import shared_keys
 from .fixer import Fixer, resolve_config
+from .hints import other_run_folder, setting, start_over
 from .io import (
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
-    load_state_dict_strict,
     remove_stale_temp_files,
     save_checkpoint,
     to_jsonable,
@@ -62,10 +63,11 @@ from .manifest import (
 )
 from .methods import get_method
 from .methods.base import Method, build_method
-from .metrics import expected_calibration_error, fixing_metrics, nll
-from .models import build_from_recipe
+from .metrics import expected_calibration_error, fixing_metrics, nll, weight_histogram
 from .ownership import METHOD, claim, mark
 from .plumbing import QuantView
+from .recipes import build_recipe, recipe_of
+from .recipes import describe as describe_recipe
 from .runlog import open_tensorboard, round_line, write_metrics_csv
 from .tasks import BatchAdapter, CustomTask, Task, WithMetrics, resolve_task
 from .train import (
@@ -86,9 +88,9 @@ def divergence_advice(cfg: RunConfig, section: str, tips: Sequence[str] = ()) ->
     """Which settings to turn when training under ``section`` ("baseline" or a method's section) diverges;
     ``tips`` adds the method's own (:meth:`Method.divergence_tips`)."""
     s = getattr(cfg, section)
-    out = [f"lower the learning rate (--set {section}.lr=..., now {s.lr:g})", *tips]
+    out = [f"lower the learning rate ({setting(section + '.lr')}, now {s.lr:g})", *tips]
     clip = "off" if s.grad_clip is None else f"{s.grad_clip:g}"
-    out.append(f"clip gradients harder (--set {section}.grad_clip=..., now {clip})")
+    out.append(f"clip gradients harder ({setting(section + '.grad_clip')}, now {clip})")
     return "To fix it, " + ", ".join(out[:-1]) + " or " + out[-1] + "."
 
 
@@ -119,11 +121,11 @@ def load_run_checkpoint(ckpt: Path, method: str, device: Any = "cpu") -> dict:
         state = load_checkpoint(ckpt, kind=f"run-{method}", map_location=device)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}. Cannot resume {method} from it: restore the file, or start this method "
-                              "over with --fresh (or delete the file)") from exc
+                              f"over with {start_over()} (or delete the file)") from exc
     missing = [k for k in ("next_round", "model", "epoch_counter", "history", "rng") if k not in state]
     if missing:
         raise CheckpointError(f"{str(ckpt)!r} lacks {missing}: it was not written by this version of pwfn; "
-                              "start this method over with --fresh")
+                              f"start this method over with {start_over()}")
     return state
 
 
@@ -281,8 +283,8 @@ class FixingRun:
             return "No checkpoint of this method was written yet."
         rounds = len(self.fixer.fractions) if self.fixer is not None else len(self.method_impl.fractions)
         return (f"The last good checkpoint {str(path)!r} ({self._rounds_done} of {rounds} "
-                "rounds done) is kept unchanged; a changed setting starts the method over (--fresh, or "
-                "another --set name=...).")
+                f"rounds done) is kept unchanged; a changed setting starts the method over ({start_over()}, or "
+                f"{other_run_folder()}).")
 
     def _train(self, train_model, model, optimizer, epochs, counter, desc):
         s, fixer = self.method_impl, self.fixer
@@ -338,6 +340,9 @@ class FixingRun:
                                                self.test_loader if self.test_loader is not self.val_loader else None,
                                                first_batches=first)}
         inputs["model"] = model_fingerprint(self.float_model)
+        example = _example_record(first["val"], self.adapter)
+        if example is not None:  # what an export feeds the model to check a device target
+            inputs["example"] = example
         self.inputs = inputs
 
     def _run(self, resume: bool) -> FixingResult:
@@ -374,16 +379,16 @@ class FixingRun:
             state = self._load_resume_state(ckpt)
             refuse_changed_config(state.get("config"), self.cfg, ckpt, run_sections(s))
             saved_inputs = state.get("inputs") or (self._previous_manifest or {}).get("inputs")
-            refuse_changed_inputs(saved_inputs, self.inputs, ckpt, api=self._given_inputs is None)
+            refuse_changed_inputs(saved_inputs, self.inputs, ckpt)
             if not isinstance(state.get("masks"), dict):
                 raise CheckpointError(f"{str(ckpt)!r} holds no fixed masks: it was written by an older pwfn; "
-                                      "start this method over with --fresh")
+                                      f"start this method over with {start_over()}")
             extras = state.get("fixer")
             if not isinstance(extras, dict):
                 raise CheckpointError(f"{str(ckpt)!r} holds no fixing state of the accuracy contract: it was written by "
-                                      "an older pwfn; start this method over with --fresh")
-            fixer.load_state_dict({**extras, "round": state["next_round"], "model": state["model"], "masks": state["masks"],
-                                   "history": state["history"],
+                                      f"an older pwfn; start this method over with {start_over()}")
+            fixer.load_state_dict({**extras, "round": state["next_round"], "model": state["model"],
+                                   "masks": state["masks"], "history": state["history"],
                                    "config": state.get("config") or config_to_dict(self.cfg)}, str(ckpt))
             if fixer.contract is not None:
                 fixer.set_evaluation(self.val_loader, reference=fixer.reference, top_up=self.train_loader)
@@ -406,7 +411,8 @@ class FixingRun:
                 fixer.set_evaluation(self.val_loader, top_up=self.train_loader)
             self._write_config(view, engine_cfg)
             optimizer = s.optimizer(model, view, None)
-            pre_metrics = {"initial": self._eval(model, self.val_loader)}
+            # the float weights' distribution, before anything moves them: the weights picture draws it
+            pre_metrics = {"initial": self._eval(model, self.val_loader), "float_weights": weight_histogram(view.values())}
             if self.test_loader is not self.val_loader:  # the contract's figure on the test split, for the report
                 pre_metrics["initial_test"] = self._eval(model, self.test_loader)
             posterior = self._posterior()
@@ -419,7 +425,10 @@ class FixingRun:
             self._save(model, optimizer, counter, history, 0, pre_metrics)
 
         tb = open_tensorboard(self.cfg.tensorboard, self.run_dir, self.dist.is_main)
-        while not fixer.done:  # the contract may add rounds (a round it splits)
+        bar = progress_bar(len(fixer.fractions), f"{self.method} rounds",
+                           enabled=self.cfg.progress and self.dist.is_main, unit="round",
+                           initial=start_round)  # only on a terminal; training bars nest below it
+        while not fixer.done:  # the contract may add rounds (a round it splits) and redo rounds
             t0 = time.perf_counter()
             t = fixer.round
             posterior = self._posterior() if t > 0 or start_round > 0 else None  # round 0: done before warm-up
@@ -453,6 +462,9 @@ class FixingRun:
             row["wall_seconds"] = time.perf_counter() - t0
             if self.dist.is_main:
                 log.info("%s", round_line(self.method, row, n_rounds, self.task.primary))
+            bar.total = n_rounds
+            bar.set_postfix_str(f"{100 * row['fixed_fraction']:.0f}% fixed, {row.get('unique')} values", refresh=False)
+            bar.update(1)
             if tb is not None:
                 tb.log_round(row)
             self._save(model, optimizer, counter, history, t + 1, pre_metrics)
@@ -461,6 +473,7 @@ class FixingRun:
             for callback in self.callbacks:
                 callback(state)
 
+        bar.close()
         if tb is not None:
             tb.close()
         return self._finish(model, view, engine_cfg, history, pre_metrics, time.perf_counter() - started)
@@ -495,10 +508,15 @@ class FixingRun:
                 self._lock = acquire(self.run_dir)
             mark(self.run_dir, METHOD)
             remove_stale_temp_files(self.run_dir)
+            recipe_note = None
+            if self.recipe is None:  # a model passed in from Python: record how it is rebuilt, if it can be
+                self.recipe, recipe_note = recorded_recipe(self.float_model)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
             self._manifest = new_manifest(
                 method=self.method, engine=_engine_record(engine_cfg), recipe=self.recipe, inputs=self.inputs,
                 quantised=quantised_tensors(view, self.method_impl.coverage), config=config_to_dict(self.cfg))
+            if recipe_note:  # why no recipe could be recorded, for the export that needs one
+                self._manifest["recipe_note"] = recipe_note
             write_manifest(self.run_dir, self._manifest)
 
     def _finish(self, model, view, engine_cfg, history, pre_metrics, seconds) -> FixingResult:
@@ -571,7 +589,7 @@ def refuse_changed_config(saved: Optional[dict], cfg: RunConfig, path: Path, sec
         shown = "; ".join(diff[:6]) + (f"; ... ({len(diff)} in all)" if len(diff) > 6 else "")
         raise ConfigError(
             f"{path} was written under a different config ({shown}). Resuming would mix two runs: "
-            "use --fresh to start over, or another name (--set name=...) to keep both"
+            f"use {start_over()} to start over, or {other_run_folder()} to keep both"
         )
 
 
@@ -598,6 +616,23 @@ def _dataset_size(loader) -> Optional[int]:
         return len(ds) if ds is not None else None
     except TypeError:
         return None
+
+
+def _example_record(batch: Any, adapter: BatchAdapter) -> Optional[dict]:
+    """Shape (without the batch) and dtype of a batch's inputs when they are one tensor, else None;
+    token ids also record their largest value (an export's example stays within the vocabulary)."""
+    if batch is None:
+        return None
+    try:
+        inputs, _ = adapter.split(batch)
+    except Exception:  # noqa: BLE001 - a layout the adapter reads only in the loop: nothing recorded
+        return None
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 1:
+        return None
+    out: dict[str, Any] = {"shape": [int(s) for s in inputs.shape[1:]], "dtype": str(inputs.dtype).replace("torch.", "")}
+    if not inputs.is_floating_point() and not inputs.is_complex() and inputs.numel():
+        out["max"] = int(inputs.max())
+    return out
 
 
 def save_point_model(model: nn.Module, folder: Path, recipe: Optional[dict], **description: Any) -> dict:
@@ -650,9 +685,18 @@ def load_point_model(folder: Union[str, Path]) -> nn.Module:
     if not recipe:
         raise ModelError(f"{folder} holds no model recipe (the model was passed in from Python); "
                          "load the safetensors into your own model instead")
-    model = build_from_recipe({"name": recipe["name"], "kwargs": recipe.get("kwargs", {})})
-    load_state_dict_strict(model, state, str(folder / "point_model.safetensors"))
-    return model
+    return build_recipe(recipe, state, str(folder / "point_model.safetensors"))
+
+
+def recorded_recipe(model: nn.Module) -> tuple[Optional[dict], Optional[str]]:
+    """The recipe a run of ``model`` records (:func:`pwfn.recipes.recipe_of`), saying in the log where
+    it came from; or None and why there is none and what would work (exports then need ``model=``)."""
+    recipe, source = recipe_of(model)
+    if recipe is not None:
+        log.info("model recipe: %s (from %s); its exports rebuild the model from it", describe_recipe(recipe), source)
+        return recipe, None
+    log.info("no model recipe recorded: %s", source)
+    return None, source
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,14 +2,15 @@
 
 For a method folder (``runs/<name>/pwfn``) or a comparison folder (``runs/<name>``):
 
-- ``rounds.png``: per round and method, the task metric (validation top-1 after fixing and after
-  the retraining that follows), the number of unique values, and their entropy in bits;
-- ``weights_<method>.png``: the fixed weights' distribution against the shared codebook (one bar
-  per codebook value), over the float baseline's weight histogram when ``baseline.pt`` is there;
+- ``rounds.png``: per round and method, the validation top-1 after fixing and after the retraining
+  that follows (the float model's validation top-1 drawn over them), the number of unique values,
+  and their entropy in bits;
+- ``weights_<method>.png``: the fixed weights' distribution over the shared codebook (one bar per
+  codebook value) and, under it, the float model's distribution of the same weights;
 - ``layers_<method>.png``: bits per weight (entropy, fixed width, packed after ``pwfn export``)
   and the share of parameters quantised, per layer;
-- ``compare.png`` (comparison folders): test top-1 against entropy, each method's path over its
-  rounds and its final point, with the float baseline as a line.
+- ``compare.png`` (comparison folders): each method's final test top-1 against entropy, and on
+  separate axes its path over the rounds in validation top-1, each with the float model's score.
 
 Every file is written at ``DPI`` dots per inch with the figure sizes below, so a picture's
 pixel size is known in advance (the tests check it). Files go to ``RUN_DIR/plots`` unless
@@ -29,8 +30,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import PwfnError
+from .hints import install_hint
 from .rundata import (
-    float_values,
+    float_histogram,
     folder_kind,
     layer_table,
     method_folders,
@@ -41,7 +43,7 @@ from .rundata import (
 
 DPI = 100
 #: figure sizes in inches (width, height): a picture is (width * DPI) x (height * DPI) pixels
-SIZES = {"rounds": (12.0, 3.8), "weights": (9.0, 4.5), "layers": (10.0, 4.5), "compare": (7.0, 5.0)}
+SIZES = {"rounds": (12.0, 3.8), "weights": (9.0, 6.5), "layers": (10.0, 4.5), "compare": (12.0, 5.0)}
 COLOURS = {"pwfn": "#1f77b4", "wfn": "#d62728", "float": "#444444"}
 
 
@@ -49,8 +51,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as exc:
-        raise PwfnError("pictures need matplotlib, which is not installed: pip install 'pwfn-compress[plot]' "
-                        f"(or pip install matplotlib). ({exc})") from exc
+        raise PwfnError(f"pictures need matplotlib, which is not installed: {install_hint('plot')}. ({exc})") from exc
     matplotlib.use("Agg", force=True)  # files only, never a window
     import matplotlib.pyplot as plt
 
@@ -107,13 +108,23 @@ def _colour(method: str) -> str:
     return COLOURS.get(method, "#2ca02c")
 
 
+def _float_val(method: Mapping[str, Any], metric: str = "top1") -> Optional[float]:
+    """The float model's validation score: the comparison's baseline, else the run's own score before round 1."""
+    report = method.get("report") or {}
+    for section in (((report.get("baseline") or {}).get("val")), ((report.get("pre") or {}).get("initial"))):
+        if isinstance(section, Mapping) and isinstance(section.get(metric), (int, float)):
+            return float(section[metric])
+    return None
+
+
 def plot_rounds(methods: Mapping[str, Mapping[str, Any]], path: Path) -> Optional[Path]:
-    """Task metric, unique values and entropy per round, one line per method (None without rounds)."""
+    """Validation top-1, unique values and entropy per round, one line per method, the float model's
+    validation top-1 drawn over them (None without rounds)."""
     if not any(m["rounds"] for m in methods.values()):
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=SIZES["rounds"], layout="constrained")
-    float_drawn = False
+    float_val = None
     for name, m in methods.items():
         rows = m["rounds"]
         x = [int(r.get("round", i)) + 1 for i, r in enumerate(rows)]
@@ -127,11 +138,12 @@ def plot_rounds(methods: Mapping[str, Mapping[str, Any]], path: Path) -> Optiona
         axes[2].plot(x, [r.get("entropy", math.nan) for r in rows], "o-", color=c, label=f"{name} (with 0)")
         axes[2].plot(x, [r.get("entropy_nonzero", math.nan) for r in rows], "s:", color=c, alpha=0.6,
                      label=f"{name} (without 0)")
-        base = ((m.get("report") or {}).get("baseline") or {}).get("val") or {}
-        if base.get("top1") is not None and not float_drawn:
-            float_drawn = True
-            axes[0].axhline(base["top1"], color=_colour("float"), lw=1, ls=":", label="float (val)")
-    axes[0].set(title="validation top-1 per round", xlabel="round", ylabel="top-1 %")
+        if float_val is None:
+            float_val = _float_val(m)
+    if float_val is not None:  # over the methods' lines, in its own style, so a method at float level cannot hide it
+        axes[0].axhline(float_val, color=_colour("float"), lw=1.6, ls=(0, (6, 3)), zorder=5,
+                        label=f"float model {float_val:.2f}")
+    axes[0].set(title="validation top-1 per round", xlabel="round", ylabel="top-1 % (validation split)")
     axes[1].set(title="unique values", xlabel="round", ylabel="values in the codebook")
     axes[2].set(title="entropy of the fixed weights", xlabel="round", ylabel="bits per weight")
     for ax in axes:
@@ -141,7 +153,8 @@ def plot_rounds(methods: Mapping[str, Mapping[str, Any]], path: Path) -> Optiona
 
 
 def plot_weights(method: Mapping[str, Any], path: Path) -> Optional[Path]:
-    """The fixed weights against the codebook (None before the run finished)."""
+    """The fixed weights' distribution over the codebook, and under it the float model's distribution of
+    the same weights (None before the run finished)."""
     final = (method.get("report") or {}).get("final") or {}
     codebook, counts = final.get("codebook"), final.get("codebook_counts")
     if not codebook or not counts:
@@ -153,21 +166,31 @@ def plot_weights(method: Mapping[str, Any], path: Path) -> Optional[Path]:
         cb, cnt = np.unique(np.asarray(values, dtype="float32"), return_counts=True)
         codebook, counts = cb.tolist(), cnt.tolist()
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=SIZES["weights"], layout="constrained")
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=SIZES["weights"], layout="constrained", sharex=True)
     total = float(sum(counts))
-    floats = float_values(method)
-    if floats:
-        ax.hist(floats, bins=120, density=False, color="#bbbbbb", alpha=0.8,
-                weights=[1.0 / len(floats)] * len(floats), label="float baseline (share per bin)")
     span = (max(codebook) - min(codebook)) if len(codebook) > 1 else 1.0
     width = max(span / 400.0, 1e-6)
-    ax.bar(codebook, [c / total for c in counts], width=width * 2, color=_colour(method["method"]),
-           label=f"fixed: {len(codebook)} codebook values (share of weights)")
-    ax.set_yscale("log")
-    ax.set(title=f"{method['method']}: weights against the shared codebook", xlabel="weight value",
-           ylabel="share of weights (log scale)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    top.bar(codebook, [c / total for c in counts], width=width * 2, color=_colour(method["method"]),
+            label=f"{len(codebook)} codebook values")
+    top.set_yscale("log")
+    top.set(title=f"{method['method']}: the fixed weights, one bar per codebook value", ylabel="share of weights")
+    top.legend(fontsize=8)
+    hist = float_histogram(method)
+    if hist is not None:
+        n = float(sum(hist["counts"]))
+        bottom.stairs([c / n for c in hist["counts"]], hist["edges"], fill=True, color="#999999",
+                      label=f"float model ({len(hist['counts'])} equal-width bins)")
+        for value in codebook:  # where the float weights were pulled to
+            bottom.axvline(value, color=_colour(method["method"]), lw=0.6, alpha=0.5)
+        bottom.set_yscale("log")
+        bottom.legend(fontsize=8)
+    else:
+        bottom.text(0.5, 0.5, "the float model's weights are not recorded in this run folder",
+                    transform=bottom.transAxes, ha="center", va="center", color="#666666")
+    bottom.set(title="the same weights in the float model, before fixing (codebook values as lines)",
+               xlabel="weight value", ylabel="share of weights per bin")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
     return _save(fig, path)
 
 
@@ -203,32 +226,44 @@ def plot_layers(method: Mapping[str, Any], path: Path) -> Optional[Path]:
 
 
 def plot_compare(folder: Path, methods: Mapping[str, Mapping[str, Any]], path: Path) -> Optional[Path]:
-    """Test top-1 against entropy for a comparison folder (None for a method folder)."""
+    """For a comparison folder: each method's final test top-1 against entropy (left) and, on their own axes,
+    its path over the rounds in validation top-1 (right), each with the float model's score on that
+    split (None for a method folder)."""
     if not (folder / "compare.json").exists():
         return None
     data = read_json(folder / "compare.json")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=SIZES["compare"], layout="constrained")
+    fig, (test_ax, val_ax) = plt.subplots(1, 2, figsize=SIZES["compare"], layout="constrained")
+    float_val = None
     for row in data.get("table", []):
         name = row.get("method")
         if name == "float":
             if row.get("top1") is not None:
-                ax.axhline(row["top1"], color=_colour("float"), ls="--", lw=1, label=f"float {row['top1']:.2f}%")
+                test_ax.axhline(row["top1"], color=_colour("float"), ls=(0, (6, 3)), lw=1.4,
+                                label=f"float model {row['top1']:.2f}%")
             continue
+        if row.get("entropy") is not None and row.get("top1") is not None:
+            test_ax.scatter([row["entropy"]], [row["top1"]], s=90, color=_colour(name), edgecolor="black", zorder=3,
+                            label=f"{name}: {row['top1']:.2f}%, {row['entropy']:.2f} bits, {row.get('unique')} values")
         m = methods.get(name)
         if m and m["rounds"]:
+            float_val = float_val if float_val is not None else _float_val(m)
             ent = [r.get("entropy") for r in m["rounds"]]
             acc = [(r.get("after_train") or r.get("after_fix") or {}).get("top1") for r in m["rounds"]]
             pts = [(e, a) for e, a in zip(ent, acc) if e is not None and a is not None]
             if pts:
-                ax.plot(*zip(*pts), ".-", color=_colour(name), alpha=0.35, label=f"{name} rounds (validation)")
-        if row.get("entropy") is not None and row.get("top1") is not None:
-            ax.scatter([row["entropy"]], [row["top1"]], s=90, color=_colour(name), edgecolor="black", zorder=3,
-                       label=f"{name}: {row['top1']:.2f}%, {row['entropy']:.2f} bits, {row.get('unique')} values")
-    ax.set(title="accuracy against weight entropy", xlabel="entropy of the weights (bits per weight)",
-           ylabel="top-1 %")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+                val_ax.plot(*zip(*pts), ".-", color=_colour(name), label=f"{name}, round by round")
+                val_ax.scatter([pts[-1][0]], [pts[-1][1]], s=40, color=_colour(name), zorder=3)
+    if float_val is not None:
+        val_ax.axhline(float_val, color=_colour("float"), ls=(0, (6, 3)), lw=1.4, zorder=5,
+                       label=f"float model {float_val:.2f}%")
+    test_ax.set(title="final: test split", xlabel="entropy of the weights (bits per weight)",
+                ylabel="top-1 % (test split)")
+    val_ax.set(title="rounds: validation split", xlabel="entropy of the weights (bits per weight)",
+               ylabel="top-1 % (validation split)")
+    for ax in (test_ax, val_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     return _save(fig, path)
 
 

@@ -7,6 +7,12 @@ Gaussian tensor) and sigmas into it and scatters results back. The fixed mask of
 held here, keyed by the same names, never in the user's model: nothing is added to or removed
 from the model's own buffers. ``mask_state``/``load_mask_state`` save and restore the masks
 (for checkpoints).
+
+A model wrapped with FSDP2 (``fully_shard``) holds its parameters as DTensor shards: the view then
+works on this process's shards (the flat vector is their concatenation, masks have their shapes),
+``shards`` tells the engine where they sit in the network-wide vector (:mod:`pwfn.sharding`), and
+``mask_state`` gives the masks as DTensors sharded like their parameters (what
+``torch.distributed.checkpoint`` saves and reshards).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import nn
 import bayes
 
 from .errors import ModelError
+from .sharding import ShardGroup, is_sharded, local_part
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +73,8 @@ class QuantView:
         if missing:
             raise ModelError(f"the model has no parameter named {missing[:5]}")
         seen: set[int] = set()
-        offset = 0
+        offset = global_offset = 0
+        global_offsets: list[int] = []
         for name in names:
             value, sigma, aliases = table[name]
             if id(value) in seen:
@@ -80,14 +88,23 @@ class QuantView:
                     "weights. Cast the model with model.float() before fixing, and train in bfloat16 with "
                     "precision=bf16 (autocast) if you want the speed."
                 )
-            mask = torch.zeros(value.shape, dtype=torch.bool, device=value.device)
-            self.slots.append(QuantSlot(name, value, sigma, offset, value.numel(), mask, aliases))
-            offset += value.numel()
+            local = local_part(value)  # this process's shard of a DTensor (FSDP2), else the tensor
+            mask = torch.zeros(local.shape, dtype=torch.bool, device=local.device)
+            self.slots.append(QuantSlot(name, value, sigma, offset, local.numel(), mask, aliases))
+            global_offsets.append(global_offset)
+            offset += local.numel()
+            global_offset += value.numel()
         self.numel = offset
+        #: the network-wide number of quantised weights (``numel`` is this process's share when sharded)
+        self.global_numel = global_offset
         if not self.slots:
             raise ModelError("the model has no quantisable tensor (no floating-point parameter was chosen); "
                              "nothing to fix")
         self.has_sigma = all(s.sigma is not None for s in self.slots)
+        #: where this process's shards sit in the network-wide vector (None: the model is not sharded)
+        self.shards: Optional[ShardGroup] = None
+        if any(is_sharded(s.value) for s in self.slots):
+            self.shards = ShardGroup.for_tensors([s.value for s in self.slots], global_offsets)
 
     # -- masks ------------------------------------------------------------------------------
     def _mask(self, s: QuantSlot) -> torch.Tensor:
@@ -99,7 +116,14 @@ class QuantView:
         return {s.name: self._mask(s) for s in self.slots}
 
     def mask_state(self) -> dict[str, torch.Tensor]:
-        """Copies of the masks (CPU), for a checkpoint."""
+        """Copies of the masks (CPU), for a checkpoint; sharded: DTensors placed like their parameters."""
+        if self.shards is not None:
+            from torch.distributed.tensor import DTensor
+
+            return {s.name: DTensor.from_local(self._mask(s).clone(), s.value.device_mesh, s.value.placements,
+                                               shape=s.value.shape, stride=_contiguous_stride(s.value.shape),
+                                               run_check=False)
+                    for s in self.slots}
         return {s.name: s.mask.detach().cpu().clone() for s in self.slots}
 
     def load_mask_state(self, state: Mapping[str, torch.Tensor], where: str = "checkpoint") -> None:
@@ -113,7 +137,10 @@ class QuantView:
             if tuple(m.shape) != tuple(s.value.shape) or m.dtype != torch.bool:
                 raise ModelError(f"the {where}'s fixed mask for {s.name} has shape {tuple(m.shape)} / {m.dtype}, "
                                  f"expected {tuple(s.value.shape)} / bool")
-            s.mask = m.to(s.value.device).clone()
+            if is_sharded(m) != is_sharded(s.value) or (is_sharded(m) and m.placements != s.value.placements):
+                raise ModelError(f"the {where}'s fixed mask for {s.name} is not sharded like its parameter; "
+                                 "load it with torch.distributed.checkpoint into this Fixer's state_dict()")
+            s.mask = local_part(m).to(s.mask.device).clone()
 
     def frozen_sigma_masks(self) -> dict[str, torch.Tensor]:
         """Masks keyed by tensor name, as ``bayes`` losses expect (fixed entries get no sigma gradient)."""
@@ -124,12 +151,12 @@ class QuantView:
         return torch.cat([t.detach().reshape(-1) for t in tensors])
 
     def values(self) -> torch.Tensor:
-        return self._cat([s.value for s in self.slots])
+        return self._cat([local_part(s.value) for s in self.slots])
 
     def sigmas(self) -> torch.Tensor:
         if not self.has_sigma:
             raise ModelError("this model has tensors without sigma (plain layers); convert it with bayes first")
-        return self._cat([s.sigma for s in self.slots])
+        return self._cat([local_part(s.sigma) for s in self.slots])
 
     def fixed(self) -> torch.Tensor:
         return self._cat([self._mask(s) for s in self.slots])
@@ -140,10 +167,12 @@ class QuantView:
         if values.numel() != self.numel or fixed.numel() != self.numel:
             raise ModelError(f"flat vectors have {values.numel()} entries, the model has {self.numel}")
         for s in self.slots:
-            s.value.copy_(values[s.sl].view_as(s.value))
+            value = local_part(s.value)
+            value.copy_(values[s.sl].view_as(value))
             self._mask(s).copy_(fixed[s.sl].view_as(s.mask))
             if sigma is not None and s.sigma is not None:
-                s.sigma.copy_(sigma[s.sl].view_as(s.sigma))
+                sig = local_part(s.sigma)
+                sig.copy_(sigma[s.sl].view_as(sig))
 
     def parameters_with_masks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(parameter, mask) pairs whose fixed entries must never move — mu *and* sigma."""
@@ -160,8 +189,22 @@ class QuantView:
     def shared(self) -> dict[str, list[str]]:
         return {s.name: list(s.aliases) for s in self.slots if s.aliases}
 
+    def fixed_codebook(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed weights' distinct values (sorted, -0.0 as 0.0) and counts, network-wide (a sharded
+        model's processes merge their shards' codebooks, never the weights)."""
+        values, fixed = self.values(), self.fixed()
+        cb, counts = torch.unique(values[fixed] + 0.0, sorted=True, return_counts=True)
+        if self.shards is None:
+            return cb, counts
+        return self.shards.merge_codebooks(cb.double().cpu(), counts.cpu())
+
+    def n_fixed(self) -> int:
+        """How many weights are fixed, network-wide."""
+        n = int(self.fixed().sum())
+        return self.shards.total(n) if self.shards is not None else n
+
     def fraction_fixed(self) -> float:
-        return float(self.fixed().sum()) / self.numel
+        return self.n_fixed() / self.global_numel
 
 
 class FixedGuard:
@@ -179,16 +222,24 @@ class FixedGuard:
     @torch.no_grad()
     def before_step(self) -> None:
         self._saved = []
-        for p, m in self.pairs:
+        for p, m in self.pairs:  # a DTensor (FSDP2) parameter: its local shard and local mask
             if p.grad is not None:
-                p.grad.masked_fill_(m, 0)
-            self._saved.append(p.detach()[m].clone())
+                local_part(p.grad).masked_fill_(m, 0)
+            self._saved.append(local_part(p.detach())[m].clone())
 
     @torch.no_grad()
     def after_step(self) -> None:
         for (p, m), saved in zip(self.pairs, self._saved):
-            p.data[m] = saved
+            local_part(p.data)[m] = saved
         self._saved = []
+
+
+def _contiguous_stride(shape) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for d in reversed(tuple(shape)):
+        stride.append(acc)
+        acc *= d
+    return tuple(reversed(stride))
 
 
 def fold_norm_biases(model: nn.Module) -> list[str]:

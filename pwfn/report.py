@@ -28,7 +28,7 @@ def _fmt(v: Any, nd: int = 3) -> str:
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The comparison table of ``pwfn compare`` (float, WFN, PWFN) as Markdown."""
     cols = ["method", "top1", "top5", "unique", "unique_nonzero", "entropy", "entropy_nonzero", "seconds"]
-    heads = ["method", "top-1 %", "top-5 %", "unique", "unique (no 0)", "entropy bits", "entropy (no 0)", "time s"]
+    heads = ["method", "test top-1 %", "test top-5 %", "unique", "unique (no 0)", "entropy bits", "entropy (no 0)", "time s"]
 
     def fmt(v: Any) -> str:
         if v is None:
@@ -47,7 +47,7 @@ def summarise_report(report: dict) -> str:
     """One method's ``report.json`` as text: the table of rounds, the final metrics and the codebook."""
     task = report.get("task") if isinstance(report.get("task"), dict) else {}
     metric = str(task.get("primary") or "top1")
-    label = "top-1" if metric == "top1" else metric
+    label = "val " + ("top-1" if metric == "top1" else metric)  # the rounds are scored on the validation split
     digits = 2 if metric == "top1" else 4
     lines = [f"method: {report.get('method')}" + (f", task: {task.get('name')}" if task.get("name") else "")]
     lines.append(f"| round | fraction | fixed % | {label} after fix | {label} after train | unique | entropy | "
@@ -67,7 +67,7 @@ def summarise_report(report: dict) -> str:
                                                         else "")) if metric == "top1" else \
             ", ".join(f"{k} {_fmt(v, 4)}" for k, v in t.items() if isinstance(v, (int, float)))
         lines.append(
-            f"final: {shown}"
+            f"final (test split): {shown}"
             + f", unique {f.get('unique')} ({f.get('unique_nonzero')} without 0), entropy {_fmt(f.get('entropy'))} bits "
             f"({_fmt(f.get('entropy_nonzero'))} without 0)"
         )
@@ -247,9 +247,13 @@ def format_export_summary(result: Mapping[str, Any]) -> str:
         if o.get("skipped"):
             lines.append(f"  onnx: skipped: {o['skipped']}")
         else:
+            so = (result.get("size") or {}).get("onnx") or {}
+            vs = (f", weights {so['weight_bytes']:,} B = {so['weight_bytes_vs_int8']:.2f} x an int8 copy"
+                  if so.get("weight_bytes_vs_int8") is not None else "")
             lines.append(f"  onnx: written and checked with onnxruntime (max |diff| {o['max_abs_diff']:.2e}); "
-                         f"{o.get('coded_tensors', 0)} tensors as codebook indices + Gather, "
-                         f"{o.get('bytes', 0):,} B (fp32 ONNX {o.get('fp32_onnx_bytes', 0):,} B)")
+                         f"{o.get('coded_tensors', 0)} tensors as indices of at most {o.get('index_bits')} bits "
+                         f"(K = {o.get('table_values', 0)}), {o.get('bytes', 0):,} B (fp32 ONNX "
+                         f"{o.get('fp32_onnx_bytes', 0):,} B){vs}")
     return "\n".join(lines)
 
 
@@ -262,7 +266,7 @@ def format_targets(summary: Mapping[str, Any]) -> str:
     macs = (ops.get("total") or {}).get("macs")
     for n, t in summary["targets"].items():
         if n == "onnx":
-            check = "weights bit-identical, outputs = fp32 ONNX bit for bit"
+            check = (f"{t.get('index_bits')}-bit indices: weights bit-identical, outputs = fp32 ONNX bit for bit")
         elif n == "tflm":
             check = "TFLM interpreter: LUT = uncompressed bit for bit"
         else:

@@ -220,27 +220,40 @@ def weight_values(method: Mapping[str, Any]) -> Optional[list[float]]:
     return np.concatenate(parts).tolist() if parts else None
 
 
-def float_values(method: Mapping[str, Any]) -> Optional[list[float]]:
-    """The float baseline's weights of the same tensors, when ``baseline.pt`` can be read (needs torch)."""
+def float_histogram(method: Mapping[str, Any]) -> Optional[dict[str, list]]:
+    """The float model's weight distribution over the quantised tensors, ``{"edges": [...], "counts": [...]}``:
+    as the run recorded it before its first round (``report.json``'s ``pre.float_weights``), or, for a run
+    folder written before runs recorded it, from the comparison's ``baseline.pt`` (needs torch). None when
+    neither is there."""
+    report = method.get("report") or {}
+    hist = (report.get("pre") or {}).get("float_weights") if isinstance(report.get("pre"), Mapping) else None
+    if isinstance(hist, Mapping):
+        edges, counts = hist.get("edges"), hist.get("counts")
+        if (isinstance(edges, list) and isinstance(counts, list) and len(counts) >= 1 and len(edges) == len(counts) + 1
+                and all(isinstance(e, (int, float)) and math.isfinite(e) for e in edges)
+                and all(isinstance(c, int) and c >= 0 for c in counts) and sum(counts) > 0):
+            return {"edges": [float(e) for e in edges], "counts": list(counts)}
+        return None  # a hand-edited section: no float picture rather than a wrong one
     folder = Path(method["folder"])
     base = folder.parent / "baseline.pt"
-    report = method.get("report") or {}
     if not base.exists():
         return None
     try:
         from .io import load_checkpoint
 
         state = load_checkpoint(base, kind="baseline", map_location="cpu")
-    except Exception:  # an unreadable baseline only loses the overlay, never the picture
+    except Exception:  # an unreadable baseline only loses the float distribution, never the picture
         return None
     quantised = report.get("quantised_tensors") or []
     model = state.get("model") or {}
-    parts = [model[n].detach().float().reshape(-1).numpy() for n in quantised if n in model]
+    parts = [model[n].detach().float().reshape(-1) for n in quantised if n in model]
     if not parts:
         return None
-    import numpy as np
+    import torch
 
-    return np.concatenate(parts).tolist()
+    from .metrics import weight_histogram
+
+    return weight_histogram(torch.cat(parts))
 
 
 def size_summary(method: Mapping[str, Any]) -> Optional[dict[str, Any]]:

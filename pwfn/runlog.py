@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .errors import ConfigError
+from .hints import install_hint
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,15 @@ def _num(value: Any, fmt: str) -> str:
 
 
 def round_line(method: str, row: Mapping[str, Any], n_rounds: int, metric: str = "top1") -> str:
-    """``pwfn round 3/10: 60.0% fixed, top-1 97.20 (after fix 96.90), unique 21, entropy 3.120 bits, 12.3 s``.
+    """``pwfn round 3/10: 60.0% fixed, val top-1 97.20 (after fix 96.90), unique 21, entropy 3.120 bits, 12.3 s``.
 
-    ``metric`` is the task's primary metric (``top1`` for classification, ``mse`` for regression...).
+    ``metric`` is the task's primary metric (``top1`` for classification, ``mse`` for regression...); the
+    figures are the validation split's (the final table at the end of a run is the test split's).
     """
     after_fix = (row.get("after_fix") or {}).get(metric)
     after_train = (row.get("after_train") or {}).get(metric)
     acc = after_train if after_train is not None else after_fix
-    label = "top-1" if metric == "top1" else metric
+    label = "val " + ("top-1" if metric == "top1" else metric)
     fmt = ".2f" if metric == "top1" else ".4g"
     text = (f"{method} round {int(row.get('round', 0)) + 1}/{n_rounds}: "
             f"{_num(100 * float(row.get('fixed_fraction', 0.0)), '.1f')}% fixed, {label} {_num(acc, fmt)}")
@@ -106,7 +108,7 @@ class TensorBoardLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:  # torch present, the tensorboard package missing
                 raise ConfigError(
-                    "tensorboard: true needs the 'tensorboard' package: pip install 'pwfn-compress[tensorboard]' "
+                    f"tensorboard: true needs the 'tensorboard' package: {install_hint('tensorboard')} "
                     f"(or set tensorboard: false). ({exc})"
                 ) from exc
             writer = SummaryWriter(log_dir=str(log_dir))

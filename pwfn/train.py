@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
-from tqdm.auto import tqdm
 
 import bayes
 
+from .console import progress_bar
 from .distributed import DistContext
 from .errors import ConfigError, DataError, TrainingDivergedError
 from .tasks import BatchAdapter, ClassificationTask, Task, evaluate_task, host_targets, to_device
@@ -231,8 +231,7 @@ def train_epochs(
     seen = correct = 0
     loss_sum = 0.0
     steps = 0
-    # disable=None: bars only on a terminal, so logs and CI output stay readable
-    bar = tqdm(total=total_steps, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True)
+    bar = progress_bar(total_steps, desc, enabled=progress, unit="step")  # only on a terminal
     try:
         while total_steps is None or steps < total_steps:
             _set_epoch(loader, counter.value)

@@ -18,7 +18,7 @@ PACKAGES = ("pwfn", "bayes")
 CHEAP = {
     "pwfn", "pwfn.__main__", "pwfn.catalog", "pwfn.cli", "pwfn.config", "pwfn.configdoc", "pwfn.doctor",
     "pwfn.errors", "pwfn.files", "pwfn.inspection", "pwfn.lock", "pwfn.manifest", "pwfn.methods",
-    "pwfn.plot", "pwfn.presets", "pwfn.report", "pwfn.rundata", "pwfn.runlog", "pwfn.schedules",
+    "pwfn.plot", "pwfn.presets", "pwfn.recipes", "pwfn.report", "pwfn.rundata", "pwfn.runlog", "pwfn.schedules",
 }
 
 

@@ -182,3 +182,31 @@ def test_pipeline_targets_dry(tmp_path):
     assert {r["seed"] for r in data} == {0, 1}
     assert all(set(r["checks"]) == {"wfn_lossless", "pwfn_lossless", "pwfn_unique_le_wfn", "pwfn_entropy_le_wfn"}
                for r in data)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the path taken without CUDA")
+def test_gpu_suite_skips_cleanly_without_cuda(tmp_path):
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--out", str(tmp_path)], cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no CUDA device here - skipped" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing measured, nothing written
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_on_cpu(tmp_path):
+    """Every part of the prepared GPU benchmark at tiny sizes on the CPU (DDP with gloo)."""
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu_suite.py"), "--device", "cpu", "--dry-run",
+                           "--out", str(tmp_path)], cwd=str(ROOT), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert {r["method"] for r in doc["engine"]["rows"]} == {"pwfn", "wfn"}
+    assert all(r["all_fixed"] for r in doc["engine"]["rows"])
+    names = [m["model"] for m in doc["step"]["models"]]
+    assert names == ["resnet18-sized", "vit-s16-sized"]
+    for m in doc["step"]["models"]:
+        assert set(m["results"]) == {"eager", "compiled"}
+        assert set(m["results"]["compiled"]) == {"float", "sample", "sample + sigma reg"}
+    assert doc["ddp"]["world"] == 2 and doc["ddp"]["ranks_agree"]
+    md = (tmp_path / "gpu_suite.md").read_text()
+    assert "## Engine" in md and "## DDP" in md

@@ -3,12 +3,14 @@
 `make test` selects ``-m "not slow"`` and `make test-slow` ``-m slow`` through the same pytest
 command, so a test is in exactly one of them and nothing is dropped; `--strict-markers` turns a
 misspelt marker into an error instead of a slow test moved into the fast part. CI (`.ci/run`)
-calls `make ci`: the fast tests, the slow tests as their own step, then the docs.
+first runs the README's own commands (`make demo`, `make test`) in a fresh clone with the lean
+default extras, then `make ci`: the fast tests, the slow tests as their own step, then the docs.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,8 +50,32 @@ def test_ci_runs_fast_tests_then_slow_tests_then_docs():
     _, rules = _makefile()
     steps = [re.match(r"^\$\(MAKE\) ([\w-]+)", line) for line in rules["ci"]]
     assert [s.group(1) for s in steps if s] == ["test", "test-slow", "docs"]
-    run = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
-    assert run[-1] == "make ci"
+    run = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+           if line.strip() and not line.lstrip().startswith(("#", "echo"))]
+    assert "make ci" in run
+
+
+def _readme_commands_as_ci_reads_them() -> list[str]:
+    """What .ci/run extracts from the README (its own function, run by bash)."""
+    script = (ROOT / ".ci" / "run").read_text()
+    func = re.search(r"^readme_commands\(\) \{.*?^\}", script, re.S | re.M)
+    assert func, ".ci/run defines readme_commands"
+    out = subprocess.run(["bash", "-c", f'root="$1"\n{func.group(0)}\nreadme_commands', "ci", str(ROOT)],
+                         capture_output=True, text=True, check=True).stdout
+    return out.splitlines()
+
+
+def test_ci_runs_the_readmes_first_commands_in_a_fresh_clone_before_make_ci():
+    assert _readme_commands_as_ci_reads_them() == ["make demo", "make test"]
+    script = (ROOT / ".ci" / "run").read_text()
+    clone, loop, ci = script.index("git clone"), script.index('bash -euo pipefail -c "$cmd"'), script.index("\nmake ci")
+    assert clone < loop < ci  # the README's commands in the clone, then the full CI here
+    code = [line for line in script.splitlines() if not line.lstrip().startswith("#")]
+    assert any('cd "$fresh"' in line for line in code)
+    assert not any("EXTRAS" in line for line in code)  # the clone gets the Makefile's default extras
+    variables, _ = _makefile()
+    lean = set(variables["EXTRAS"].split(","))
+    assert lean == {"dev", "data", "plot"} and lean < set(variables["CI_EXTRAS"].split(","))
 
 
 def test_markers_are_strict_and_slow_is_registered(pytestconfig):

@@ -369,6 +369,30 @@ def test_coverage_report_lists_what_stays_float_and_strict_refuses(tmp_path):
     assert [t["name"] for t in cov["left_float"]] == ["1.weight", "1.bias", "4.weight", "4.bias"]
 
 
+def test_tensors_left_float_for_one_reason_are_one_warning(caplog):
+    """Forty norm tensors must not bury the warnings that matter: one line per reason, with the count."""
+    import logging
+
+    from pwfn.coverage import LISTED, plan
+
+    layers = []
+    for _ in range(LISTED):  # 2 * LISTED norm tensors: more than one line names
+        layers += [nn.Linear(4, 4), nn.LayerNorm(4)]
+    model = nn.Sequential(*layers, nn.BatchNorm1d(4), nn.Linear(4, 2))
+    cov = plan(model, exclude=["0.weight", "2.weight"], norms_option="pwfn.quantise_norms")
+    with caplog.at_level(logging.WARNING, logger="pwfn.coverage"):
+        cov.log("pwfn")
+    lines = [r.getMessage() for r in caplog.records if r.name == "pwfn.coverage"]
+    norms = [m for m in lines if "normalisation-layer" in m]
+    assert len(norms) == 1 and len(lines) == 2, lines
+    n_norm = 2 * LISTED + 2
+    assert f"pwfn: {n_norm} tensors (BatchNorm1d, LayerNorm; {4 * n_norm} values) stay float" in norms[0]
+    assert "1.weight, 1.bias, 3.weight" in norms[0] and f"and {n_norm - LISTED} more" in norms[0]
+    (excluded,) = [m for m in lines if "excluded" in m]  # the other reason: its own line, listing both
+    assert excluded.startswith("pwfn: 2 tensors (Linear; 32 values) stay float: excluded by a pattern")
+    assert excluded.endswith(": 0.weight, 2.weight")
+
+
 def test_parametrized_weights_are_folded_or_refused():
     m = _weight_norm_param()
     x = _images(3)

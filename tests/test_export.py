@@ -237,12 +237,17 @@ def test_export_model_from_a_bayesian_model_with_masks(tmp_path: Path) -> None:
     view.write(view.values(), torch.arange(view.numel) > 0)
     with pytest.raises(ExportError, match="1 of"):
         export_model(bmodel, view.names(), tmp_path / "out2", recipe, masks=view.masks())
-    # Without a recipe the loaders need model=.
-    export_model(model, q, tmp_path / "norecipe")
+    # Without a recipe, one is recorded when the model's class builds it without arguments ...
+    assert export_model(model, q, tmp_path / "own")["recipe"] == {"factory": "pwfn.models:LeNet5", "kwargs": {}}
+    assert_same_model(model, load_packed_model(tmp_path / "own" / "model.pwfn"), x)
+    # ... else the loaders need model= (LeNet5(input_size=32) is not what LeNet5() builds)
+    model32, q32 = fixed_model("lenet5", input_size=32)
+    assert export_model(model32, q32, tmp_path / "norecipe")["recipe"] is None
     with pytest.raises(ModelError, match="no model recipe"):
         load_packed_model(tmp_path / "norecipe" / "model.pwfn")
-    fresh = create_model("lenet5")
-    assert_same_model(model, load_packed_model(tmp_path / "norecipe" / "model.pwfn", model=fresh), x)
+    fresh = create_model("lenet5", input_size=32)
+    x32 = torch.randn(2, 1, 32, 32)
+    assert_same_model(model32, load_packed_model(tmp_path / "norecipe" / "model.pwfn", model=fresh), x32)
 
 
 # --------------------------------------------------------------------------- damage
@@ -374,9 +379,19 @@ def test_interrupted_run_is_exported_from_its_checkpoint_only_when_allowed(tmp_p
     with pytest.raises(ExportError, match=r"manifest\.json is missing"):
         export_run(run, allow_unfixed=True)
     sd = model.state_dict()
-    write_manifest(run, new_manifest(method="pwfn", engine={"b": B, "max_order": 3, "signed_terms": False},
-                                     recipe={"name": "mlp", "kwargs": kwargs}, inputs={},
-                                     quantised=[{"name": n, "numel": sd[n].numel()} for n in q]))
+
+    def manifest(recipe: dict) -> None:
+        write_manifest(run, new_manifest(method="pwfn", engine={"b": B, "max_order": 3, "signed_terms": False},
+                                         recipe=recipe, inputs={},
+                                         quantised=[{"name": n, "numel": sd[n].numel()} for n in q]))
+
+    # a hand-edited recipe is a clear error (it was torch's "negative dimension" from this path)
+    for hidden, expect in (([-5], "negative dimension"), ([10**9], r"\[1000000000, 64\] in the recipe")):
+        manifest({"name": "mlp", "kwargs": dict(kwargs, hidden=hidden)})
+        with pytest.raises(ExportError, match=f"{expect}.*was the recipe edited"):
+            export_run(run, allow_unfixed=True)
+        assert not (run / "export").exists()
+    manifest({"name": "mlp", "kwargs": kwargs})
     result = export_run(run, allow_unfixed=True)
     assert result["unfixed_weights"] == int((~fixed).sum())
     back = load_packed_model(run / "export" / "model.pwfn")
@@ -476,7 +491,7 @@ def test_cli_onnx_export_or_clear_skip(tmp_path: Path, capsys, monkeypatch) -> N
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import now fails
     assert cli_main(["export", str(run), "--onnx"]) == 0
     out = capsys.readouterr().out
-    assert "onnx: skipped" in out and "pip install 'pwfn-compress[onnx]'" in out
+    assert "onnx: skipped" in out and "pip install '.[onnx]'" in out
     assert not (run / "export" / "model.onnx").exists()  # the earlier one would be stale
 
 

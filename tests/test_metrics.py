@@ -26,6 +26,13 @@ def test_entropy_two_equal_halves_is_one_bit() -> None:
     assert M.unique_count(v, include_zero=False) == 1
 
 
+def test_entropy_of_one_value_is_plus_zero() -> None:
+    """-0.0 would print as '-0.000 bits'."""
+    for v in (t(0.5, 0.5, 0.5), t(0, 0, 0.25)):
+        h = M.entropy_bits(v, include_zero=False)
+        assert h == 0.0 and math.copysign(1.0, h) == 1.0 and f"{h:.3f}" == "0.000"
+
+
 def test_entropy_hand_computed_with_and_without_zero() -> None:
     v = t(0, 0, 0, 0.5, -0.25, 1)
     h = -(0.5 * math.log2(0.5) + 3 * (1 / 6) * math.log2(1 / 6))

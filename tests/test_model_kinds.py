@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
@@ -25,6 +26,7 @@ from pwfn.coverage import plan
 from pwfn.errors import ModelError
 from pwfn.fixer import Fixer
 from pwfn.metrics import size_report
+from pwfn.recipes import RecipeMismatch, check_recipe
 from pwfn.train import first_nonfinite_weight
 
 CFG = {"pwfn": {"fractions": [0.5, 1.0], "round_epochs": 0.3, "first_round_epochs": 0.1, "mc_samples": 2},
@@ -99,6 +101,41 @@ def test_lazy_modules_are_materialized_by_the_first_batch_in_compress(method, tm
     assert {"conv.weight", "fc.weight"} <= set(names)
     assert res.point_model.fc.weight.shape == (2, 64)
     assert not any(isinstance(m, nn.modules.lazy.LazyModuleMixin) for m in res.point_model.modules())
+
+
+def test_a_lazy_run_records_its_recipe_and_exports_to_the_device_targets(tmp_path):
+    """The recipe (a constructor without arguments) builds lazy modules: its check compares their names (their
+    shapes come from the weights loaded into them), and the rebuilt model reaches every target as the layers
+    it stands for (a LazyBatchNorm2d is no BatchNorm2d to a handler table)."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra runs the ONNX target's check")
+    pytest.importorskip("tflite_micro", reason="the tflm extra runs the TFLite-Micro target's check")
+    from pwfn.export import export_run, load_exported_model
+
+    loader = _loader(shape=(1, 6, 6))
+    res = pwfn.compress(LazyConvNet(), loader, loader, method="wfn", config=CFG, run_dir=tmp_path / "run")
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["recipe"] == {"factory": f"{__name__}:LazyConvNet", "kwargs": {}}
+    out = tmp_path / "run" / "export"
+    export_run(tmp_path / "run", targets=["onnx", "tflm"])
+    summary = json.loads((out / "targets.json").read_text())["targets"]
+    assert summary["tflm"]["bit_identical_to_uncompressed"] is True
+    assert summary["onnx"]["weights_bit_identical"] is True
+    loaded = load_exported_model(out)
+    x = next(iter(loader))[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), res.point_model.eval()(x))
+
+
+def test_a_lazy_recipe_is_checked_by_names_and_refused_when_they_differ():
+    trained = LazyConvNet()
+    with torch.no_grad():
+        trained(torch.randn(2, 1, 6, 6))
+    state = trained.state_dict()
+    assert check_recipe({"factory": f"{__name__}:LazyConvNet"}, state, "lazy") == \
+        {"factory": f"{__name__}:LazyConvNet", "kwargs": {}}
+    state.pop("fc.bias")
+    with pytest.raises(RecipeMismatch, match=r"fc\.bias which the weights lack"):
+        check_recipe({"factory": f"{__name__}:LazyConvNet"}, state, "lazy")
 
 
 def test_lazy_modules_through_the_cli_path_are_deterministic():

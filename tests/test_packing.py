@@ -357,7 +357,11 @@ def test_well_signed_but_wrong_manifests_raise_artefact_error() -> None:
 
     # Wrong weights that decode fine are caught by the per-tensor value checksum.
     assert "checksum" in mutated(lambda m: entry(m, "const").update(symbol=1))
-    assert "checksum" in mutated(
+    assert "checksum" in mutated(  # a value no other entry holds (1.75): decodes, fails its checksum
+        lambda m: m["codebook"].update(bits_hex="3fe00000" + m["codebook"]["bits_hex"][8:])
+    )
+    # a value the codebook already holds (0.5) is refused before decoding
+    assert "twice" in mutated(
         lambda m: m["codebook"].update(bits_hex="3f000000" + m["codebook"]["bits_hex"][8:])
     )
     mutated(lambda m: entry(m, "big").update(shape=[2999]))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 import subprocess
@@ -85,6 +86,38 @@ def test_report_plot_draws_a_method_folder(run, capsys):
         _assert_picture(plots / name, kind)
 
 
+def test_the_float_distribution_is_recorded_by_every_run(run, tmp_path):
+    """The weights picture draws the float model under the fixed one from the run's own report, also for a
+    pwfn.compress folder, which has no baseline.pt: the histogram counts every quantised float weight."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    import pwfn
+    from pwfn.rundata import float_histogram, read_method
+
+    for method in ("wfn", "pwfn"):  # a comparison's methods
+        hist = float_histogram(read_method(run / method))
+        report = json.loads((run / method / "report.json").read_text())
+        assert hist is not None and sum(hist["counts"]) == report["final"]["n_weights"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    float_weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    data = [(torch.randn(16, 6), torch.randint(0, 3, (16,))) for _ in range(2)]
+    pwfn.compress(model, data, data, method="wfn", run_dir=tmp_path / "mine",
+                  config={"progress": False, "wfn": {"fractions": [0.5, 1.0], "round_epochs": 0.5}})
+    assert not (tmp_path / "baseline.pt").exists()
+    hist = float_histogram(read_method(tmp_path / "mine"))
+    expected, _ = np.histogram(float_weights.astype(np.float64), bins=np.asarray(hist["edges"]))
+    assert hist["counts"] == expected.tolist()  # numpy's histogram of the float model, on the same edges
+    assert hist["edges"][0] == float(float_weights.min()) and hist["edges"][-1] == float(float_weights.max())
+    if importlib.util.find_spec("matplotlib") is not None:
+        from pwfn.plot import plot_run_dir
+
+        (path,) = [p for p in plot_run_dir(tmp_path / "mine", tmp_path / "pics") if p.name == "weights_wfn.png"]
+        _assert_picture(path, "weights")
+
+
 def test_plot_without_matplotlib_says_what_to_install(run, monkeypatch):
     import builtins
 
@@ -98,7 +131,7 @@ def test_plot_without_matplotlib_says_what_to_install(run, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     from pwfn.plot import plot_run_dir
 
-    with pytest.raises(PwfnError, match=r"pip install 'pwfn-compress\[plot\]'"):
+    with pytest.raises(PwfnError, match=r"pip install '\.\[plot\]'"):
         plot_run_dir(run, run / "never")
     assert not (run / "never").exists()
 
@@ -227,7 +260,7 @@ def test_round_summary_is_logged_at_info_without_a_terminal(tmp_path):
     assert proc.returncode == 0, text
     lines = [line for line in text.splitlines() if line.startswith("INFO pwfn.pipeline: wfn round")]
     assert len(lines) == 2, text
-    assert "wfn round 1/2: 50.0% fixed, top-1" in lines[0] and "bits" in lines[0]
+    assert "wfn round 1/2: 50.0% fixed, val top-1" in lines[0] and "bits" in lines[0]
     assert "wfn round 2/2: 100.0% fixed" in lines[1]
     assert "INFO pwfn.experiment: float baseline (trained): test top-1" in text
     assert "checksum" not in text  # per-rank checksums are -v (debug) only
@@ -241,7 +274,7 @@ def test_round_line_and_csv_helpers():
     row = {"round": 2, "fraction": 0.6, "fixed_fraction": 0.6, "after_fix": {"top1": 90.5},
            "after_train": {"top1": 91.25, "train": {"loss": 0.3}}, "unique": 12, "entropy": 2.5,
            "wall_seconds": 3.25, "codebook": [0.5], "engine": {"order": 2}}
-    assert round_line("pwfn", row, 10) == ("pwfn round 3/10: 60.0% fixed, top-1 91.25 (after fix 90.50), "
+    assert round_line("pwfn", row, 10) == ("pwfn round 3/10: 60.0% fixed, val top-1 91.25 (after fix 90.50), "
                                            "unique 12, entropy 2.500 bits, 3.2 s")
     text = metrics_csv_text([row, {"round": 3, "fraction": 1.0, "after_fix": {"top1": 80.0}}])
     lines = text.splitlines()

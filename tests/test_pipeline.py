@@ -213,7 +213,7 @@ def test_quant_metrics_of_partly_fixed_view():
 def test_resume_under_a_changed_config_is_refused(tmp_path):
     base = TINY + [f"out_dir={tmp_path}", "data.train_subset=200", "name=r"]
     run_method(load_config(None, base), "wfn")
-    with pytest.raises(ConfigError, match=r"wfn\.delta: 0\.01 -> 0\.02.*--fresh"):
+    with pytest.raises(ConfigError, match=r"wfn\.delta: 0\.01 -> 0\.02.*resume=False"):
         run_method(load_config(None, base + ["wfn.delta=0.02"]), "wfn")
     with pytest.raises(ConfigError, match=r"baseline\.epochs"):
         run_method(load_config(None, base + ["baseline.epochs=4"]), "wfn")

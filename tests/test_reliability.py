@@ -277,6 +277,14 @@ def test_ctrl_c_stops_cleanly_and_resumes(straight, tmp_path, where):
     assert _point_bytes(folder) == want
 
 
+def _error(err: str) -> str:
+    """The ``pwfn: error: ...`` a command ended with: only log lines (the run's progress) come before it."""
+    head, sep, error = err.partition("pwfn: error: ")
+    assert sep and (not head or head.endswith("\n")), err
+    assert all(line.split(" ", 1)[0] in ("DEBUG", "INFO", "WARNING") for line in head.splitlines()), err
+    return sep + error
+
+
 # --------------------------------------------------------------------------------------------
 # divergence
 
@@ -286,8 +294,8 @@ def test_divergence_is_a_clear_error_naming_layer_and_knobs(method, tmp_path, ca
     extra = [f"{method}.lr=1e30", "pwfn.first_round_epochs=1"]
     rc = cli_main(_args(tmp_path, "nan", method, extra))
     assert rc == 2
-    err = capsys.readouterr().err
-    assert err.startswith("pwfn: error: ") and "training diverged" in err
+    err = _error(capsys.readouterr().err)
+    assert "training diverged" in err
     assert "layer producing non-finite output is 'net." in err or "layer 'net." in err
     assert f"{method}.lr" in err and f"{method}.grad_clip" in err
     assert ("pwfn.sigma_floor" in err) == (method == "pwfn")
@@ -414,7 +422,8 @@ def test_bad_cli_input_is_a_clear_error_and_writes_nothing(label, extra, expect,
     rc = cli_main(["run", "--out", str(out)] + _sets() + extra)
     err = capsys.readouterr().err
     assert rc == 2, err
-    assert err.startswith("pwfn: error: ") and expect.lower() in err.lower(), err
+    err = _error(err)
+    assert expect.lower() in err.lower(), err
     assert not out.exists(), "nothing may be written for bad input"
 
 
@@ -648,6 +657,34 @@ def test_doctor_unfinished_run_and_missing_folder(finished_run, tmp_path, capsys
     assert rc == 1 and "not a pwfn run folder" in text
 
 
+def test_doctor_checks_every_extra_and_the_tools_a_target_needs(monkeypatch):
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from pwfn import doctor
+    from pwfn.export.targets import TARGETS
+
+    with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as fh:
+        extras = set(tomllib.load(fh)["project"]["optional-dependencies"])
+    checked = {(name, extra) for name, extra, _ in doctor.OPTIONAL}
+    assert {extra for _, extra in checked} == extras  # every extra, and none that does not exist
+    for target in TARGETS.values():  # every module an export target imports
+        assert {(m, target.extra) for m in target.modules} <= checked, target.name
+    assert ("lightning", "lightning") in checked and ("transformers", "hf") in checked
+    assert ("huggingface_hub", "hf") in checked and ("g++", "hls4ml") in {(t, e) for t, e, _ in doctor.TOOLS}
+
+    real_import = doctor._import
+    hls4ml = type(sys)("hls4ml")
+    monkeypatch.setattr(doctor, "_import", lambda name: (hls4ml, None, True) if name == "hls4ml" else real_import(name))
+    monkeypatch.setattr(doctor.shutil, "which", lambda program: None)
+    (gxx,) = [f for f in doctor.check_environment() if f.topic == "g++"]
+    assert gxx.level == "warning" and "the 'hls4ml' extra is installed" in gxx.message and "apt-get install g++" in gxx.fix
+    monkeypatch.setattr(doctor, "_import", lambda name: (None, None, False) if name == "hls4ml" else real_import(name))
+    (gxx,) = [f for f in doctor.check_environment() if f.topic == "g++"]
+    assert gxx.level == "info"  # no hls4ml: a missing g++ is only worth knowing
+    monkeypatch.setattr(doctor.shutil, "which", lambda program: "/usr/bin/" + program)
+    (gxx,) = [f for f in doctor.check_environment() if f.topic == "g++"]
+    assert gxx.level == "ok" and gxx.message.startswith("/usr/bin/g++")
+
+
 def test_doctor_reports_a_broken_optional_import(tmp_path, monkeypatch, capsys):
     pkg = tmp_path / "site" / "torchvision"
     pkg.mkdir(parents=True)
@@ -658,4 +695,4 @@ def test_doctor_reports_a_broken_optional_import(tmp_path, monkeypatch, capsys):
     text = capsys.readouterr().out
     assert rc == 1
     assert "torchvision is installed but fails to import (RuntimeError: operator torchvision::nms" in text
-    assert "pip install --force-reinstall 'pwfn-compress[vision]'" in text
+    assert "pip install --force-reinstall '.[vision]'" in text

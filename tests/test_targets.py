@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pwfn.centres import candidate_centres
+from pwfn.errors import PwfnError
 from pwfn.export.targets.shiftadd import FixedPoint, ShiftAddError, ShiftAddNet, calibrate
 from pwfn.models import create_model
 
@@ -128,13 +129,51 @@ def test_codebook_onnx_is_exact_and_small(make, shape) -> None:
     assert info["coded_tensors"] >= len([p for p in model.parameters() if p.dim() > 1])
     ops = {n.op_type for n in onnx.load_from_string(data).graph.node}
     assert "Gather" in ops
-    # close to the packed indices: tables, the few float tensors and the graph are small extras
+    # the packed indices at ceil(log2 K) bits, one table, the few float tensors, the model's own
+    # graph and a decoder of fixed size: nothing grows with the weights but the index stream
+    n = sum(p.numel() for p in model.parameters())
+    k = info["index_bits_global"]
+    assert k == max(1, (info["table_values"] - 1).bit_length()) and info["coded_weights"] == n
+    widths = {t["bits"] for t in info["tensors"].values()}
+    assert all(max(1, (t["values"] - 1).bit_length()) <= t["bits"] <= k for t in info["tensors"].values())
+    exact = sum(-(-sd_numel * t["bits"] // 8) for sd_numel, t in zip(
+        [model.state_dict()[name].numel() for name in info["tensors"]], info["tensors"].values()))
+    assert info["index_bytes"] <= exact + 3 * len(widths) + len(info["tensors"])
+    own = sum(t["values"] for t in info["tensors"].values() if t["table"] == "own")
+    shared = any(t["table"] == "shared" for t in info["tensors"].values())
+    assert info["table_bytes"] == 4 * own + (4 * info["table_values"] if shared else 0)
     payload = info["index_bytes"] + info["table_bytes"] + info["float_bytes"]
-    assert info["bytes"] < payload + 4000
+    graph = info["fp32_onnx_bytes"] - 4 * n
+    assert info["bytes"] < payload + graph + 1500
     assert info["bytes"] < info["fp32_onnx_bytes"] / 2
     sd = model.state_dict()
     for name, arr in decode_weights(data).items():
         assert np.array_equal(arr.view(np.uint32), sd[name].numpy().view(np.uint32))
+
+
+@needs_onnx
+@pytest.mark.parametrize("K", [1, 2, 3, 8, 100, 128, 129, 513, 3000])
+def test_codebook_onnx_packs_indices_at_ceil_log2_k_bits_for_any_k(K: int) -> None:
+    from pwfn.export.targets.onnx import export_onnx, pack_bits, unpack_bits
+
+    g = torch.Generator().manual_seed(K)
+    table = torch.randperm(1 << 14, generator=g)[:K].float().sub(1 << 13).mul(2.0**-10)  # K distinct values
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(table[torch.randint(0, K, p.shape, generator=g)] * 2.0**-4)
+    cb = torch.unique(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    data, info = export_onnx(model, torch.randn(2, 64, generator=g), cb)
+    assert info["weights_bit_identical"] and info["bit_identical_to_fp32_onnx"]
+    n = sum(p.numel() for p in model.parameters())
+    k = max(1, (len(cb) - 1).bit_length())
+    assert info["index_bits_global"] == k and info["index_bits"] <= k and info["coded_weights"] == n
+    groups = len({t["bits"] for t in info["tensors"].values()})
+    assert info["index_bytes"] <= -(-n * k // 8) + 4 * groups  # each tensor at ceil(log2 K_t) <= ceil(log2 K)
+    if len(cb) <= 128:  # below an int8 copy of the weights: one byte each and a scale per tensor
+        assert info["index_bytes"] + info["table_bytes"] < n + 4 * len(info["tensors"])
+    idx = torch.randint(0, 1 << k, (1001,), generator=g).numpy()
+    assert (unpack_bits(pack_bits(idx, k), k, idx.size) == idx).all()
 
 
 @needs_onnx
@@ -299,9 +338,183 @@ def test_device_targets_benchmark_dry_run(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=900, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "out" / "device_targets.json").read_text())
-    rows = doc["datasets"][0]["targets"]["rows"]
-    by = {r["target"].split(" ")[0]: r for r in rows}
-    assert by["ONNX"]["agree"] == 100.0 and by["TFLite-Micro,"]["agree"] == 100.0  # float runtimes: same
-    assert by["hls4ml"]["agree"] >= 95.0 and by["hls4ml"]["mult_left"] == 0  # fixed point: near-ties may flip
-    assert any(r["method"] == "PWFN budget" and r["met"] for r in doc["datasets"][0]["budget"])
+    for ds in doc["datasets"]:  # digits (a config run) and the Conv1d + BatchNorm signal model (from Python)
+        by = {r["target"].split(" ")[0].rstrip(","): r for r in ds["targets"]["rows"]}
+        assert not any(r.get("refused") for r in by.values()), by
+        assert by["ONNX"]["agree"] == 100.0 and by["TFLite-Micro"]["agree"] == 100.0  # float runtimes: same
+        assert by["hls4ml"]["agree"] >= 95.0  # fixed point: near-ties may flip
+        assert by["ONNX"]["bytes"] < ds["targets"]["fp32_bytes"]
+    digits, signal = doc["datasets"]
+    assert {r["target"].split(" ")[0]: r for r in digits["targets"]["rows"]}["hls4ml"]["mult_left"] == 0
+    assert signal["export_run"] == {"onnx": "exported", "tflm": "exported", "hls4ml": "exported"}
+    assert signal["recipe"]["factory"] == "_device_models:SignalNet"
+    assert signal["targets"]["operations"]["scale_multiplications"] > 0  # BatchNorm: its own layer
+    assert any(r["method"] == "PWFN budget" and r["met"] for r in digits["budget"])
     assert "| K | method |" in (tmp_path / "out" / "device_targets.md").read_text()
+
+
+# -------------------------------------------------------------------------------- more layers (issue 24)
+
+
+def _with_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``snapped`` model whose BatchNorms have non-trivial statistics and affine parameters."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.normal_(generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+    model = snapped(model, seed=seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.normal_(1.0, 0.2, generator=g)
+                m.bias.normal_(0.0, 0.3, generator=g)
+    return model.eval()
+
+
+class SignalNet(nn.Module):
+    """A keyword-spotting-shaped 1-D CNN: Conv1d + BatchNorm + pooling, a (N, L) input unsqueezed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, 4, 5, padding=2)
+        self.bn1 = nn.BatchNorm1d(4)
+        self.pool1 = nn.MaxPool1d(2)
+        self.conv2 = nn.Conv1d(4, 4, 3, padding=1, stride=2)
+        self.bn2 = nn.BatchNorm1d(4)
+        self.pool2 = nn.AvgPool1d(3)  # not a power of two: a division
+        self.fc = nn.Linear(4 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(torch.relu(self.bn1(self.conv1(x.unsqueeze(1)))))
+        x = self.pool2(self.bn2(self.conv2(x)))  # no ReLU: negative values reach the average
+        return self.fc(x.view(x.size(0), -1))
+
+
+def bn_cnn() -> nn.Module:
+    return nn.Sequential(nn.BatchNorm2d(1), nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.AvgPool2d(3),
+                         nn.MaxPool2d(3, 1, 1), nn.Flatten(), nn.Linear(3 * 2 * 2, 8), nn.BatchNorm1d(8),
+                         nn.ReLU(), nn.Linear(8, 4))
+
+
+def gap_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, 3))
+
+
+LAYER_MODELS = [(lambda: _with_stats(SignalNet()), (24,)), (lambda: _with_stats(bn_cnn(), 1), (1, 6, 6)),
+                (lambda: _with_stats(gap_cnn(), 2), (2, 8, 8))]
+
+
+@pytest.mark.parametrize("make,shape", LAYER_MODELS)
+def test_shift_add_takes_batchnorm_conv1d_pools_and_reshapes(make, shape) -> None:
+    model = make()
+    x = torch.randn(32, *shape, generator=torch.Generator().manual_seed(5))
+    fp = calibrate(model, x, frac_bits=12)
+    net = ShiftAddNet(model, b=7, fixed_point=fp, example=x[:1])
+    xi = fp.quantise(x)
+    assert torch.equal(net.forward_int(xi, "shift"), net.forward_int(xi, "multiply"))
+    with torch.no_grad():
+        ref = model(x).double()
+    err = float((net(x) - ref).abs().max())
+    assert err <= net.error_bound() and err < 2e-2
+    assert torch.equal(net(x).argmax(1), ref.argmax(1)) or err < 1e-3
+    counts = net.operation_counts(shape)["total"]
+    bn_values = sum(m.num_features for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    assert counts["scale_multiplications"] >= bn_values  # one product per value a BatchNorm scales
+    assert counts["multiplications_left"] == counts["scale_multiplications"] + counts["divisions"]
+
+
+def test_a_batchnorm_stays_its_own_layer_and_the_weights_stay_on_the_codebook() -> None:
+    from pwfn.export.targets.graph import trace
+
+    model = _with_stats(SignalNet())
+    g = trace(model, torch.zeros(1, 24))
+    assert [lay.kind for lay in g.layers].count("batchnorm") == 2
+    bn = next(lay for lay in g.layers if lay.kind == "batchnorm")
+    m = model.bn1
+    x = torch.randn(4, 4, 7)
+    expect = x * bn.extra["scale"].float().view(1, -1, 1) + bn.extra["shift"].float().view(1, -1, 1)
+    assert torch.allclose(m(x), expect, atol=1e-5)  # scale and shift are the norm itself, in eval mode
+
+
+@needs_tflm
+@pytest.mark.parametrize("make,shape", LAYER_MODELS + [
+    (lambda: snapped(nn.Sequential(nn.Linear(10, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8),
+                                   nn.LeakyReLU(0.1), nn.Linear(8, 8), nn.ReLU6(), nn.Linear(8, 8), nn.Hardswish(),
+                                   nn.Linear(8, 8), nn.ELU(), nn.Linear(8, 4), nn.Softmax(-1))), (10,))])
+def test_tflm_takes_batchnorm_conv1d_pools_reshapes_and_activations(make, shape) -> None:
+    from pwfn.export.targets.tflm import export_tflm, run_tflm
+
+    model = make()
+    files, info = export_tflm(model, torch.randn(1, *shape))
+    assert info["bit_identical_to_uncompressed"]
+    n_fixed = sum(1 for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)))
+    assert info["compressed_tensors"] == 2 * n_fixed  # every weight and bias LUT-compressed, no folding
+    x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = run_tflm(files["model.tflite"], x.numpy())
+    assert np.abs(got - ref).max() <= 1e-5 * max(1.0, np.abs(ref).max())
+    assert (got.argmax(1) == ref.argmax(1)).all()
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16)
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+@pytest.mark.parametrize("target,module,words", [
+    ("tflm", "pwfn.export.targets.tflm", ["'emb' (Embedding)", "'enc' (TransformerEncoderLayer)", "onnx"]),
+    ("hls4ml", "pwfn.export.targets.hls4ml", ["'emb' (Embedding)", "'enc' (TransformerEncoderLayer)", "onnx"]),
+])
+def test_targets_refuse_what_they_cannot_take_naming_the_layer_and_what_works(target, module, words) -> None:
+    import importlib
+
+    check = importlib.import_module(module).check_model
+    with pytest.raises(PwfnError) as info:
+        check(TinyTransformer().eval(), torch.randint(0, 20, (1, 7)))
+    for w in words:
+        assert w in str(info.value)
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(PwfnError, match=r"'0' \(Conv2d\): groups=2.*groups=1 works"):
+        check(grouped, torch.zeros(1, 4, 3, 3))
+    if target == "hls4ml":  # lookup-table activations have no bit-exact reference
+        with pytest.raises(PwfnError, match=r"'1' \(Sigmoid\).*tflm targets take it in float"):
+            check(nn.Sequential(nn.Linear(3, 3), nn.Sigmoid()), torch.zeros(1, 3))
+
+
+@needs_onnx
+def test_onnx_takes_a_small_transformer_with_packed_indices() -> None:
+    from pwfn.export.targets.onnx import export_onnx
+
+    model = snapped(TinyTransformer())
+    cb = torch.unique(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    data, info = export_onnx(model, torch.randint(0, 20, (2, 7)), cb)
+    assert info["bit_identical_to_fp32_onnx"] and info["weights_bit_identical"]
+    assert info["coded_weights"] >= sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight")) // 2
+    # the coded weights shrink to their index bits (a transformer's graph itself is most of its small file)
+    assert info["fp32_onnx_bytes"] - info["bytes"] > 0.7 * info["coded_fp32_bytes"] - 1500
+
+
+@needs_hls
+@pytest.mark.slow
+@pytest.mark.parametrize("make,shape", LAYER_MODELS)
+def test_hls4ml_c_simulation_takes_batchnorm_conv1d_pools_and_reshapes(make, shape) -> None:
+    from pwfn.export.targets.hls4ml import export_hls4ml
+
+    model = make()
+    g = torch.Generator().manual_seed(7)
+    data, info = export_hls4ml(model, torch.randn(2, *shape, generator=g),
+                               check_inputs=torch.randn(30, *shape, generator=g))
+    assert info["bit_identical_to_reference"]  # C simulation == shift-add reference, bit for bit
+    assert info["max_abs_diff_to_float"] <= info["error_bound"]
+    assert info["products"]["weight_exponential"] > 0
+    assert all(v["path"] == "exponent" for v in info["layers"].values())
+    assert info["multiplications_left"] == info["scale_multiplications"] + info["divisions"] > 0

@@ -10,9 +10,15 @@ One module per idea:
 - :mod:`~pwfn.export.artefact` what an artefact holds (sharing, fixed values, split tensors),
   building and verifying it in memory, and the loaders;
 - :mod:`~pwfn.export.packing`  the packed ``.pwfn`` byte format;
+- :mod:`~pwfn.export.packcheck` what a packed file may claim, checked before anything is decoded;
 - :mod:`~pwfn.export.size`     the size report (``size.json``);
 - :mod:`~pwfn.export.folder`   the export folder, written at once, and reading a run folder;
-- :mod:`~pwfn.export.targets`  the device targets (``pwfn export RUN --to onnx,tflm,hls4ml``).
+- :mod:`~pwfn.export.ownership` which folders an export may replace (those pwfn provably wrote);
+- :mod:`~pwfn.export.targets`  the device targets (``pwfn export RUN --to onnx,tflm,hls4ml``);
+- :mod:`~pwfn.export.hub`      ``from_pretrained`` and the model card; :mod:`~pwfn.export.share`
+  ``save_pretrained``.
+
+How a model is rebuilt from a file is :mod:`pwfn.recipes`.
 
 The text that ``pwfn export`` prints is formatted by :mod:`pwfn.report`. A run must be 100 %
 fixed; with ``allow_unfixed`` the remaining values are kept as raw floats and the artefact says

@@ -28,15 +28,15 @@ import torch
 from safetensors.torch import load as st_load
 from torch import Tensor, nn
 
-from .. import __version__
+from .. import __version__, recipes
 from .. import metrics as M
 from ..centres import decompose
 from ..errors import ArtefactError, ModelError, PwfnError, RunFileError
 from ..files import read_limited
 from ..manifest import load_json, sha256_bytes, validate_description
 from ..methods import method_names
-from ..models import create_model
 from . import packing
+from .packcheck import read_artefact_bytes
 
 __all__ = [
     "EXPORT_DIR", "EXPORT_FORMAT", "MODEL_FILE", "MODEL_JSON", "ONNX_FILE", "PACKED_FILE", "SIZE_FILE", "STAGE_SUFFIX",
@@ -432,68 +432,72 @@ def pack_artefact(
 # rebuilding the model (no bayes needed)
 
 
-def build_model(recipe: Mapping[str, Any], state: Mapping[str, Tensor], where: str) -> nn.Module:
-    """Construct the recipe's model (``pwfn.models``) and load ``state`` into it, strictly (eval mode).
+def build_model(recipe: Mapping[str, Any], state: Mapping[str, Tensor], where: str, *,
+                functions: bool = False) -> nn.Module:
+    """Construct the recipe's model (:mod:`pwfn.recipes`) and load ``state`` into it, strictly (eval mode).
 
-    A malformed or unbuildable recipe raises ``ModelError``, a state that does not fit it
-    ``ArtefactError``; ``where`` names the file or model in both.
+    A malformed or unbuildable recipe raises ``ModelError``, a recipe whose model does not take
+    these tensors ``ArtefactError`` (checked on the meta device before anything is allocated);
+    ``where`` names the file or model in both. ``functions``: the caller named the recipe's
+    function factory itself, so it may be called.
     """
-    if not isinstance(recipe, Mapping) or not isinstance(recipe.get("name"), str):
-        raise ModelError(f"{where}: malformed model recipe {recipe!r}")
-    kwargs = recipe.get("kwargs") or {}
-    if not isinstance(kwargs, Mapping):
-        raise ModelError(f"{where}: malformed model recipe kwargs {kwargs!r}")
     try:
-        model = create_model(recipe["name"], **dict(kwargs))
-    except PwfnError:
-        raise
-    except (TypeError, ValueError, RuntimeError, OverflowError, MemoryError) as exc:
-        raise ModelError(f"{where}: the model recipe {dict(recipe)!r} cannot be built: "
-                         f"{type(exc).__name__}: {exc}") from exc
-    try:
-        model.load_state_dict(dict(state), strict=True)
-    except RuntimeError as exc:
-        raise ArtefactError(
-            f"{where} does not fit the model built from its recipe {dict(recipe)!r}: {exc}"
-        ) from exc
-    return model.eval()
+        return recipes.build_recipe(recipe, state, where, functions=functions)
+    except recipes.RecipeMismatch as exc:
+        raise ArtefactError(str(exc)) from exc
+
+
+def caller_model(model: Any, recipe: Any, state: Mapping[str, Tensor], where: str) -> nn.Module:
+    """``model=`` as the caller gave it: an ``nn.Module`` (the weights are loaded into it), a recipe
+    (``{"factory": ..., "kwargs": ...}``) or a ``"module:qualname"``/registered name, whose
+    function the caller thereby allows to be called (with the file's kwargs when it names the same)."""
+    if isinstance(model, nn.Module):
+        try:
+            recipes.load_state_folded(model, state, where)
+        except ModelError as exc:
+            raise ArtefactError(str(exc)) from exc
+        return model.eval()
+    if isinstance(model, str):
+        rec = recipes.parse_model_spec(model, None, recipe if isinstance(recipe, Mapping) else None)
+    elif isinstance(model, Mapping):
+        rec = dict(model)
+    else:
+        raise ModelError(f"model= must be a torch.nn.Module, a recipe or 'module:qualname', got {type(model).__name__}")
+    return build_model(rec, state, where, functions=True)
 
 
 def _into_model(
-    state: Mapping[str, Tensor], recipe: Any, model: nn.Module | None, where: str,
+    state: Mapping[str, Tensor], recipe: Any, model: Any, where: str,
     shared: Mapping[str, str] | None = None,
 ) -> nn.Module:
     shared = dict(shared or {})
     if model is not None:
-        _check_sharing(model, shared, where)
-        try:
-            model.load_state_dict(dict(state), strict=True)
-        except RuntimeError as exc:
-            raise ArtefactError(f"{where} does not fit the given model: {exc}") from exc
-        return model.eval()
+        if isinstance(model, nn.Module):
+            _check_sharing(model, shared, where)
+        built = caller_model(model, recipe, state, where)
+        if not isinstance(model, nn.Module):
+            _check_sharing(built, shared, where)
+        return built
     if not recipe:
         raise ModelError(
             f"{where} holds no model recipe (the model was exported from Python without one); "
-            "pass model= to load the weights into your own instance"
+            "pass model= (your model instance, or 'module:factory') to load the weights"
         )
     built = build_model(recipe, state, where)
     _check_sharing(built, shared, where)
     return built
 
 
-def load_packed_model(path: PathLike, model: nn.Module | None = None) -> nn.Module:
+def load_packed_model(path: PathLike, model: Any = None) -> nn.Module:
     """Rebuild the point-estimate model from a packed artefact alone, bit for bit (eval mode).
 
-    The recipe in the artefact's metadata builds the model; pass ``model`` to load into your
-    own instance instead (needed when the export had no recipe). A damaged, truncated or
-    foreign-version file raises ``ArtefactError`` naming the problem.
+    The recipe in the artefact's metadata builds the model (a registered model or an
+    ``nn.Module`` class; a function factory only when named by ``model=``). Pass ``model``
+    (your instance, or ``"module:factory"``) to load into that instead (needed when the export
+    had no recipe). A damaged, truncated or foreign-version file raises ``ArtefactError``.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ArtefactError(f"cannot read packed artefact {str(path)!r}: {exc}") from exc
-    pm = packing.unpack(data)
+    pm = packing.unpack(read_artefact_bytes(path))
     meta = pm.metadata
     if meta.get("pwfn_export") is not None and meta.get("pwfn_export") != EXPORT_FORMAT:
         raise ArtefactError(
@@ -506,7 +510,7 @@ def load_packed_model(path: PathLike, model: nn.Module | None = None) -> nn.Modu
                        shared)
 
 
-def load_exported_model(folder: PathLike, model: nn.Module | None = None) -> nn.Module:
+def load_exported_model(folder: PathLike, model: Any = None) -> nn.Module:
     """Rebuild the point-estimate model from an export folder's safetensors and model.json.
 
     The safetensors file is checked against the SHA-256 that ``model.json`` recorded.

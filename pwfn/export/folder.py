@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -40,9 +37,18 @@ from torch import Tensor, nn
 
 import bayes
 
-from ..errors import ArtefactError, CheckpointError, ModelError, PwfnError, RunFileError
+from .. import recipes
+from ..errors import (
+    ArtefactError,
+    CheckpointError,
+    ConfigError,
+    ModelError,
+    PwfnError,
+    RunFileError,
+)
 from ..files import parse_json, read_limited
-from ..io import atomic_write_bytes, atomic_write_json, load_checkpoint
+from ..hints import install_hint, start_over
+from ..io import atomic_write_json, load_checkpoint
 from ..lock import acquire
 from ..manifest import (
     MANIFEST_FILE,
@@ -53,28 +59,27 @@ from ..manifest import (
     load_manifest,
     read_point_model,
     read_report,
-    sha256_bytes,
 )
 from ..methods import get_method, method_names
-from ..models import create_model
+from ..recipes import recipe_of
 from . import packing
 from .artefact import (
     EXPORT_DIR,
     EXPORT_FORMAT,
     MODEL_FILE,
-    MODEL_JSON,
     ONNX_FILE,
     PACKED_FILE,
     SIZE_FILE,
-    STAGE_SUFFIX,
     ExportError,
     build_model,
+    caller_model,
     clean_state,
     infer_b,
     pack_artefact,
 )
-from .size import size_summary
-from .targets import example_input
+from .ownership import check_replaceable, write_export_folder
+from .size import onnx_size, size_summary
+from .targets import build_targets, check_targets, example_input
 from .targets.onnx import export_onnx
 
 __all__ = ["export_model", "export_run"]
@@ -82,6 +87,26 @@ __all__ = ["export_model", "export_run"]
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
+
+
+def _finish_lazy(model: nn.Module, example: Tensor) -> None:
+    """Let lazy modules (``nn.LazyLinear`` ...) of a model rebuilt from its recipe become the layers they
+    stand for (``nn.Linear`` ...), which the targets' handlers take: loading the weights gave them their
+    shapes and values, and one forward pass on the example (eval mode, no gradient) finishes what torch
+    leaves to it. The weights are not changed."""
+    if not any(isinstance(m, nn.modules.lazy.LazyModuleMixin) for m in model.modules()):
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example[:1])
+    except Exception as exc:  # noqa: BLE001 - the user's model: said with the input it was given
+        raise ExportError(f"the model's lazy modules could not be finished with one forward pass on the example "
+                          f"input {tuple(example.shape[1:])}: {type(exc).__name__}: {exc}; pass example_input "
+                          "(Python) with a batch of your data") from exc
+    finally:
+        model.train(was_training)
 
 
 def _onnx_export(
@@ -95,7 +120,7 @@ def _onnx_export(
     except ImportError as exc:
         msg = (
             f"ONNX export needs the 'onnx' extra ({exc.name or exc} is not installed): "
-            "pip install 'pwfn-compress[onnx]'"
+            f"{install_hint('onnx')}"
         )
         log.warning("%s", msg)
         return None, {"skipped": msg}
@@ -141,24 +166,48 @@ def _prepare(
     source: str,
     extra_metadata: Mapping[str, Any] | None,
     not_finished: str | None = None,
+    targets: Iterable[str] = (),
+    example_record: Mapping[str, Any] | None = None,
+    no_model_reason: str = "",
 ) -> _Prepared:
     t0 = time.perf_counter()
+    targets = check_targets(targets)
+    if targets and model is None:
+        hint = "" if "--model" in no_model_reason else (
+            f"; pass it: pwfn export RUN --to {','.join(targets)} --model mypkg.models:make_model (model= in Python)")
+        raise ExportError(f"{source} records no model recipe, and device targets ({', '.join(targets)}) need the "
+                          f"model itself: {no_model_reason or 'no model was given'}{hint}")
     art = pack_artefact(state, quantised, recipe, method=method, b=b, signed_terms=signed_terms, codebook=codebook,
                         masks=masks, allow_unfixed=allow_unfixed, source=source, extra_metadata=extra_metadata,
                         not_finished=not_finished)
     files: dict[str, bytes] = {MODEL_FILE: st_save(art.state), PACKED_FILE: art.packed}
     onnx_info: dict[str, Any] | None = None
-    if onnx:
+    x: Tensor | None = None
+    if model is not None and (targets or onnx):
+        x = example if example is not None else example_input(model, recipe, image_size, example_record)
+        _finish_lazy(model, x)
+    if onnx and "onnx" not in targets:
         if model is None:
-            onnx_info = {"skipped": "no model recipe: the model cannot be rebuilt for ONNX export"}
+            onnx_info = {"skipped": f"no model recipe: the model cannot be rebuilt for ONNX export ({no_model_reason})"}
         else:
-            x = example if example is not None else example_input(model, recipe, image_size)
             data, onnx_info = _onnx_export(model, x, art.codebook)
             if data is not None:
                 files[ONNX_FILE] = data
+    target_summary: dict[str, Any] | None = None
+    if targets:
+        try:
+            target_files, target_summary = build_targets(model, targets, example=x, codebook=art.codebook, b=b,
+                                                         signed_terms=signed_terms, folder=str(out_dir))
+        except PwfnError as exc:
+            raise ExportError(f"{exc}. Nothing was written") from exc
+        files.update(target_files)
+        if "onnx" in targets:
+            onnx_info = target_summary["targets"]["onnx"]
 
     notes = art.metadata["unfixed"]["tensors"]
     size = size_summary(art.state, art.quantised, art.packed, b=b, signed_terms=signed_terms, unfixed=notes)
+    if ONNX_FILE in files and onnx_info:
+        size["onnx"] = onnx_size(onnx_info, size)
     files[SIZE_FILE] = (json.dumps(size, indent=2) + "\n").encode("utf-8")
     model_json = {
         "format": "pwfn-export",
@@ -176,7 +225,7 @@ def _prepare(
         "tensor_order": art.metadata["tensor_order"],
         "quantised_tensors": art.quantised,
         "codebook": [float(v) for v in art.codebook.tolist()],
-        "files": {name: {"bytes": len(data), "sha256": sha256_bytes(data)} for name, data in files.items()},
+        "example": dict(example_record) if example_record else _record_of(x),
         "source": source,
         "pwfn_version": art.metadata["pwfn_version"],
     }
@@ -190,10 +239,22 @@ def _prepare(
         "files": {name: len(data) for name, data in files.items()},
         "size": size,
         "onnx": onnx_info,
+        "targets": target_summary,
+        "recipe": art.metadata["recipe"],
         "seconds": 0.0,
     }
     result["seconds"] = time.perf_counter() - t0
     return _Prepared(source, out_dir, files, model_json, result)
+
+
+def _record_of(x: Tensor | None) -> dict[str, Any] | None:
+    """What an export records of the example input its checks used (shape without the batch, dtype)."""
+    if x is None:
+        return None
+    out: dict[str, Any] = {"shape": [int(d) for d in x.shape[1:]], "dtype": str(x.dtype).replace("torch.", "")}
+    if not x.is_floating_point() and not x.is_complex() and x.numel():
+        out["max"] = int(x.max())
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,54 +262,16 @@ def _prepare(
 
 
 def _check_out_dir(out: Path) -> None:
-    """``out`` may be new, empty, or an earlier pwfn export (which is replaced as a whole)."""
-    try:
-        if not out.exists():
-            return
-        if not out.is_dir():
-            raise ExportError(f"the export folder {str(out)!r} is a file, not a folder: choose another --out")
-        if any(out.iterdir()) and not (out / MODEL_JSON).is_file():
-            raise ExportError(f"the export folder {str(out)!r} exists and is not a pwfn export (no {MODEL_JSON}): "
-                              "choose a new or empty folder (an export replaces its folder as a whole)")
-    except OSError as exc:
-        raise ExportError(f"cannot use the export folder {str(out)!r}: {exc}") from exc
+    """``out`` may be new, empty, or an earlier pwfn export that pwfn can prove it wrote (replaced as a whole)."""
+    check_replaceable(out)
 
 
 def _write(p: _Prepared) -> dict[str, Any]:
-    """Write the export into a staging folder next to ``out_dir`` and rename it into place.
-
-    The files go into a folder made inside the staging folder, so it is an ordinary folder
-    (the umask applies; ``mkdtemp`` makes 0700). A failure (full disk, read-only filesystem,
-    Ctrl-C) removes the staging folder and leaves the previous export as it was; ``model.json``
-    is written last inside it. Then the size is merged into the run's report.json.
-    """
-    out = p.out_dir
-    _check_out_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.*{STAGE_SUFFIX}"):  # left by a killed export (we hold the lock)
-        shutil.rmtree(stale, ignore_errors=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=STAGE_SUFFIX, dir=out.parent))
-    new = stage / EXPORT_DIR
-    old: Path | None = None
-    try:
-        new.mkdir()
-        for name, data in p.files.items():
-            atomic_write_bytes(new / name, data)
-        atomic_write_json(new / MODEL_JSON, p.model_json)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", suffix=STAGE_SUFFIX, dir=out.parent))
-            os.replace(out, old / EXPORT_DIR)
-        os.replace(new, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old / EXPORT_DIR, out)  # put the previous export back
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(stage, ignore_errors=True)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Write the export into a staging folder next to ``out_dir`` and rename it into place
+    (:func:`pwfn.export.ownership.write_export_folder`: a failure leaves the previous export as it
+    was; a folder pwfn cannot prove it wrote is refused). Then the size is merged into the run's
+    report.json."""
+    write_export_folder(p.out_dir, p.files, p.model_json)
     if p.report_path is not None and p.report is not None:
         report = dict(p.report)
         report["size"] = p.result["size"]
@@ -292,17 +315,21 @@ def export_model(
     example_input: Tensor | None = None,
     metadata: Mapping[str, Any] | None = None,
     masks: Mapping[str, Tensor] | None = None,
+    targets: Iterable[str] = (),
 ) -> dict[str, Any]:
     """Export a fixed (point or Bayesian) model to ``out_dir``; returns the export summary.
 
     ``quantised_names`` are state_dict keys of the point model (``QuantView(...).names()``).
-    ``recipe`` (``{"name": registered model, "kwargs": {...}}``) lets the loaders rebuild the
-    model; without it they need ``model=``. ``method`` is recorded with the artefact;
+    ``recipe`` (``{"name": registered model, "kwargs": {...}}`` or ``{"factory": "module:qualname",
+    "kwargs": {...}}``, :mod:`pwfn.recipes`) lets the loaders rebuild the model; without it, the
+    model's own recipe is used when one can be recorded (:func:`pwfn.recipes.recipe_of`), else
+    the loaders need ``model=``. ``method`` is recorded with the artefact;
     ``signed_terms`` picks the codebook's power-of-two terms (default: as the method fixes them,
     its ``signed_terms``: signed for WFN and published WFN, positive for PWFN). ``codebook`` (optional) restricts which values count
     as fixed; ``masks`` (name -> bool tensor, e.g. ``Fixer``/``QuantView.masks()``) do the same.
-    Unfixed values raise ``ExportError`` unless ``allow_unfixed``. ``model`` itself is not
-    modified. ``b`` (smallest term 2^-b) defaults to the smallest of 7..24 at which every
+    Unfixed values raise ``ExportError`` unless ``allow_unfixed``. ``targets`` (``["onnx", "tflm",
+    "hls4ml"]``) are built from ``model`` and checked before anything is written. ``model`` itself
+    is not modified. ``b`` (smallest term 2^-b) defaults to the smallest of 7..24 at which every
     quantised value is a sum of powers of two (7 when none is): PWFN's tensor-scaled grid gives
     small tensors terms finer than 2^-7.
     """
@@ -310,8 +337,14 @@ def export_model(
     quantised_names = list(quantised_names)
     if b is None:
         b = infer_b(state, quantised_names)
+    why = ""
     if recipe:  # check now that the loaders will be able to rebuild it
-        point = build_model(recipe, clean_state(state), "the given model")
+        try:
+            point = build_model(recipe, clean_state(state), "the given model", functions=True)
+        except ModelError as exc:
+            raise ExportError(str(exc)) from exc
+    else:
+        recipe, why = recipe_of(point)
     prepared = _prepare(
         state,
         quantised_names,
@@ -329,6 +362,8 @@ def export_model(
         image_size=None,
         source=f"model {type(model).__name__}",
         extra_metadata=metadata,
+        targets=targets,
+        no_model_reason=why,
     )
     return _write(prepared)
 
@@ -365,7 +400,7 @@ def _state_from_checkpoint(run_dir: Path, method: str) -> tuple[dict[str, Tensor
     masks = ckpt.get("masks")
     if not isinstance(masks, dict) or any(k not in state for k in masks):
         raise ExportError(f"{path} holds no fixed masks that fit its model: it was written by an older pwfn; "
-                          "rerun the method with --fresh")
+                          f"rerun the method with {start_over()}")
     return state, dict(masks)
 
 
@@ -380,12 +415,13 @@ def _signed_terms(manifest: Mapping[str, Any] | None, description: Mapping[str, 
 
 
 def _prepare_run(
-    run_dir: Path, out_dir: Path | None, allow_unfixed: bool, onnx: bool
+    run_dir: Path, out_dir: Path | None, allow_unfixed: bool, onnx: bool, *, model_arg: Any = None,
+    targets: Iterable[str] = (), example: Tensor | None = None,
 ) -> _Prepared:
     """Everything export needs, read through the run's manifest (method, b, signed terms, recipe,
     quantised tensors, codebook, input shape) and validated: nothing is re-derived from
     ``config.yaml`` or the dataset. A point model that does not match the manifest is damaged
-    and refused."""
+    and refused. ``model_arg`` (``model=``) overrides the run's recipe."""
     if not run_dir.is_dir():
         raise ExportError(f"run folder {str(run_dir)!r} does not exist")
     out = out_dir if out_dir is not None else run_dir / EXPORT_DIR
@@ -396,8 +432,12 @@ def _prepare_run(
     not_finished: str | None = None
     manifest = load_manifest(run_dir)
     b = int(manifest["engine"]["b"]) if manifest else 7
-    shape = ((manifest["inputs"].get("data") or {}).get("input_shape") if manifest else None) or []
+    inputs = (manifest["inputs"] if manifest else None) or {}
+    shape = (inputs.get("data") or {}).get("input_shape") or []
     image_size = int(shape[1]) if len(shape) == 3 and isinstance(shape[1], int) else None
+    example_record = inputs.get("example") if isinstance(inputs.get("example"), dict) else None
+    if example_record is None and shape:
+        example_record = {"shape": list(shape), "dtype": "float32"}
 
     if report_path.exists():
         report = read_report(report_path)
@@ -455,23 +495,17 @@ def _prepare_run(
         state, masks = _state_from_checkpoint(run_dir, method)
         quantised = [q["name"] for q in manifest["quantised"]]
         recipe = manifest["recipe"]
-        if recipe:  # the recipe model's key order is the state_dict order users expect
-            ref = create_model(recipe["name"], **dict(recipe.get("kwargs") or {})).state_dict()
-            if set(ref) == set(state):
-                state = {k: state[k] for k in ref}
 
     if not_finished and not allow_unfixed:
         raise ExportError(
             f"run {str(run_dir)!r} is not 100% fixed: {not_finished}; pass --allow-unfixed to export "
             "the unfixed weights as raw floats"
         )
-    model = None
-    if recipe:  # the artefact must load: its recipe has to build a model that takes these tensors
-        try:
-            model = build_model(recipe, clean_state(state), str(run_dir))
-        except (ModelError, ArtefactError) as exc:
-            raise ExportError(f"{exc}. The run's recipe and weights do not match: rerun its command to rewrite "
-                              "the point model") from exc
+    model, recipe, why = _run_model(run_dir, recipe, state, model_arg)
+    if why and manifest is not None and isinstance(manifest.get("recipe_note"), str):
+        why = manifest["recipe_note"][:2000]
+    if model is not None and list(model.state_dict()) != list(state) and set(model.state_dict()) == set(state):
+        state = {k: state[k] for k in model.state_dict()}  # the model's key order is the one users expect
     prepared = _prepare(
         state,
         quantised,
@@ -485,15 +519,48 @@ def _prepare_run(
         allow_unfixed=allow_unfixed,
         onnx=onnx,
         model=model,
-        example=None,
+        example=example,
         image_size=image_size,
         source=str(run_dir),
         extra_metadata={"run": run_dir.name, "run_name": run_dir.parent.name},
         not_finished=not_finished,
+        targets=targets,
+        example_record=example_record,
+        no_model_reason=why,
     )
     prepared.report_path = report_path if report is not None else None
     prepared.report = report
     return prepared
+
+
+def _run_model(run_dir: Path, recipe: Any, state: Mapping[str, Tensor], model_arg: Any
+               ) -> tuple[nn.Module | None, dict[str, Any] | None, str]:
+    """The point model an export checks and converts, the recipe it records, and (without a model)
+    why there is none. ``model_arg`` (the caller's ``model=``) wins over the run's recipe; a
+    recipe that does not build the model of these weights is refused (checked on the meta device
+    first: a hand-edited recipe never allocates what it claims)."""
+    where = str(run_dir)
+    try:
+        if model_arg is not None:
+            model = caller_model(model_arg, recipe, clean_state(state), where)
+            if isinstance(model_arg, nn.Module):
+                own, _ = recipe_of(model_arg)
+                chosen = own or recipe
+            else:
+                chosen = (recipes.parse_model_spec(model_arg, None, recipe) if isinstance(model_arg, str)
+                          else recipes.validate_recipe(model_arg, "model="))
+            return model, chosen, ""
+        if not recipe:
+            return None, None, "the model was passed in from Python and its recipe could not be recorded"
+        return build_model(recipe, clean_state(state), where), dict(recipe), ""
+    except (ModelError, ArtefactError, ConfigError) as exc:
+        if model_arg is not None:
+            raise ExportError(f"{exc}. The model given cannot take the run's weights") from exc
+        if isinstance(exc, (ArtefactError, recipes.RecipeMismatch)) or "cannot be built" in str(exc):
+            raise ExportError(f"{exc}. The run's recipe and weights do not match (was the recipe edited?): rerun "
+                              "its command to rewrite the point model, or pass the model (--model module:factory, "
+                              "model=)") from exc
+        raise ExportError(f"{exc}; or pass the model (--model module:factory, model=)") from exc
 
 
 def export_run(
@@ -502,6 +569,9 @@ def export_run(
     *,
     allow_unfixed: bool = False,
     onnx: bool = False,
+    targets: Iterable[str] = (),
+    model: Any = None,
+    example_input: Tensor | None = None,
 ) -> dict[str, Any]:
     """Export a method run folder (``runs/<name>/pwfn``) into ``<run_dir>/export/``.
 
@@ -512,14 +582,22 @@ def export_run(
     100 % fixed unless ``allow_unfixed``. The run's engine settings (``b``, signed terms) come
     from its ``manifest.json`` (without one, from the point model's checksummed description);
     a run that records neither is refused, naming the missing manifest.
+
+    ``targets`` (``["onnx", "tflm", "hls4ml"]``, see :mod:`pwfn.export.targets`) are built and
+    checked with the rest, before anything is written. ``model`` rebuilds the model when the run
+    records no recipe (a model passed in from Python whose recipe could not be recorded) or a
+    function factory: your model instance, ``"module:factory"``, or a recipe dict.
+    ``example_input`` (a batch) replaces the recorded input shape for the checks.
     """
     folder = Path(run_dir)
     out = Path(out_dir) if out_dir is not None else None
+    targets = check_targets(targets)  # unknown names and missing extras: refused before any work
     if not folder.is_dir():
         what = "is a file, not a run folder" if folder.exists() else "does not exist"
         raise ExportError(f"run folder {str(folder)!r} {what}")
     if out is not None:
         _check_out_dir(out)
+    kw = {"model_arg": model, "targets": targets, "example": example_input}
     if (folder / "compare.json").exists() and not (folder / "report.json").exists():
         methods = [m for m in method_names() if (folder / m).is_dir()]
         try:
@@ -533,11 +611,15 @@ def export_run(
         if out is not None:
             for m in methods:
                 _check_out_dir(out / m)
+        else:
+            for m in methods:
+                _check_out_dir(folder / m / EXPORT_DIR)
         with acquire(folder, "comparison folder"):  # no run writes into it while we read and write
             prepared = [
-                _prepare_run(folder / m, (out / m) if out is not None else None, allow_unfixed, onnx)
+                _prepare_run(folder / m, (out / m) if out is not None else None, allow_unfixed, onnx, **kw)
                 for m in methods
             ]
             return {"source": str(folder), "runs": {m: _write(p) for m, p in zip(methods, prepared)}}
+    _check_out_dir(out if out is not None else folder / EXPORT_DIR)
     with acquire(folder):
-        return _write(_prepare_run(folder, out, allow_unfixed, onnx))
+        return _write(_prepare_run(folder, out, allow_unfixed, onnx, **kw))

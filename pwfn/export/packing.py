@@ -63,7 +63,6 @@ import sys
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,6 +71,8 @@ from torch import Tensor
 
 from pwfn.errors import ArtefactError, PackError
 from pwfn.io import atomic_write_bytes  # the one place every pwfn file is written
+
+from .packcheck import check_codebook, check_declared_sizes, read_artefact_bytes
 
 try:  # constriction is a hard dependency; the message says what is missing if it is not there
     import constriction
@@ -760,7 +761,8 @@ def _decode_tensor(
         sym = e["symbol"]
         if not isinstance(sym, int) or not 0 <= sym < alphabet:
             raise ArtefactError(f"{what}: constant symbol {sym!r} outside the alphabet")
-        idx = np.full(n, sym, dtype=np.int64)
+        value = torch.tensor(alpha_bits[sym : sym + 1].view(np.int32).copy()).view(torch.float32)
+        return value.to(dtype).expand(n).clone().reshape(shape)  # no index array for one symbol
     elif mode == "fixed":
         if e["width"] != _fixed_width(alphabet):
             raise ArtefactError(f"{what}: bad fixed width {e['width']!r}")
@@ -782,17 +784,24 @@ def _decode_tensor(
     return f32.to(dtype).reshape(shape)
 
 
-def unpack(data: bytes | bytearray | memoryview) -> PackedModel:
-    """Decode an artefact after validating all of it; any problem raises ``ArtefactError``."""
+def unpack(data: bytes | bytearray | memoryview, *, max_decoded_bytes: int | None = None) -> PackedModel:
+    """Decode an artefact after validating all of it; any problem raises ``ArtefactError``.
+
+    Before anything is decoded, the tensors the manifest declares are bounded by what the file
+    can justify (``pwfn.export.packcheck``: at most 1024 times the file's bytes, at least 64 MiB;
+    ``max_decoded_bytes`` sets another bound) and the codebook must be distinct finite values.
+    """
     data = bytes(data)
     manifest, start = _parse_header(data)
     try:
         _check_layout(data, manifest, start)
+        check_declared_sizes(manifest, len(data), max_decoded_bytes)
         cbm = manifest["codebook"]
         cb_bits = _hex_words(cbm["bits_hex"], "codebook")
         if cbm["size"] != len(cb_bits):
             raise ArtefactError("malformed manifest: codebook size does not match its values")
         extra = _hex_words(manifest["extra_symbols_hex"], "extra symbols")
+        check_codebook(cb_bits, extra, cbm["terms"])
         alpha_bits = np.concatenate([cb_bits, extra])
         shared = [
             _decode_table(
@@ -840,8 +849,8 @@ def unpack(data: bytes | bytearray | memoryview) -> PackedModel:
 
 
 def read_packed(path: str | os.PathLike) -> PackedModel:
-    """Read and unpack an artefact file (``OSError`` if it cannot be read at all)."""
-    return unpack(Path(path).read_bytes())
+    """Read and unpack an artefact file (a regular file of bounded size; ``ArtefactError`` otherwise)."""
+    return unpack(read_artefact_bytes(path))
 
 
 def size_breakdown(data: bytes | bytearray | memoryview) -> dict[str, Any]:

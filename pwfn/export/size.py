@@ -17,7 +17,7 @@ from .. import metrics as M
 from . import packing
 from .artefact import EXPORT_FORMAT, stored_owner
 
-__all__ = ["size_summary"]
+__all__ = ["onnx_size", "size_summary"]
 
 
 def size_summary(
@@ -130,4 +130,28 @@ def _size_fields(s: M.TensorSize) -> dict[str, Any]:
         "entropy_bound_bytes": s.entropy_bound_bytes,
         "per_tensor_entropy_bound_bytes": s.per_tensor_entropy_bound_bytes,
         "packed_bytes": s.packed_bytes,
+    }
+
+
+def onnx_size(info: Mapping[str, Any], size: Mapping[str, Any]) -> dict[str, Any]:
+    """The codebook ONNX's bytes against fp32 and an int8 copy of the same weights (``size.json``'s
+    ``onnx``): its packed index bits and value table, the weights kept float, and the file."""
+    total = size["total"]
+    numel = int(total["numel"])
+    tensors = int(size["tensors"])
+    int8 = numel + 4 * tensors  # one byte a value plus one float32 scale per tensor
+    data = int(info.get("bytes") or 0)
+    weights = int(info.get("index_bytes", 0)) + int(info.get("table_bytes", 0)) + int(info.get("float_bytes", 0))
+    return {
+        "bytes": data,
+        "index_bits": info.get("index_bits"),
+        "index_bytes": info.get("index_bytes"),
+        "table_bytes": info.get("table_bytes"),
+        "float_bytes": info.get("float_bytes"),
+        "weight_bytes": weights,
+        "fp32_bytes": int(total["fp32_bytes"]),
+        "int8_bytes": int8,
+        "weight_bytes_vs_int8": (weights / int8) if int8 else None,
+        "file_vs_int8": (data / int8) if int8 else None,
+        "fp32_onnx_bytes": info.get("fp32_onnx_bytes"),
     }

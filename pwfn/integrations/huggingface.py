@@ -25,7 +25,9 @@ from typing import Any, Optional
 try:
     from transformers import TrainerCallback
 except ImportError as exc:  # pragma: no cover - depends on the extra
-    raise ImportError("pwfn.integrations.huggingface needs transformers: pip install 'pwfn-compress[hf]'") from exc
+    from ..hints import install_hint
+
+    raise ImportError(f"pwfn.integrations.huggingface needs transformers: {install_hint('hf')}") from exc
 
 from ..contract import ContractSpec
 from ..errors import ConfigError

@@ -24,7 +24,9 @@ from typing import Any, Optional
 try:
     import lightning.pytorch as pl
 except ImportError as exc:  # pragma: no cover - depends on the extra
-    raise ImportError("pwfn.integrations.lightning needs PyTorch Lightning: pip install 'pwfn-compress[lightning]'") from exc
+    from ..hints import install_hint
+
+    raise ImportError(f"pwfn.integrations.lightning needs PyTorch Lightning: {install_hint('lightning')}") from exc
 
 from ..contract import ContractSpec
 from ..errors import ConfigError

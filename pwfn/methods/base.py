@@ -41,6 +41,7 @@ from ..config import RunConfig
 from ..coverage import Coverage, plan
 from ..engine import EngineConfig, fix_round
 from ..errors import ConfigError, ModelError
+from ..hints import setting
 from ..plumbing import QuantView, fold_norm_biases
 from . import get_method
 
@@ -171,7 +172,7 @@ class Method:
 
     def no_training_hint(self) -> str:
         """The settings that turn this method's training off."""
-        return f"--set {self.section_name}.round_epochs=0"
+        return setting(f"{self.section_name}.round_epochs", 0)
 
     def bind_data(self, dataset_size: Optional[int]) -> None:
         """The training-set size (None: unknown), before the first round."""

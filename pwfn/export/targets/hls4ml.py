@@ -24,6 +24,14 @@ fractional bits and hls4ml's ordinary product) when ``mode="fixed"``, or, with
 ``mode="auto"``, when it would need more than ``max_terms`` parallel layers. That path is
 exact too, so the same bit-exact check applies; it reports its multiplications as kept.
 
+Other layers (one entry per kind in :data:`STEPS`, refused by :data:`HLS_KINDS` otherwise):
+a BatchNorm is its own layer whose scale and shift are exactly the fixed-point values the
+reference rounds them to (``shiftadd.bn_fixed``: the module handed to hls4ml has mean 0,
+variance 1, eps 0, so hls4ml's scale and bias are those values), and hls4ml's fusion of a
+BatchNorm into the preceding layer is switched off (it would take the weights off the
+codebook); average pooling gets an accumulator that holds the window's exact sum; max pooling,
+ReLU and reshapes are exact. A feature-map input (N, C, ...) enters the project channels-last.
+
 Needs the ``hls4ml`` extra and a C++ compiler (g++) for the C simulation.
 """
 
@@ -47,170 +55,16 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from ...errors import PwfnError
-from .graph import GraphError, trace
-from .shiftadd import FixedPoint, ShiftAddNet, calibrate, layer_terms
+from ...hints import install_hint
+from .graph import trace
+from .hls4ml_program import HLS_KINDS, STEPS, Hls4mlError, check_model, fill_terms, split_model
+from .shiftadd import FixedPoint, ShiftAddNet, calibrate
 
-__all__ = ["Hls4mlError", "export_hls4ml", "fill_terms", "split_model"]
+__all__ = ["HLS_KINDS", "STEPS", "Hls4mlError", "check_model", "export_hls4ml", "fill_terms", "split_model"]
 
 log = logging.getLogger(__name__)
 
 _EXP_WIDTH = 8  # bits of the signed exponent field of an exponent weight
-
-
-class Hls4mlError(PwfnError, ValueError):
-    """The hls4ml export or its check failed."""
-
-
-def fill_terms(signs: np.ndarray, exps: np.ndarray, orders: np.ndarray, T: int, b: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """Every weight as exactly ``T`` non-zero signed power-of-two terms (see the module docstring).
-
-    ``signs``/``exps`` (..., width) from ``pwfn.centres.decompose``; returns (signs, exps) of
-    shape (..., T) with no zero sign.
-    """
-    shape = orders.shape
-    s = np.zeros((*shape, T), dtype=np.int64)
-    e = np.zeros((*shape, T), dtype=np.int64)
-    w = min(signs.shape[-1], T)
-    s[..., :w] = signs[..., :w]
-    e[..., :w] = exps[..., :w]
-    count = orders.astype(np.int64).copy()
-    if T < int(count.max(initial=0)):
-        raise Hls4mlError(f"weights need {int(count.max())} terms, more than T = {T}")
-    # zeros: +2^-b -2^-b (pairs), with a three-term +2^-b -2^-(b+1) -2^-(b+1) when T is odd
-    zero = count == 0
-    if zero.any():
-        if T < 2:
-            raise Hls4mlError("a zero weight needs T >= 2 parallel terms")
-        s[zero, 0], e[zero, 0] = 1, -b
-        s[zero, 1], e[zero, 1] = -1, -b
-        k = 2
-        if T % 2:
-            s[zero, 1], e[zero, 1] = -1, -b - 1
-            s[zero, 2], e[zero, 2] = -1, -b - 1
-            k = 3
-        while k < T:
-            s[zero, k], e[zero, k] = 1, -b
-            s[zero, k + 1], e[zero, k + 1] = -1, -b
-            k += 2
-        count[zero] = T
-    # the others: split the largest term in halves until there are T
-    while True:
-        short = count < T
-        if not short.any():
-            break
-        idx = np.nonzero(short)
-        ee = np.where(s[idx] != 0, e[idx], np.iinfo(np.int64).min)
-        j = ee.argmax(axis=-1)
-        rows = tuple(idx) + (j,)
-        e[rows] -= 1
-        new = tuple(idx) + (count[idx],)
-        s[new] = s[rows]
-        e[new] = e[rows]
-        count[idx] += 1
-    return s, e
-
-
-class _Program(nn.Module):
-    """A fixed network rebuilt with each exponent layer split into parallel term layers."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.steps: list[tuple[str, str, list[str], list[str]]] = []  # (kind, out, ins, modules)
-        self.add_roles: list[str] = []
-        self.input_name = "x"
-        self.output_name = "x"
-
-    def forward(self, x: Tensor) -> Tensor:
-        env = {self.input_name: x}
-        for kind, out, ins, mods in self.steps:
-            if kind == "split":
-                acc = getattr(self, mods[0])(env[ins[0]])
-                for m in mods[1:]:
-                    acc = acc + getattr(self, m)(env[ins[0]])
-                env[out] = acc
-            elif kind == "add":
-                env[out] = env[ins[0]] + env[ins[1]]
-            elif kind == "module":
-                env[out] = getattr(self, mods[0])(env[ins[0]])
-            else:  # identity
-                env[out] = env[ins[0]]
-        return env[self.output_name]
-
-
-def split_model(model: nn.Module, *, b: int, signed_terms: bool, mode: str = "auto",
-                max_terms: int = 4, input_rank: int = 2) -> tuple[_Program, dict[str, dict[str, Any]]]:
-    """The torch model hls4ml converts, and per fixed layer how it is implemented.
-
-    Returns ``(program, plan)``; ``plan[qual] = {"path": "exponent"|"fixed", "terms": T,
-    "modules": [...], "min_exponent": ...}``.
-    """
-    if mode not in ("auto", "exponent", "fixed"):
-        raise Hls4mlError(f"mode must be auto, exponent or fixed, got {mode!r}")
-    try:
-        g = trace(copy.deepcopy(model).eval())
-    except GraphError as exc:
-        raise Hls4mlError(str(exc)) from exc
-    prog = _Program()
-    prog.input_name = g.input
-    prog.output_name = g.output
-    plan: dict[str, dict[str, Any]] = {}
-    rank = {g.input: input_rank}  # tensor ranks (batch included): a flatten of a flat input is a no-op
-    for i, lay in enumerate(g.layers):
-        rank[lay.name] = rank[lay.args[0]] if lay.args else input_rank
-        if lay.kind == "flatten":
-            rank[lay.name] = 2
-            if rank[lay.args[0]] <= 2:
-                prog.steps.append(("identity", lay.name, lay.args, []))
-                continue
-        if lay.kind in ("linear", "conv"):
-            m = lay.module
-            if lay.kind == "conv" and lay.extra["dims"] != 2:
-                raise Hls4mlError(f"{lay.qual}: only 2-D convolutions are exported to hls4ml")
-            signs, exps, orders = (t.numpy() for t in layer_terms(m.weight, b, signed_terms))
-            T = max(1, int(orders.max(initial=0)))
-            if T == 1 and (orders == 0).any():
-                T = 2
-            path = "fixed" if mode == "fixed" or (mode == "auto" and T > max_terms) else "exponent"
-            if path == "fixed":
-                name = f"q{i}"
-                prog.add_module(name, copy.deepcopy(m))
-                prog.steps.append(("module", lay.name, lay.args, [name]))
-                plan[lay.qual] = {"path": "fixed", "terms": 0, "modules": [name], "node": lay.name,
-                                  "min_exponent": -b}
-                continue
-            s, e = fill_terms(signs, exps, orders, T, b)
-            names = []
-            for t in range(T):
-                name = f"q{i}t{t}"
-                mod = copy.deepcopy(m)
-                with torch.no_grad():
-                    mod.weight.copy_(torch.from_numpy(s[..., t] * np.exp2(e[..., t].astype(np.float64))).to(
-                        mod.weight.dtype))
-                    if t and mod.bias is not None:
-                        mod.bias = None
-                if t and isinstance(mod, nn.Linear):
-                    mod.bias = None
-                prog.add_module(name, mod)
-                names.append(name)
-            prog.steps.append(("split", lay.name, lay.args, names))
-            prog.add_roles += ["inter"] * (T - 2) + ["final"] if T > 1 else []
-            plan[lay.qual] = {"path": "exponent", "terms": T, "modules": names, "node": lay.name,
-                              "min_exponent": int(e.min())}
-        elif lay.kind == "add":
-            prog.steps.append(("add", lay.name, lay.args, []))
-            prog.add_roles.append("residual")
-        elif lay.kind == "identity":
-            prog.steps.append(("identity", lay.name, lay.args, []))
-        elif lay.kind == "avgpool":
-            raise Hls4mlError(f"{lay.qual}: average pooling is not exported to hls4ml (its scaling is not a "
-                              "shift there); use max-pooling")
-        else:
-            name = f"m{i}"
-            prog.add_module(name, copy.deepcopy(lay.module) if lay.module is not None else
-                            (nn.ReLU() if lay.kind == "relu" else nn.Flatten(lay.extra["start"], lay.extra["end"])))
-            prog.steps.append(("module", lay.name, lay.args, [name]))
-    return prog.eval(), plan
 
 
 def _fixed_type(width: int, integer: int) -> str:
@@ -245,7 +99,7 @@ def export_hls4ml(
         from hls4ml.model.types import ExponentPrecisionType, ExponentWeightVariable
     except ImportError as exc:
         raise Hls4mlError(
-            f"hls4ml export needs the 'hls4ml' extra ({exc.name or exc} is not installed): pip install 'pwfn-compress[hls4ml]'"
+            f"hls4ml export needs the 'hls4ml' extra ({exc.name or exc} is not installed): {install_hint('hls4ml')}"
         ) from exc
     if shutil.which("g++") is None:
         raise Hls4mlError("hls4ml's C simulation needs a C++ compiler: g++ is not on PATH")
@@ -271,18 +125,19 @@ def export_hls4ml(
     xs = example if check_inputs is None else torch.cat([example, check_inputs])
     xs = xs.to(torch.float32)
     fp = fixed_point or calibrate(model, xs, frac_bits=frac_bits, headroom_bits=2)
-    ref = ShiftAddNet(model, b=b, fixed_point=fp, signed_terms=signed_terms)
-    expected = ref(xs).numpy()
     prog, plan = split_model(model, b=b, signed_terms=signed_terms, mode=mode, max_terms=max_terms,
-                             input_rank=example.dim())
+                             example=example[:1])  # refuses a layer it cannot take before any work
+    ref = ShiftAddNet(model, b=b, fixed_point=fp, signed_terms=signed_terms, example=example[:1])
+    expected = ref(xs).numpy()
+    fixed_plan = {q: p for q, p in plan.items() if p["path"] in ("exponent", "fixed")}
 
     act = _fixed_type(fp.width, fp.int_bits)
     # exact accumulator: enough fractional bits for every shifted term / weight, integer bits
     # for the largest possible partial sum of any layer at the activation range
-    min_e = min((p["min_exponent"] for p in plan.values()), default=-b)
+    min_e = min((p["min_exponent"] for p in fixed_plan.values()), default=-b)
     acc_frac = fp.frac_bits + max(b, -min_e)
     peak_sum = 0.0
-    for lay in trace(model).fixed():
+    for lay in trace(model, example[:1]).fixed():
         w = lay.module.weight.detach().double().reshape(lay.module.weight.shape[0], -1)
         row = float(w.abs().sum(1).max()) * 2.0 ** (fp.int_bits - 1)
         bias = float(lay.module.bias.detach().abs().max()) if lay.module.bias is not None else 0.0
@@ -292,13 +147,18 @@ def export_hls4ml(
     if acc_int + acc_frac > 120:
         raise Hls4mlError(f"the exact accumulator would need {acc_int + acc_frac} bits; lower frac_bits")
 
+    # a feature-map input (N, C, ...) enters the project channels-last, as hls4ml computes: hls4ml's own
+    # input transposition ("full") mishandles several input channels
+    conversion = "internal" if example.dim() >= 3 else "full"
     workdir = Path(tempfile.mkdtemp(prefix="pwfn_hls4ml_"))
     try:
         cfg = hls4ml.utils.config_from_pytorch_model(
             prog, input_shape=tuple(example.shape[1:]), granularity="name", backend="Vivado",
-            default_precision=act, channels_last_conversion="full", transpose_outputs=False)
+            default_precision=act, channels_last_conversion=conversion, transpose_outputs=False)
         layer_cfg = cfg["LayerName"]
-        split_of = {m: (qual, p) for qual, p in plan.items() for m in p["modules"]}
+        split_of = {m: (qual, p) for qual, p in fixed_plan.items() for m in p["modules"]}
+        other_of = {m: p for p in plan.values() if p["path"] not in ("exponent", "fixed") for m in p["modules"]}
+        cfg["SkipOptimizers"] = ["fuse_batch_normalization", "fuse_consecutive_batch_normalization"]
         for name, lc in layer_cfg.items():
             prec = lc.setdefault("Precision", {})
             if not isinstance(prec, dict):
@@ -307,6 +167,15 @@ def export_hls4ml(
                 if prec[key] == "auto":
                     prec[key] = act
             prec["result"] = act
+            if name in other_of:
+                p = other_of[name]
+                if p["path"] == "batchnorm":  # scale and shift exactly as the reference rounds them
+                    si, ci = _int_bits(p["scale_max"]), _int_bits(p["shift_max"])
+                    prec["scale"] = _fixed_type(si + p["frac_bits"], si)
+                    prec["bias"] = _fixed_type(ci + p["frac_bits"], ci)
+                elif p["path"] == "avgpool":  # the window's sum exactly, then the division
+                    extra = max(1, math.ceil(math.log2(p["area"]))) + 1
+                    prec["accum"] = _fixed_type(fp.width + extra, fp.int_bits + extra)
             if name in split_of:
                 qual, p = split_of[name]
                 mod = getattr(prog, name)
@@ -356,7 +225,8 @@ def export_hls4ml(
             hm.write()
             _patch_exponent_loading(workdir / "prj")
             hm._compile()  # compile() would write the project again, undoing the patch
-            got = np.asarray(hm.predict(np.ascontiguousarray(xs.numpy())), dtype=np.float64)
+            feed = xs.permute(0, *range(2, xs.dim()), 1) if conversion == "internal" else xs
+            got = np.asarray(hm.predict(np.ascontiguousarray(feed.numpy())), dtype=np.float64)
         got = got.reshape(expected.shape)
         if not np.array_equal(got, expected):
             worst = float(np.abs(got - expected).max())
@@ -366,17 +236,29 @@ def export_hls4ml(
             float_out = model(xs).double().numpy()
         products = _product_kinds(workdir / "prj")
         data = _tar(workdir / "prj")
+    except PwfnError:
+        raise
+    except Exception as exc:  # hls4ml's and g++'s own failures: one clear error, nothing written
+        raise Hls4mlError(f"hls4ml could not convert, compile or simulate the model ({type(exc).__name__}: "
+                          f"{str(exc)[:500]}); the onnx and tflm targets take it in float") from exc
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     counts = ref.operation_counts(tuple(example.shape[1:]))
-    kept = sum(counts["per_layer"][q]["macs"] for q, p in plan.items() if p["path"] == "fixed")
+    kept = sum(counts["per_layer"][q]["macs"] for q, p in fixed_plan.items() if p["path"] == "fixed")
+    # a BatchNorm's scale is a product per value, a pooling window that is not a power of two a division
+    kept += counts["total"]["scale_multiplications"] + counts["total"]["divisions"]
     info = {
         "bytes": len(data),
         "fixed_point": {"activation": act, "accumulator": accum, "frac_bits": fp.frac_bits, "width": fp.width},
-        "layers": {q: {"path": p["path"], "parallel_layers": p["terms"] or 1} for q, p in plan.items()},
+        "layers": {q: {"path": p["path"], "parallel_layers": p["terms"] or 1} for q, p in fixed_plan.items()},
+        "other_layers": {q: {k: v for k, v in p.items() if k != "modules"} for q, p in plan.items()
+                         if q not in fixed_plan},
+        "scale_multiplications": counts["total"]["scale_multiplications"],
+        "divisions": counts["total"]["divisions"],
         "exponent_layers": n_exp,
         "products": products,
         "bit_identical_to_reference": True,
+        "input_layout": "channels last (N, ..., C)" if conversion == "internal" else "as torch's",
         "samples_checked": int(xs.shape[0]),
         "max_abs_diff_to_float": float(np.abs(got - float_out).max()) if got.size else 0.0,
         "error_bound": ref.error_bound(),

@@ -11,8 +11,12 @@ states *exactly* what that device computes, in pure PyTorch, so that every expor
 - a Linear/Conv output is accumulated exactly in units of ``2^-(F+b)``:
   ``acc = sum_i sum_t s_t * (x_int_i << (e_t + b)) + bias * 2^(F+b)``, then brought back to
   ``F`` fractional bits by ``acc >> b`` (floor);
-- ReLU, max-pooling, flattening and residual additions are exact on the integers; average
-  pooling over a power-of-two window is a sum followed by an arithmetic right shift (floor).
+- ReLU, max-pooling, reshapes and residual additions are exact on the integers; average
+  pooling is the window's exact sum divided by its size, truncated towards zero (what
+  ``ap_fixed``'s ``sum /= n`` does; a power-of-two window is a shift, any other a division);
+- a BatchNorm is its own per-channel scale and shift (never folded into the weights, which would
+  take them off the codebook), both rounded to ``S`` fractional bits (:func:`bn_fixed`):
+  ``floor((x_int * s_int + c_int * 2^F) / 2^S)``, one multiplication per value.
 
 ``mode="shift"`` applies every weight as its signed power-of-two terms (shift, then add or
 subtract; zero weights are skipped); ``mode="multiply"`` does the same integer arithmetic with
@@ -21,18 +25,20 @@ arithmetic, which the tests check; the float output is ``y_int * 2^-F``. ``error
 propagates the truncation errors through the layers (infinity-norm bound), so a test can check
 that the reference is within the fixed-point error of the float model.
 
-Supported layers: ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (groups 1, dilation 1, zero
-padding), ``nn.ReLU``, ``nn.MaxPool1d/2d``, ``nn.AvgPool1d/2d`` (power-of-two window, no
-padding), ``nn.Flatten``, ``nn.Dropout``, ``nn.Identity``, ``torch.flatten``, ``F.relu``,
-``torch.relu`` and the sum of two activations (residual). Anything else raises
-``ShiftAddError`` naming the layer: it has no multiplier-free integer form here.
+Supported layers (one entry per kind in ``_PREPARE``/``_RUN``, traced by
+:mod:`pwfn.export.targets.graph`): ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` (groups 1,
+dilation 1, zero padding), ``nn.BatchNorm1d``/``2d``, ``nn.ReLU`` (module, function or method),
+max and average pooling (1-D and 2-D, any window, stride and padding, adaptive average pooling
+whose output divides its input), flatten/view/reshape/unsqueeze/squeeze, dropout/identity and
+the sum of two activations (residual). Anything else raises ``ShiftAddError`` naming the
+layer: it has no exact integer form here (the float targets take it).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +46,13 @@ from torch import Tensor, nn
 
 from ...centres import decompose
 from ...errors import PwfnError
-from .graph import GraphError, trace
+from .graph import GraphError, refuse_unsupported
 
 __all__ = [
     "FixedPoint",
     "ShiftAddError",
     "ShiftAddNet",
+    "bn_fixed",
     "calibrate",
     "layer_terms",
 ]
@@ -189,11 +196,31 @@ class _Op:
 # the compiled integer network
 
 
+#: fractional bits of a BatchNorm's scale and shift (fewer when a value is large: both must stay
+#: exact in float32, which the hls4ml project reads them from)
+BN_FRAC_BITS = 16
+
+
+def bn_fixed(scale: Tensor, shift: Tensor, frac_bits: int = BN_FRAC_BITS) -> tuple[Tensor, Tensor, int]:
+    """A BatchNorm's per-channel scale and shift on a ``2^-S`` grid: (scale_int, shift_int, S), int64.
+
+    S is ``frac_bits`` or fewer, so that every value has at most 24 significant bits (exact in float32).
+    """
+    peak = float(torch.cat([scale.abs().reshape(-1), shift.abs().reshape(-1)]).max()) if scale.numel() else 0.0
+    top = max(0, math.ceil(math.log2(peak + 1.0)))
+    S = max(0, min(frac_bits, 23 - top))
+    s_int = torch.round(scale.double() * 2.0**S).to(torch.int64)
+    c_int = torch.round(shift.double() * 2.0**S).to(torch.int64)
+    return s_int, c_int, S
+
+
 class ShiftAddNet:
     """A fixed network compiled to integer shift-add arithmetic (see the module docstring).
 
     ``ShiftAddNet(model, b=7, fixed_point=FixedPoint(12, 24), signed_terms=False)``;
     ``net.forward_int(x_int, mode)`` runs on ``floor(x * 2^F)`` integers, ``net(x)`` on floats.
+    ``example`` (a batch) gives the shapes a view/reshape/unsqueeze needs. Each layer kind has
+    one entry in :data:`_PREPARE` (checks, integer constants) and one in :data:`_RUN`.
     """
 
     def __init__(
@@ -203,31 +230,23 @@ class ShiftAddNet:
         b: int = 7,
         fixed_point: FixedPoint | None = None,
         signed_terms: bool = False,
+        example: Tensor | None = None,
     ) -> None:
         self.b = int(b)
         self.fp = fixed_point or FixedPoint()
         self.signed_terms = signed_terms
         try:
-            g = trace(model.eval())
+            g = refuse_unsupported(model.eval(), "the shift-add reference", {k: _CHECK.get(k, _ok) for k in _RUN},
+                                   example, alternative="the onnx and tflm targets take it in float")
         except GraphError as exc:
             raise ShiftAddError(str(exc)) from exc
         self.input_name, self.output_name = g.input, g.output
         self.ops: list[_Op] = []
         for lay in g.layers:
             op = _Op(lay.kind, lay.name, lay.args, lay.module, extra=dict(lay.extra, qual=lay.qual or lay.name))
-            if lay.kind == "linear":
-                m = lay.module
-                op.terms = _terms_checked(m.weight, self.b, self.signed_terms, lay.qual)
-                op.bias = _bias_int(m.bias, m.out_features, self.b, self.fp)
-            elif lay.kind == "conv":
-                m = lay.module
-                op.terms = _terms_checked(m.weight.reshape(m.out_channels, -1), self.b, self.signed_terms, lay.qual)
-                op.bias = _bias_int(m.bias, m.out_channels, self.b, self.fp)
-            elif lay.kind == "avgpool":
-                area = math.prod(lay.extra["kernel"])
-                if area & (area - 1) or any(lay.extra["padding"]) or lay.extra["ceil_mode"]:
-                    raise ShiftAddError(f"{lay.qual}: average pooling needs a power-of-two window and no padding")
-                op.extra["shift"] = area.bit_length() - 1
+            prepare = _PREPARE.get(lay.kind)
+            if prepare is not None:
+                prepare(self, op)
             self.ops.append(op)
 
     # -- running ----------------------------------------------------------------------------
@@ -239,7 +258,7 @@ class ShiftAddNet:
             raise ShiftAddError(f"forward_int takes int64 fixed-point input, got {x_int.dtype}")
         env: dict[str, Tensor] = {self.input_name: x_int}  # type: ignore[dict-item]
         for op in self.ops:
-            env[op.node] = self._run(op, [env[a] for a in op.args], mode)
+            env[op.node] = _RUN[op.kind](self, op, [env[a] for a in op.args], mode)
         return env[self.output_name]  # type: ignore[index]
 
     def __call__(self, x: Tensor, mode: str = "shift") -> Tensor:
@@ -256,39 +275,6 @@ class ShiftAddNet:
         out = torch.bitwise_right_shift(acc, self.b)  # floor(acc / 2^b): back to F fractional bits
         self.fp.check(out, f"the output of {op.extra['qual']}")
         return out
-
-    def _run(self, op: _Op, xs: list[Tensor], mode: str) -> Tensor:
-        x = xs[0] if xs else None
-        k = op.kind
-        if k == "identity":
-            return x
-        if k == "relu":
-            return x.clamp_min(0)
-        if k == "add":
-            out = xs[0] + xs[1]
-            self.fp.check(out, f"the sum {op.node!r}")
-            return out
-        if k == "flatten":
-            return torch.flatten(x, op.extra["start"], op.extra["end"])
-        if k == "maxpool":
-            m = op.module
-            pool = F.max_pool1d if isinstance(m, nn.MaxPool1d) else F.max_pool2d
-            # max is exact; float64 holds every int below 2^53 (width <= 62 is checked per layer)
-            y = pool(x.to(torch.float64), m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-            return y.to(torch.int64)
-        if k == "avgpool":
-            m = op.module
-            area = 1 << op.extra["shift"]
-            pool = F.avg_pool1d if isinstance(m, nn.AvgPool1d) else F.avg_pool2d
-            summed = torch.round(pool(x.to(torch.float64), m.kernel_size, m.stride) * area).to(torch.int64)
-            return torch.bitwise_right_shift(summed, op.extra["shift"])
-        if k == "linear":
-            lead = x.shape[:-1]
-            out = self._affine(op, x.reshape(-1, x.shape[-1]), mode)
-            return out.reshape(*lead, out.shape[-1])
-        if k == "conv":
-            return self._conv(op, x, mode)
-        raise ShiftAddError(f"internal error: unknown op {k!r}")  # pragma: no cover
 
     def _conv(self, op: _Op, x: Tensor, mode: str) -> Tensor:
         m = op.module
@@ -315,12 +301,15 @@ class ShiftAddNet:
     def operation_counts(self, input_shape: tuple[int, ...]) -> dict[str, Any]:
         """Per fixed layer and in total, for one input of ``input_shape`` (no batch dim):
         multiply-accumulates of the dense float layer, how many of them a shift-add device
-        skips (zero weight), does with one shift per term plus adds, and multiplications left (0)."""
-        positions = self._positions(input_shape)
+        skips (zero weight), does with one shift per term plus adds, and multiplications left
+        (0 for the fixed layers). The total also counts what other layers still multiply or
+        divide: a BatchNorm's per-channel scale (one product per value) and an average pool
+        whose window is not a power of two (one division per output)."""
+        outputs = self._output_sizes(input_shape)
         per: dict[str, dict[str, int]] = {}
         for op in self.layers():
             assert op.terms is not None
-            p = positions[op.node]
+            p = outputs[op.node] // op.terms.w_int.shape[0]
             n_w = op.terms.n_weights
             terms = op.terms.n_terms
             shifts = int((op.terms.shift != 0).sum())
@@ -338,30 +327,35 @@ class ShiftAddNet:
             }
         total = {k: sum(v[k] for v in per.values()) for k in
                  ("weights", "macs", "zero_weight_macs_skipped", "terms", "shifts", "adds", "multiplications_left")}
+        scale_mults = sum(outputs[op.node] for op in self.ops if op.kind == "batchnorm")
+        divisions = sum(outputs[op.node] for op in self.ops if op.kind == "avgpool" and op.extra["divide"])
+        total["scale_multiplications"] = scale_mults
+        total["divisions"] = divisions
+        total["multiplications_left"] += scale_mults + divisions
         return {"per_layer": per, "total": total, "b": self.b,
                 "fixed_point": {"frac_bits": self.fp.frac_bits, "width": self.fp.width}}
 
-    def _positions(self, input_shape: tuple[int, ...]) -> dict[str, int]:
-        """How often each fixed layer's weights are applied per input (output positions)."""
+    def _output_sizes(self, input_shape: tuple[int, ...]) -> dict[str, int]:
+        """Values each layer outputs per input."""
         x = torch.zeros((1, *input_shape), dtype=torch.int64)
         env: dict[str, Tensor] = {self.input_name: x}  # type: ignore[dict-item]
         out: dict[str, int] = {}
         for op in self.ops:
-            y = self._run(op, [env[a] for a in op.args], "multiply")
+            y = _RUN[op.kind](self, op, [env[a] for a in op.args], "multiply")
             env[op.node] = y
-            if op.kind in ("linear", "conv"):
-                out[op.node] = int(y[0].numel() // y.shape[1]) if op.kind == "conv" else int(
-                    y[0].numel() // y.shape[-1])
+            out[op.node] = int(y[0].numel())
         return out
 
     def error_bound(self) -> float:
         """Bound on max |reference - float model| at the output (infinity norm).
 
         Input quantisation and every layer's truncation add at most one ulp (2^-F); a layer
-        multiplies the incoming error by at most its largest absolute row sum, ReLU, pooling,
-        flatten do not increase it, a residual sum adds the two branch errors.
+        multiplies the incoming error by at most its largest absolute row sum (a BatchNorm by its
+        largest scale, plus the rounding of its scale and shift over the activation range), ReLU,
+        pooling, reshapes do not increase it, a residual sum adds the two branch errors.
         """
         ulp = self.fp.ulp
+        span = 2.0 ** (self.fp.int_bits - 1)
         err: dict[str, float] = {self.input_name: ulp}  # type: ignore[dict-item]
         for op in self.ops:
             ins = [err[a] for a in op.args]
@@ -369,6 +363,10 @@ class ShiftAddNet:
                 assert op.terms is not None
                 row = float(op.terms.w_int.abs().sum(1).max()) * 2.0**-self.b if op.terms.w_int.numel() else 0.0
                 err[op.node] = row * ins[0] + ulp
+            elif op.kind == "batchnorm":
+                S = op.extra["S"]
+                smax = float(op.extra["s_int"].abs().max()) * 2.0**-S if op.extra["s_int"].numel() else 0.0
+                err[op.node] = smax * ins[0] + 2.0 ** -(S + 1) * (span + 1.0) + ulp
             elif op.kind == "add":
                 err[op.node] = ins[0] + ins[1]
             elif op.kind == "avgpool":
@@ -376,6 +374,137 @@ class ShiftAddNet:
             else:
                 err[op.node] = ins[0]
         return err[self.output_name]  # type: ignore[index]
+
+
+# --------------------------------------------------------------------------------------------
+# one entry per layer kind
+
+
+def _ok(lay: Any) -> str | None:
+    return None
+
+
+def _check_avgpool(lay: Any) -> str | None:
+    if lay.extra.get("ceil_mode"):
+        return "ceil_mode=True"
+    if "kernel" not in lay.extra:
+        return "adaptive pooling needs the input shape (pass an example)"
+    if any(lay.extra["padding"]) and not lay.extra.get("count_include_pad", True):
+        return "padding with count_include_pad=False"
+    return None
+
+
+def _check_reshape(lay: Any) -> str | None:
+    if lay.extra.get("op") == "flatten":
+        return None
+    shape, src = lay.extra.get("shape"), lay.extra.get("in_shape")
+    if shape is None:
+        return "a reshape needs the example input's shape"
+    if src is not None and shape[0] != src[0]:
+        return f"it mixes the batch dimension ({tuple(src)} -> {tuple(shape)})"
+    return None
+
+
+_CHECK: dict[str, Callable[[Any], str | None]] = {"avgpool": _check_avgpool, "reshape": _check_reshape}
+
+
+def _prepare_linear(net: ShiftAddNet, op: _Op) -> None:
+    m = op.module
+    op.terms = _terms_checked(m.weight, net.b, net.signed_terms, op.extra["qual"])
+    op.bias = _bias_int(m.bias, m.out_features, net.b, net.fp)
+
+
+def _prepare_conv(net: ShiftAddNet, op: _Op) -> None:
+    m = op.module
+    op.terms = _terms_checked(m.weight.reshape(m.out_channels, -1), net.b, net.signed_terms, op.extra["qual"])
+    op.bias = _bias_int(m.bias, m.out_channels, net.b, net.fp)
+
+
+def _prepare_batchnorm(net: ShiftAddNet, op: _Op) -> None:
+    s_int, c_int, S = bn_fixed(op.extra["scale"], op.extra["shift"])
+    op.extra.update(s_int=s_int, c_int=c_int, S=S)
+
+
+def _prepare_avgpool(net: ShiftAddNet, op: _Op) -> None:
+    area = math.prod(op.extra["kernel"])
+    op.extra["area"] = area
+    op.extra["divide"] = bool(area & (area - 1))  # a power-of-two window is a shift
+
+
+_PREPARE: dict[str, Callable[[ShiftAddNet, _Op], None]] = {
+    "linear": _prepare_linear, "conv": _prepare_conv, "batchnorm": _prepare_batchnorm, "avgpool": _prepare_avgpool,
+}
+
+
+def _run_add(net: ShiftAddNet, op: _Op, xs: list[Tensor], mode: str) -> Tensor:
+    out = xs[0] + xs[1]
+    net.fp.check(out, f"the sum {op.node!r}")
+    return out
+
+
+def _run_linear(net: ShiftAddNet, op: _Op, xs: list[Tensor], mode: str) -> Tensor:
+    x = xs[0]
+    lead = x.shape[:-1]
+    out = net._affine(op, x.reshape(-1, x.shape[-1]), mode)
+    return out.reshape(*lead, out.shape[-1])
+
+
+def _run_batchnorm(net: ShiftAddNet, op: _Op, xs: list[Tensor], mode: str) -> Tensor:
+    """``floor((x s + c) / 2^S)`` per channel (axis 1), exact in int64: the fixed-point product and sum
+    an ``ap_fixed`` BatchNorm computes, truncated once at the output."""
+    x = xs[0]
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    s, c, S = op.extra["s_int"].view(view), op.extra["c_int"].view(view), op.extra["S"]
+    out = torch.bitwise_right_shift(x * s + torch.bitwise_left_shift(c, net.fp.frac_bits), S)
+    net.fp.check(out, f"the output of {op.extra['qual']}")
+    return out
+
+
+def _pool_input(x: Tensor, dims: int) -> Tensor:
+    return x.to(torch.float64) if dims == 2 else x.to(torch.float64).unsqueeze(2)
+
+
+def _run_maxpool(net: ShiftAddNet, op: _Op, xs: list[Tensor], mode: str) -> Tensor:
+    e = op.extra
+    # max is exact; float64 holds every int below 2^53 (width <= 62 is checked per layer); padding is -inf
+    x = _pool_input(xs[0], e["dims"])
+    k, st, pad = (e["kernel"], e["stride"], e["padding"]) if e["dims"] == 2 else (
+        (1, *e["kernel"]), (1, *e["stride"]), (0, *e["padding"]))
+    y = F.max_pool2d(x, k, st, pad, 1, e["ceil_mode"])
+    return (y if e["dims"] == 2 else y.squeeze(2)).to(torch.int64)
+
+
+def _run_avgpool(net: ShiftAddNet, op: _Op, xs: list[Tensor], mode: str) -> Tensor:
+    """The window's exact sum (zero padding counted, as torch's default), divided by its size and
+    truncated towards zero: what ``ap_fixed``'s ``sum /= n`` computes (an arithmetic shift for a
+    power-of-two window would round negative values down instead)."""
+    e = op.extra
+    x = _pool_input(xs[0], e["dims"])
+    k, st, pad = (e["kernel"], e["stride"], e["padding"]) if e["dims"] == 2 else (
+        (1, *e["kernel"]), (1, *e["stride"]), (0, *e["padding"]))
+    summed = F.avg_pool2d(x, k, st, pad, False, True, divisor_override=1)
+    summed = (summed if e["dims"] == 2 else summed.squeeze(2)).round().to(torch.int64)
+    return torch.div(summed, e["area"], rounding_mode="trunc")
+
+
+def _run_reshape(net: ShiftAddNet, op: _Op, xs: list[Tensor], mode: str) -> Tensor:
+    x = xs[0]
+    if op.extra.get("op") == "flatten":
+        return torch.flatten(x, op.extra["start"], op.extra["end"])
+    return x.reshape(x.shape[0], *op.extra["shape"][1:])
+
+
+_RUN: dict[str, Callable[[ShiftAddNet, _Op, list[Tensor], str], Tensor]] = {
+    "identity": lambda net, op, xs, mode: xs[0],
+    "relu": lambda net, op, xs, mode: xs[0].clamp_min(0),
+    "add": _run_add,
+    "linear": _run_linear,
+    "conv": lambda net, op, xs, mode: net._conv(op, xs[0], mode),
+    "batchnorm": _run_batchnorm,
+    "maxpool": _run_maxpool,
+    "avgpool": _run_avgpool,
+    "reshape": _run_reshape,
+}
 
 
 def _terms_checked(weight: Tensor, b: int, signed_terms: bool, qual: str) -> _Terms:

@@ -8,11 +8,16 @@ So the model is written directly with the TFLite schema's object API, as shipped
 ``flatbuffers``); that wheel also brings the TFLite-Micro interpreter and its compression tool,
 which are what checks the result. Nothing else is needed (no TensorFlow).
 
-Graph mapping (``pwfn.export.targets.graph``): Linear -> FULLY_CONNECTED (weights [out, in] as in
-torch), Conv2d -> PAD (when padded) + CONV_2D (filters OHWI), ReLU -> RELU, Max/AvgPool2d ->
-MAX_POOL_2D / AVERAGE_POOL_2D, add -> ADD. The input keeps torch's layout (NCHW, batch 1):
-a TRANSPOSE makes it NHWC for the convolutions, and a flatten after them transposes back to
-NCHW first, so the fully connected weights stay exactly torch's. Conv1d models are refused.
+Graph mapping (``pwfn.export.targets.graph``), one emitter per layer kind in :data:`EMITTERS`:
+Linear -> FULLY_CONNECTED (weights [out, in] as in torch), Conv1d/Conv2d -> PAD (when padded) +
+CONV_2D (filters OHWI; a 1-D convolution is a 1 x k one on an (N, 1, L, C) tensor), BatchNorm ->
+MUL + ADD by its per-channel scale and shift (its own layer, never folded into the weights),
+ReLU -> RELU, Sigmoid/Tanh/ReLU6/LeakyReLU/Hardswish/ELU/Softmax -> their builtin operators,
+max/average pooling -> (PAD/PADV2 +) MAX_POOL_2D / AVERAGE_POOL_2D, flatten/view/reshape/
+unsqueeze/squeeze -> RESHAPE, add -> ADD. The input keeps torch's layout (batch 1): a TRANSPOSE
+makes it channels-last for the convolutions, and a reshape or the output transposes back to
+torch's order first, so the fully connected weights stay exactly torch's. Anything else is
+refused, naming the layer, before anything is built.
 
 Compression: ``tflite_micro.compression.compress`` with ``LookUpTableCompression(index_bitwidth,
 PerTensor())`` on every constant weight/bias tensor that has at most 2^7 = 128 distinct values
@@ -34,9 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import PwfnError
-from .graph import GraphError, Layer, trace
+from ...hints import install_hint
+from .graph import GraphError, Layer, refuse_unsupported
 
-__all__ = ["MAX_LUT_VALUES", "TflmError", "build_tflite", "compress_tflite", "export_tflm", "run_tflm"]
+__all__ = ["EMITTERS", "MAX_LUT_VALUES", "TFLM_KINDS", "TflmError", "build_tflite", "check_model",
+           "compress_tflite", "export_tflm", "run_tflm"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,7 @@ def _schema() -> Any:
     except ImportError as exc:
         raise TflmError(
             f"TFLite-Micro export needs the 'tflm' extra ({exc.name or exc} is not installed): "
-            "pip install 'pwfn-compress[tflm]'"
+            f"{install_hint('tflm')}"
         ) from exc
     return tfl
 
@@ -124,96 +131,223 @@ class _Builder:
         return bytes(b.Output())
 
 
-def build_tflite(model: nn.Module, input_shape: tuple[int, ...]) -> tuple[bytes, list[int]]:
-    """The float32 ``.tflite`` bytes of ``model`` for one input of ``input_shape`` (no batch dim),
-    and the indices of its constant weight/bias tensors."""
-    tfl = _schema()
-    B = tfl.BuiltinOperator
-    Opt = tfl.BuiltinOptions
+def _tfl_pool(lay: Layer) -> str | None:
+    e = lay.extra
+    if e.get("ceil_mode"):
+        return "ceil_mode=True"
+    if "kernel" not in e:
+        return "adaptive pooling whose window the example does not fix"
+    if lay.kind == "avgpool" and any(e["padding"]) and not e.get("count_include_pad", True):
+        return "padded average pooling with count_include_pad=False"
+    return None
+
+
+def _tfl_linear(lay: Layer) -> str | None:
+    src = lay.extra.get("in_shape")
+    return f"a Linear layer on a {len(src)}-D input (TFLite-Micro takes (batch, features))" \
+        if src is not None and len(src) != 2 else None
+
+
+def _tfl_activation(lay: Layer) -> str | None:
+    if lay.extra.get("fn") == "softmax":
+        src = lay.extra.get("in_shape")
+        dim = lay.extra.get("dim")
+        if src is None or dim is None or dim not in (-1, len(src) - 1):
+            return "softmax over another axis than the last"
+    return None
+
+
+#: what the TFLite-Micro target takes: kind -> why a layer of that kind is refused (None: taken)
+TFLM_KINDS: dict[str, Any] = {
+    "linear": _tfl_linear, "conv": lambda lay: None, "batchnorm": lambda lay: None, "relu": lambda lay: None,
+    "activation": _tfl_activation, "maxpool": _tfl_pool, "avgpool": _tfl_pool, "reshape": lambda lay: None,
+    "identity": lambda lay: None, "add": lambda lay: None,
+}
+
+
+class _Emitter:
+    """Emits one subgraph: activations by fx name -> (tensor index, shape as tflite holds it, layout).
+
+    Layouts: ``torch`` (torch's order, any rank), ``nhwc`` (a 2-D feature map, channels last) and
+    ``n1lc`` (a 1-D feature map as (N, 1, L, C)).
+    """
+
+    def __init__(self, bld: _Builder, tfl: Any) -> None:
+        self.bld, self.tfl = bld, tfl
+        self.env: dict[str, tuple[int, tuple[int, ...], str]] = {}
+        self.B, self.Opt = tfl.BuiltinOperator, tfl.BuiltinOptions
+
+    def transpose(self, idx: int, shape: tuple[int, ...], perm: list[int], name: str) -> tuple[int, tuple]:
+        out_shape = tuple(shape[p] for p in perm)
+        out = self.bld.tensor(name, out_shape)
+        self.bld.op(self.B.TRANSPOSE, [idx, self.bld.const_i32(f"{name}_perm", perm)], [out],
+                    self.Opt.TransposeOptions, self.tfl.TransposeOptionsT())
+        return out, out_shape
+
+    def channels_last(self, name: str) -> tuple[int, tuple[int, ...], str]:
+        """The activation as ``nhwc`` (4-D) or ``n1lc`` (3-D) for a convolution or pooling."""
+        idx, shp, layout = self.env[name]
+        if layout in ("nhwc", "n1lc"):
+            return idx, shp, layout
+        if len(shp) == 4:
+            t, s = self.transpose(idx, shp, [0, 2, 3, 1], f"{name}_nhwc")
+            return t, s, "nhwc"
+        if len(shp) == 3:
+            n, c, L = shp
+            t, _ = self.transpose(idx, shp, [0, 2, 1], f"{name}_nlc")
+            return self._reshape_to(t, (n, 1, L, c), f"{name}_n1lc"), (n, 1, L, c), "n1lc"
+        raise TflmError(f"a convolution or pooling needs a 3-D or 4-D input, got shape {shp}")
+
+    def torch_order(self, name: str) -> tuple[int, tuple[int, ...]]:
+        idx, shp, layout = self.env[name]
+        if layout == "nhwc":
+            return self.transpose(idx, shp, [0, 3, 1, 2], f"{name}_nchw")
+        if layout == "n1lc":
+            n, _, L, c = shp
+            t = self._reshape_to(idx, (n, L, c), f"{name}_nlc")
+            return self.transpose(t, (n, L, c), [0, 2, 1], f"{name}_ncl")
+        return idx, shp
+
+    def unary(self, lay: Layer, code: int, opt_type: int = 0, options: Any = None) -> None:
+        idx, shp, layout = self.env[lay.args[0]]
+        out = self.bld.tensor(lay.name, shp)
+        self.bld.op(code, [idx], [out], opt_type, options)
+        self.env[lay.name] = (out, shp, layout)
+
+    # -- one method per kind ------------------------------------------------------------------
+    def identity(self, lay: Layer) -> None:
+        self.env[lay.name] = self.env[lay.args[0]]
+
+    def linear(self, lay: Layer) -> None:
+        idx, shp = self.torch_order(lay.args[0])
+        self.env[lay.name] = _linear(self.bld, self.tfl, lay, (idx, shp, "torch"))
+
+    def conv(self, lay: Layer) -> None:
+        idx, shp, layout = self.channels_last(lay.args[0])
+        self.env[lay.name] = _conv(self.bld, self.tfl, lay, idx, shp, layout)
+
+    def batchnorm(self, lay: Layer) -> None:
+        idx, shp, layout = self.env[lay.args[0]]
+        if layout == "torch" and len(shp) > 2:
+            idx, shp, layout = self.channels_last(lay.args[0])
+        scale = lay.extra["scale"].to(torch.float32).numpy()
+        shift = lay.extra["shift"].to(torch.float32).numpy()
+        q = lay.qual or lay.name
+        s_t = self.bld.tensor(f"{q}.scale", (len(scale),), data=scale)
+        c_t = self.bld.tensor(f"{q}.shift", (len(shift),), data=shift)
+        mid = self.bld.tensor(f"{lay.name}_scaled", shp)
+        self.bld.op(self.B.MUL, [idx, s_t], [mid], self.Opt.MulOptions, self.tfl.MulOptionsT())
+        out = self.bld.tensor(lay.name, shp)
+        self.bld.op(self.B.ADD, [mid, c_t], [out], self.Opt.AddOptions, self.tfl.AddOptionsT())
+        self.env[lay.name] = (out, shp, layout)
+
+    def relu(self, lay: Layer) -> None:
+        self.unary(lay, self.B.RELU)
+
+    def activation(self, lay: Layer) -> None:
+        fn = lay.extra["fn"]
+        if fn == "leaky_relu":
+            opts = self.tfl.LeakyReluOptionsT()
+            opts.alpha = lay.extra["alpha"]
+            self.unary(lay, self.B.LEAKY_RELU, self.Opt.LeakyReluOptions, opts)
+        elif fn == "softmax":
+            idx, shp = self.torch_order(lay.args[0])
+            opts = self.tfl.SoftmaxOptionsT()
+            opts.beta = 1.0
+            out = self.bld.tensor(lay.name, shp)
+            self.bld.op(self.B.SOFTMAX, [idx], [out], self.Opt.SoftmaxOptions, opts)
+            self.env[lay.name] = (out, shp, "torch")
+        else:
+            code = {"sigmoid": self.B.LOGISTIC, "tanh": self.B.TANH, "relu6": self.B.RELU6,
+                    "hardswish": self.B.HARD_SWISH, "elu": self.B.ELU}[fn]
+            self.unary(lay, code)
+
+    def maxpool(self, lay: Layer) -> None:
+        self._pool(lay, self.B.MAX_POOL_2D)
+
+    def avgpool(self, lay: Layer) -> None:
+        self._pool(lay, self.B.AVERAGE_POOL_2D)
+
+    def _pool(self, lay: Layer, code: int) -> None:
+        idx, shp, layout = self.channels_last(lay.args[0])
+        e = lay.extra
+        k, st, pad = e["kernel"], e["stride"], e["padding"]
+        if e["dims"] == 1:
+            k, st, pad = (1, *k), (1, *st), (0, *pad)
+        n, h, w, c = shp
+        if any(pad):
+            padded = (n, h + 2 * pad[0], w + 2 * pad[1], c)
+            pads = self.bld.tensor(f"{lay.name}_pads", (4, 2), self.tfl.TensorType.INT32,
+                                   np.array([[0, 0], [pad[0], pad[0]], [pad[1], pad[1]], [0, 0]], dtype=np.int32))
+            t = self.bld.tensor(f"{lay.name}_padded", padded)
+            if code == self.B.MAX_POOL_2D:  # torch pads max-pooling with -inf
+                lowest = self.bld.tensor(f"{lay.name}_lowest", (1,), data=np.array([-np.inf], dtype=np.float32))
+                self.bld.op(self.B.PADV2, [idx, pads, lowest], [t], self.Opt.PadV2Options, self.tfl.PadV2OptionsT())
+            else:  # count_include_pad: zeros count in the average
+                self.bld.op(self.B.PAD, [idx, pads], [t], self.Opt.PadOptions, self.tfl.PadOptionsT())
+            idx, (n, h, w, c) = t, padded
+        oshape = (n, (h - k[0]) // st[0] + 1, (w - k[1]) // st[1] + 1, c)
+        out = self.bld.tensor(lay.name, oshape)
+        opts = self.tfl.Pool2DOptionsT()
+        opts.padding, opts.strideH, opts.strideW = self.tfl.Padding.VALID, st[0], st[1]
+        opts.filterHeight, opts.filterWidth = k[0], k[1]
+        self.bld.op(code, [idx], [out], self.Opt.Pool2DOptions, opts)
+        self.env[lay.name] = (out, oshape, layout)
+
+    def reshape(self, lay: Layer) -> None:
+        idx, shp = self.torch_order(lay.args[0])
+        if lay.extra.get("op") == "flatten":
+            new = tuple(torch.flatten(torch.empty(shp), lay.extra["start"], lay.extra["end"]).shape)
+        else:
+            new = (shp[0], *lay.extra["shape"][1:])
+        self.env[lay.name] = (self._reshape_to(idx, new, lay.name), new, "torch")
+
+    def _reshape_to(self, idx: int, shape: tuple[int, ...], name: str) -> int:
+        out = self.bld.tensor(name, shape)
+        opts = self.tfl.ReshapeOptionsT()
+        opts.newShape = list(shape)
+        self.bld.op(self.B.RESHAPE, [idx, self.bld.const_i32(f"{name}_shape", list(shape))], [out],
+                    self.Opt.ReshapeOptions, opts)
+        return out
+
+    def add(self, lay: Layer) -> None:
+        (a, sa, la), (b_, sb, lb) = self.env[lay.args[0]], self.env[lay.args[1]]
+        if la != lb:
+            (a, sa), (b_, sb), la = self.torch_order(lay.args[0]), self.torch_order(lay.args[1]), "torch"
+        if sa != sb:
+            raise TflmError(f"{lay.name}: the two summands have different shapes {sa} and {sb}")
+        out = self.bld.tensor(lay.name, sa)
+        self.bld.op(self.B.ADD, [a, b_], [out], self.Opt.AddOptions, self.tfl.AddOptionsT())
+        self.env[lay.name] = (out, sa, la)
+
+
+#: one emitter per layer kind
+EMITTERS: dict[str, Any] = {k: getattr(_Emitter, k) for k in TFLM_KINDS}
+
+
+def check_model(model: nn.Module, example: Tensor | None = None) -> Any:
+    """Refuse (``TflmError``) the first layer this target cannot take, naming it and what would work."""
     try:
-        g = trace(copy.deepcopy(model).eval())
+        return refuse_unsupported(copy.deepcopy(model).eval(), "tflm", TFLM_KINDS, example,
+                                  alternative="the onnx target (--to onnx) takes every layer torch.onnx exports")
     except GraphError as exc:
         raise TflmError(str(exc)) from exc
+
+
+def build_tflite(model: nn.Module, input_shape: tuple[int, ...], example: Tensor | None = None
+                 ) -> tuple[bytes, list[int]]:
+    """The float32 ``.tflite`` bytes of ``model`` for one input of ``input_shape`` (no batch dim),
+    and the indices of its constant weight/bias tensors (``example``: a batch, for its dtype)."""
+    tfl = _schema()
+    g = check_model(model, example[:1] if example is not None else torch.zeros((1, *input_shape)))
     bld = _Builder(tfl)
     shape = (1, *input_shape)
     x_in = bld.tensor("input", shape)
-    # activation name -> (tensor index, shape as tflite holds it, layout "nchw" | "nhwc" | "flat")
-    env: dict[str, tuple[int, tuple[int, ...], str]] = {g.input: (x_in, shape, "flat" if len(shape) == 2 else "nchw")}
-
-    def nhwc(name: str) -> tuple[int, tuple[int, ...]]:
-        idx, shp, layout = env[name]
-        if layout == "nhwc":
-            return idx, shp
-        if layout != "nchw" or len(shp) != 4:
-            raise TflmError(f"a 2-D convolution or pooling needs an NCHW input, got shape {shp}")
-        n, c, h, w = shp
-        out = bld.tensor(f"{name}_nhwc", (n, h, w, c))
-        opts = tfl.TransposeOptionsT()
-        bld.op(B.TRANSPOSE, [idx, bld.const_i32(f"{name}_perm", [0, 2, 3, 1])], [out], Opt.TransposeOptions, opts)
-        return out, (n, h, w, c)
-
+    em = _Emitter(bld, tfl)
+    em.env[g.input] = (x_in, shape, "torch")
     for lay in g.layers:
-        k = lay.kind
-        if k == "identity":
-            env[lay.name] = env[lay.args[0]]
-        elif k == "linear":
-            env[lay.name] = _linear(bld, tfl, lay, env[lay.args[0]])
-        elif k == "conv":
-            if lay.extra["dims"] != 2:
-                raise TflmError(f"{lay.qual}: only 2-D convolutions are exported to TFLite-Micro")
-            idx, shp = nhwc(lay.args[0])
-            env[lay.name] = _conv(bld, tfl, lay, idx, shp)
-        elif k in ("maxpool", "avgpool"):
-            if lay.extra["dims"] != 2 or any(lay.extra["padding"]) or lay.extra["ceil_mode"]:
-                raise TflmError(f"{lay.qual}: only unpadded 2-D pooling (floor mode) is exported")
-            idx, shp = nhwc(lay.args[0])
-            (kh, kw), (sh, sw) = lay.extra["kernel"], lay.extra["stride"]
-            n, h, w, c = shp
-            oshape = (n, (h - kh) // sh + 1, (w - kw) // sw + 1, c)
-            out = bld.tensor(lay.name, oshape)
-            opts = tfl.Pool2DOptionsT()
-            opts.padding, opts.strideW, opts.strideH = tfl.Padding.VALID, sw, sh
-            opts.filterWidth, opts.filterHeight = kw, kh
-            code = B.MAX_POOL_2D if k == "maxpool" else B.AVERAGE_POOL_2D
-            bld.op(code, [idx], [out], Opt.Pool2DOptions, opts)
-            env[lay.name] = (out, oshape, "nhwc")
-        elif k == "relu":
-            idx, shp, layout = env[lay.args[0]]
-            out = bld.tensor(lay.name, shp)
-            bld.op(B.RELU, [idx], [out])
-            env[lay.name] = (out, shp, layout)
-        elif k == "add":
-            (a, sa, la), (b_, sb, lb) = env[lay.args[0]], env[lay.args[1]]
-            if sa != sb or la != lb:
-                raise TflmError(f"{lay.name}: the two summands have different shapes or layouts")
-            out = bld.tensor(lay.name, sa)
-            bld.op(B.ADD, [a, b_], [out], Opt.AddOptions, tfl.AddOptionsT())
-            env[lay.name] = (out, sa, la)
-        elif k == "flatten":
-            idx, shp, layout = env[lay.args[0]]
-            if lay.extra["start"] != 1 or lay.extra["end"] not in (-1, len(shp) - 1):
-                raise TflmError(f"{lay.qual or lay.name}: only flatten(start_dim=1) is exported")
-            if layout == "nhwc":  # back to torch's channel-major order, then flatten
-                n, h, w, c = shp
-                t = bld.tensor(f"{lay.name}_nchw", (n, c, h, w))
-                bld.op(B.TRANSPOSE, [idx, bld.const_i32(f"{lay.name}_perm", [0, 3, 1, 2])], [t],
-                       Opt.TransposeOptions, tfl.TransposeOptionsT())
-                idx = t
-            flat = (shp[0], int(np.prod(shp[1:])))
-            out = bld.tensor(lay.name, flat)
-            opts = tfl.ReshapeOptionsT()
-            opts.newShape = list(flat)
-            bld.op(B.RESHAPE, [idx, bld.const_i32(f"{lay.name}_shape", list(flat))], [out], Opt.ReshapeOptions, opts)
-            env[lay.name] = (out, flat, "flat")
-        else:  # pragma: no cover - graph.trace admits no other kind
-            raise TflmError(f"{lay.name}: unsupported layer kind {k!r}")
-    out_idx, out_shape, layout = env[g.output]
-    if layout == "nhwc":
-        n, h, w, c = out_shape
-        t = bld.tensor("output_nchw", (n, c, h, w))
-        bld.op(B.TRANSPOSE, [out_idx, bld.const_i32("output_perm", [0, 3, 1, 2])], [t],
-               Opt.TransposeOptions, tfl.TransposeOptionsT())
-        out_idx = t
+        EMITTERS[lay.kind](em, lay)
+    out_idx, _ = em.torch_order(g.output)
     return bld.finish([x_in], [out_idx]), list(bld.weight_tensors)
 
 
@@ -223,9 +357,9 @@ def _f32(t: Tensor) -> np.ndarray:
 
 def _linear(bld: _Builder, tfl: Any, lay: Layer, src: tuple[int, tuple[int, ...], str]) -> tuple[int, tuple, str]:
     m = lay.module
-    idx, shp, layout = src
-    if layout == "nhwc" or len(shp) != 2:
-        raise TflmError(f"{lay.qual}: a Linear layer needs a flattened (batch, features) input, got {shp}")
+    idx, shp, _ = src
+    if len(shp) != 2:
+        raise TflmError(f"{lay.qual}: a Linear layer needs a (batch, features) input, got {shp}")
     w = bld.tensor(f"{lay.qual}.weight", tuple(m.weight.shape), data=_f32(m.weight))
     bld.weight_tensors.append(w)
     ins = [idx, w]
@@ -241,13 +375,20 @@ def _linear(bld: _Builder, tfl: Any, lay: Layer, src: tuple[int, tuple[int, ...]
     opts.fusedActivationFunction = tfl.ActivationFunctionType.NONE
     opts.keepNumDims = False
     bld.op(tfl.BuiltinOperator.FULLY_CONNECTED, ins, [out], tfl.BuiltinOptions.FullyConnectedOptions, opts)
-    return out, oshape, "flat"
+    return out, oshape, "torch"
 
 
-def _conv(bld: _Builder, tfl: Any, lay: Layer, idx: int, shp: tuple[int, ...]) -> tuple[int, tuple, str]:
+def _conv(bld: _Builder, tfl: Any, lay: Layer, idx: int, shp: tuple[int, ...], layout: str
+          ) -> tuple[int, tuple, str]:
+    """A 2-D convolution on ``nhwc``, or a 1-D one as a 1 x k convolution on ``n1lc``."""
     m = lay.module
     n, h, w, c = shp
-    ph, pw = m.padding
+    if lay.extra["dims"] == 1:
+        (ph, pw), (kh, kw), (sh, sw) = (0, m.padding[0]), (1, m.kernel_size[0]), (1, m.stride[0])
+        filt_data = _f32(m.weight.permute(0, 2, 1).unsqueeze(1))  # O, 1, k, I
+    else:
+        (ph, pw), (kh, kw), (sh, sw) = m.padding, m.kernel_size, m.stride
+        filt_data = _f32(m.weight.permute(0, 2, 3, 1))  # OHWI
     if ph or pw:
         padded = (n, h + 2 * ph, w + 2 * pw, c)
         t = bld.tensor(f"{lay.name}_padded", padded)
@@ -255,10 +396,7 @@ def _conv(bld: _Builder, tfl: Any, lay: Layer, idx: int, shp: tuple[int, ...]) -
                           np.array([[0, 0], [ph, ph], [pw, pw], [0, 0]], dtype=np.int32))
         bld.op(tfl.BuiltinOperator.PAD, [idx, pads], [t], tfl.BuiltinOptions.PadOptions, tfl.PadOptionsT())
         idx, (n, h, w, c) = t, padded
-    kh, kw = m.kernel_size
-    sh, sw = m.stride
-    filt = bld.tensor(f"{lay.qual}.weight", (m.out_channels, kh, kw, c),
-                      data=_f32(m.weight.permute(0, 2, 3, 1)))
+    filt = bld.tensor(f"{lay.qual}.weight", (m.out_channels, kh, kw, c), data=filt_data)
     bld.weight_tensors.append(filt)
     ins = [idx, filt]
     if m.bias is not None:
@@ -274,7 +412,7 @@ def _conv(bld: _Builder, tfl: Any, lay: Layer, idx: int, shp: tuple[int, ...]) -
     opts.dilationWFactor = opts.dilationHFactor = 1
     opts.fusedActivationFunction = tfl.ActivationFunctionType.NONE
     bld.op(tfl.BuiltinOperator.CONV_2D, ins, [out], tfl.BuiltinOptions.Conv2DOptions, opts)
-    return out, oshape, "nhwc"
+    return out, oshape, layout
 
 
 def compress_tflite(data: bytes, weight_tensors: list[int]) -> tuple[bytes, dict[str, Any]]:
@@ -327,7 +465,7 @@ def export_tflm(model: nn.Module, example: Tensor) -> tuple[dict[str, bytes], di
     interpreter must be bit-identical, and within 1e-5 x max(1, |output|) of torch.
     """
     model = copy.deepcopy(model).eval()
-    plain, weights = build_tflite(model, tuple(example.shape[1:]))
+    plain, weights = build_tflite(model, tuple(example.shape[1:]), example)
     packed, cinfo = compress_tflite(plain, weights)
     g = torch.Generator().manual_seed(2)
     xs = torch.cat([example, torch.randn((6, *example.shape[1:]), generator=g)]).to(torch.float32)
