@@ -116,7 +116,7 @@ class PWFNConfig:
     """Share of the weights fixed after each round; strictly increasing, ending at 1.0 (the paper's 10 rounds by default)."""
     k: float = 2.0
     """Tolerance in standard deviations: a weight may join value c when |mu - c| <= k * sigma. Each round starts here (or one halving below where the last round ended); a round that would break the accuracy contract is redone with k halved, down to `k_min` (the paper's k is 1, never halved)."""
-    k_min: float = 0.5
+    k_min: float = 0.125
     """The smallest k the accuracy contract's guard halves k down to (k_min = k: never halved)."""
     sigma_init: str = "power_of_two"
     """How sigma starts: `power_of_two` (small near a power of two, the paper's rule), `constant` or `moped` (a share of |mu|)."""
