@@ -361,6 +361,8 @@ class Fixer:
         if holds:
             self.steps_taken += 1  # the loop's steps per round, learned (set_training_steps)
             self._stepped.add(optimizer)
+            if self._phase_steps is None and not self._steps_warned and self.method_impl.wants_training_steps():
+                self._warn_unknown_steps()
         if pairs:
             guard = FixedGuard(pairs)
             guard.before_step()
@@ -623,13 +625,15 @@ class Fixer:
             self._phase_steps = counted
             self.method_impl.set_training_steps(counted)
             self._extra = None
-        elif not self._steps_warned:
-            self._steps_warned = True
-            log.warning("%s: the training between rounds is scaled to its number of optimizer steps "
-                        "(pwfn.sigma_steps_reference), which this Fixer does not know yet: pass "
-                        "Fixer(..., steps_per_round=len(train_loader) * epochs) or call set_training_steps(). "
-                        "Until it has counted one round's steps it uses the regulariser as configured", self.method)
         return counted
+
+    def _warn_unknown_steps(self) -> None:
+        """At an optimizer step of a phase whose length the method needs and nobody said (once)."""
+        self._steps_warned = True
+        log.warning("%s: the training between rounds is scaled to its number of optimizer steps "
+                    "(pwfn.sigma_steps_reference), which this Fixer does not know yet: pass "
+                    "Fixer(..., steps_per_round=len(train_loader) * epochs) or call set_training_steps(). Until it "
+                    "has counted one round's steps it uses the regulariser as configured", self.method)
 
     # -- rounds ---------------------------------------------------------------------------------
     def fix_next(self, broadcast=None, evaluate: Optional[Evaluation] = None) -> Round:

@@ -199,7 +199,7 @@ def test_an_impossible_contract_fails_loudly_and_leaves_the_last_state_within_it
     with pytest.raises(ContractError, match="breaks the accuracy contract") as info:
         fixer.fix_next()
     msg = str(info.value)
-    assert "k = 0.5" in msg and "contract.max_drop" in msg and "pwfn.k_min" in msg
+    assert "k = 0.125, no zero pass" in msg and "contract.max_drop" in msg and "pwfn.k_min" in msg
     assert torch.equal(fixer.view.values(), before[0]) and torch.equal(fixer.view.fixed(), before[1])
     assert fixer.round == 0 and fixer.history == []
 
@@ -428,3 +428,38 @@ def test_the_paired_drop_and_its_jackknife_error_against_a_known_answer():
     assert se == pytest.approx(float(per_unit.std(unbiased=True) / math.sqrt(40)), rel=1e-9)
     assert paired_drop(c, task, ref, ref)[1:] == (0.0, 0.0)  # the float model against itself
     assert paired_drop(c, task, ref[:1], now[:1])[2] == 0.0  # one unit: no spread to estimate
+
+
+def test_compare_keeps_the_method_that_held_and_fails_for_the_one_that_did_not(tmp_path, capsys):
+    """PWFN made unable to keep the contract (k huge and fixed, no splits, no finer codebook, no training):
+    WFN's results are still compared and written, and the command fails naming PWFN."""
+    import json
+
+    rc = cli_main(["compare", "--out", str(tmp_path), "--set", "progress=false", "--set", "baseline.epochs=30",
+                   "--set", "data.train_subset=500", "--set", "pwfn.fractions=[0.5, 1.0]",
+                   "--set", "wfn.fractions=[0.5, 1.0]", "--set", "pwfn.k=64", "--set", "pwfn.k_min=64",
+                   "--set", "pwfn.engine.zero_fix=false", "--set", "pwfn.round_epochs=0",
+                   "--set", "pwfn.first_round_epochs=0", "--set", "contract.max_drop=2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "could not be kept by pwfn" in err
+    out = json.loads((tmp_path / "run" / "compare.json").read_text())
+    assert "failed" in out["methods"]["pwfn"] and out["methods"]["wfn"]["contract"]["held"] is True
+    table = (tmp_path / "run" / "compare.md").read_text()
+    assert "NOT KEPT (failed)" in table and "held (drop" in table
+
+
+def test_round_lines_and_the_report_say_what_the_contract_did():
+    from pwfn.report import contract_line
+    from pwfn.runlog import round_line
+
+    row = {"round": 2, "fixed_fraction": 0.6, "unique": 9, "entropy": 2.5, "after_fix": {"top1": 97.0},
+           "contract": {"drop": 0.3, "drop_after_training": 0.1, "setting": "k = 1",
+                        "undone_after_training": [{"setting": "k = 2"}]}}
+    line = round_line("pwfn", row, 10)
+    assert "contract drop 0.1 (k = 1)" in line and "1 try undone" in line
+    c = {"enforced": True, "text": "top1 at most 0.5 below the float model's", "held": True, "value": 97.1,
+         "reference": 97.4, "drop": 0.3, "drop_se": 0.1, "guard": {"source": "1000 validation examples"},
+         "test": {"value": 96.0, "reference": 96.8, "drop": 0.8, "within": False}, "rounds_added": 2}
+    text = contract_line(c)
+    assert "HELD" in text and "1000 validation examples" in text and "BEYOND" in text and "2 rounds added" in text
+    assert "off" in contract_line({"enforced": False}) and contract_line(None) == ""

@@ -208,7 +208,7 @@ def test_paper_preset_and_validation():
     scaled = ("tensor", 0.1, 0.5, 0.5, 30000.0, False)
     d = load_config(None).pwfn  # the defaults: the scaled settings, k from 2 down to 0.5 as the contract needs
     assert (d.scale, d.sigma_init_scale, d.sigma_init_max, d.tau, d.sigma_steps_reference, d.clip_sigma) == scaled
-    assert (d.k, d.k_min, d.lam) == (2.0, 0.5, 2.0**-11)
+    assert (d.k, d.k_min, d.lam) == (2.0, 0.125, 2.0**-11)
     s = resolve_config(SCALED).pwfn  # the same settings at a fixed k
     assert (s.scale, s.sigma_init_scale, s.sigma_init_max, s.tau, s.sigma_steps_reference, s.clip_sigma) == scaled
     assert s.k == 1.0 and s.k_min == 1.0
@@ -218,18 +218,25 @@ def test_paper_preset_and_validation():
             load_config(None, [bad])
 
 
-def test_caution_levels_halve_k_down_to_k_min_and_wfn_delta_three_times():
-    m = PWFNMethod(load_config(None))  # k = 2, k_min = 0.5
-    assert [m.set_caution(level) for level in range(4)] == [True, True, True, False]
-    assert m.caution == 2 and m.k_now == 0.5 and m.schedule.k == 0.5 and m.caution_text() == "k = 0.5"
+def test_caution_levels_halve_k_down_to_k_min_then_turn_the_zero_pass_off():
+    m = PWFNMethod(load_config(None))  # k = 2, k_min = 0.125: 2, 1, 0.5, 0.25, 0.125, then no zero pass
+    assert [m.set_caution(level) for level in range(7)] == [True] * 6 + [False]
+    assert m.caution == 5 and m.k_now == 0.125 and m.no_zero_pass and m.caution_text() == "k = 0.125, no zero pass"
+    cfg = m.cautious_engine(m.engine_config())
+    assert cfg.zero_fix is False and m.engine_config().zero_fix is True
+    assert m.set_caution(4) and m.k_now == 0.125 and not m.no_zero_pass and m.schedule.k == 0.125
     assert m.set_caution(0) and m.k_now == 2.0
-    odd = PWFNMethod(load_config(None, ["pwfn.k=0.75"]))  # the last halving stops at k_min
-    assert odd.set_caution(1) and odd.k_now == 0.5 and not odd.set_caution(2)
-    paper = PWFNMethod(resolve_config("paper_pwfn"))
-    assert paper.set_caution(0) and not paper.set_caution(1)  # k_min = k: no level above 0
+    odd = PWFNMethod(load_config(None, ["pwfn.k=0.75", "pwfn.k_min=0.5"]))  # the last halving stops at k_min
+    assert odd.set_caution(1) and odd.k_now == 0.5 and not odd.no_zero_pass
+    assert odd.set_caution(2) and odd.no_zero_pass and not odd.set_caution(3)
+    paper = PWFNMethod(resolve_config("paper_pwfn"))  # k_min = k: k is never halved; the zero pass may go
+    assert paper.set_caution(1) and paper.k_now == 1.0 and paper.no_zero_pass and not paper.set_caution(2)
+    no_zero = PWFNMethod(load_config(None, ["pwfn.engine.zero_fix=false"]))  # no pass to turn off: no such level
+    assert no_zero.set_caution(4) and not no_zero.set_caution(5)
     wfn = WFNMethod(load_config(None))
-    assert [wfn.set_caution(level) for level in range(5)] == [True, True, True, True, False]
-    assert wfn.caution == 3 and wfn.schedule.delta == pytest.approx(0.01 / 8) and wfn.caution_text() == "delta = 0.00125"
+    assert [wfn.set_caution(level) for level in range(6)] == [True] * 5 + [False]
+    assert wfn.caution == 4 and wfn.schedule.delta == pytest.approx(0.01 / 8) and wfn.no_zero_pass
+    assert wfn.caution_text() == "delta = 0.00125, no zero pass"
 
 
 def _same_state(a: Fixer, b: Fixer) -> bool:
