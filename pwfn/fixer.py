@@ -277,6 +277,7 @@ class Fixer:
         self._redo: Optional[dict[str, Any]] = None  # the round to redo, and where its tries go on
         self._settled: Optional[float] = None  # the metric measured by the last settle() that kept a round
         self._previous: Optional[dict[str, Any]] = None  # the last kept round's snapshot, for one backtrack
+        self._backtracked: set[int] = set()  # planned rounds already redone by a backtrack
         #: how much of a round's immediate cost the training after it is expected to recover (learned per round)
         self._recovery = float(self.cfg.contract.recovery_factor)
         self._guard_batches: Optional[list] = None  # the guard's batches, when evaluate= was a loader
@@ -770,12 +771,16 @@ class Fixer:
     def _backtrack(self, failed: dict[str, Any]) -> bool:
         """When a round cannot keep the contract at any setting, undo the round before it too (its fixing and
         the training after it) and have it redone at its next, more cautious setting: it may have spent what
-        this round needed. Once per kept round; False when there is none to go back to (or it has no setting
+        this round needed. Once per planned round; False when there is none to go back to (or it has no setting
         left)."""
         prev = self._previous
         self._previous = None
         if prev is None or self.round < 1 or prev["position"] + 1 >= len(prev["ladder"]):
             return False
+        origin = self.schedule_index[self.round - 1]
+        if origin in self._backtracked:  # once per planned round: no going back and forth
+            return False
+        self._backtracked.add(origin)
         log.info("%s round %d cannot keep the contract at any setting: round %d is undone too and redone more "
                  "cautiously", self.method, self.round + 1, self.round)
         self._pending = None
@@ -811,8 +816,16 @@ class Fixer:
         splits = cc.max_splits if added < 2 * cc.max_splits else 0
         targets = [frac] + [prev + (frac - prev) / 2.0**s for s in range(1, splits + 1)]
         targets = [x for i, x in enumerate(targets) if i == 0 or math.ceil(x * n - 1e-9) > fixed_now]
-        first, top = min(max(self.caution - 1, 0), self._max_caution()), self._max_caution()
-        ladder = [(level, x, 0) for x in targets for level in range(first, top + 1)]
+        top = self._max_caution()
+        first = min(max(self.caution - 1, 0), top)
+        # the first half of the method's caution levels (PWFN: k down to 0.5) at every size of the round, then
+        # the deeper ones at the smallest size: fewer new weights keep the codebook smaller than a tiny tolerance
+        half = math.ceil((top + 1) / 2)
+        if first < half:
+            ladder = [(level, x, 0) for x in targets for level in range(first, half)]
+            ladder += [(level, targets[-1], 0) for level in range(half, top + 1)]
+        else:
+            ladder = [(level, x, 0) for x in targets for level in range(first, top + 1)]
         base = self.engine_config.max_order
         if self.budget is None:  # the last resort: a finer codebook, never a lossy one
             ladder += [(top, targets[-1], e) for e in range(1, cc.extra_terms + 1) if base + e <= 32]
@@ -929,29 +942,40 @@ class Fixer:
         the masks, every optimizer that stepped the model, the budget, the caution and the RNG."""
         return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                 "masks": self.view.mask_state(),
-                "optimizers": [(opt, copy.deepcopy(opt.state_dict())) for opt in list(self._stepped)],
+                "optimizers": [{"optimizer": opt, "state": copy.deepcopy(opt.state_dict())}
+                               for opt in list(self._stepped)],
                 "budget": None if self.budget is None else (self.budget.merged_weights,
                                                            list(self.budget.merges_per_round)),
                 "fractions": (list(self.fractions), list(self.schedule_index)),
-                "engine": self.engine_config, "extra_terms": self.extra_terms,
+                "max_order": self.engine_config.max_order, "extra_terms": self.extra_terms,
                 "rng": rng_state(), "steps": (self.steps_taken, self._steps_at_round)}
 
     @torch.no_grad()
     def _restore(self, snap: dict[str, Any]) -> None:
         self.model.load_state_dict(snap["model"])
         self.view.load_mask_state(snap["masks"], "snapshot")
-        known = set()
-        for opt, state in snap["optimizers"]:
-            opt.load_state_dict(state)
-            known.add(id(opt))
-        for opt in list(self._stepped):  # first stepped after the snapshot: back to no state at all
-            if id(opt) not in known:
-                opt.state.clear()
+        known, unbound = set(), []
+        for entry in snap["optimizers"]:
+            if entry["optimizer"] is None:  # a snapshot that went through a checkpoint: its optimizers are new
+                unbound.append(entry["state"])
+                continue
+            entry["optimizer"].load_state_dict(entry["state"])
+            known.add(id(entry["optimizer"]))
+        others = [opt for opt in list(self._stepped) if id(opt) not in known]
+        if len(unbound) == 1 and len(others) == 1:  # the run's one optimizer, recreated on resume
+            try:
+                others[0].load_state_dict(unbound[0])
+                others = []
+            except (ValueError, KeyError):
+                pass
+        for opt in others:  # first stepped after the snapshot: back to no state at all
+            opt.state.clear()
         if self.budget is not None and snap["budget"] is not None:
             self.budget.merged_weights, merges = snap["budget"]
             self.budget.merges_per_round = list(merges)
         self.fractions, self.schedule_index = (list(x) for x in snap["fractions"])
-        self.engine_config, self.extra_terms = snap["engine"], snap["extra_terms"]
+        self.engine_config = dataclasses.replace(self.engine_config, max_order=int(snap["max_order"]))
+        self.extra_terms = int(snap["extra_terms"])
         set_rng_state(snap["rng"])
         self._refresh_active()
         self._extra = None
@@ -1013,7 +1037,12 @@ class Fixer:
                 "reference_units": self._reference_units,
                 "contract": None if self.contract is None else self.contract.describe(),
                 "steps": {"taken": self.steps_taken, "at_round": self._steps_at_round, "phase": self._phase_steps,
-                          "given": self._steps_given}}
+                          "given": self._steps_given},
+                # the last kept round's snapshot (a later round may go back to it), without optimizer objects
+                "previous": None if self._previous is None else {
+                    **self._previous, "snapshot": {**self._previous["snapshot"], "optimizers": [
+                        {"optimizer": None, "state": e["state"]} for e in self._previous["snapshot"]["optimizers"]]}},
+                "backtracked": sorted(self._backtracked)}
 
     def load_state_dict(self, state: Mapping[str, Any], where: str = "fixer state") -> None:
         """Restore :meth:`state_dict`; a state of another method, fixing config or contract is refused."""
@@ -1055,6 +1084,12 @@ class Fixer:
                 isinstance(u, Mapping) and all(isinstance(v, (int, float)) for v in u.values()) for u in units)):
             raise CheckpointError(f"{where}: the float model's sums on the guard data are damaged")
         self._reference_units = None if units is None else [dict(u) for u in units]
+        previous = state.get("previous")
+        if previous is not None and not (isinstance(previous, Mapping) and isinstance(previous.get("snapshot"), Mapping)
+                                         and {"ladder", "position", "undone", "before"} <= set(previous)):
+            raise CheckpointError(f"{where}: the snapshot of the last kept round is damaged")
+        self._previous = None if previous is None else dict(previous)
+        self._backtracked = {int(i) for i in state.get("backtracked") or []}
         steps = state.get("steps") or {}
         self.steps_taken, self._steps_at_round = int(steps.get("taken") or 0), int(steps.get("at_round") or 0)
         self._steps_given = bool(steps.get("given"))

@@ -463,3 +463,30 @@ def test_round_lines_and_the_report_say_what_the_contract_did():
     text = contract_line(c)
     assert "HELD" in text and "1000 validation examples" in text and "BEYOND" in text and "2 rounds added" in text
     assert "off" in contract_line({"enforced": False}) and contract_line(None) == ""
+
+
+def test_the_kept_rounds_snapshot_survives_a_checkpoint(classifier, tmp_path):
+    """A later round may go back to the last kept round (one backtrack): its snapshot travels with the state,
+    through a checkpoint (weights_only loading), and restores the same model on a new Fixer."""
+    model, x, y = classifier
+    cfg = {"pwfn": {"fractions": [0.5, 0.8, 1.0]}}
+    fixer = Fixer(model, "pwfn", config=cfg, evaluate=[(x, y)], contract={"max_drop": 50.0})
+    opt = fixer.optimizer()
+    fixer.fix_next()
+    fixer.train()
+    opt.zero_grad()
+    F.cross_entropy(fixer.model(x), y).backward()
+    opt.step()
+    assert fixer.settle() and fixer._previous is not None
+    from pwfn.io import load_checkpoint, save_checkpoint
+
+    path = tmp_path / "state.pt"
+    save_checkpoint(path, fixer.state_dict(), kind="fixer")  # as compress's checkpoints: weights_only loading
+    other = Fixer(model, "pwfn", config=cfg, evaluate=[(x, y)], contract={"max_drop": 50.0})
+    other.load_state_dict(load_checkpoint(path, kind="fixer"))
+    assert other._previous["ladder"] == fixer._previous["ladder"]
+    assert other._previous["position"] == fixer._previous["position"]
+    fixer._restore(fixer._previous["snapshot"])
+    other._restore(other._previous["snapshot"])
+    a, b = fixer.model.state_dict(), other.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a) and not bool(other.view.fixed().any())
