@@ -347,6 +347,7 @@ class Fixer(ContractGuard, ContractRounds):
             "(torch.optim.SGD(fixer.model.parameters(), ...)), or create the Fixer with inplace=True to fix your "
             "model itself")
 
+    @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
         pairs, holds = self._pairs_of(optimizer)
         if holds:
@@ -427,6 +428,7 @@ class Fixer(ContractGuard, ContractRounds):
         stay exact); this one gives the same results as ``compress``."""
         return self.method_impl.optimizer(self.model, self.view, previous)
 
+    @property
     def grad_clip(self) -> Optional[float]:
         """The gradient-norm clip ``pwfn.compress`` applies to :meth:`clip_parameters` (None: no clipping)."""
         return self.method_impl.grad_clip()
@@ -454,18 +456,6 @@ class Fixer(ContractGuard, ContractRounds):
     def round_epochs(self) -> float:
         """Training the method wants between two rounds (the built-in loop's budget)."""
         return float(self.method_impl.round_epochs())
-
-
-
-
-
-    @property
-
-
-
-
-
-
 
     def _learn_steps(self) -> int:
         """The optimizer steps since the last round; tells the method the next phase's steps when the loop
@@ -562,8 +552,6 @@ class Fixer(ContractGuard, ContractRounds):
 
 
 
-
-    @torch.no_grad()
 
     def _fix_once(self, t: int, frac: float, broadcast) -> tuple[dict, int]:
         """One try of round ``t``: the method's fixing written into the view (and merged to the budget);
@@ -682,7 +670,6 @@ class Fixer(ContractGuard, ContractRounds):
         self.method_impl.set_training_steps(self._phase_steps)
         self._extra = None
         self._refresh_active()
-
 
     def _check_state(self, state: Mapping[str, Any], where: str) -> int:
         """The rounds done a state says, once its rounds, fractions, history, masks and weights fit this
