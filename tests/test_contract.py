@@ -339,7 +339,8 @@ def test_compress_fails_loudly_and_keeps_the_last_checkpoint_within_the_contract
 def test_the_cli_exits_non_zero_when_the_contract_cannot_be_kept(tmp_path, capsys):
     rc = cli_main(["run", "--out", str(tmp_path), "--set", "progress=false", "--set", "baseline.epochs=5",
                    "--set", "data.train_subset=400", "--set", "pwfn.fractions=[0.5, 1.0]",
-                   "--set", "pwfn.round_epochs=0.3", "--set", "contract.max_drop=0",
+                   "--set", "pwfn.round_epochs=0", "--set", "pwfn.k=4", "--set", "pwfn.k_min=4",
+                   "--set", "contract.metric=loss", "--set", "contract.max_drop=0",
                    "--set", "contract.max_splits=0", "--set", "contract.extra_terms=0"])
     err = capsys.readouterr().err
     assert rc == 2 and "accuracy contract" in err

@@ -39,10 +39,10 @@ def test_settings_in_each_language():
 
 def test_a_python_value_round_trips_through_the_config_as_written():
     """What a hint tells a Python caller to pass is what the config then holds."""
-    hint = hints.settings({"pwfn.k_min": 0.25 / 8, "pwfn.guard_drop": None, "wfn.quantise_norms": False})
+    hint = hints.settings({"pwfn.k_min": 0.25 / 8, "contract.metric": None, "wfn.quantise_norms": False})
     overrides = [s.strip('"') for s in hint[len("overrides=["):-1].split(", ")]
     cfg = load_config(None, overrides)
-    assert cfg.pwfn.k_min == 0.03125 and cfg.pwfn.guard_drop is None and cfg.wfn.quantise_norms is False
+    assert cfg.pwfn.k_min == 0.03125 and cfg.contract.metric is None and cfg.wfn.quantise_norms is False
 
 
 def test_divergence_advice_speaks_the_callers_language():

@@ -27,7 +27,8 @@ class _Loaders:
         src = make_loaders("digits", batch_size=64, seed=0, train_subset=640)
 
         def plain(loader, shuffle):
-            x, y = torch.cat([b[0] for b in loader]), torch.cat([b[1] for b in loader])
+            batches = list(loader)  # one pass: a shuffling loader orders each pass differently
+            x, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
             return DataLoader(TensorDataset(x, y), batch_size=64 if shuffle else 256, shuffle=shuffle,
                               generator=torch.Generator().manual_seed(0) if shuffle else None)
 
@@ -133,7 +134,7 @@ def test_lightning_callback(setup, tmp_path):
     cb = FixingCallback(fixer)  # the method's schedule; the trainer's validation loader judges the contract
     trainer = L.Trainer(max_epochs=cb.epochs_needed() + 2, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path, callbacks=[cb], gradient_clip_val=fixer.grad_clip,
+                        default_root_dir=tmp_path, callbacks=[cb],
                         num_sanity_val_steps=0)
     trainer.fit(Module(), loaders.train, loaders.val)
     report = fixer.report()
@@ -144,8 +145,9 @@ def test_lightning_callback(setup, tmp_path):
 
 class _DictSet(Dataset):
     def __init__(self, loader):
-        self.x = torch.cat([x for x, _ in loader])
-        self.y = torch.cat([y for _, y in loader])
+        batches = list(loader)  # one pass (a shuffling loader orders each pass differently)
+        self.x = torch.cat([x for x, _ in batches])
+        self.y = torch.cat([y for _, y in batches])
 
     def __len__(self):
         return len(self.y)
@@ -180,7 +182,7 @@ def test_huggingface_callback(setup, tmp_path):
     cb = FixingTrainerCallback(fixer)
     optimizer = fixer.optimizer()
     args = tr.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=cb.epochs_needed() + 2,
-                                per_device_train_batch_size=64, max_grad_norm=fixer.grad_clip, report_to=[],
+                                per_device_train_batch_size=64, max_grad_norm=0, report_to=[],
                                 save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True)
     trainer = tr.Trainer(model=wrapped, args=args, train_dataset=_DictSet(loaders.train), callbacks=[cb],
                          compute_loss_func=fixing_loss(fixer),
@@ -189,3 +191,34 @@ def test_huggingface_callback(setup, tmp_path):
     report = fixer.report()
     assert fixer.done and report["contract"]["held"] is True
     assert _within(report["final"]["unique"], spread), (report["final"]["unique"], spread)
+
+
+def test_the_callbacks_clip_as_compress_does_and_say_when_the_trainer_clips_too(caplog):
+    """The trainers' own clipping takes every parameter, PWFN's sigmas included; the callbacks' schedule clips
+    the method's parameters only (sigma left out), as compress and the own-loop how-to do."""
+    import bayes
+    from pwfn.integrations._schedule import RoundSchedule
+
+    torch.manual_seed(0)
+    fixer = pwfn.Fixer(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)), "pwfn", config=CFG,
+                       contract=False)
+    schedule = RoundSchedule(fixer)
+    sigmas = {id(p) for p in bayes.sigma_parameters(fixer.model)}
+    assert sigmas and fixer.grad_clip
+    for p in fixer.model.parameters():
+        p.grad = torch.full_like(p, 10.0)
+    schedule.clip()
+    others = [p.grad for p in fixer.model.parameters() if id(p) not in sigmas]
+    assert float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in others]))) \
+        == pytest.approx(fixer.grad_clip, rel=1e-4)
+    assert all(torch.equal(p.grad, torch.full_like(p, 10.0)) for p in fixer.model.parameters() if id(p) in sigmas)
+    with caplog.at_level(logging.WARNING, logger="pwfn"):
+        schedule.check_trainer_clipping(1.0, "max_grad_norm")
+    assert "max_grad_norm=0" in caplog.text and "sigmas included" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pwfn"):
+        schedule.check_trainer_clipping(0, "max_grad_norm")
+        schedule.check_trainer_clipping(None, "gradient_clip_val")
+    assert caplog.text == ""
+    with pytest.raises(pwfn.errors.ConfigError, match="clip_gradients"):
+        RoundSchedule(fixer, clip_gradients="yes")

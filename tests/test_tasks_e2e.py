@@ -132,14 +132,14 @@ def test_tiny_causal_lm_with_per_token_loss(tmp_path):
     model = _fit(LM(), data, lambda o, t: F.cross_entropy(o[:, :-1].reshape(-1, 12), t[:, 1:].reshape(-1)), epochs=40)
     res = pwfn.compress(model, data, data, method="pwfn", config=FAST, task="language_model", run_dir=tmp_path / "lm")
     final = res.report["final"]
-    assert set(final["test"]) == {"loss", "perplexity", "token_accuracy"} and "mc" not in final
+    assert set(final["test"]) == {"loss", "perplexity", "bits_per_token", "token_accuracy"} and "mc" not in final
     assert final["test"]["token_accuracy"] > 50
-    assert res.report["task"]["primary"] == "perplexity"
+    assert res.report["task"]["primary"] == "bits_per_token"
     summary = pwfn.report.summarise_run_dir(tmp_path / "lm") if hasattr(pwfn, "report") else None
     from pwfn.report import summarise_run_dir
 
     summary = summarise_run_dir(tmp_path / "lm")
-    assert "perplexity after fix" in summary and "task: language_model" in summary
+    assert "bits_per_token after fix" in summary and "task: language_model" in summary
 
 
 def test_custom_loss_and_metrics(regression):

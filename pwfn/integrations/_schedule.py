@@ -6,6 +6,7 @@ steps exactly as ``pwfn.compress`` counts them (``ceil(epochs * steps_per_epoch)
 told each training phase's steps (PWFN's budget-aware regulariser). The defaults are the method's own
 (``fixer.warmup_epochs``, ``fixer.round_epochs``), so a callback run trains as much as ``compress``.
 The accuracy contract's evaluation and float reference are settled before the first optimizer step.
+Gradients are clipped as ``compress`` clips them (the method's parameters: PWFN leaves sigma out).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import logging
 import math
 import numbers
 from typing import Any, Optional
+
+import torch
 
 from ..contract import ContractSpec
 from ..errors import CheckpointError, ConfigError
@@ -39,12 +42,15 @@ class RoundSchedule:
 
     def __init__(self, fixer: Fixer, epochs_per_round: Optional[float] = None,
                  warmup_epochs: Optional[float] = None, evaluate: Optional[Evaluation] = None,
-                 contract: ContractSpec = None) -> None:
+                 contract: ContractSpec = None, clip_gradients: bool = True) -> None:
         if not isinstance(fixer, Fixer):
             raise ConfigError(f"expected a pwfn.Fixer, got {type(fixer).__name__}")
         every = _epochs(epochs_per_round, "epochs_per_round", 0.0)
         warm = _epochs(warmup_epochs, "warmup_epochs", 0.0)
+        if not isinstance(clip_gradients, bool):
+            raise ConfigError(f"clip_gradients must be True or False, got {clip_gradients!r}")
         self.fixer = fixer
+        self.clip_gradients = clip_gradients
         self.epochs_per_round = fixer.round_epochs if every is None else every
         self.warmup_epochs = fixer.warmup_epochs if warm is None else warm
         if contract is not None:
@@ -124,6 +130,28 @@ class RoundSchedule:
                                                 else math.ceil(self.epochs_per_round)))
             while not self.fixer.done:
                 self._fix()
+
+    def clip(self) -> None:
+        """Before an optimizer step: clip the gradients the method clips (``fixer.clip_parameters()``: PWFN leaves
+        sigma out) at ``fixer.grad_clip``, as ``pwfn.compress`` and the own-loop how-to do."""
+        limit = self.fixer.grad_clip
+        if self.clip_gradients and limit and not self.fixer.done:
+            torch.nn.utils.clip_grad_norm_(self.fixer.clip_parameters() or list(self.fixer.model.parameters()), limit)
+
+    def check_trainer_clipping(self, limit: Any, setting: str) -> None:
+        """Warn when the trainer clips gradients too: it clips every parameter (PWFN's sigmas included), so the
+        rounds would train differently from ``compress``."""
+        try:
+            on = limit is not None and float(limit) > 0
+        except (TypeError, ValueError):
+            on = False
+        if on and self.clip_gradients and self.fixer.grad_clip:
+            log.warning("%s: the trainer clips gradients itself (%s=%s), over every parameter%s; the callback already "
+                        "clips as compress does (%s at %g). Turn the trainer's clipping off (%s) for the same result "
+                        "as compress", self.fixer.method, setting, limit,
+                        " (sigmas included)" if self.fixer.clip_parameters() is not None else "",
+                        "the method's parameters", self.fixer.grad_clip,
+                        "max_grad_norm=0" if setting == "max_grad_norm" else f"{setting}=None")
 
     def train_mode(self) -> None:
         """At a training epoch's start: the BatchNorm policy, and which round the epoch trains after."""

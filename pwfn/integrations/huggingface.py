@@ -4,7 +4,7 @@
 
     fixer = pwfn.Fixer(model, method="pwfn", inplace=True, evaluate=eval_loader)   # a DataLoader of the eval set
     cb = FixingTrainerCallback(fixer)
-    trainer = Trainer(model=model, args=TrainingArguments(num_train_epochs=cb.epochs_needed(), ...),
+    trainer = Trainer(model=model, args=TrainingArguments(num_train_epochs=cb.epochs_needed(), max_grad_norm=0, ...),
                       train_dataset=..., callbacks=[cb], compute_loss_func=fixing_loss(fixer))
     trainer.train()
     point = fixer.finalize()
@@ -15,7 +15,9 @@ them); ``epochs_per_round`` / ``warmup_epochs`` change it. The accuracy contract
 ``evaluate=`` of the callback or the Fixer (a DataLoader, e.g. ``trainer.get_eval_dataloader()``, or a
 callable); the float model is measured when training starts. ``fixing_loss`` adds the method's loss term
 to the model's own loss (``outputs.loss``) or, when the model computes none, to the task's loss on
-``outputs.logits`` and the labels. The Fixer must work on the Trainer's model (``inplace=True``).
+``outputs.logits`` and the labels. The Fixer must work on the Trainer's model (``inplace=True``). The callback clips gradients as
+``compress`` does (PWFN leaves sigma out): turn the Trainer's own clipping off (``max_grad_norm=0``; its
+default, 1.0, clips every parameter).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ class FixingTrainerCallback(TrainerCallback):
     """Runs a :class:`pwfn.Fixer`'s rounds inside ``Trainer.train`` (see the module docstring)."""
 
     def __init__(self, fixer: Fixer, epochs_per_round: Optional[float] = None, warmup_epochs: Optional[float] = None,
-                 evaluate: Optional[Evaluation] = None, contract: ContractSpec = None) -> None:
-        self.schedule = RoundSchedule(fixer, epochs_per_round, warmup_epochs, evaluate, contract)
+                 evaluate: Optional[Evaluation] = None, contract: ContractSpec = None,
+                 clip_gradients: bool = True) -> None:
+        self.schedule = RoundSchedule(fixer, epochs_per_round, warmup_epochs, evaluate, contract, clip_gradients)
         self.fixer = fixer
 
     def epochs_needed(self) -> int:
@@ -53,6 +56,7 @@ class FixingTrainerCallback(TrainerCallback):
             raise ConfigError("the Trainer's model does not hold the Fixer's model, so training would not reach the "
                               "weights being fixed: create the Fixer with inplace=True on the model you give the "
                               "Trainer (or give the Trainer fixer.model)")
+        self.schedule.check_trainer_clipping(getattr(args, "max_grad_norm", None), "max_grad_norm")
         accumulate = max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
         try:
             steps = -(-len(train_dataloader) // accumulate)
@@ -65,6 +69,10 @@ class FixingTrainerCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.schedule.train_mode()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.schedule.clip()
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.schedule.step_end(int(state.global_step)):

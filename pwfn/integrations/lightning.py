@@ -14,7 +14,8 @@ it. The accuracy contract judges every round on ``evaluate=`` (a DataLoader or a
 Fixer's own evaluation, else on the trainer's validation loader; the float model is measured when
 training starts. The method's loss term is added for you (its gradient is accumulated just before
 Lightning's backward pass), validation runs PWFN in mean mode, the BatchNorm policy is applied at
-every training epoch, and the fixing state (masks, rounds, contract) is saved in Lightning checkpoints.
+every training epoch, gradients are clipped as ``compress`` clips them (leave the trainer's
+``gradient_clip_val`` unset: it would clip PWFN's sigmas too), and the fixing state (masks, rounds, contract) is saved in Lightning checkpoints.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ class FixingCallback(pl.Callback):
 
     def __init__(self, fixer: Fixer, epochs_per_round: Optional[float] = None, warmup_epochs: Optional[float] = None,
                  add_loss_term: bool = True, evaluate: Optional[Evaluation] = None,
-                 contract: ContractSpec = None) -> None:
+                 contract: ContractSpec = None, clip_gradients: bool = True) -> None:
         if not isinstance(add_loss_term, bool):
             raise ConfigError(f"add_loss_term must be True or False, got {add_loss_term!r}")
-        self.schedule = RoundSchedule(fixer, epochs_per_round, warmup_epochs, evaluate, contract)
+        self.schedule = RoundSchedule(fixer, epochs_per_round, warmup_epochs, evaluate, contract, clip_gradients)
         self.fixer = fixer
         self.add_loss_term = add_loss_term
 
@@ -53,6 +54,7 @@ class FixingCallback(pl.Callback):
         if not any(m is self.fixer.model for m in pl_module.modules()):
             raise ConfigError("the LightningModule does not hold the Fixer's model: create the Fixer with "
                               "inplace=True on the module's own network (or put fixer.model into the module)")
+        self.schedule.check_trainer_clipping(getattr(trainer, "gradient_clip_val", None), "gradient_clip_val")
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         val = trainer.val_dataloaders
@@ -78,6 +80,9 @@ class FixingCallback(pl.Callback):
             term = self.fixer.loss_term(loss.detach())
             if term.requires_grad:
                 term.backward()  # its gradient adds to the task loss's (same as backward of the sum)
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.schedule.clip()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.schedule.step_end(int(trainer.global_step)):
