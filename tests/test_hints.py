@@ -29,7 +29,7 @@ def test_settings_in_each_language():
     assert hints.shipped_config("paper_pwfn") == 'config="paper_pwfn"'
     with hints.command_line():
         assert hints.in_command_line()
-        assert hints.setting("pwfn.guard_drop", None) == "--set pwfn.guard_drop=null"
+        assert hints.setting("contract.metric", None) == "--set contract.metric=null"
         assert hints.setting("pwfn.quantise_norms", True) == "--set pwfn.quantise_norms=true"
         assert hints.settings({"a.b": 1, "c": ...}) == "--set a.b=1 --set c=..."
         assert hints.start_over() == "--fresh" and "--set name=" in hints.other_run_folder()
