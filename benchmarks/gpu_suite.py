@@ -284,7 +284,7 @@ def _ddp_worker(rank: int, world: int, init: str, out_dir: str, dry: bool, devic
         build, shape, batch = _step_models(dry)["resnet18-sized"]
         torch.manual_seed(0)
         float_model = build().to(device)
-        fixer = pwfn.Fixer(copy.deepcopy(float_model), method="pwfn", config={"pwfn": {"guard_drop": None}},
+        fixer = pwfn.Fixer(copy.deepcopy(float_model), method="pwfn", config={"contract": {"enforce": False}},
                            inplace=True)
         models = {"float": DDP(float_model, device_ids=[rank] if device_type == "cuda" else None),
                   "bayes": DDP(fixer.model, device_ids=[rank] if device_type == "cuda" else None)}

@@ -29,6 +29,8 @@ _LAZY = {
     "register_task": ("pwfn.tasks", "register_task"),
     "plan_coverage": ("pwfn.coverage", "plan"),
     "enable_logging": ("pwfn.console", "enable_logging"),
+    "AccuracyContract": ("pwfn.contract", "AccuracyContract"),
+    "ContractError": ("pwfn.errors", "ContractError"),
     "RecipeMixin": ("pwfn.recipes", "RecipeMixin"),
     "set_recipe": ("pwfn.recipes", "set_recipe"),
     "export_run": ("pwfn.export", "export_run"),

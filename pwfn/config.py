@@ -110,22 +110,14 @@ class EngineSettings:
 
 @dataclass
 class PWFNConfig:
-    """Probabilistic weight fixing (ALGORITHM.md §1-3). The defaults are scale-equivariant and budget-aware, with an accuracy guard that picks k per network; the papers' settings are the shipped config `paper_pwfn`."""
+    """Probabilistic weight fixing (ALGORITHM.md §1-3). The defaults are scale-equivariant and budget-aware, and k is chosen per round by the accuracy contract's guard; the papers' settings are the shipped config `paper_pwfn`."""
 
     fractions: list = field(default_factory=lambda: list(PWFN_FRACTIONS))
     """Share of the weights fixed after each round; strictly increasing, ending at 1.0 (the paper's 10 rounds by default)."""
     k: float = 2.0
-    """Tolerance in standard deviations: a weight may join value c when |mu - c| <= k * sigma. With the accuracy guard on (the default) this is where k starts; the guard halves it for rounds that cost accuracy (the paper's k is 1, without a guard)."""
-    guard_drop: Optional[float] = 0.005
-    """Accuracy guard: after a round's fixing the task's primary metric on `guard_batches` validation batches may fall by at most this share of its value before the round (0.005: half a percent, about 0.5 points of top-1) and the task loss may rise by at most `guard_loss_rise`; otherwise the round is undone and redone with k halved, down to `k_min`. The next round first tries one halving less. Runs in `pwfn run` / `compress`; in your own loop pass `fixer.fix_next(evaluate=...)`. null: no guard, k as given (the paper's)."""
-    guard_loss_rise: float = 0.5
-    """The accuracy guard's limit on the validation loss: it may rise by at most this share of its value before the round (0.5: by half). The loss shows damage that a saturated or coarse metric hides (a 100 % top-1 on a few batches)."""
-    guard_batches: int = 4
-    """Validation batches the accuracy guard evaluates (the same ones before and after every try); more when these hold fewer than `guard_examples` examples."""
-    guard_examples: int = 1000
-    """Validation examples the accuracy guard evaluates at least (the whole validation set when it is smaller): with fewer than 1 / `guard_drop` of them one example moves the score by more than a round may cost, and the run warns."""
-    k_min: float = 0.5
-    """The smallest k the accuracy guard halves k down to."""
+    """Tolerance in standard deviations: a weight may join value c when |mu - c| <= k * sigma. Each round starts here (or one halving below where the last round ended); a round that would break the accuracy contract is redone with k halved, down to `k_min` (the paper's k is 1, never halved)."""
+    k_min: float = 0.125
+    """The smallest k the accuracy contract's guard halves k down to (k_min = k: never halved)."""
     sigma_init: str = "power_of_two"
     """How sigma starts: `power_of_two` (small near a power of two, the paper's rule), `constant` or `moped` (a share of |mu|)."""
     scale: str = "tensor"
@@ -231,6 +223,36 @@ class BudgetConfig:
 
 
 @dataclass
+class ContractConfig:
+    """The accuracy contract (every method, every path): how far the fixed model's metric may fall behind the float model's. Each round is judged on guard data against the float model; a round that breaks the contract is undone and redone more cautiously, and a run that cannot keep it fails with an error (never "done" out of contract). docs/algorithm.md, "The accuracy contract"."""
+
+    enforce: bool = True
+    """Judge every round against the contract and fail a run that cannot keep it; false: no contract (the report says the result was not checked)."""
+    metric: Optional[str] = None
+    """The metric the contract is about; null: the task's primary metric (top1 for classification, mse for regression, accuracy@0.5 for bce, bits_per_token for language models)."""
+    max_drop: Optional[float] = None
+    """The largest drop allowed against the float model, in `drop_type` units; null: 0.5 points for an accuracy in percent, 2 % (relative) for a mean squared error, 1 % for any other loss, error or bits."""
+    drop_type: Optional[str] = None
+    """`absolute` (the metric's own units, e.g. points of top-1) or `relative` (a share of the float model's value); null: the metric's default (see `max_drop`)."""
+    higher_is_better: Optional[bool] = None
+    """Which way the metric is better; needed only for a metric the task does not know (one of your own `metrics=`)."""
+    guard_examples: int = 1000
+    """Examples that judge each round at least (more for a tight accuracy tolerance: 500 / max_drop for a drop in points): the validation set, topped up with training examples when it holds fewer (see `guard_from_train`)."""
+    guard_from_train: bool = True
+    """When the validation set holds fewer than the guard needs, add training examples (drawn reproducibly from the seed, said in the log); false: judge on the validation set alone and say that it is small."""
+    margin: float = 0.5
+    """The guard keeps a state only when its drop plus this many standard errors of that drop is within the allowance: the error of the paired drop (fixed against float model on the same examples) is estimated over 32 parts of the guard data, so a small guard set needs a clearer result. 0.5: about 69 % one-sided confidence that the drop on data like the guard's is within it (1: 84 %); 0: the measured drop alone."""
+    recovery_factor: float = 3.0
+    """A round that training follows may at first cost up to this many times the contract's allowance (measured right after fixing; after each round the factor becomes what that round's training actually recovered, between 1 and this); the training that follows must bring the model back within the contract itself, or the round is undone (weights, optimizer state, RNG) and redone more cautiously. 1: every fixing must keep the contract before any training."""
+    early_share: float = 0.5
+    """Pacing: after each round's training, the model may have spent at most the larger of this share and the share of the weights fixed so far of the allowance, so the last rounds, which no training follows, have some left (1: all of it from the start)."""
+    max_splits: int = 3
+    """When a round breaks the contract at the method's most cautious setting, fix half as many new weights this round (the rest follows in an extra round, after more training), up to this many halvings per round; a planned round grows into at most twice this many extra rounds."""
+    extra_terms: int = 2
+    """The last resort before failing: up to this many more power-of-two terms per value for the round (a finer codebook rather than a lossy one)."""
+
+
+@dataclass
 class RunConfig:
     """One run: data, model, float baseline, and the two methods' settings."""
 
@@ -272,6 +294,8 @@ class RunConfig:
     """What is fixed onto the codebook (coverage)."""
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     """Budget mode: limits on unique values, entropy and values per tensor."""
+    contract: ContractConfig = field(default_factory=ContractConfig)
+    """The accuracy contract: how far the fixed model may fall behind the float model."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,11 +369,22 @@ def _build(cls: type, data: dict, where: str = "") -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
+            if path in _REPLACED_KEYS:
+                raise ConfigError(f"config key {path!r} is gone: {_REPLACED_KEYS[path]}")
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"unknown config key {path!r}.{hint} Valid keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
+
+
+#: keys of earlier versions, and what replaced them
+_REPLACED_KEYS = {
+    **{f"pwfn.{k}": "the per-round accuracy guard became the accuracy contract against the float model: set "
+                    "contract.max_drop / contract.drop_type (and contract.enforce=false to turn it off)"
+       for k in ("guard_drop", "guard_loss_rise", "guard_batches")},
+    "pwfn.guard_examples": "it is contract.guard_examples now",
+}
 
 
 def config_from_dict(data: Optional[dict]) -> RunConfig:
@@ -561,11 +596,6 @@ def validate(cfg: RunConfig) -> None:
         _check(getattr(p, key) <= 1e3, f"pwfn.{key} = {getattr(p, key):g} must be <= 1000 (a weight uncertainty)")
     _check(p.k <= 1e6, f"pwfn.k = {p.k:g} must be <= 1e6 (tolerance = k * sigma)")
     _check(0 < p.k_min <= 1e6, f"pwfn.k_min = {p.k_min:g} must be in (0, 1e6] (the guard's smallest k)")
-    _check(p.guard_drop is None or 0 <= p.guard_drop < 1,
-           f"pwfn.guard_drop = {p.guard_drop} must be in [0, 1) (a share of the metric) or null (no guard)")
-    _check(0 <= p.guard_loss_rise <= 1e6, f"pwfn.guard_loss_rise = {p.guard_loss_rise} must be in [0, 1e6]")
-    _check(p.guard_batches >= 1, f"pwfn.guard_batches = {p.guard_batches} must be >= 1")
-    _check(p.guard_examples >= 0, f"pwfn.guard_examples = {p.guard_examples} must be >= 0")
     _check(p.sigma_init_scale > 0 and p.sigma_init_max > 0, "pwfn.sigma_init_scale and pwfn.sigma_init_max must be > 0")
     _check(p.sigma_update in ("std_mu", "keep", "divide"), f"pwfn.sigma_update = {p.sigma_update!r}: choose std_mu, keep or divide")
     _check(p.sigma_divisor > 0, "pwfn.sigma_divisor must be > 0")
@@ -601,6 +631,18 @@ def validate(cfg: RunConfig) -> None:
            "wfn_published.reg_temperature > 0 and wfn_published.reg_ratio >= 0")
     _check(wp.round_epochs >= 0, "wfn_published.round_epochs must be >= 0")
     _validate_engine(wp.engine, "wfn_published.engine")
+    c = cfg.contract
+    _check(c.max_drop is None or c.max_drop >= 0, f"contract.max_drop = {c.max_drop} must be >= 0 (or null for the "
+           "metric's default)")
+    _check(c.drop_type in (None, "absolute", "relative"),
+           f"contract.drop_type = {c.drop_type!r}: choose absolute or relative (or null for the metric's default)")
+    _check(c.metric is None or bool(c.metric), "contract.metric must be a metric name or null")
+    _check(1 <= c.guard_examples <= 10**8, f"contract.guard_examples = {c.guard_examples} must be in [1, 1e8]")
+    _check(0 <= c.margin <= 10, f"contract.margin = {c.margin} must be in [0, 10] (standard errors)")
+    _check(1 <= c.recovery_factor <= 1e3, f"contract.recovery_factor = {c.recovery_factor} must be in [1, 1000]")
+    _check(0 < c.early_share <= 1, f"contract.early_share = {c.early_share} must be in (0, 1]")
+    _check(0 <= c.max_splits <= 10, f"contract.max_splits = {c.max_splits} must be in [0, 10]")
+    _check(0 <= c.extra_terms <= 8, f"contract.extra_terms = {c.extra_terms} must be in [0, 8]")
     bu = cfg.budget
     _check(bu.max_values is None or bu.max_values >= 2,
            f"budget.max_values = {bu.max_values} must be >= 2 (zero and one other value) or null")

@@ -35,6 +35,12 @@ class ArtefactError(PwfnError):
     """A packed artefact is corrupt, truncated or from an unsupported format version."""
 
 
+class ContractError(PwfnError):
+    """The accuracy contract cannot be kept: fixing would take the model further from the float model
+    than the contract allows, even at the most cautious setting (the model is left at its last state
+    within the contract)."""
+
+
 class TrainingDivergedError(PwfnError):
     """The loss or a weight became NaN/inf during training."""
 

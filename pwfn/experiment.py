@@ -26,7 +26,7 @@ from .checks import check_first_batch
 from .config import RunConfig, config_to_dict, dump_config
 from .data import STREAM_SHUFFLE, make_loaders, torch_generator
 from .distributed import ContiguousShard, DistContext, GlobalBatchShard, init_distributed
-from .errors import CheckpointError, ConfigError, PwfnError
+from .errors import CheckpointError, ConfigError, ContractError, PwfnError
 from .files import parse_json, regular_file_problem
 from .hints import start_over
 from .io import (
@@ -358,17 +358,27 @@ def compare(cfg: RunConfig, *, resume: bool = True, fresh: bool = False) -> dict
     try:
         out: dict[str, Any] = {"baseline": prep.baseline, "methods": {}}
         earlier = _earlier_comparison(_folder(cfg)) if resume else {}
+        failed: list[str] = []
         for method in COMPARED:
             done_before = _rounds_on_disk(_folder(cfg) / method) if resume else []
             t0 = time.perf_counter()
-            res = _run_one(cfg, prep, method, resume)
-            out["methods"][method] = {"final": res.report["final"],
+            try:
+                res = _run_one(cfg, prep, method, resume)
+            except ContractError as exc:  # the other method still runs; the comparison says so, then fails
+                log.error("%s", exc)
+                failed.append(f"{method}: {exc}")
+                out["methods"][method] = {"failed": str(exc)}
+                continue
+            out["methods"][method] = {"final": res.report["final"], "contract": res.report.get("contract"),
                                       "seconds": _method_seconds(time.perf_counter() - t0, done_before, len(res.history),
                                                                  (earlier.get("methods") or {}).get(method))}
         out["table"] = comparison_rows(out)
         if prep.dist.is_main:
             atomic_write_json(_folder(cfg) / "compare.json", to_jsonable(out))
             atomic_write_text(_folder(cfg) / "compare.md", format_table(out["table"]) + "\n")
+        if failed:
+            raise ContractError("the accuracy contract could not be kept by " + " and by ".join(
+                f.split(":")[0] for f in failed) + " (compare.md shows the other's results): " + " | ".join(failed))
         return out
     finally:
         prep.release()
@@ -422,9 +432,15 @@ def comparison_rows(out: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [{"method": "float", "top1": base["test"]["top1"], "top5": base["test"].get("top5"),
              "unique": None, "unique_nonzero": None, "entropy": None, "entropy_nonzero": None, "seconds": base.get("seconds")}]
     for name, m in out["methods"].items():
+        if "failed" in m:
+            rows.append({"method": name, "contract": "NOT KEPT (failed)"})
+            continue
         f = m["final"]
+        c = m.get("contract") or {}
+        verdict = ("off" if not c.get("enforced") else
+                   f"held (drop {c['drop']:.3g})" if c.get("held") else "NOT HELD") if c else None
         rows.append({"method": name, "top1": f["test"]["top1"], "top5": f["test"].get("top5"),
                      "unique": f.get("unique"), "unique_nonzero": f.get("unique_nonzero"),
                      "entropy": f.get("entropy"), "entropy_nonzero": f.get("entropy_nonzero"),
-                     "seconds": m.get("seconds")})
+                     "contract": verdict, "seconds": m.get("seconds")})
     return rows

@@ -6,11 +6,16 @@ extra loss term, keeps fixed values bit-exact under any torch optimizer, runs th
 round when asked, reports per round, saves and loads its state, and returns the plain
 point-estimate model at the end::
 
-    fixer = pwfn.Fixer(model, method="pwfn", config=cfg)
+    fixer = pwfn.Fixer(model, method="pwfn", evaluate=val_loader, steps_per_round=len(train_loader))
     for rnd in fixer.rounds():                      # fixes the next fraction of the weights
         if rnd.trains:                              # every round but the last
             my_train(fixer.model, extra_loss=fixer.loss_term)
     point = fixer.finalize()                        # plain module, every weight on the codebook
+
+Every round is judged by the accuracy contract (:mod:`pwfn.contract`) against the float model on
+the evaluation you give (``evaluate=``: a validation loader or a callable): a round that would
+break it is undone and redone more cautiously, and when nothing keeps it a
+:class:`~pwfn.errors.ContractError` is raised with the model left at its last state within it.
 
 Fixed values stay exact without a wrapper to remember: a gradient hook on every quantised
 tensor zeroes the fixed entries' gradients (so gradient clipping sees what the update will
@@ -23,9 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import logging
+import math
 import numbers
 import weakref
 from collections.abc import Iterator, Mapping
@@ -52,20 +59,29 @@ from .config import (
     config_to_dict,
     load_config,
 )
+from .contract import (
+    AccuracyContract,
+    ContractSpec,
+    resolve_contract,
+)
+from .contract_rounds import ContractRounds
 from .distributed import tensor_checksum
 from .engine import EngineCache, fix_round
-from .errors import CheckpointError, ConfigError, ModelError
+from .errors import CheckpointError, ConfigError, ContractError, ModelError
+from .guard import ContractGuard, Evaluation
 from .io import load_state_dict_strict, to_jsonable
-from .methods.base import Method, RoundGuard, build_method
+from .methods.base import Method, build_method
 from .metrics import fixing_metrics, fixing_metrics_from_codebook
 from .plumbing import FixedGuard, QuantSlot
 from .presets import resolve_config as resolve_shipped
 from .sharding import is_sharded
+from .tasks import BatchAdapter, Task, resolve_task
 from .train import apply_batchnorm_policy
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+
 
 
 def resolve_config(config: Union[None, RunConfig, Mapping, str, Path], overrides: Optional[list[str]] = None) -> RunConfig:
@@ -93,6 +109,9 @@ class Round:
     trains: bool
     #: the round's row of the history (fixed fraction, unique values, entropy, engine summary, ...)
     row: dict[str, Any] = field(default_factory=dict)
+    #: this round redoes one whose training did not keep the contract (that try was undone: weights,
+    #: masks, the optimizers' state and the RNG are as they were before it); train again as usual
+    retry: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,23 +159,37 @@ def _mask_grad(view_ref, slot: QuantSlot):
     return hook
 
 
-class Fixer:
+class Fixer(ContractGuard, ContractRounds):
     """Round-by-round fixing of one model with one method, driven by any training loop.
 
     ``model``: your trained ``nn.Module`` (copied unless ``inplace=True``, e.g. when a
     LightningModule holds it). ``method``: a registered method's name (``"pwfn"``, ``"wfn"``,
     ``"wfn_published"``, see :mod:`pwfn.methods`) or a :class:`~pwfn.methods.base.Method` subclass. ``config``: a RunConfig, a
-    dict (``{"pwfn": {"k": 2}}``), a YAML path or None for the defaults; only the method's
-    section, ``quantise`` and ``batchnorm`` matter here. ``dataset_size``: the training-set size
-    (needed by ``pwfn.objective=elbo``). ``steps_per_round``: the optimizer steps your loop takes
-    between two rounds; PWFN's budget-aware regulariser scales ``lam`` by it
-    (``pwfn.sigma_steps_reference``; without it ``lam`` is used as given).
+    dict (``{"pwfn": {"k": 2}}``), a YAML path, a shipped config's name or None for the defaults;
+    the method's section, ``quantise``, ``batchnorm``, ``budget``, ``task`` and ``contract`` matter
+    here. ``dataset_size``: the training-set size (needed by ``pwfn.objective=elbo``).
+
+    The accuracy contract: ``contract`` (an :class:`~pwfn.contract.AccuracyContract`, a dict such
+    as ``{"max_drop": 1.0}``, ``None`` for the config's ``contract`` section, ``False`` for none)
+    is judged on ``evaluate``: a validation DataLoader (or any iterable of batches), scored with
+    ``task`` (a name, a :class:`pwfn.Task`; default the config's ``task``) through ``adapter``, or a
+    callable returning the contract's metric (a number, or a dict holding it) for ``fixer.model`` —
+    called inside ``fixer.evaluating()``. ``top_up``: your training loader, to add training examples
+    from when the validation loader holds fewer than the contract needs (:meth:`top_up_guard`). The
+    float model's value is measured as soon as the evaluation is known (here, before any training).
+    A Fixer with a contract and no evaluation refuses to fix.
+
+    ``steps_per_round``: the optimizer steps your loop takes between two rounds; PWFN's
+    budget-aware regulariser scales ``lam`` by it (``pwfn.sigma_steps_reference``). Without it the
+    Fixer counts your optimizer's steps and uses the last phase's count for the next one.
     """
 
     def __init__(self, model: nn.Module, method: Union[str, type] = "pwfn", config: Any = None, *,
                  device: Optional[Union[str, torch.device]] = None, inplace: bool = False,
                  dataset_size: Optional[int] = None, overrides: Optional[list[str]] = None,
-                 steps_per_round: Optional[int] = None) -> None:
+                 steps_per_round: Optional[int] = None, contract: ContractSpec = None,
+                 evaluate: Optional[Evaluation] = None, task: Optional[Union[str, Task]] = None,
+                 adapter: Optional[BatchAdapter] = None, top_up: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise ModelError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self._closed = True  # until the hooks are in place (close() and __del__ of a refused Fixer do nothing)
@@ -168,6 +201,11 @@ class Fixer:
         #: the method object (:mod:`pwfn.methods`); the Fixer talks to it only through its protocol
         self.method_impl: Method = build_method(method, self.cfg)
         self.method: str = self.method_impl.name
+        #: the task whose metrics judge the rounds (and whose loss a callback trains with)
+        self.task: Task = resolve_task(task if task is not None else self.cfg.task)
+        self.adapter = adapter or BatchAdapter()
+        #: the accuracy contract (None: turned off)
+        self.contract: Optional[AccuracyContract] = resolve_contract(self.task, contract, self.cfg.contract)
         if dataset_size is not None:
             self.method_impl.bind_data(dataset_size)
         check_float_model(model)
@@ -188,28 +226,65 @@ class Fixer:
             if self.view.shards is not None:
                 raise ConfigError("budget mode is not available for a sharded (FSDP2) model yet: its allowed values "
                                   "are chosen from the whole vector; turn budget off")
+        if self.view.shards is not None and self.contract is not None:
+            raise ConfigError("the accuracy contract cannot judge a sharded (FSDP2) model yet (undoing a round would "
+                              "need every rank's snapshot of its shards): pass contract=False, and judge the fixed "
+                              "model yourself; the report then says the contract was not checked")
+        #: the share of the weights fixed after each round; a round the contract splits adds one
         self.fractions: list[float] = list(self.method_impl.fractions)
+        #: for each round, the method's schedule round it belongs to (a split round repeats its index)
+        self.schedule_index: list[int] = list(range(len(self.fractions)))
         self.method_impl.check_trainable(self.model)
         self.round = 0
         self._engine_cache = EngineCache()  # the candidate centres, built once for all rounds
-        #: the accuracy guard's caution level reached so far (0: the method as configured)
+        #: the contract's caution level reached so far (0: the method as configured)
         self.caution = 0
+        #: power-of-two terms added to the codebook by the contract's last resort (0: as configured)
+        self.extra_terms = 0
         self.history: list[dict[str, Any]] = []
         self._extra = None
-        self._guard_warned = False
+        self._closed = False
         self._active: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._saved: dict[int, FixedGuard] = {}  # per optimizer, between its step's pre and post hooks
-        # per optimizer: (weak ref, param-group sizes, _active version, the (tensor, mask) pairs it steps)
-        self._optimizers: dict[int, tuple[weakref.ref, tuple[int, ...], int, list]] = {}
+        # per optimizer: (weak ref, param-group sizes, _active version, the (tensor, mask) pairs it steps,
+        # whether it steps this model at all)
+        self._optimizers: dict[int, tuple[weakref.ref, tuple[int, ...], int, list, bool]] = {}
         self._version = 0
-        self._closed = False
         self._held = [p for p in self.model.parameters()]
         me_ref = weakref.ref(self)
         for p in self._held:
             _HELD[id(p)] = (weakref.ref(p), me_ref)
+        # optimizer steps on this model: counted, so a loop that never says its steps per round is learned
+        self._param_ids = {id(p) for p in self._held}
+        self.steps_taken = 0
+        self._steps_at_round = 0
+        self._steps_given = False
+        self._steps_warned = False
+        self._phase_steps: Optional[int] = None  # what the method was last told (set_training_steps)
+        # the contract's evaluation and the float model's value on it
+        self._evaluate: Optional[Callable[[], Any]] = None
+        self._stepped: weakref.WeakSet = weakref.WeakSet()  # optimizers that stepped the model (a round undone)
+        self._pending: Optional[dict[str, Any]] = None  # the last round, awaiting its verdict after training
+        self._redo: Optional[dict[str, Any]] = None  # the round to redo, and where its tries go on
+        self._settled: Optional[float] = None  # the metric measured by the last settle() that kept a round
+        self._previous: Optional[dict[str, Any]] = None  # the last kept round's snapshot, for one backtrack
+        self._backtracked: set[int] = set()  # planned rounds already redone by a backtrack
+        #: how much of a round's immediate cost the training after it is expected to recover (learned per round)
+        self._recovery = float(self.cfg.contract.recovery_factor)
+        self._guard_batches: Optional[list] = None  # the guard's batches, when evaluate= was a loader
+        self._units: list = []  # those batches cut into the units the drop's spread is estimated over
+        self._reference_units: Optional[list] = None  # the float model's sums on each unit
+        #: the process group the guard's evaluations reduce over (the built-in loop sets it under torchrun)
+        self.dist: Any = None
+        #: the float model's value of the contract's metric on the guard data (None until measured)
+        self.reference: Optional[float] = None
+        #: what the guard data is: examples, where from (the report's ``contract`` section)
+        self.guard_info: dict[str, Any] = {}
         self._install_hooks()
         if steps_per_round is not None:  # PWFN's budget-aware regulariser (pwfn.sigma_steps_reference)
             self.set_training_steps(steps_per_round)
+        if evaluate is not None:
+            self.set_evaluation(evaluate, top_up=top_up)
 
     # -- fixed values stay fixed --------------------------------------------------------------
     def _install_hooks(self) -> None:
@@ -239,22 +314,24 @@ class Fixer:
         self._active = [(p, m) for p, m in self.view.parameters_with_masks() if bool(m.any())]
         self._version += 1
 
-    def _pairs_of(self, optimizer: torch.optim.Optimizer) -> list:
-        """The fixed (tensor, mask) pairs ``optimizer`` steps; worked out once per optimizer (again when its
-        parameter groups or the fixed entries change), so the step hook costs a lookup."""
+    def _pairs_of(self, optimizer: torch.optim.Optimizer) -> tuple[list, bool]:
+        """The fixed (tensor, mask) pairs ``optimizer`` steps, and whether it steps this model at all; worked
+        out once per optimizer (again when its parameter groups or the fixed entries change), so the step hook
+        costs a lookup."""
         key = id(optimizer)
         sizes = tuple(len(group["params"]) for group in optimizer.param_groups)
         entry = self._optimizers.get(key)
         if entry is not None and entry[0]() is optimizer and entry[1] == sizes and entry[2] == self._version:
-            return entry[3]
+            return entry[3], entry[4]
         ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if entry is None or entry[0]() is not optimizer or entry[1] != sizes:  # a new optimizer, or new groups
             self._check_optimizer(optimizer, ids)
         pairs = [(p, m) for p, m in self._active if id(p) in ids]
+        holds = not self._param_ids.isdisjoint(ids)
         if len(self._optimizers) > 64:  # forget optimizers that are gone
             self._optimizers = {k: v for k, v in self._optimizers.items() if v[0]() is not None}
-        self._optimizers[key] = (weakref.ref(optimizer), sizes, self._version, pairs)
-        return pairs
+        self._optimizers[key] = (weakref.ref(optimizer), sizes, self._version, pairs, holds)
+        return pairs, holds
 
     def _check_optimizer(self, optimizer: torch.optim.Optimizer, ids: set[int]) -> None:
         """Refuse an optimizer that steps the model this Fixer copied instead of ``fixer.model``."""
@@ -272,7 +349,12 @@ class Fixer:
 
     @torch.no_grad()
     def _before_step(self, optimizer: torch.optim.Optimizer) -> None:
-        pairs = self._pairs_of(optimizer)
+        pairs, holds = self._pairs_of(optimizer)
+        if holds:
+            self.steps_taken += 1  # the loop's steps per round, learned (set_training_steps)
+            self._stepped.add(optimizer)
+            if self._phase_steps is None and not self._steps_warned and self.method_impl.wants_training_steps():
+                self._warn_unknown_steps()
         if pairs:
             guard = FixedGuard(pairs)
             guard.before_step()
@@ -332,10 +414,24 @@ class Fixer:
         sigma moves as far in a short phase as in a long one; the built-in loop calls this before
         the warm-up and before every round's training. ``None``: unknown (``lam`` as given).
         """
-        if steps is not None and (isinstance(steps, bool) or int(steps) < 1):
-            raise ConfigError(f"training steps must be >= 1 (or None), got {steps!r}")
-        self.method_impl.set_training_steps(None if steps is None else int(steps))
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, float))
+                                  or not math.isfinite(steps) or int(steps) < 1):
+            raise ConfigError(f"training steps must be an integer >= 1 (or None), got {steps!r}")
+        self._phase_steps = None if steps is None else int(steps)
+        self.method_impl.set_training_steps(self._phase_steps)
+        self._steps_given = steps is not None
         self._extra = None
+
+    def optimizer(self, previous: Optional[torch.optim.Optimizer] = None) -> torch.optim.Optimizer:
+        """The optimizer ``pwfn.compress`` trains with between rounds (PWFN: SGD over mu and sigma, kept across
+        rounds, so ``previous`` comes back; WFN: a fresh Adam every round). Any optimizer works (fixed values
+        stay exact); this one gives the same results as ``compress``."""
+        return self.method_impl.optimizer(self.model, self.view, previous)
+
+    @property
+    def grad_clip(self) -> Optional[float]:
+        """The gradient-norm clip ``pwfn.compress`` applies to :meth:`clip_parameters` (None: no clipping)."""
+        return self.method_impl.grad_clip()
 
     def clip_parameters(self) -> Optional[list]:
         """The tensors gradient clipping should see (None: all of the model's); PWFN leaves sigma out
@@ -361,46 +457,82 @@ class Fixer:
         """Training the method wants between two rounds (the built-in loop's budget)."""
         return float(self.method_impl.round_epochs())
 
-    def fix_next(self, broadcast=None, evaluate: Optional[Callable[[], tuple[float, float]]] = None) -> Round:
-        """Fix the next fraction of the weights (one engine round); returns the round's report.
+    def _learn_steps(self) -> int:
+        """The optimizer steps since the last round; tells the method the next phase's steps when the loop
+        never said them (the last training phase's count; the one before round 1 is a warm-up)."""
+        counted = self.steps_taken - self._steps_at_round
+        self._steps_at_round = self.steps_taken
+        if self._steps_given or not self.method_impl.wants_training_steps():
+            return counted
+        if self.round > 0 and counted > 0:
+            self._phase_steps = counted
+            self.method_impl.set_training_steps(counted)
+            self._extra = None
+        return counted
 
-        ``broadcast`` (optional) is applied to each result tensor before it is written (the
-        built-in loop passes DDP's broadcast so every rank writes rank 0's result).
+    def _warn_unknown_steps(self) -> None:
+        """At an optimizer step of a phase whose length the method needs and nobody said (once)."""
+        self._steps_warned = True
+        log.warning("%s: the training between rounds is scaled to its number of optimizer steps "
+                    "(pwfn.sigma_steps_reference), which this Fixer does not know yet: pass "
+                    "Fixer(..., steps_per_round=len(train_loader) * epochs) or call set_training_steps(). Until it "
+                    "has counted one round's steps it uses the regulariser as configured", self.method)
 
-        ``evaluate`` (optional) turns on the method's accuracy guard (PWFN: ``pwfn.guard_drop``): a
-        callable returning ``(score, loss)`` of the model on a few fixed validation batches, in the
-        method's ``evaluating()`` mode: a score where higher is better (e.g. top-1) and the task
-        loss. It is called before the round and after each try; a try that costs more than the guard
-        allows is undone (values, fixed masks and sigma restored) and redone more cautiously (PWFN:
-        k halved, not below ``pwfn.k_min``). The built-in loop (``pwfn.compress``, the CLI) passes one.
+    # -- rounds ---------------------------------------------------------------------------------
+    def fix_next(self, broadcast=None, evaluate: Optional[Evaluation] = None) -> Round:
+        """Fix the next fraction of the weights (one engine round, judged by the contract); returns the round.
+
+        ``broadcast`` (optional) is applied to each result tensor before it is written (the built-in loop
+        passes DDP's broadcast so every rank writes rank 0's result). ``evaluate``: the contract's
+        evaluation, when the Fixer was created without one (see :meth:`set_evaluation`).
+
+        With a contract (docs/algorithm.md, "The accuracy contract"), the training since the last round is
+        judged first (:meth:`settle`): when it did not bring the model back within the contract, that round is
+        undone and redone more cautiously (the returned round has ``retry=True``; train again). A round's
+        fixing is measured right after each try: a round that ends the schedule (or that no training
+        follows) must keep the contract itself; one that training follows may cost up to
+        ``contract.recovery_factor`` times the contract's allowance, and is judged against the contract
+        after that training. A try beyond is undone and redone more cautiously: the method's caution levels
+        (PWFN: k halved down to ``pwfn.k_min``; WFN: delta halved), then fewer new weights (the round's
+        increment halved, up to ``contract.max_splits`` times; the rest follows in an extra round), then a
+        finer codebook (up to ``contract.extra_terms`` more power-of-two terms). When nothing keeps the
+        contract, :class:`~pwfn.errors.ContractError` is raised with the model at its last state within it.
         """
         if self.done:
             raise ConfigError(f"{self.method}: all {len(self.fractions)} rounds are done; call finalize()")
         if self._closed:
             raise ConfigError("this Fixer was finalized or closed")
+        if evaluate is not None and self._evaluate is None:
+            self.set_evaluation(evaluate)
+        if self.contract is not None and self._evaluate is None:
+            raise ConfigError(
+                f"{self.method}: the accuracy contract ({self.contract.text()}) judges every round, and this Fixer "
+                "has no evaluation: pass evaluate= (a validation DataLoader, or a callable returning "
+                f"{self.contract.metric}) when you create the Fixer, so the float model is measured before any "
+                "training; or turn the contract off with contract=False (nothing then checks the accuracy)")
+        before = self._settled
+        if self._pending is not None:
+            self.settle()
+            before = self._settled
+        self._settled = None
         t = self.round
-        frac = self.fractions[t]
-        view = self.view
-        configured = self.method_impl.round_guard()
-        guard = configured if evaluate is not None else None
-        unguarded = evaluate is None and configured is not None
-        if unguarded and not self._guard_warned:
-            self._guard_warned = True
-            log.warning("%s: the accuracy guard is configured but fix_next() got no evaluate=, so every round runs at "
-                        "the guard's most cautious setting (PWFN: k = pwfn.k_min), which keeps accuracy but fixes "
-                        "onto more values. Pass evaluate=lambda: (score, loss) on a few validation batches "
-                        "(fixer.rounds(evaluate=...)), or turn the guard off and choose the tolerance yourself "
-                        "(PWFN: pwfn.guard_drop=null and pwfn.k)", self.method)
+        redo = self._redo
+        self._redo = None
+        steps = self._learn_steps() if redo is None else 0
         record: Optional[dict[str, Any]] = None
-        if guard is None:
-            level = self.caution
-            while unguarded and self.method_impl.set_caution(level + 1):  # no evaluation: the most cautious level
-                level += 1
-            self.caution = level
-            self.method_impl.set_caution(level)
-            summary, _ = self._fix_once(t, frac, broadcast)
+        if self.contract is None:
+            summary, _ = self._fix_once(t, self.fractions[t], broadcast)
         else:
-            summary, record = self._guarded_round(t, frac, broadcast, guard, evaluate)
+            try:
+                summary, record = self._contracted_round(t, broadcast, before, redo)
+            except ContractError:
+                if not self._backtrack({"fraction": self.fractions[t], "exhausted": "before training"}):
+                    raise
+                t, redo = self.round, self._redo  # the round before is redone, more cautiously
+                self._redo = None
+                summary, record = self._contracted_round(t, broadcast, redo["before"], redo)
+        frac = self.fractions[t]  # a split round fixes less than planned
+        view = self.view
         self.round += 1
         self._extra = None  # WFN's attraction centres changed
         self._refresh_active()
@@ -408,54 +540,24 @@ class Fixer:
                                "checksum": tensor_checksum(view.values(), view.fixed())}
         row.update(self._metrics())
         row["engine"] = to_jsonable(summary)
+        row["steps_before"] = steps
         if record is not None:
-            row["guard"] = record
+            row["contract"] = record
         self.history.append(row)
-        return Round(index=t, fraction=frac, trains=frac < 1.0 and not self.done, row=row)
+        return Round(index=t, fraction=frac, trains=frac < 1.0 and not self.done, row=row, retry=redo is not None)
 
-    def _guarded_round(self, t: int, frac: float, broadcast, guard: RoundGuard,
-                       evaluate: Callable[[], tuple[float, float]]) -> tuple[dict, dict[str, Any]]:
-        """Round ``t`` under the method's accuracy guard; returns the engine summary and the guard's record.
 
-        The first try is one caution level below where the last round ended (so one sensitive round
-        does not hold k down for the rest of the run); a try that lowers the score by more than
-        ``guard.max_drop`` or raises the loss by more than ``guard.max_loss_rise`` (both relative to
-        before the round) is undone and the round redone one level higher, until the method refuses
-        a higher level (then the last try is kept).
-        """
-        view = self.view
-        score0, loss0 = (float(x) for x in evaluate())
-        saved = (view.values(), view.fixed(), view.sigmas() if view.has_sigma else None)
-        level = max(self.caution - 1, 0)
-        tries: list[dict[str, Any]] = []
-        while True:
-            self.method_impl.set_caution(level)
-            summary, merged = self._fix_once(t, frac, broadcast)
-            score, loss = (float(x) for x in evaluate())
-            drop = (score0 - score) / max(abs(score0), 1e-12)
-            rise = (loss - loss0) / max(abs(loss0), 1e-12)
-            tries.append({"caution": level, "score": score, "loss": loss, "drop": drop, "loss_rise": rise})
-            kept = drop <= guard.max_drop and rise <= guard.max_loss_rise  # NaN: not kept
-            if kept or not self.method_impl.set_caution(level + 1):
-                break
-            view.write(*saved)  # undo the try: nothing trained since it
-            if self.budget is not None:
-                self.budget.merged_weights -= merged
-                self.budget.merges_per_round.pop()
-            level += 1
-        self.caution = level
-        if not kept:  # never silently: the round costs more than the guard allows even at its most cautious
-            log.warning("%s round %d: the accuracy guard could not keep this round within its limits even at its "
-                        "most cautious setting (score %+.2f %%, loss %+.0f %% against before the round); the round "
-                        "is kept and the run goes on. If the final accuracy falls short, %s", self.method, t + 1,
-                        -100 * drop, 100 * rise, self.method_impl.guard_tip())
-        return summary, {"score_before": score0, "loss_before": loss0, "tries": tries, "caution": level,
-                         "kept_within_limits": bool(kept)}
+
+
+
+
+
 
     def _fix_once(self, t: int, frac: float, broadcast) -> tuple[dict, int]:
         """One try of round ``t``: the method's fixing written into the view (and merged to the budget);
         returns the engine summary and the weights the budget merged."""
-        new_values, new_fixed, new_sigma, summary = self.method_impl.fix(self.view, t, frac, self.engine_config,
+        new_values, new_fixed, new_sigma, summary = self.method_impl.fix(self.view, self.schedule_index[t], frac,
+                                                                      self.engine_config,
                                                                       engine=functools.partial(
                                                                           fix_round, cache=self._engine_cache,
                                                                           shards=self.view.shards))
@@ -466,9 +568,9 @@ class Fixer:
         merged = self.budget.enforce(self.view) if self.budget is not None else 0  # budget mode: merge down
         return summary, merged
 
-    def rounds(self, evaluate: Optional[Callable[[], tuple[float, float]]] = None) -> Iterator[Round]:
+    def rounds(self, evaluate: Optional[Evaluation] = None) -> Iterator[Round]:
         """Yield each remaining round right after fixing it; train between the yields. ``evaluate``: the
-        accuracy guard's ``(score, loss)`` callable, as in :meth:`fix_next`."""
+        contract's evaluation, when the Fixer was created without one."""
         while not self.done:
             yield self.fix_next(evaluate=evaluate)
 
@@ -491,7 +593,8 @@ class Fixer:
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything to resume: model weights (and sigmas), fixed masks, rounds done, history, config.
+        """Everything to resume: model weights (and sigmas), fixed masks, rounds done (and the rounds the
+        contract added), history, config, the contract's float reference and caution.
 
         A sharded (FSDP2) model's state is for ``torch.distributed.checkpoint``: weights and masks are
         DTensors, and the history (which grows with the rounds) is one JSON string, so the state a
@@ -502,16 +605,30 @@ class Fixer:
         return {"format": STATE_FORMAT, "method": self.method, "round": self.round,
                 "model": self.model.state_dict(), "masks": self.view.mask_state(),
                 "history": history, "config": config_to_dict(self.cfg),
-                "fractions": list(self.fractions)}
+                "fractions": list(self.fractions), "schedule_index": list(self.schedule_index),
+                "caution": self.caution, "extra_terms": self.extra_terms, "reference": self.reference,
+                "reference_units": self._reference_units,
+                "contract": None if self.contract is None else self.contract.describe(),
+                "steps": {"taken": self.steps_taken, "at_round": self._steps_at_round, "phase": self._phase_steps,
+                          "given": self._steps_given},
+                # the last kept round's snapshot (a later round may go back to it), without optimizer objects
+                "previous": None if self._previous is None else {
+                    **self._previous, "snapshot": {**self._previous["snapshot"], "optimizers": [
+                        {"optimizer": None, "state": e["state"]} for e in self._previous["snapshot"]["optimizers"]]}},
+                "backtracked": sorted(self._backtracked)}
 
     def load_state_dict(self, state: Mapping[str, Any], where: str = "fixer state") -> None:
-        """Restore :meth:`state_dict`; a state of another method or fixing config is refused."""
+        """Restore :meth:`state_dict`; a state of another method, fixing config or contract is refused."""
         if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{where} is not a pwfn Fixer state (format {STATE_FORMAT})")
+            raise CheckpointError(f"{where} is not a pwfn Fixer state (format {STATE_FORMAT}); a state written by an "
+                                  "older pwfn cannot be resumed: start over")
         if state.get("method") != self.method:
             raise CheckpointError(f"{where} is a {state.get('method')!r} state; this Fixer runs {self.method!r}")
-        sections = (self.method_impl.section_name, "quantise", "budget")
+        sections = (self.method_impl.section_name, "quantise", "budget", "contract")
         diff = config_diff(state.get("config") or {}, config_to_dict(self.cfg), sections)
+        mine = None if self.contract is None else self.contract.describe()
+        if not diff and state.get("contract") != mine:
+            diff = [f"contract: {state.get('contract')} -> {mine}"]
         if diff:
             raise CheckpointError(f"{where} was written under other fixing settings ({'; '.join(diff[:4])}); "
                                   "resume with the same config or start over")
@@ -523,27 +640,62 @@ class Fixer:
         rounds = self._check_state(state, where)  # everything checked before anything is loaded
         load_state_dict_strict(self.model, state["model"], where)
         self.view.load_mask_state(state["masks"], where)
+        self.fractions, self.schedule_index = list(state["fractions"]), list(state["schedule_index"])
         self.round = rounds
         self.history = list(state["history"])
-        self.caution = next((int(row["guard"]["caution"]) for row in reversed(self.history) if "guard" in row), 0)
+        self.caution = int(state.get("caution") or 0)
+        self.method_impl.set_caution(self.caution)
+        extra = int(state.get("extra_terms") or 0)
+        if extra != self.extra_terms:
+            self.engine_config = dataclasses.replace(self.engine_config,
+                                                     max_order=self.engine_config.max_order + extra - self.extra_terms)
+            self.extra_terms = extra
+        if state.get("reference") is not None:
+            self.reference = float(state["reference"])
+        units = state.get("reference_units")
+        if units is not None and (not isinstance(units, (list, tuple)) or not all(
+                isinstance(u, Mapping) and all(isinstance(v, (int, float)) for v in u.values()) for u in units)):
+            raise CheckpointError(f"{where}: the float model's sums on the guard data are damaged")
+        self._reference_units = None if units is None else [dict(u) for u in units]
+        previous = state.get("previous")
+        if previous is not None and not (isinstance(previous, Mapping) and isinstance(previous.get("snapshot"), Mapping)
+                                         and {"ladder", "position", "undone", "before"} <= set(previous)):
+            raise CheckpointError(f"{where}: the snapshot of the last kept round is damaged")
+        self._previous = None if previous is None else dict(previous)
+        self._backtracked = {int(i) for i in state.get("backtracked") or []}
+        steps = state.get("steps") or {}
+        self.steps_taken, self._steps_at_round = int(steps.get("taken") or 0), int(steps.get("at_round") or 0)
+        self._steps_given = bool(steps.get("given"))
+        self._phase_steps = None if steps.get("phase") is None else int(steps["phase"])
+        self.method_impl.set_training_steps(self._phase_steps)
         self._extra = None
         self._refresh_active()
 
     def _check_state(self, state: Mapping[str, Any], where: str) -> int:
         """The rounds done a state says, once its rounds, fractions, history, masks and weights fit this
         Fixer; a state that cannot be resumed (hand-edited, another run's) raises CheckpointError."""
-        n = len(self.fractions)
+        planned = list(self.method_impl.fractions)
+        fractions, index = state.get("fractions"), state.get("schedule_index")
+        if (not isinstance(fractions, (list, tuple)) or not isinstance(index, (list, tuple)) or not fractions
+                or len(fractions) != len(index)
+                or any(isinstance(f, bool) or not isinstance(f, numbers.Real) for f in fractions)
+                or any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in index)):
+            raise CheckpointError(f"{where} holds no schedule (fractions and the planned round of each): it was "
+                                  "written by an older pwfn or edited")
+        if (float(fractions[-1]) != 1.0 or any(b <= a for a, b in zip(fractions, fractions[1:]))
+                or any(b < a for a, b in zip(index, index[1:])) or sorted(set(index)) != list(range(len(planned)))
+                or any(float(fractions[k]) > planned[j] + 1e-9 for k, j in enumerate(index))
+                or any(abs(float(fractions[k]) - planned[j]) > 1e-9 for k, j in enumerate(index)
+                       if k + 1 == len(index) or index[k + 1] != j)):
+            raise CheckpointError(f"{where} was written for the fractions {list(fractions)!r}, which do not fit this "
+                                  f"Fixer's schedule {planned} (split rounds aside): resume with the same fractions "
+                                  "or start over")
+        n = len(fractions)
         rounds = state.get("round")
         if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral) or not 0 <= rounds <= n:
-            raise CheckpointError(f"{where} says {rounds!r} rounds are done, but this Fixer runs {n} rounds "
-                                  f"({self.fractions}): not a state it can resume")
+            raise CheckpointError(f"{where} says {rounds!r} rounds are done, but its schedule has {n} rounds "
+                                  f"({list(fractions)}): not a state it can resume")
         rounds = int(rounds)
-        saved = state.get("fractions")
-        if saved is not None and (not isinstance(saved, (list, tuple)) or len(saved) != n
-                                  or any(isinstance(f, bool) or not isinstance(f, numbers.Real)
-                                         or abs(float(f) - g) > 1e-9 for f, g in zip(saved, self.fractions))):
-            raise CheckpointError(f"{where} was written for the fractions {saved!r}, this Fixer runs {self.fractions}: "
-                                  "resume with the same fractions or start over")
         history = state.get("history") or []
         if not isinstance(history, (list, tuple)) or not all(isinstance(r, Mapping) for r in history) \
                 or len(history) != rounds:
@@ -611,7 +763,8 @@ class Fixer:
         out = {"method": self.method, "fractions": list(self.fractions), "rounds": copy.deepcopy(self.history),
                "final": self._metrics(),
                "quantised_tensors": self.view.names(),
-               "coverage": self.method_impl.coverage_report()}
+               "coverage": self.method_impl.coverage_report(),
+               "contract": self.contract_report()}
         if self.budget is not None:
             out["budget"] = self.budget.report(self.view)
         return out

@@ -25,9 +25,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .checks import check_first_batch, check_float_model, check_materialized
 from .config import RunConfig, config_diff, config_to_dict, dump_config
 from .console import progress_bar
+from .contract import ContractSpec
 from .distributed import DistContext, init_distributed, resolve_device
 from .engine import EngineConfig
-from .errors import CheckpointError, ConfigError, ModelError, PwfnError, TrainingDivergedError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    ContractError,
+    ModelError,
+    PwfnError,
+    TrainingDivergedError,
+)
 from .export import shared_keys
 from .fixer import Fixer, resolve_config
 from .hints import other_run_folder, setting, start_over
@@ -61,7 +69,7 @@ from .plumbing import QuantView
 from .recipes import build_recipe, recipe_of
 from .recipes import describe as describe_recipe
 from .runlog import open_tensorboard, round_line, write_metrics_csv
-from .tasks import BatchAdapter, CustomTask, Task, resolve_task
+from .tasks import BatchAdapter, CustomTask, Task, WithMetrics, resolve_task
 from .train import (
     EpochCounter,
     evaluate,
@@ -187,8 +195,10 @@ class FixingRun:
         inputs: Optional[dict] = None,
         task: Optional[Union[str, Task]] = None,
         adapter: Optional[BatchAdapter] = None,
+        contract: ContractSpec = None,
     ) -> None:
         self.cfg = cfg
+        self.contract_spec = contract
         self.method_impl: Method = build_method(method, cfg)
         self.method: str = self.method_impl.name
         self.float_model = float_model
@@ -218,8 +228,6 @@ class FixingRun:
         self._previous_manifest: Optional[dict] = None
         self.method_impl.bind_data(_dataset_size(train_loader))  # e.g. the ELBO needs the training-set size
         self._rounds_done = 0
-        self._probe_batches: Optional[list] = None  # the accuracy guard's validation batches
-        self._probe_examples: Optional[int] = None  # and how many examples they hold
 
     # -- helpers ----------------------------------------------------------------------------
     def _eval(self, model: nn.Module, loader) -> dict[str, float]:
@@ -253,7 +261,9 @@ class FixingRun:
                 "history": history,
                 "pre_metrics": pre_metrics,
                 "rng": rng_state(),
-                "fractions": self.method_impl.fractions,
+                "fractions": self.fixer.fractions,
+                "fixer": {k: v for k, v in self.fixer.state_dict().items()
+                          if k not in ("model", "masks", "history", "config")},
                 "config": config_to_dict(self.cfg),
                 "inputs": self.inputs,
             },
@@ -271,7 +281,8 @@ class FixingRun:
         path = self._checkpoint_path()
         if path is None or not path.exists():
             return "No checkpoint of this method was written yet."
-        return (f"The last good checkpoint {str(path)!r} ({self._rounds_done} of {len(self.method_impl.fractions)} "
+        rounds = len(self.fixer.fractions) if self.fixer is not None else len(self.method_impl.fractions)
+        return (f"The last good checkpoint {str(path)!r} ({self._rounds_done} of {rounds} "
                 f"rounds done) is kept unchanged; a changed setting starts the method over ({start_over()}, or "
                 f"{other_run_folder()}).")
 
@@ -290,42 +301,6 @@ class FixingRun:
                                 task=self.task, adapter=self.adapter, batchnorm=self.cfg.batchnorm)
         except TrainingDivergedError as exc:
             raise TrainingDivergedError(f"{exc} {self._kept_note()}") from exc
-
-    def _guard_probe(self) -> Optional[Callable[[], tuple[float, float]]]:
-        """The accuracy guard's ``(score, loss)`` on its first validation batches (score: the task's
-        primary metric, signed so that higher is better), or None when the method has no guard."""
-        guard = self.method_impl.round_guard()
-        if guard is None:
-            return None
-        if self._probe_batches is None:  # the same batches every time: a paired comparison
-            state = rng_state()  # a loader's iterator draws a seed: keep the run's RNG (and a resume) unchanged
-            batches, n = [], 0
-            try:
-                for batch in self.val_loader:  # at least guard.batches batches and guard.examples examples
-                    if len(batches) >= guard.batches and n >= guard.examples:
-                        break
-                    batches.append(batch)
-                    n += int(self.adapter.size(self.adapter.split(batch)[1]))
-            finally:
-                set_rng_state(state)
-            self._probe_batches, self._probe_examples = batches, n
-            if 0 < guard.max_drop and n * guard.max_drop < 1:  # one example moves the score by more than the limit
-                count = len(batches)
-                log.warning("%s: the accuracy guard scores only %d validation examples (%d batch%s): one example is "
-                            "%.2g %% of them, more than the %.2g %% a round may cost, so the guard cannot tell small "
-                            "losses from noise and the final accuracy can fall further than it allows. Give it at "
-                            "least %d examples (more validation data, or a higher %s.guard_examples if the "
-                            "validation set has more), or %s", self.method, n, count, "" if count == 1 else "es",
-                            100.0 / max(n, 1), 100.0 * guard.max_drop,
-                            math.ceil(1.0 / guard.max_drop - 1e-9),
-                            self.method_impl.section_name, self.method_impl.guard_tip())
-        sign = 1.0 if self.task.higher_is_better else -1.0
-
-        def probe() -> tuple[float, float]:
-            metrics = self._eval(self.fixer.model, self._probe_batches)
-            return sign * float(metrics.get(self.task.primary, metrics["loss"])), float(metrics["loss"])
-
-        return probe
 
     def _posterior(self) -> Optional[dict]:
         """The method's posterior refresh before a round (PWFN's ``posterior: laplace``; None otherwise)."""
@@ -381,8 +356,10 @@ class FixingRun:
         self._previous_manifest = manifest_or_none(self.run_dir) if self.run_dir is not None else None
         # the Fixer prepares the model (and budget mode's allowed values) and keeps fixed values exact
         fixer = Fixer(self.float_model, type(self.method_impl), self.cfg, device=self.device,
-                      dataset_size=_dataset_size(self.train_loader))
+                      dataset_size=_dataset_size(self.train_loader), contract=self.contract_spec, task=self.task,
+                      adapter=self.adapter)
         self.fixer, self.method_impl = fixer, fixer.method_impl
+        fixer.dist = self.dist  # under torchrun the guard's evaluations reduce over every rank's shard
         s = self.method_impl
         model, view = fixer.model, fixer.view
         self._view = view
@@ -406,9 +383,15 @@ class FixingRun:
             if not isinstance(state.get("masks"), dict):
                 raise CheckpointError(f"{str(ckpt)!r} holds no fixed masks: it was written by an older pwfn; "
                                       f"start this method over with {start_over()}")
-            fixer.load_state_dict({"format": 1, "method": self.method, "round": int(state["next_round"]),
-                                   "model": state["model"], "masks": state["masks"], "history": state["history"],
+            extras = state.get("fixer")
+            if not isinstance(extras, dict):
+                raise CheckpointError(f"{str(ckpt)!r} holds no fixing state of the accuracy contract: it was written by "
+                                      f"an older pwfn; start this method over with {start_over()}")
+            fixer.load_state_dict({**extras, "round": state["next_round"], "model": state["model"],
+                                   "masks": state["masks"], "history": state["history"],
                                    "config": state.get("config") or config_to_dict(self.cfg)}, str(ckpt))
+            if fixer.contract is not None:
+                fixer.set_evaluation(self.val_loader, reference=fixer.reference, top_up=self.train_loader)
             optimizer = s.optimizer(model, view, None)
             if state.get("optimizer") is not None and s.keeps_optimizer:
                 optimizer.load_state_dict(state["optimizer"])
@@ -422,12 +405,16 @@ class FixingRun:
             if self.dist.is_main:  # the round log may lag the checkpoint when a run was killed between the two
                 write_jsonl(ckpt.parent / "metrics.jsonl", history)
                 write_metrics_csv(ckpt.parent / "metrics.csv", history)
-            log.info("%s: resuming at round %d of %d from %s", self.method, start_round, len(s.fractions), ckpt)
+            log.info("%s: resuming at round %d of %d from %s", self.method, start_round, len(fixer.fractions), ckpt)
         else:
+            if fixer.contract is not None:  # the float model on the guard data, before anything is written
+                fixer.set_evaluation(self.val_loader, top_up=self.train_loader)
             self._write_config(view, engine_cfg)
             optimizer = s.optimizer(model, view, None)
             # the float weights' distribution, before anything moves them: the weights picture draws it
             pre_metrics = {"initial": self._eval(model, self.val_loader), "float_weights": weight_histogram(view.values())}
+            if self.test_loader is not self.val_loader:  # the contract's figure on the test split, for the report
+                pre_metrics["initial_test"] = self._eval(model, self.test_loader)
             posterior = self._posterior()
             if posterior is not None:
                 pre_metrics["laplace"] = posterior
@@ -437,17 +424,21 @@ class FixingRun:
             history = fixer.history
             self._save(model, optimizer, counter, history, 0, pre_metrics)
 
-        fractions = s.fractions
         tb = open_tensorboard(self.cfg.tensorboard, self.run_dir, self.dist.is_main)
-        bar = progress_bar(len(fractions), f"{self.method} rounds", enabled=self.cfg.progress and self.dist.is_main,
-                           unit="round", initial=start_round)  # only on a terminal; training bars nest below it
-        for t in range(start_round, len(fractions)):
+        bar = progress_bar(len(fixer.fractions), f"{self.method} rounds",
+                           enabled=self.cfg.progress and self.dist.is_main, unit="round",
+                           initial=start_round)  # only on a terminal; training bars nest below it
+        while not fixer.done:  # the contract may add rounds (a round it splits) and redo rounds
             t0 = time.perf_counter()
-            frac = fractions[t]
+            t = fixer.round
             posterior = self._posterior() if t > 0 or start_round > 0 else None  # round 0: done before warm-up
             # one engine round on every rank; rank 0's result is broadcast so all ranks agree bit for bit
-            row = fixer.fix_next(broadcast=self.dist.broadcast_ if self.dist.enabled else None,
-                                 evaluate=self._guard_probe()).row
+            try:
+                rnd = fixer.fix_next(broadcast=self.dist.broadcast_ if self.dist.enabled else None)
+            except ContractError as exc:
+                raise ContractError(f"{exc}. {self._kept_note()}") from exc
+            row = rnd.row
+            frac, n_rounds = row["fraction"], len(fixer.fractions)
             fix_seconds = time.perf_counter() - t0
             log.debug("%s round %d: values+masks checksum %s (rank %d)", self.method, t + 1, row["checksum"],
                       self.dist.rank)
@@ -457,21 +448,27 @@ class FixingRun:
             if frac < 1.0 and s.round_epochs() > 0:
                 optimizer = s.optimizer(model, view, optimizer)
                 stats = self._train(train_model, model, optimizer, s.round_epochs(), counter,
-                                    f"{self.method} round {t + 1}/{len(fractions)}")
+                                    f"{self.method} round {t + 1}/{n_rounds}" + (" (redone)" if rnd.retry else ""))
                 row["after_train"] = {**self._eval(model, self.val_loader), "train": stats}
+            try:
+                if not fixer.settle():  # the training did not bring the model back within the contract:
+                    continue  # the round was undone (weights, optimizer, RNG); the next pass redoes it
+            except ContractError as exc:
+                raise ContractError(f"{exc}. {self._kept_note()}") from exc
             sig = s.sigma_summary(model)
             if sig is not None:
                 row["sigma"] = sig
             row["fix_seconds"] = fix_seconds
             row["wall_seconds"] = time.perf_counter() - t0
             if self.dist.is_main:
-                log.info("%s", round_line(self.method, row, len(fractions), self.task.primary))
+                log.info("%s", round_line(self.method, row, n_rounds, self.task.primary))
+            bar.total = n_rounds
             bar.set_postfix_str(f"{100 * row['fixed_fraction']:.0f}% fixed, {row.get('unique')} values", refresh=False)
             bar.update(1)
             if tb is not None:
                 tb.log_round(row)
             self._save(model, optimizer, counter, history, t + 1, pre_metrics)
-            state = RoundState(method=self.method, round=t, rounds=len(fractions), fraction=frac, row=row,
+            state = RoundState(method=self.method, round=t, rounds=n_rounds, fraction=frac, row=row,
                                model=model, fixer=fixer, optimizer=optimizer, checkpoint=ckpt)
             for callback in self.callbacks:
                 callback(state)
@@ -480,6 +477,28 @@ class FixingRun:
         if tb is not None:
             tb.close()
         return self._finish(model, view, engine_cfg, history, pre_metrics, time.perf_counter() - started)
+
+    def _contract_report(self, final: dict, pre_metrics: dict) -> dict[str, Any]:
+        """The report's ``contract`` section: the verdict on the guard data, and the same drop on the test split
+        (which the guard never sees; reported, not judged) when the run has one."""
+        fixer = self.fixer
+        assert fixer is not None
+        c = fixer.contract
+        extra: dict[str, Any] = {}
+        ref_test = (pre_metrics.get("initial_test") or {}).get(c.metric) if c is not None else None
+        value_test = final["test"].get(c.metric) if c is not None else None
+        if c is not None and isinstance(ref_test, (int, float)) and isinstance(value_test, (int, float)):
+            extra["test"] = {"reference": ref_test, "value": value_test, "drop": c.drop(ref_test, value_test),
+                             "within": c.holds(ref_test, value_test)}
+        record = fixer.contract_report(**extra)
+        if self.dist.is_main and c is not None:
+            test = extra.get("test")
+            log.info("%s: accuracy contract %s: %s, %s %.6g against the float model's %.6g on the guard data (drop "
+                     "%.4g%s)%s", self.method, "held" if record.get("held") else "NOT held", c.text(), c.metric,
+                     record["value"], record["reference"], record["drop"], "" if c.drop_type == "absolute" else
+                     " relative", "" if test is None else f"; on the test split {test['value']:.6g} against "
+                     f"{test['reference']:.6g} (drop {test['drop']:.4g}, not judged by the guard)")
+        return record
 
     def _write_config(self, view: QuantView, engine_cfg: EngineConfig) -> None:
         """The run folder's lock, config.yaml and manifest, once every check passed (a refused run
@@ -519,21 +538,18 @@ class FixingRun:
         sigma = s.sigma_summary(model)
         if sigma is not None:
             final["sigma"] = sigma
-        over = [r["round"] for r in history if (r.get("guard") or {}).get("kept_within_limits") is False]
-        if over:  # the accuracy guard's limits were exceeded in these rounds (each was logged)
-            final["guard_exceeded_rounds"] = over
-        if self._probe_examples is not None:
-            final["guard_examples"] = self._probe_examples
+        contract = self._contract_report(final, pre_metrics)
         point = self.fixer.finalize()
         point_eval = evaluate(point, self.test_loader, self.device, self.dist, self.task, self.adapter)
         final["point_model_test"] = point_eval
         report = {
             "method": self.method,
-            "fractions": s.fractions,
+            "fractions": self.fixer.fractions,
             "pre": pre_metrics,
             "rounds": history,
             "final": final,
             "task": self.task.describe(),
+            "contract": contract,
             "quantised_tensors": view.names(),
             "coverage": s.coverage_report(),
             "seconds_this_session": seconds,
@@ -704,22 +720,35 @@ def compress(
     metrics: Optional[Callable[[torch.Tensor, Any], dict]] = None,
     adapter: Optional[BatchAdapter] = None,
     callbacks: Sequence[RoundCallback] = (),
+    contract: ContractSpec = None,
 ) -> FixingResult:
-    """Fix every weight of a trained ``model`` onto one power-of-two codebook.
+    """Fix every weight of a trained ``model`` onto one power-of-two codebook, within the accuracy you allow.
 
     ``method`` is a registered method (:mod:`pwfn.methods`): "pwfn" (Bayesian), "wfn" (deterministic),
     "wfn_published", one you registered, or a :class:`~pwfn.methods.base.Method` subclass. ``config`` is a RunConfig, a dict,
-    or a YAML path (defaults otherwise); its ``seed`` and ``threads`` are applied as by the CLI.
+    a YAML path or a shipped config's name (defaults otherwise); its ``seed`` and ``threads`` are applied as by the CLI.
     ``task`` (a name such as ``"regression"``, ``"bce"``, ``"language_model"``, or a
     :class:`pwfn.Task`; default the config's ``task``, i.e. classification) gives the training
     loss and the metrics; or pass your own ``loss(outputs, targets)`` (and optionally
-    ``metrics(outputs, targets) -> dict``). ``adapter`` (:class:`pwfn.BatchAdapter`) reads
-    dict / tuple / nested batches (Hugging Face dicts with ``labels`` work without one). The
-    first batch goes through the model and the loss before anything is written. Returns the
-    fixed model, its plain point-estimate copy and the report. With ``run_dir`` the run is
-    checkpointed after every round and resumable. The rounds run on a :class:`pwfn.Fixer`.
-    ``callbacks``: callables receiving a :class:`RoundState` after every round (its checkpoint
-    written), e.g. to log, change the learning rate or stop.
+    ``metrics(outputs, targets) -> dict``). ``metrics`` also works beside a task: its metrics are
+    reported with the task's own, and the contract may name one of them.
+
+    ``contract``: how far the fixed model may fall behind the float model (:mod:`pwfn.contract`): an
+    :class:`~pwfn.contract.AccuracyContract`, a dict such as ``{"max_drop": 1.0}`` or ``{"metric": "f1",
+    "higher_is_better": True, "max_drop": 0.01, "drop_type": "absolute"}``, ``None`` for the config's
+    ``contract`` section (default: the task's primary metric, 0.5 points of an accuracy, 1-2 % of a loss),
+    ``False`` for none. Every round is judged on the validation data (topped up with training examples
+    when it holds fewer than the contract needs); a round that would break the contract is redone more
+    cautiously, and a run that cannot keep it raises :class:`~pwfn.errors.ContractError`, keeping the last
+    checkpoint within the contract. The report's ``contract`` section says what was promised, the drop on
+    the guard data and on the test split, and whether it held.
+
+    ``adapter`` (:class:`pwfn.BatchAdapter`) reads dict / tuple / nested batches (Hugging Face dicts with
+    ``labels`` work without one). The first batch goes through the model and the loss before anything is
+    written. Returns the fixed model, its plain point-estimate copy and the report. With ``run_dir`` the
+    run is checkpointed after every round and resumable. The rounds run on a :class:`pwfn.Fixer`.
+    ``callbacks``: callables receiving a :class:`RoundState` after every round (its checkpoint written),
+    e.g. to log, change the learning rate or stop.
     """
     cfg = resolve_config(config, overrides)
     if not isinstance(model, nn.Module):
@@ -728,10 +757,11 @@ def compress(
     if loss is not None:
         if task is not None:
             raise ConfigError("pass either task= or loss= (a loss makes a custom task), not both")
-        task = CustomTask(loss, metrics)
-    elif metrics is not None:
-        raise ConfigError("metrics= goes with loss= (your own task); built-in tasks have their own metrics")
-    task_obj = resolve_task(task if task is not None else cfg.task)
+        task_obj: Task = CustomTask(loss, metrics)
+    else:
+        task_obj = resolve_task(task if task is not None else cfg.task)
+        if metrics is not None:
+            task_obj = WithMetrics(task_obj, metrics)
     seed_everything(cfg.seed)  # as the CLI does: the same run from the same seed
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -739,5 +769,5 @@ def compress(
     dev = dist.device
     # the run writes its config.yaml into run_dir itself, once the model and any checkpoint passed their checks
     return FixingRun(method, cfg, model.to(dev), train_loader, val_loader, test_loader, device=dev,
-                     run_dir=run_dir, dist=dist, task=task_obj, adapter=adapter, callbacks=callbacks).run(resume=resume)
-
+                     run_dir=run_dir, dist=dist, task=task_obj, adapter=adapter, callbacks=callbacks,
+                     contract=contract).run(resume=resume)

@@ -27,8 +27,9 @@ def _fmt(v: Any, nd: int = 3) -> str:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """The comparison table of ``pwfn compare`` (float, WFN, PWFN) as Markdown."""
-    cols = ["method", "top1", "top5", "unique", "unique_nonzero", "entropy", "entropy_nonzero", "seconds"]
-    heads = ["method", "test top-1 %", "test top-5 %", "unique", "unique (no 0)", "entropy bits", "entropy (no 0)", "time s"]
+    cols = ["method", "top1", "top5", "unique", "unique_nonzero", "entropy", "entropy_nonzero", "contract", "seconds"]
+    heads = ["method", "test top-1 %", "test top-5 %", "unique", "unique (no 0)", "entropy bits", "entropy (no 0)",
+             "contract", "time s"]
 
     def fmt(v: Any) -> str:
         if v is None:
@@ -41,6 +42,31 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
     return "\n".join(lines)
+
+
+def contract_line(c: Any) -> str:
+    """The report's ``contract`` verdict in one line ("" when the report has none)."""
+    if not isinstance(c, dict):
+        return ""
+    if not c.get("enforced"):
+        return "accuracy contract: off (the result was not checked against the float model)"
+    held = {True: "HELD", False: "NOT HELD", None: "not judged yet"}[c.get("held")]
+    text = (f"accuracy contract: {c.get('text')}: {held}; on the guard data {_fmt(c.get('value'), 4)} against the "
+            f"float model's {_fmt(c.get('reference'), 4)} (drop {_fmt(c.get('drop'), 4)} +- {_fmt(c.get('drop_se'), 2)})")
+    guard = c.get("guard") or {}
+    if guard.get("source"):
+        text += f" on {guard['source']}"
+    test = c.get("test")
+    if isinstance(test, dict):
+        text += (f"; test split {_fmt(test.get('value'), 4)} against {_fmt(test.get('reference'), 4)} (drop "
+                 f"{_fmt(test.get('drop'), 4)}, {'within' if test.get('within') else 'BEYOND'} the tolerance; the guard "
+                 "never sees it)")
+    extra = []
+    if c.get("rounds_added"):
+        extra.append(f"{c['rounds_added']} rounds added")
+    if c.get("extra_terms"):
+        extra.append(f"{c['extra_terms']} more power-of-two terms")
+    return text + (f" ({', '.join(extra)})" if extra else "")
 
 
 def summarise_report(report: dict) -> str:
@@ -71,6 +97,9 @@ def summarise_report(report: dict) -> str:
             + f", unique {f.get('unique')} ({f.get('unique_nonzero')} without 0), entropy {_fmt(f.get('entropy'))} bits "
             f"({_fmt(f.get('entropy_nonzero'))} without 0)"
         )
+        line = contract_line(report.get("contract"))
+        if line:
+            lines.append(line)
         if "order_shares" in f:
             shares = ", ".join(f"order {k}: {100 * v:.1f}%" for k, v in sorted(f["order_shares"].items()))
             lines.append(f"power-of-two terms per weight: {shares}")

@@ -89,6 +89,12 @@ def round_line(method: str, row: Mapping[str, Any], n_rounds: int, metric: str =
     if after_train is not None:
         text += f" (after fix {_num(after_fix, fmt)})"
     text += f", unique {row.get('unique', '-')}, entropy {_num(row.get('entropy'), '.3f')} bits"
+    c = row.get("contract")
+    if isinstance(c, Mapping):  # the accuracy contract's drop on the guard data (after the training when judged then)
+        drop = c.get("drop_after_training", c.get("drop"))
+        text += f", contract drop {_num(drop, '.3g')} ({c.get('setting', '-')})"
+        if c.get("undone_after_training"):
+            text += f", {len(c['undone_after_training'])} tr{'y' if len(c['undone_after_training']) == 1 else 'ies'} undone"
     if row.get("wall_seconds") is not None:
         text += f", {_num(row.get('wall_seconds'), '.1f')} s"
     return text

@@ -148,15 +148,48 @@ class BatchAdapter:
         return int(t.shape[0]) if t is not None and t.dim() else 1
 
 
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What a metric's numbers mean: which way is better and on what scale.
+
+    ``scale`` sets the accuracy contract's default tolerance (:mod:`pwfn.contract`): ``"percent"``
+    (an accuracy in 0-100: a drop in points), ``"squared"`` (a mean squared error: relative, twice the
+    share of an error's), ``"error"`` (a loss, an error, bits: relative) or ``"other"`` (unknown: relative).
+    """
+
+    higher_is_better: bool
+    scale: str = "error"
+
+    def __post_init__(self) -> None:
+        _need(isinstance(self.higher_is_better, bool), "MetricInfo.higher_is_better must be True or False")
+        _need(self.scale in METRIC_SCALES, f"MetricInfo.scale must be one of {METRIC_SCALES}, got {self.scale!r}")
+
+
+METRIC_SCALES = ("percent", "squared", "error", "other")
+_LOWER = MetricInfo(higher_is_better=False, scale="error")
+_PERCENT = MetricInfo(higher_is_better=True, scale="percent")
+
+
 class Task:
     """Base of a task; subclasses set the class attributes and implement the methods."""
 
     name: str = "task"
-    #: the metric tables and round summaries show first
+    #: the metric the accuracy contract judges by default, and tables and round summaries show first
     primary: str = "loss"
     higher_is_better: bool = False
     #: Monte-Carlo calibration (NLL, ECE) applies: class probabilities against integer labels
     calibrated: bool = False
+    #: the metrics :meth:`finish` returns, with their direction and scale
+    metrics: Mapping[str, MetricInfo] = {"loss": _LOWER}
+
+    def metric_info(self, name: str) -> Optional[MetricInfo]:
+        """Direction and scale of the metric ``name`` (None when this task does not know it)."""
+        return self.metrics.get(name)
 
     def loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         """The training loss: a scalar, the mean over the batch."""
@@ -188,11 +221,6 @@ class Task:
         return {"name": self.name, "primary": self.primary, "higher_is_better": self.higher_is_better}
 
 
-def _need(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ConfigError(msg)
-
-
 def _label_range(targets: torch.Tensor, classes: int, where: str, what: str, outputs: str,
                  ignore: Optional[int] = None) -> None:
     """``DataError`` when integer ``targets`` (``ignore`` aside) fall outside ``[0, classes)``."""
@@ -217,6 +245,7 @@ class ClassificationTask(Task):
     primary = "top1"
     higher_is_better = True
     calibrated = True
+    metrics = {"top1": _PERCENT, "top5": _PERCENT, "loss": _LOWER}
 
     def loss(self, outputs, targets):
         return F.cross_entropy(outputs.float(), targets)
@@ -268,6 +297,8 @@ class RegressionTask(Task):
         self.kind = kind
         self.name = "regression" if kind == "mse" else "regression_l1"
         self.primary = "mse" if kind == "mse" else "mae"
+        squared = MetricInfo(higher_is_better=False, scale="squared")
+        self.metrics = {"mse": squared, "mae": _LOWER, "rmse": _LOWER, "loss": squared if kind == "mse" else _LOWER}
 
     def loss(self, outputs, targets):
         o, t = outputs.float(), targets.float()
@@ -293,7 +324,11 @@ class RegressionTask(Task):
 
 
 class BCETask(Task):
-    primary = "loss"
+    #: the share of the targets on the right side of 0.5: what a multi-label or pitch model is judged by
+    #: (the binary cross-entropy also moves with confidence where no decision changes)
+    primary = "accuracy@0.5"
+    higher_is_better = True
+    metrics = {"accuracy@0.5": _PERCENT, "loss": _LOWER, "mae": _LOWER}
 
     def __init__(self, from_logits: bool = True) -> None:
         self.from_logits = from_logits
@@ -347,7 +382,9 @@ class BCETask(Task):
 
 class LanguageModelTask(Task):
     name = "language_model"
-    primary = "perplexity"
+    #: the cross-entropy in bits per token (bits per character for a character-level model)
+    primary = "bits_per_token"
+    metrics = {"bits_per_token": _LOWER, "loss": _LOWER, "perplexity": _LOWER, "token_accuracy": _PERCENT}
 
     def __init__(self, shift: bool = True, ignore_index: int = -100) -> None:
         self.shift = shift
@@ -373,7 +410,8 @@ class LanguageModelTask(Task):
     def finish(self, sums):
         n = max(sums.get("tokens", 0.0), 1.0)
         loss = sums.get("nll", 0.0) / n
-        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "token_accuracy": 100.0 * sums.get("correct", 0.0) / n}
+        return {"loss": loss, "bits_per_token": loss / math.log(2.0), "perplexity": math.exp(min(loss, 700.0)),
+                "token_accuracy": 100.0 * sums.get("correct", 0.0) / n}
 
     def validate(self, outputs, targets, where):
         _need(isinstance(targets, torch.Tensor) and not targets.is_floating_point(),
@@ -394,12 +432,32 @@ class LanguageModelTask(Task):
                          ignore=self.ignore_index)
 
 
+def _user_metric_sums(metrics: Callable[[torch.Tensor, Any], Mapping[str, float]], outputs: torch.Tensor,
+                      targets: Any, n: float) -> dict[str, float]:
+    """Your ``metrics(outputs, targets)`` of one batch as additive sums (``m:name``, weighted by its examples)."""
+    values = metrics(outputs, targets)
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"metrics(outputs, targets) must return a dict of numbers, got {type(values).__name__}")
+    out = {}
+    for k, v in values.items():
+        try:
+            out[f"m:{k}"] = float(v) * n
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"metrics(outputs, targets) returned {k!r} = {v!r}, not a number") from exc
+    return out
+
+
+def _user_metric_finish(sums: Mapping[str, float], count: float) -> dict[str, float]:
+    return {k[2:]: v / count for k, v in sums.items() if k.startswith("m:")}
+
+
 class CustomTask(Task):
     """A task from your own functions.
 
     ``loss(outputs, targets) -> scalar tensor`` trains; ``metrics(outputs, targets) -> {name: value}``
     (optional) is averaged over examples for evaluations (weighted by batch size). ``primary``
-    names the metric tables lead with; ``higher_is_better`` says which way is better.
+    names the metric the accuracy contract judges (and tables lead with): the loss or one of
+    ``metrics``; ``higher_is_better`` says which way it is better.
     """
 
     def __init__(self, loss: Callable[[torch.Tensor, Any], torch.Tensor],
@@ -407,8 +465,18 @@ class CustomTask(Task):
                  name: str = "custom", primary: str = "loss", higher_is_better: bool = False) -> None:
         if not callable(loss):
             raise ConfigError("CustomTask needs a callable loss(outputs, targets)")
+        if metrics is not None and not callable(metrics):
+            raise ConfigError("CustomTask's metrics must be a callable metrics(outputs, targets) -> dict")
+        if not isinstance(primary, str) or not primary:
+            raise ConfigError(f"CustomTask's primary must be a metric name, got {primary!r}")
+        if not isinstance(higher_is_better, bool):
+            raise ConfigError(f"CustomTask's higher_is_better must be True or False, got {higher_is_better!r}")
+        if primary == "loss" and higher_is_better:
+            raise ConfigError("CustomTask: the loss is lower-is-better; higher_is_better=True needs primary= one of "
+                              "your metrics")
         self._loss, self._metrics = loss, metrics
         self.name, self.primary, self.higher_is_better = name, primary, higher_is_better
+        self.metrics = {"loss": _LOWER, primary: MetricInfo(higher_is_better, "error" if primary == "loss" else "other")}
 
     def loss(self, outputs, targets):
         return self._loss(outputs, targets)
@@ -418,15 +486,54 @@ class CustomTask(Task):
         n = float(t.shape[0]) if t is not None and t.dim() else 1.0
         out = {"count": n, "loss": float(self._loss(outputs, targets)) * n}
         if self._metrics is not None:
-            for k, v in dict(self._metrics(outputs, targets)).items():
-                out[f"m:{k}"] = float(v) * n
+            out.update(_user_metric_sums(self._metrics, outputs, targets, n))
         return out
 
     def finish(self, sums):
         count = max(sums.get("count", 0.0), 1.0)
         out = {"loss": sums.get("loss", 0.0) / count}
-        out.update({k[2:]: v / count for k, v in sums.items() if k.startswith("m:")})
+        out.update(_user_metric_finish(sums, count))
         return out
+
+
+class WithMetrics(Task):
+    """A task with your own metrics beside its own: ``compress(task="bce", metrics=pitch_metrics)``.
+
+    ``metrics(outputs, targets) -> {name: value}`` is averaged over examples like the task's own; a name
+    the task already reports is refused at the first evaluation. The accuracy contract can name one of them
+    (``contract={"metric": "pitch_accuracy", "higher_is_better": True, ...}``).
+    """
+
+    def __init__(self, base: Task, metrics: Callable[[torch.Tensor, Any], Mapping[str, float]]) -> None:
+        if not isinstance(base, Task):
+            raise ConfigError(f"WithMetrics needs a pwfn.Task, got {type(base).__name__}")
+        if not callable(metrics):
+            raise ConfigError("metrics must be a callable metrics(outputs, targets) -> dict")
+        self.base, self._metrics = base, metrics
+        self.name, self.primary, self.higher_is_better = base.name, base.primary, base.higher_is_better
+        self.calibrated, self.metrics = base.calibrated, base.metrics
+
+    def loss(self, outputs, targets):
+        return self.base.loss(outputs, targets)
+
+    def sums(self, outputs, targets):
+        out = dict(self.base.sums(outputs, targets))
+        out.update(_user_metric_sums(self._metrics, outputs, targets, float(out.get("count", 1.0))))
+        return out
+
+    def finish(self, sums):
+        own = {k: v for k, v in sums.items() if not k.startswith("m:")}
+        out = self.base.finish(own)
+        extra = _user_metric_finish(sums, max(float(sums.get("count", 0.0)), 1.0))
+        clash = sorted(set(extra) & set(out))
+        if clash:
+            raise ConfigError(f"metrics= returns {clash}, which the {self.name} task reports itself; give your "
+                              "metrics other names")
+        out.update(extra)
+        return out
+
+    def validate(self, outputs, targets, where):
+        self.base.validate(outputs, targets, where)
 
 
 TASKS: dict[str, Callable[[], Task]] = {
@@ -477,6 +584,63 @@ def checked_sums(task: Task, outputs: torch.Tensor, targets: Any, host: Optional
         raise
 
 
+def split_units(batches: Sequence[Batch], adapter: BatchAdapter, units: int = 32) -> list[Batch]:
+    """``batches`` cut along the batch dimension into about ``units`` pieces of equal size (a batch smaller than
+    a piece stays whole; a tensor without the batch's first dimension, e.g. a shared mask, is kept in every
+    piece): the units over which the accuracy contract estimates the spread of a drop."""
+    sizes = [int(adapter.size(adapter.split(b)[1])) for b in batches]
+    total = sum(sizes)
+    if total == 0:
+        return list(batches)
+    piece = max(1, math.ceil(total / units))
+    out: list[Batch] = []
+    for batch, n in zip(batches, sizes):
+        if n <= piece:
+            out.append(batch)
+            continue
+        for start in range(0, n, piece):
+            out.append(map_tensors(batch, lambda t, a=start, m=n: t[a:a + piece] if t.dim() and t.shape[0] == m else t))
+    return out
+
+
+@torch.no_grad()
+def evaluate_units(model: nn.Module, units: Sequence[Batch], device, task: Task,
+                   adapter: Optional[BatchAdapter] = None, dist=None) -> list[dict[str, float]]:
+    """The task's additive sums (:meth:`Task.sums`) of ``model`` on each unit, in eval mode; under DDP unit
+    ``i``'s sums are reduced over every rank's unit ``i`` (a rank with fewer units adds zeros), so all ranks
+    hold the same list."""
+    adapter = adapter or BatchAdapter()
+    was = model.training
+    model.eval()
+    out: list[dict[str, float]] = []
+    try:
+        for i, batch in enumerate(units, 1):
+            host = host_targets(adapter, batch)
+            inputs, targets = adapter.split(to_device(batch, device))
+            out.append(dict(checked_sums(task, adapter.call(model, inputs), targets, host,
+                                         f"the contract's guard data (unit {i})")))
+    finally:
+        model.train(was)
+    if dist is not None and getattr(dist, "enabled", False):
+        mine = torch.tensor(list(",".join(sorted({k for u in out for k in u})).encode()), dtype=torch.uint8)
+        keys = sorted({k for t in dist.all_gather_tensors(mine) for k in bytes(t.tolist()).decode().split(",") if k})
+        count = max(int(t.reshape(-1)[0]) for t in dist.all_gather_tensors(torch.tensor([len(out)])))
+        flat = [u.get(k, 0.0) for u in out + [{}] * (count - len(out)) for k in keys]
+        values = dist.all_reduce_sum(flat)
+        out = [dict(zip(keys, values[j * len(keys):(j + 1) * len(keys)])) for j in range(count)]
+    return out
+
+
+def add_sums(units: Sequence[Mapping[str, float]], skip: Optional[int] = None) -> dict[str, float]:
+    """The sums of every unit (``skip``: all but that one), for :meth:`Task.finish`."""
+    total: dict[str, float] = {}
+    for j, u in enumerate(units):
+        if j != skip:
+            for k, v in u.items():
+                total[k] = total.get(k, 0.0) + v
+    return total
+
+
 @torch.no_grad()
 def evaluate_task(model: nn.Module, loader, device, task: Task, adapter: Optional[BatchAdapter] = None,
                   dist=None) -> dict[str, float]:
@@ -523,6 +687,8 @@ def primary_value(metrics: Mapping[str, Any], task: Task) -> Optional[float]:
 
 
 __all__: Sequence[str] = [
-    "BCETask", "BatchAdapter", "ClassificationTask", "CustomTask", "LanguageModelTask", "RegressionTask", "TASKS",
-    "Task", "checked_sums", "evaluate_task", "host_targets", "map_tensors", "primary_value", "register_task", "resolve_task", "to_device",
+    "BCETask", "BatchAdapter", "ClassificationTask", "CustomTask", "LanguageModelTask", "METRIC_SCALES", "MetricInfo",
+    "RegressionTask", "TASKS", "Task", "WithMetrics", "add_sums", "checked_sums", "evaluate_task", "evaluate_units",
+    "host_targets", "map_tensors", "split_units",
+    "primary_value", "register_task", "resolve_task", "to_device",
 ]

@@ -329,6 +329,55 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
     return evaluate_task(model, loader, device, task or ClassificationTask(), adapter, dist)
 
 
+def take_examples(loader: Iterable, examples: int, adapter: Optional[BatchAdapter] = None) -> tuple[list, int]:
+    """The first batches of ``loader`` holding at least ``examples`` examples (all of them when it holds
+    fewer), and how many they hold. The global RNG is left as it was (iterating a DataLoader draws a seed),
+    so taking them changes nothing else in the run."""
+    adapter = adapter or BatchAdapter()
+    state = rng_state()
+    batches: list = []
+    n = 0
+    try:
+        for batch in loader:
+            if n >= examples:
+                break
+            batches.append(batch)
+            n += int(adapter.size(adapter.split(batch)[1]))
+    finally:
+        set_rng_state(state)
+    return batches, n
+
+
+def draw_examples(loader: Iterable, count: int, seed: int, adapter: Optional[BatchAdapter] = None) -> tuple[list, int]:
+    """``count`` examples of a (training) loader, drawn reproducibly from ``seed`` without touching the run's
+    random state: from the loader's map-style dataset when it has one (indices from a generator of their own,
+    batched with the loader's ``collate_fn``), else the loader's first batches (the global RNG and the loader's
+    own generator restored afterwards). Returns the batches and how many examples they hold."""
+    ds = getattr(loader, "dataset", None)
+    collate = getattr(loader, "collate_fn", None)
+    try:
+        size = len(ds) if ds is not None else 0
+    except TypeError:
+        size = 0
+    state = rng_state()
+    try:
+        if size and collate is not None and not isinstance(ds, torch.utils.data.IterableDataset):
+            g = torch.Generator().manual_seed(int(seed) % 2**63)
+            idx = torch.randperm(size, generator=g)[:min(count, size)].tolist()
+            step = int(getattr(loader, "batch_size", None) or 256)
+            batches = [collate([ds[i] for i in idx[j:j + step]]) for j in range(0, len(idx), step)]
+            return batches, len(idx)
+        gen = getattr(loader, "generator", None)
+        saved = gen.get_state() if isinstance(gen, torch.Generator) else None
+        try:
+            return take_examples(loader, count, adapter)
+        finally:
+            if saved is not None:
+                gen.set_state(saved)
+    finally:
+        set_rng_state(state)
+
+
 @torch.no_grad()
 def predict_mc(model: nn.Module, loader: Iterable, device: torch.device, samples: int, seed: int = 0,
                dist: Optional[DistContext] = None,

@@ -29,7 +29,7 @@ def test_settings_in_each_language():
     assert hints.shipped_config("paper_pwfn") == 'config="paper_pwfn"'
     with hints.command_line():
         assert hints.in_command_line()
-        assert hints.setting("pwfn.guard_drop", None) == "--set pwfn.guard_drop=null"
+        assert hints.setting("contract.metric", None) == "--set contract.metric=null"
         assert hints.setting("pwfn.quantise_norms", True) == "--set pwfn.quantise_norms=true"
         assert hints.settings({"a.b": 1, "c": ...}) == "--set a.b=1 --set c=..."
         assert hints.start_over() == "--fresh" and "--set name=" in hints.other_run_folder()
@@ -39,10 +39,10 @@ def test_settings_in_each_language():
 
 def test_a_python_value_round_trips_through_the_config_as_written():
     """What a hint tells a Python caller to pass is what the config then holds."""
-    hint = hints.settings({"pwfn.k_min": 0.25 / 8, "pwfn.guard_drop": None, "wfn.quantise_norms": False})
+    hint = hints.settings({"pwfn.k_min": 0.25 / 8, "contract.metric": None, "wfn.quantise_norms": False})
     overrides = [s.strip('"') for s in hint[len("overrides=["):-1].split(", ")]
     cfg = load_config(None, overrides)
-    assert cfg.pwfn.k_min == 0.03125 and cfg.pwfn.guard_drop is None and cfg.wfn.quantise_norms is False
+    assert cfg.pwfn.k_min == 0.03125 and cfg.contract.metric is None and cfg.wfn.quantise_norms is False
 
 
 def test_divergence_advice_speaks_the_callers_language():

@@ -188,7 +188,14 @@ def _hf_model() -> dict[str, Any]:
         def __getitem__(self, i):
             return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
-    return {"model": model, "train_set": Dicts()}
+    class Eval(Dicts):
+        def __init__(self) -> None:
+            super().__init__(64)
+            g = torch.Generator().manual_seed(1)
+            self.ids = torch.randint(0, 20, (64, 8), generator=g)
+            self.labels = (self.ids[:, 0] >= 10).long()
+
+    return {"model": model, "train_set": Dicts(), "eval_set": Eval()}
 
 
 def _signals() -> dict[str, Any]:

@@ -13,7 +13,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pwfn.fixer import Fixer
 
-CFG = {"pwfn": {"fractions": [0.5, 0.8, 1.0]}, "wfn": {"fractions": [0.5, 0.8, 1.0]}}
+# the callbacks' mechanics on tiny, barely trained models: a contract wide enough for them (tests/test_paths.py
+# checks the default contract and the same result as compress on a trained model)
+CFG = {"pwfn": {"fractions": [0.5, 0.8, 1.0]}, "wfn": {"fractions": [0.5, 0.8, 1.0]}, "contract": {"max_drop": 40.0}}
 
 
 def _check_fixed_history(fixer, snapshots):
@@ -59,7 +61,7 @@ def test_lightning_callback_runs_every_round(method, tmp_path):
             super().on_train_epoch_start(trainer, pl_module)
             snapshots.append((self.fixer.view.values().clone(), self.fixer.view.fixed().clone()))
 
-    cb = Capture(fixer, epochs_per_round=1)
+    cb = Capture(fixer, epochs_per_round=1, warmup_epochs=0)  # the contract judged on the trainer's validation loader
     assert cb.epochs_needed() == 2
     loader = DataLoader(TensorDataset(x, y), batch_size=32)
     trainer = L.Trainer(max_epochs=5, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -77,6 +79,7 @@ def test_lightning_callback_runs_every_round(method, tmp_path):
     other = Fixer(Module().net, method=method, config=CFG, inplace=True)
     FixingCallback(other).load_state_dict(state)
     assert other.round == 3 and torch.equal(other.view.fixed(), fixer.view.fixed())
+    assert other.reference == fixer.reference and fixer.report()["contract"]["held"]
 
 
 @pytest.mark.parametrize("method", ["pwfn", "wfn"])
@@ -91,7 +94,8 @@ def test_huggingface_trainer_callback_runs_every_round(method, tmp_path):
         vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=16, num_labels=2))
     fixer = Fixer(model, method=method, config=CFG, inplace=True)
-    cb = FixingTrainerCallback(fixer, epochs_per_round=1)
+    cb = FixingTrainerCallback(fixer, epochs_per_round=1, warmup_epochs=0,
+                               evaluate=DataLoader(_Dicts(n=64, vocab=20), batch_size=32))
     args = tr.TrainingArguments(output_dir=str(tmp_path), num_train_epochs=cb.epochs_needed() + 2,
                                 per_device_train_batch_size=16, learning_rate=1e-3, weight_decay=0.1,
                                 report_to=[], save_strategy="no", logging_strategy="epoch", use_cpu=True,
@@ -112,3 +116,19 @@ def test_huggingface_trainer_callback_runs_every_round(method, tmp_path):
     for name in fixer.report()["quantised_tensors"]:
         assert torch.isin(point.get_parameter(name).detach().double(), codebook).all()
     assert fixer.report()["coverage"]["share"] < 1.0 if method == "pwfn" else True  # LayerNorms stay float
+    assert fixer.report()["contract"]["held"]
+
+
+def test_callbacks_need_an_evaluation_and_take_only_epoch_counts(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    from pwfn.errors import ConfigError
+    from pwfn.integrations._schedule import RoundSchedule
+
+    fixer = Fixer(nn.Linear(4, 2), method="pwfn", config=CFG)
+    for bad in ("2", True, -1, float("nan")):
+        with pytest.raises(ConfigError, match="epochs_per_round"):
+            RoundSchedule(fixer, epochs_per_round=bad)
+    schedule = RoundSchedule(fixer)  # the method's own: 0.05 epochs of warm-up, 3 between rounds
+    assert (schedule.warmup_epochs, schedule.epochs_per_round) == (fixer.warmup_epochs, fixer.round_epochs)
+    with pytest.raises(ConfigError, match="has no evaluation"):
+        schedule.begin(10, 0)

@@ -103,8 +103,9 @@ def test_a_method_registered_outside_the_package_runs_through_compress_and_the_f
     for name, t in res.point_model.state_dict().items():
         assert torch.isin(t.reshape(-1), codebook).all(), name
     # the Fixer takes the class itself as well
-    fixer = pwfn.Fixer(model, RoundToNearest, config=cfg)
-    assert fixer.method == "rtn_test" and [r.index for r in fixer.rounds()] == [0, 1]
+    fixer = pwfn.Fixer(model, RoundToNearest, config=cfg, evaluate=loader)
+    assert fixer.method == "rtn_test" and fixer.contract is not None
+    assert [r.index for r in fixer.rounds()][-1] == len(fixer.fractions) - 1 and fixer.report()["contract"]["held"]
     assert "rtn_test" in method_names()
 
 

@@ -12,7 +12,8 @@ from torch import nn
 from pwfn.errors import ConfigError, ModelError
 from pwfn.fixer import Fixer
 
-CFG = {"pwfn": {"fractions": [0.5, 1.0]}, "wfn": {"fractions": [0.5, 1.0]}}
+CFG = {"pwfn": {"fractions": [0.5, 1.0]}, "wfn": {"fractions": [0.5, 1.0]},
+       "contract": {"enforce": False}}  # ownership mechanics; the contract has its own tests
 
 
 def _net(seed: int = 0) -> nn.Module:
@@ -136,12 +137,15 @@ def test_huggingface_callback_refuses_a_fixer_that_is_not_the_trainers_model():
     from pwfn.integrations.huggingface import FixingTrainerCallback
 
     model = _net()
+    import types
+
+    state, batches = types.SimpleNamespace(global_step=0), [None] * 4  # what on_train_begin reads of them
     copying = FixingTrainerCallback(Fixer(model, method="wfn", config=CFG))
     with pytest.raises(ConfigError, match="inplace=True"):
-        copying.on_train_begin(None, None, None, model=model)
+        copying.on_train_begin(None, state, None, model=model, train_dataloader=batches)
     assert copying.fixer.round == 0  # nothing was fixed
     copying.fixer.close()
     fixer = Fixer(model, method="wfn", config=CFG, inplace=True)
-    FixingTrainerCallback(fixer).on_train_begin(None, None, None, model=model)
+    FixingTrainerCallback(fixer).on_train_begin(None, state, None, model=model, train_dataloader=batches)
     assert fixer.round == 1
     fixer.close()

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["progress=false", "threads=1", "baseline.epochs=3", "pwfn.round_epochs=0.5", "pwfn.first_round_epochs=0.2",
         "pwfn.mc_samples=2", "wfn.round_epochs=0.5", "data.batch_size=64", "model.kwargs={hidden: [16]}",
-        "data.train_subset=300"]
+        "data.train_subset=300", "contract.enforce=false"]  # mechanics; the contract has its own tests
 
 
 def _sets(extra=()):
@@ -521,7 +521,7 @@ def loaders():
 
 
 FAST = {"progress": False, "pwfn": {"round_epochs": 0.2, "first_round_epochs": 0.1, "mc_samples": 1},
-        "wfn": {"round_epochs": 0.2}}
+        "wfn": {"round_epochs": 0.2}, "contract": {"enforce": False}}  # mechanics; the contract has its own tests
 
 
 def _all_frozen():
@@ -557,7 +557,8 @@ def test_frozen_parameters_are_quantised_but_never_trained(method, loaders, tmp_
     model[1].weight.requires_grad_(False)
     frozen0, trained0 = model[1].weight.detach().clone(), model[3].weight.detach().clone()
     cfg = load_config(None, ["progress=false", "pwfn.round_epochs=0.5", "pwfn.first_round_epochs=0.5",
-                             "pwfn.mc_samples=1", "wfn.round_epochs=0.5"])
+                             "pwfn.mc_samples=1", "wfn.round_epochs=0.5",
+                             "contract.enforce=false"])  # an untrained model: mechanics, no contract
     snapshots = []
 
     def record(state):  # a round callback, reading the round state
@@ -591,7 +592,8 @@ def test_zero_sized_tensors_are_skipped(method, loaders, tmp_path):
 
 
 def test_all_frozen_model_can_be_fixed_without_retraining(loaders, tmp_path):
-    cfg = {"progress": False, "pwfn": {"round_epochs": 0, "first_round_epochs": 0, "mc_samples": 1}}
+    cfg = {"progress": False, "pwfn": {"round_epochs": 0, "first_round_epochs": 0, "mc_samples": 1},
+           "contract": {"enforce": False}}  # an untrained model: nothing to keep
     result = compress(_all_frozen(), loaders.train, loaders.val, method="pwfn", config=cfg, run_dir=tmp_path / "f")
     assert result.report["final"]["fixed_fraction"] == 1.0
 

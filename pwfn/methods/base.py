@@ -12,10 +12,10 @@ The round loop (:class:`pwfn.Fixer`, :class:`pwfn.pipeline.FixingRun`) asks a me
   ``clip_parameters(model)``, ``extra_loss(view)`` and ``set_training_steps(steps)``;
 * ``refresh_posterior(...)`` before each round (PWFN's post-training posterior), ``eval_context``
   for evaluations, ``sigma_summary`` for reports, and ``point_model(model)`` at the end;
-* ``round_guard()`` and ``set_caution(level)``: the accuracy guard. When a method returns a
-  :class:`RoundGuard` and the loop can evaluate (the built-in loop always can; ``Fixer.fix_next``
-  with ``evaluate=``), a round whose fixing costs more validation score or loss than the guard
-  allows is undone and redone one caution level higher, as long as ``set_caution`` accepts it.
+* ``set_caution(level)``: the accuracy contract's lever. A round whose fixing would break the
+  contract (:mod:`pwfn.contract`, enforced by :class:`pwfn.Fixer`) is undone and redone one caution
+  level higher (PWFN: k halved; WFN: delta halved), as long as ``set_caution`` accepts it; then with
+  fewer new weights, then with a finer codebook; ``contract_tip()`` says what the user can change.
 
 Class attributes describe what the loop must know without asking a name: ``bayesian`` (weights
 carry sigma: MC calibration and sigma summaries apply), ``keeps_optimizer`` (the optimizer state
@@ -27,8 +27,8 @@ signed powers of two, e.g. 7/8 = 1 - 1/8; otherwise of positive ones).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
@@ -49,23 +49,6 @@ log = logging.getLogger(__name__)
 
 #: what a method's round returns: values, fixed mask, sigma (None for a point model) and the engine summary
 FixResult = tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], dict]
-
-
-@dataclass(frozen=True)
-class RoundGuard:
-    """How the round loop checks a round's fixing before keeping it (:meth:`Method.round_guard`).
-
-    A try of a round is kept when, on ``batches`` validation batches (more when these hold fewer
-    than ``examples`` examples; the same ones before and after, so the comparison is paired and
-    cheap), the score (higher is better, e.g. top-1) fell by at most ``max_drop`` and the task loss
-    rose by at most ``max_loss_rise``, both relative to their values before the round. The loss sees what a saturated or coarse score does not (a 100 %
-    top-1 on a small validation set), the score what a flat loss does not (flipped predictions).
-    """
-
-    max_drop: float
-    max_loss_rise: float
-    batches: int
-    examples: int = 0
 
 
 def engine_config_from(settings: Any, *, signed_terms: bool, **extra: Any) -> EngineConfig:
@@ -215,7 +198,7 @@ class Method:
         values, fixed = view.values(), view.fixed()
         sigma = view.sigmas() if view.has_sigma else None
         result = engine(values, self.tolerance(view, round_index), fixed, fraction, sigma=sigma,
-                        config=engine_config)
+                        config=self.cautious_engine(engine_config))
         return result.values, result.fixed, result.sigma if sigma is not None else None, result.summary
 
     def refresh_posterior(self, model: nn.Module, view: QuantView, loader: Any, device: Any, task: Any,
@@ -223,15 +206,24 @@ class Method:
         """Before a round: update the free weights' uncertainty from data (default: nothing, None)."""
         return None
 
-    def round_guard(self) -> Optional[RoundGuard]:
-        """The accuracy guard of this method's rounds (default: None, every round is kept as fixed)."""
-        return None
-
     def set_caution(self, level: int) -> bool:
         """Make :meth:`fix` ``level`` steps more cautious than configured (0: as configured; PWFN halves
-        k per level). Returns False when the method cannot be that cautious (the guard then keeps the
-        last try); the default knows level 0 only."""
+        k per level, WFN delta). Returns False (and changes nothing) when the method cannot be that
+        cautious; the default knows level 0 only."""
         return level == 0
+
+    def caution_text(self) -> str:
+        """The current caution level in the method's own terms (``k = 0.5``), for logs and errors."""
+        return "as configured"
+
+    #: the caution levels' last step turned the engine's zero pass off (see :meth:`cautious_engine`)
+    no_zero_pass: bool = False
+
+    def cautious_engine(self, engine_config: EngineConfig) -> EngineConfig:
+        """The engine settings of the current caution level: as given, or without the zero pass (``zero_fix``:
+        every weight below 2^-b joins zero whatever its tolerance) once the method's own tolerance is as small
+        as it goes; the built-in methods' last caution level."""
+        return dataclasses.replace(engine_config, zero_fix=False) if self.no_zero_pass else engine_config
 
     # -- training between rounds ----------------------------------------------------------------
     def pre_epochs(self) -> float:
@@ -258,12 +250,16 @@ class Method:
     def set_training_steps(self, steps: Optional[int]) -> None:
         """The optimizer steps of the training phase about to start (None: unknown)."""
 
+    def wants_training_steps(self) -> bool:
+        """Whether the method's training depends on knowing each phase's steps (PWFN's budget-aware regulariser)."""
+        return False
+
     def divergence_tips(self) -> list[str]:
         """Settings to turn when this method's training diverges, besides lr and grad_clip."""
         return []
 
-    def guard_tip(self) -> str:
-        """What to change when the accuracy guard cannot keep rounds within its limits."""
+    def contract_tip(self) -> str:
+        """What to change in this method when the accuracy contract cannot be kept."""
         return "fix with smaller tolerances from the start"
 
     # -- evaluation and reports -----------------------------------------------------------------

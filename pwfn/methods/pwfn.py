@@ -26,7 +26,7 @@ from ..plumbing import QuantView
 from ..schedules import Schedule, pwfn_schedule, tolerance_for_round
 from ..tasks import to_device
 from . import register_method
-from .base import FixResult, Method, RoundGuard, engine_config_from
+from .base import FixResult, Method, engine_config_from
 
 
 def effective_steps(steps: float, momentum: float) -> float:
@@ -127,6 +127,7 @@ class PWFNMethod(Method):
         shifts = self.shift_exponents()
         if not shifts:
             return super().fix(view, round_index, fraction, engine_config, engine)
+        engine_config = self.cautious_engine(engine_config)
         dtype, dev = view.slots[0].value.dtype, view.slots[0].value.device
         factor = torch.cat([torch.full((sl.numel,), 2.0 ** -shifts.get(sl.name, 0), dtype=dtype, device=dev)
                             for sl in view.slots])  # exact powers of two: scaling is exact
@@ -147,7 +148,7 @@ class PWFNMethod(Method):
         """The fractions and this round's k (the configured k halved once per caution level)."""
         return pwfn_schedule(self.k_now, self.cfg.pwfn.fractions)
 
-    #: the accuracy guard's caution level (0: the configured k)
+    #: the accuracy contract's caution level (0: the configured k)
     caution: int = 0
 
     @property
@@ -156,18 +157,25 @@ class PWFNMethod(Method):
         p = self.cfg.pwfn
         return p.k if self.caution == 0 else max(p.k / 2.0**self.caution, min(p.k_min, p.k))
 
-    def round_guard(self) -> Optional[RoundGuard]:
-        p = self.cfg.pwfn
-        return None if p.guard_drop is None else RoundGuard(max_drop=p.guard_drop, max_loss_rise=p.guard_loss_rise,
-                                                             batches=p.guard_batches, examples=p.guard_examples)
+    def _k_levels(self) -> int:
+        """The highest caution level that still halves k (k / 2^level reaches k_min there)."""
+        p, level = self.cfg.pwfn, 0
+        while p.k / 2.0**level > min(p.k_min, p.k) and level < 64:
+            level += 1
+        return level
 
     def set_caution(self, level: int) -> bool:
-        """Level ``n`` halves k ``n`` times, down to ``k_min``; a level that cannot lower k further is refused."""
-        p = self.cfg.pwfn
-        if level > 0 and p.k / 2.0 ** (level - 1) <= min(p.k_min, p.k):
+        """Level ``n`` halves k ``n`` times, down to ``k_min``; one level more keeps ``k_min`` and turns the
+        engine's zero pass off (when it is on); a level beyond is refused."""
+        top = self._k_levels() + (1 if self.cfg.pwfn.engine.zero_fix else 0)
+        if not 0 <= level <= top:
             return False
         self.caution = level
+        self.no_zero_pass = level > self._k_levels()
         return True
+
+    def caution_text(self) -> str:
+        return f"k = {self.k_now:g}" + (", no zero pass" if self.no_zero_pass else "")
 
     def pre_epochs(self) -> float:
         return float(self.cfg.pwfn.first_round_epochs)
@@ -175,9 +183,10 @@ class PWFNMethod(Method):
     def no_training_hint(self) -> str:
         return settings({"pwfn.first_round_epochs": 0, "pwfn.round_epochs": 0})
 
-    def guard_tip(self) -> str:
-        return (f"let the guard go further down ({setting('pwfn.k_min', self.cfg.pwfn.k_min / 8)}: more values, "
-                f"better kept accuracy) or fix with the paper's small tolerances ({shipped_config('paper_pwfn')})")
+    def contract_tip(self) -> str:
+        return (f"let k go further down ({setting('pwfn.k_min', self.cfg.pwfn.k_min / 8)}: more values, better kept "
+                f"accuracy), train longer between rounds ({setting('pwfn.round_epochs')}), or fix with the paper's "
+                f"small tolerances ({shipped_config('paper_pwfn')})")
 
     def divergence_tips(self) -> list[str]:
         return [f"raise the sigma floor ({setting('pwfn.sigma_floor')}, now {self.cfg.pwfn.sigma_floor:g})"]
@@ -187,6 +196,10 @@ class PWFNMethod(Method):
 
     def set_training_steps(self, steps: Optional[int]) -> None:
         self.phase_steps = steps
+
+    def wants_training_steps(self) -> bool:
+        p = self.cfg.pwfn
+        return p.sigma_steps_reference is not None and p.posterior == "trained" and p.objective == "regulariser"
 
     def bind_data(self, dataset_size: Optional[int]) -> None:
         if dataset_size is None and self.cfg.pwfn.objective == "elbo":

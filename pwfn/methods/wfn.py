@@ -8,7 +8,6 @@ extra loss (rescaled to ``reg_ratio`` x the task loss every step).
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, Optional
 
 import torch
@@ -39,9 +38,31 @@ class WFNMethod(Method):
     def tolerance(self, view: QuantView, round_index: int) -> torch.Tensor:
         return tolerance_for_round(self.schedule, round_index, values=view.values())
 
-    @functools.cached_property
+    #: the accuracy contract's caution level: delta is halved this many times (at most MAX_CAUTION)
+    caution: int = 0
+    MAX_CAUTION = 3
+
+    def set_caution(self, level: int) -> bool:
+        """Level ``n`` halves delta ``n`` times, at most :attr:`MAX_CAUTION` times; one level more keeps that
+        delta and turns the engine's zero pass off (when it is on)."""
+        top = self.MAX_CAUTION + (1 if self.settings.engine.zero_fix else 0)
+        if not 0 <= level <= top:
+            return False
+        self.caution = level
+        self.no_zero_pass = level > self.MAX_CAUTION
+        return True
+
+    @property
     def schedule(self) -> Schedule:
-        return wfn_schedule(self.settings.delta, self.settings.fractions)
+        return wfn_schedule(self.settings.delta / 2.0 ** min(self.caution, self.MAX_CAUTION), self.settings.fractions)
+
+    def caution_text(self) -> str:
+        text = f"delta = {self.settings.delta / 2.0 ** min(self.caution, self.MAX_CAUTION):g}"
+        return text + (", no zero pass" if self.no_zero_pass else "")
+
+    def contract_tip(self) -> str:
+        return (f"start from a smaller delta ({self.section_name}.delta, now {self.settings.delta:g}) or train longer "
+                f"between rounds ({self.section_name}.round_epochs)")
 
     def optimizer(self, model, view, previous):
         return torch.optim.Adam(model.parameters(), lr=self.settings.lr)
