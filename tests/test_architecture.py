@@ -16,9 +16,9 @@ PACKAGES = ("pwfn", "bayes")
 #: modules that must import without torch (the CLI's start-up and `pwfn report` / `doctor` stay cheap);
 #: they alone may import heavier pwfn modules inside a function
 CHEAP = {
-    "pwfn", "pwfn.__main__", "pwfn.catalog", "pwfn.cli", "pwfn.config", "pwfn.configdoc", "pwfn.doctor",
-    "pwfn.errors", "pwfn.files", "pwfn.inspection", "pwfn.lock", "pwfn.manifest", "pwfn.methods",
-    "pwfn.plot", "pwfn.presets", "pwfn.recipes", "pwfn.report", "pwfn.rundata", "pwfn.runlog", "pwfn.schedules",
+    "pwfn", "pwfn.__main__", "pwfn.common.catalog", "pwfn.cli", "pwfn.model.config", "pwfn.tools.configdoc", "pwfn.tools.doctor",
+    "pwfn.errors", "pwfn.common.files", "pwfn.tools.inspection", "pwfn.run.lock", "pwfn.run.manifest", "pwfn.methods",
+    "pwfn.tools.plot", "pwfn.model.presets", "pwfn.model.recipes", "pwfn.run.report", "pwfn.run.rundata", "pwfn.run.runlog", "pwfn.core.schedules",
 }
 
 

@@ -1,6 +1,6 @@
 """The registered model names with one line each, for ``pwfn models``, without importing torch.
 
-``pwfn.models`` holds the constructors; a test keeps this table and that registry in step.
+``pwfn.model.zoo`` holds the constructors; a test keeps this table and that registry in step.
 """
 
 from __future__ import annotations

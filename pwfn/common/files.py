@@ -12,7 +12,7 @@ import os
 import stat
 from typing import Any, Optional, Union
 
-from .errors import PwfnError, RunFileError
+from ..errors import PwfnError, RunFileError
 
 PathLike = Union[str, "os.PathLike[str]"]
 

@@ -78,7 +78,7 @@ def other_run_folder() -> str:
     """How to keep an existing run folder and write a new one beside it."""
     if in_command_line():
         return f"another name ({setting('name')})"
-    return "another run_dir (or, for pwfn.experiment, another config name)"
+    return "another run_dir (or, for pwfn.run.experiment, another config name)"
 
 
 def shipped_config(name: str) -> str:

@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .errors import CheckpointError, StorageError, storage_error
+from ..errors import CheckpointError, StorageError, storage_error
 from .files import regular_file_problem
 
 CHECKPOINT_FORMAT = 1

@@ -1,8 +1,8 @@
 """The fixing engine's fast machinery (private): grid pairs, run types, a host greedy.
 
-:mod:`pwfn.engine` states the algorithm; this module makes one greedy level cost O(N)
+:mod:`pwfn.core.engine` states the algorithm; this module makes one greedy level cost O(N)
 elementwise work instead of O(#centres x N).  Nothing of size #centres x #weights is ever
-allocated, and results are exactly those of :mod:`pwfn.engine_reference`.
+allocated, and results are exactly those of :mod:`pwfn.core.engine_reference`.
 
 * Runs.  The centres a weight fits form a contiguous run of the sorted candidates (zero_fix
   keeps it contiguous: zero is in the run or next to it).  With ``c = n * 2**-b``,
@@ -45,7 +45,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from pwfn.centres import CentreSet
+from pwfn.core.centres import CentreSet
 from pwfn.errors import ConfigError
 
 __all__ = ["Assignments", "Codebook", "EngineTuning", "FitRuns", "LevelPlan", "Reductions", "chunks",
@@ -80,7 +80,7 @@ class Reductions:
     A round decides from a few global quantities: the number of weights and of fixed ones, the
     value range, per grid-pair counts, the k smallest partial-pick ratios (ties by index), and
     the per-centre sums of the ``std_mu`` sigma update.  When the vectors are one process's
-    shards of a network-wide vector (FSDP), :class:`pwfn.sharding.ShardGroup` combines the
+    shards of a network-wide vector (FSDP), :class:`pwfn.core.sharding.ShardGroup` combines the
     shards' parts instead; every decision is then the single-process one.
     """
 

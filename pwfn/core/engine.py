@@ -5,9 +5,9 @@ of all ``N`` weights are fixed afterwards.  It is a pure tensor function: no mod
 optimizer, no global state (a caller may keep an :class:`EngineCache` between rounds); it
 runs wherever its inputs live (CPU or CUDA).
 
-Semantics (docs/algorithm.md; :mod:`pwfn.engine_reference` is the executable spec):
+Semantics (docs/algorithm.md; :mod:`pwfn.core.engine_reference` is the executable spec):
 
-* Candidate centres: :func:`pwfn.centres.candidate_centres` with ``max_abs`` = max |values|
+* Candidate centres: :func:`pwfn.core.centres.candidate_centres` with ``max_abs`` = max |values|
   over the whole vector (fixed entries included); in budget mode only ``config.allowed``
   and zero.  A round starts at ``order = 1`` and tolerance multiplier ``m = 1``.
 * Weight ``i`` *fits* centre ``c`` iff ``v_i - m*t_i <= c <= v_i + m*t_i``, evaluated in the
@@ -28,7 +28,7 @@ Semantics (docs/algorithm.md; :mod:`pwfn.engine_reference` is the executable spe
 * Sigma: see :class:`EngineConfig`.
 
 How a level costs O(N) instead of O(#centres x N), exactly and deterministically, is
-:mod:`pwfn._engine_fast`'s business; :class:`EngineTuning` only changes how it computes.
+:mod:`pwfn.core._engine_fast`'s business; :class:`EngineTuning` only changes how it computes.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ from typing import Any, Callable
 
 import torch
 
-from pwfn import _engine_fast as fast
-from pwfn._engine_fast import EngineTuning
-from pwfn.centres import CentreSet, candidate_centres, grid_limit, lookup_centres
+from pwfn.core import _engine_fast as fast
+from pwfn.core._engine_fast import EngineTuning
+from pwfn.core.centres import CentreSet, candidate_centres, grid_limit, lookup_centres
 from pwfn.errors import ConfigError, EngineInputError
 
 __all__ = ["EngineCache", "EngineConfig", "EngineTuning", "RoundResult", "fix_round",
@@ -68,7 +68,7 @@ class EngineConfig:
     (``sigma / sigma_divisor``); both changing rules are floored at ``sigma_floor``.
     ``max_escalations`` caps escalation steps per round before the nearest-centre fallback
     (``inc**max_escalations`` must stay <= 2**100 so multiplied tolerances stay finite).
-    ``allowed`` (budget mode, ``pwfn.budget``): when given, only these candidate values (and
+    ``allowed`` (budget mode, ``pwfn.training.budget``): when given, only these candidate values (and
     zero) can be chosen, in every level and in the fallback.
     """
 
@@ -333,7 +333,7 @@ def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor
     config.  Inputs are not modified; already-fixed entries are returned bit-identical.
     ``tuning`` changes how the fast path computes, never the result; ``cache`` (owned by
     the caller, e.g. one per run) saves rebuilding the candidate set every round.
-    ``shards`` (:class:`pwfn.sharding.ShardGroup`): the vectors are this process's shards of
+    ``shards`` (:class:`pwfn.core.sharding.ShardGroup`): the vectors are this process's shards of
     one network-wide vector (FSDP); every process calls this together, each gets its shards of
     the single-process result (``std_mu`` sigmas up to float rounding: per-process sums added in
     rank order) and the single-process summary.
@@ -346,7 +346,7 @@ def fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor
     if not isinstance(tuning, EngineTuning) or not isinstance(cache, (EngineCache, type(None))):
         raise ConfigError("tuning must be an EngineTuning and cache an EngineCache (or None)")
     if not isinstance(shards, (fast.Reductions, type(None))):
-        raise ConfigError(f"shards must be a pwfn.sharding.ShardGroup (or None), got {type(shards).__name__}")
+        raise ConfigError(f"shards must be a pwfn.core.sharding.ShardGroup (or None), got {type(shards).__name__}")
     red = shards or fast.Reductions()
     index_of = getattr(red, "global_index", None) or (lambda local: local)
     t_start = time.perf_counter()

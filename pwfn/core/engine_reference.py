@@ -1,6 +1,6 @@
 """The fixing engine's executable spec: a dense, obviously correct round (tiny inputs only).
 
-:func:`reference_fix_round` does what the :mod:`pwfn.engine` docstring states, in the most
+:func:`reference_fix_round` does what the :mod:`pwfn.core.engine` docstring states, in the most
 direct way: a dense (weights x centres) fit matrix per pick, Python loops, ``sorted`` with
 the documented tie-breaks.  It costs O(#picks x N x #centres) time and O(N x #centres)
 memory, so it is for tests and for reading, never for training.  The fast engine must
@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from pwfn.centres import CentreSet, candidate_centres, grid_limit
-from pwfn.engine import EngineConfig, RoundResult, _validate, target_count
+from pwfn.core.centres import CentreSet, candidate_centres, grid_limit
+from pwfn.core.engine import EngineConfig, RoundResult, _validate, target_count
 from pwfn.errors import EngineInputError
 
 __all__ = ["reference_fix_round"]
@@ -40,7 +40,7 @@ def _candidates(max_abs: float, cfg: EngineConfig, dtype: torch.dtype) -> Centre
 def reference_fix_round(values: torch.Tensor, tolerance: torch.Tensor, fixed: torch.Tensor,
                         target_fraction: float, *, sigma: torch.Tensor | None = None,
                         config: EngineConfig | None = None) -> RoundResult:
-    """One round exactly as specified (see :func:`pwfn.engine.fix_round`); CPU, small N."""
+    """One round exactly as specified (see :func:`pwfn.core.engine.fix_round`); CPU, small N."""
     cfg = EngineConfig() if config is None else config
     t_start = time.perf_counter()
     max_abs, n_fixed0 = _validate(values, tolerance, fixed, target_fraction, sigma)

@@ -161,7 +161,7 @@ def term_counts(
     (or NaN/inf, or too large for exact float64 arithmetic) raise ``ValueError`` when
     ``strict`` and are reported as -1 otherwise.
 
-    The digit arithmetic is ``pwfn.centres.term_counts`` (the one the engine's centres use);
+    The digit arithmetic is ``pwfn.core.centres.term_counts`` (the one the engine's centres use);
     this wrapper adds the float -> integer check and the strict/lenient reporting.
     """
     if b < 0:

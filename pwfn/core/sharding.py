@@ -3,7 +3,7 @@
 A model wrapped with FSDP2's ``fully_shard`` holds each parameter as a DTensor: every process keeps
 a contiguous block of rows. :class:`ShardGroup` describes where this process's blocks sit in the
 network-wide flat vector of the quantised tensors and combines, across the group, what the fixing
-engine needs to decide a round (:func:`pwfn.engine.fix_round` with ``shards=``), so every process
+engine needs to decide a round (:func:`pwfn.core.engine.fix_round` with ``shards=``), so every process
 fixes its own shards onto one network-wide codebook, exactly as one process holding the whole
 vector would, without any process gathering the weights.
 """
@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import ModelError
 from ._engine_fast import Reductions as _Reductions
 from ._engine_fast import chunks as _chunks
-from .errors import ModelError
 
 __all__ = ["ShardGroup", "is_sharded", "local_part"]
 
@@ -40,7 +40,7 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
 class ShardGroup(_Reductions):
     """This process's pieces of one network-wide flat vector, and the process group holding the rest.
 
-    The fixing engine (:func:`pwfn.engine.fix_round` with ``shards=``) runs on every process of the
+    The fixing engine (:func:`pwfn.core.engine.fix_round` with ``shards=``) runs on every process of the
     group on its own pieces, concatenated in the vector's order; it takes every decision from
     reductions across the group: integer sums (exact, so the same on every process whatever the
     order), the value range, and for a partial pick the k smallest ratios, found by a radix

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pwfn.engine import target_count
+from pwfn.core.engine import target_count
 from pwfn.errors import EngineInputError
 
 __all__ = ["published_candidates", "published_wfn_round"]

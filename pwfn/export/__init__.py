@@ -18,9 +18,9 @@ One module per idea:
 - :mod:`~pwfn.export.hub`      ``from_pretrained`` and the model card; :mod:`~pwfn.export.share`
   ``save_pretrained``.
 
-How a model is rebuilt from a file is :mod:`pwfn.recipes`.
+How a model is rebuilt from a file is :mod:`pwfn.model.recipes`.
 
-The text that ``pwfn export`` prints is formatted by :mod:`pwfn.report`. A run must be 100 %
+The text that ``pwfn export`` prints is formatted by :mod:`pwfn.run.report`. A run must be 100 %
 fixed; with ``allow_unfixed`` the remaining values are kept as raw floats and the artefact says
 so. Loading needs only torch, safetensors, numpy and constriction (``export_model`` and
 ``export_run``, which need ``bayes``, load on first use); the optional toolchains are imported

@@ -42,7 +42,7 @@ Unquantised tensors are their raw little-endian bytes (``mode: "raw"``), any dty
 
 Signed zero: codebook matching is by exact float32 bits, so values round-trip bit for bit.
 A derived codebook holds one zero, +0.0 (values are unique by value, as in
-``pwfn.metrics``). When a tensor holds the other zero than the codebook, that bit pattern
+``pwfn.core.metrics``). When a tensor holds the other zero than the codebook, that bit pattern
 is appended to the coding alphabet as an "extra symbol" (manifest ``extra_symbols_hex``);
 the codebook returned by ``unpack`` stays exactly the one that was packed.
 
@@ -69,8 +69,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pwfn.common.io import atomic_write_bytes  # the one place every pwfn file is written
 from pwfn.errors import ArtefactError, PackError
-from pwfn.io import atomic_write_bytes  # the one place every pwfn file is written
 
 from .packcheck import check_codebook, check_declared_sizes, read_artefact_bytes
 
@@ -334,7 +334,7 @@ def _check_terms(terms: Any, cb_bits: np.ndarray) -> list[list[list[int]]] | Non
     if terms is None:
         return None
     if hasattr(terms, "signs") and hasattr(terms, "exponents"):
-        # A padded (signs, exponents) decomposition such as pwfn.centres.decompose returns:
+        # A padded (signs, exponents) decomposition such as pwfn.core.centres.decompose returns:
         # sign 0 marks padding.
         terms = [
             [(s, e) for s, e in zip(srow, erow) if s != 0]
@@ -440,7 +440,7 @@ def pack(
     quantised value must be in it (by exact bits, see the module note on signed zero).
     ``terms`` gives each codebook value's power-of-two terms as ``[sign, exponent]`` pairs
     (value = sum of sign * 2**exponent), checked exactly; an object with padded ``signs`` and
-    ``exponents`` tensors (``pwfn.centres.Decomposition``) is accepted too. ``metadata`` must be
+    ``exponents`` tensors (``pwfn.core.centres.Decomposition``) is accepted too. ``metadata`` must be
     JSON-serialisable. With ``verify`` the result is unpacked and compared bit for bit
     before it is returned, so a coder bug can never yield a silently wrong file.
     Raises ``PackError`` (a ``ValueError``) on unusable input.

@@ -19,9 +19,9 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from . import schedules
-from .errors import ConfigError
-from .files import MAX_CONFIG_BYTES, count_values, read_limited
+from ..common.files import MAX_CONFIG_BYTES, count_values, read_limited
+from ..core import schedules
+from ..errors import ConfigError
 
 # the papers' schedules, as lists (config values are plain YAML data)
 PWFN_FRACTIONS = list(schedules.PWFN_FRACTIONS)

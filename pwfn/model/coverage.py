@@ -36,8 +36,8 @@ from torch import nn
 
 import bayes
 
-from .errors import ModelError
-from .hints import setting
+from ..common.hints import setting
+from ..errors import ModelError
 
 log = logging.getLogger(__name__)
 

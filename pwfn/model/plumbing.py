@@ -1,7 +1,7 @@
 """Model plumbing: the quantised tensors of a model as one flat vector, and back.
 
 The engine works on one flat vector for the whole network (one codebook for everything).
-``QuantView`` takes the qualified parameter names chosen by :mod:`pwfn.coverage` (point-model
+``QuantView`` takes the qualified parameter names chosen by :mod:`pwfn.model.coverage` (point-model
 names, one per shared tensor), fixes a stable layout in that order, gathers values (mu for a
 Gaussian tensor) and sigmas into it and scatters results back. The fixed mask of each tensor is
 held here, keyed by the same names, never in the user's model: nothing is added to or removed
@@ -10,7 +10,7 @@ from the model's own buffers. ``mask_state``/``load_mask_state`` save and restor
 
 A model wrapped with FSDP2 (``fully_shard``) holds its parameters as DTensor shards: the view then
 works on this process's shards (the flat vector is their concatenation, masks have their shapes),
-``shards`` tells the engine where they sit in the network-wide vector (:mod:`pwfn.sharding`), and
+``shards`` tells the engine where they sit in the network-wide vector (:mod:`pwfn.core.sharding`), and
 ``mask_state`` gives the masks as DTensors sharded like their parameters (what
 ``torch.distributed.checkpoint`` saves and reshards).
 """
@@ -28,8 +28,8 @@ from torch import nn
 
 import bayes
 
-from .errors import ModelError
-from .sharding import ShardGroup, is_sharded, local_part
+from ..core.sharding import ShardGroup, is_sharded, local_part
+from ..errors import ModelError
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import difflib
 from pathlib import Path
 from typing import Optional
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = Path(__file__).resolve().parent.parent  # pwfn/ (this module is pwfn/model/presets.py)
 
 
 def _candidates() -> list[Path]:

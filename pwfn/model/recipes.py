@@ -3,7 +3,7 @@
 A recipe is JSON, recorded with a run (``manifest.json``, ``point_model.json``) and with every
 export (``model.json``, the packed ``model.pwfn``):
 
-- ``{"name": "resnet20", "kwargs": {...}}`` a model registered with :func:`pwfn.models.register_model`
+- ``{"name": "resnet20", "kwargs": {...}}`` a model registered with :func:`pwfn.model.zoo.register_model`
   (pwfn's zoo; ``"module": "mypkg.models"`` names the module that registers a model of your own);
 - ``{"factory": "mypkg.models:Net", "kwargs": {...}}`` an importable ``torch.nn.Module``
   subclass, or a function that returns the model.
@@ -41,7 +41,7 @@ import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
-from .errors import ConfigError, ModelError, PwfnError
+from ..errors import ConfigError, ModelError, PwfnError
 
 if TYPE_CHECKING:  # torch loads when a model is built or checked, not with the manifest reader
     from torch import Tensor, nn
@@ -192,7 +192,7 @@ def resolve_factory(spec: str, where: str = "model", *, functions: bool = True) 
 
 
 def _callable_of(recipe: Recipe, where: str, functions: bool) -> Callable[..., nn.Module]:
-    from .models import create_model, model_factory
+    from .zoo import create_model, model_factory
 
     if "factory" in recipe:
         return resolve_factory(recipe["factory"], where, functions=functions)
@@ -441,7 +441,7 @@ def set_recipe(model: nn.Module, factory: Union[str, Callable[..., nn.Module]], 
     then records it and its exports load anywhere. Returns the recipe."""
     from torch import nn
 
-    from .models import model_factory
+    from .zoo import model_factory
 
     if not isinstance(model, nn.Module):
         raise ModelError(f"set_recipe needs a torch.nn.Module, got {type(model).__name__}")

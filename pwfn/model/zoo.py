@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, ModelError, PwfnError
-from .hints import install_hint
+from ..common.hints import install_hint
+from ..errors import ConfigError, ModelError, PwfnError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 

@@ -1,9 +1,9 @@
 """The config-driven commands: ``pwfn run`` and ``pwfn compare``.
 
-From a :class:`~pwfn.config.RunConfig` alone: build the data and the model, get the float
+From a :class:`~pwfn.model.config.RunConfig` alone: build the data and the model, get the float
 baseline (from ``model.checkpoint``, the run folder, or by training), then run one method or
 compare WFN and PWFN from the same baseline, each in its own folder under ``out_dir/name``
-through :class:`pwfn.pipeline.FixingRun`. Every check that can refuse a run happens before the
+through :class:`pwfn.run.pipeline.FixingRun`. Every check that can refuse a run happens before the
 run folder is touched; a comparison writes ``compare.json`` and ``compare.md``.
 """
 
@@ -22,14 +22,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .checks import check_first_batch
-from .config import RunConfig, config_to_dict, dump_config
-from .data import STREAM_SHUFFLE, make_loaders, torch_generator
-from .distributed import ContiguousShard, DistContext, GlobalBatchShard, init_distributed
-from .errors import CheckpointError, ConfigError, ContractError, PwfnError
-from .files import parse_json, regular_file_problem
-from .hints import start_over
-from .io import (
+from ..common.files import parse_json, regular_file_problem
+from ..common.hints import start_over
+from ..common.io import (
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
@@ -37,6 +32,23 @@ from .io import (
     remove_stale_temp_files,
     save_checkpoint,
     to_jsonable,
+)
+from ..data import STREAM_SHUFFLE, make_loaders, torch_generator
+from ..errors import CheckpointError, ConfigError, ContractError, PwfnError
+from ..methods import get_method
+from ..model.config import RunConfig, config_to_dict, dump_config
+from ..model.zoo import build_from_recipe, model_factory
+from ..training.checks import check_first_batch
+from ..training.distributed import ContiguousShard, DistContext, GlobalBatchShard, init_distributed
+from ..training.train import (
+    EpochCounter,
+    evaluate,
+    first_nonfinite_weight,
+    make_optimizer,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    train_epochs,
 )
 from .lock import RunLock, acquire, check_free
 from .manifest import (
@@ -46,8 +58,6 @@ from .manifest import (
     refuse_changed_inputs,
     splits_fingerprint,
 )
-from .methods import get_method
-from .models import build_from_recipe, model_factory
 from .ownership import RUN, claim, clear_run_folder, mark
 from .pipeline import (
     BASELINE_SECTIONS,
@@ -63,16 +73,6 @@ from .pipeline import (
     wrap_ddp,
 )
 from .report import format_table
-from .train import (
-    EpochCounter,
-    evaluate,
-    first_nonfinite_weight,
-    make_optimizer,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    train_epochs,
-)
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import PwfnError, RunFileError
-from .hints import other_run_folder
-from .methods import method_names
+from ..common.hints import other_run_folder
+from ..errors import PwfnError, RunFileError
+from ..methods import method_names
 
 LOCK_FILE = ".pwfn.lock"
 

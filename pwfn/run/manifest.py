@@ -35,14 +35,15 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from . import __version__, recipes
-from .errors import ConfigError, ModelError, PwfnError, RunFileError
-from .files import (
+from .. import __version__
+from ..common.files import (
     parse_json,
     read_limited,
 )
-from .hints import other_run_folder, start_over
-from .methods import method_names
+from ..common.hints import other_run_folder, start_over
+from ..errors import ConfigError, ModelError, PwfnError, RunFileError
+from ..methods import method_names
+from ..model import recipes
 
 PathLike = Union[str, os.PathLike]
 
@@ -243,7 +244,7 @@ def read_compare(path: PathLike) -> dict:
 
 
 def validate_recipe(recipe: Any, where: str) -> Optional[dict]:
-    """A model recipe (:mod:`pwfn.recipes`): null, ``{"name": str, "kwargs": {...}}`` or
+    """A model recipe (:mod:`pwfn.model.recipes`): null, ``{"name": str, "kwargs": {...}}`` or
     ``{"factory": "module:qualname", "kwargs": {...}}``; malformed raises ``RunFileError``."""
     try:
         return recipes.validate_recipe(recipe, where)
@@ -341,7 +342,7 @@ def _dataset_content(ds: Any) -> Optional[dict]:
     """A content fingerprint of a dataset we can read cheaply and deterministically, else None."""
     import torch
 
-    from .data import ImageFolderDataset, TensorImageDataset
+    from ..data import ImageFolderDataset, TensorImageDataset
 
     if isinstance(ds, TensorImageDataset):
         h = hashlib.sha256()
@@ -512,7 +513,7 @@ def quantised_tensors(view: Any, coverage: Any = None) -> list[dict]:
 
     ``shared`` lists the other qualified names under which the same tensor is reachable in the
     model (tied weights, a module used twice); the tensor is fixed and stored once, under
-    ``name``. ``coverage`` (a ``pwfn.coverage.Coverage``) supplies the owner types. This is the
+    ``name``. ``coverage`` (a ``pwfn.model.coverage.Coverage``) supplies the owner types. This is the
     one place that turns the pipeline's view into the manifest's list.
     """
     owners = {t.name: t.owner_type for t in coverage.tensors} if coverage is not None else {}
@@ -600,7 +601,7 @@ def load_manifest(folder: PathLike) -> Optional[dict]:
 
 
 def write_manifest(folder: PathLike, manifest: Mapping) -> None:
-    from .io import atomic_write_json, to_jsonable
+    from ..common.io import atomic_write_json, to_jsonable
 
     atomic_write_json(manifest_path(folder), to_jsonable(dict(manifest)))
 
@@ -626,7 +627,7 @@ def describe_point_model(data: bytes, tensors: list[str], recipe: Optional[Mappi
 
 def write_point_model(folder: PathLike, state: Mapping[str, Any], recipe: Optional[Mapping], **extra: Any) -> dict:
     """Write ``point_model.safetensors`` and its checksummed description; return the manifest's record."""
-    from .io import atomic_write_bytes, atomic_write_json, to_jsonable
+    from ..common.io import atomic_write_bytes, atomic_write_json, to_jsonable
 
     folder = Path(folder)
     data = point_model_bytes(state)

@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from .errors import ConfigError, PwfnError
-from .files import parse_json
-from .io import TEMP_RE, atomic_write_json, checkpoint_kind
+from ..common.files import parse_json
+from ..common.io import TEMP_RE, atomic_write_json, checkpoint_kind
+from ..errors import ConfigError, PwfnError
+from ..methods import method_names
 from .lock import LOCK_FILE
 from .manifest import MANIFEST_FILE, POINT_MODEL_FILE, POINT_MODEL_JSON, load_manifest
-from .methods import method_names
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ lives in the method objects of :mod:`pwfn.methods`) through warm-up, rounds and 
 between, evaluates, and writes into its folder: ``config.yaml``, ``manifest.json``,
 ``metrics.jsonl`` (one row per round), ``report.json``, ``checkpoint.pt`` (after every completed
 round, for resume) and the point-estimate model. Round callbacks receive a :class:`RoundState`.
-The config-driven commands (``pwfn run`` / ``pwfn compare``) are in :mod:`pwfn.experiment`.
+The config-driven commands (``pwfn run`` / ``pwfn compare``) are in :mod:`pwfn.run.experiment`.
 """
 
 from __future__ import annotations
@@ -22,24 +22,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checks import check_first_batch, check_float_model, check_materialized
-from .config import RunConfig, config_diff, config_to_dict, dump_config
-from .console import progress_bar
-from .contract import ContractSpec
-from .distributed import DistContext, init_distributed, resolve_device
-from .engine import EngineConfig
-from .errors import (
-    CheckpointError,
-    ConfigError,
-    ContractError,
-    ModelError,
-    PwfnError,
-    TrainingDivergedError,
-)
-from .export import shared_keys
-from .fixer import Fixer, resolve_config
-from .hints import other_run_folder, setting, start_over
-from .io import (
+from ..common.console import progress_bar
+from ..common.hints import other_run_folder, setting, start_over
+from ..common.io import (
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
@@ -47,6 +32,38 @@ from .io import (
     save_checkpoint,
     to_jsonable,
     write_jsonl,
+)
+from ..core.engine import EngineConfig
+from ..core.metrics import expected_calibration_error, fixing_metrics, nll, weight_histogram
+from ..errors import (
+    CheckpointError,
+    ConfigError,
+    ContractError,
+    ModelError,
+    PwfnError,
+    TrainingDivergedError,
+)
+from ..export import shared_keys
+from ..methods import get_method
+from ..methods.base import Method, build_method
+from ..model.config import RunConfig, config_diff, config_to_dict, dump_config
+from ..model.plumbing import QuantView
+from ..model.recipes import build_recipe, recipe_of
+from ..model.recipes import describe as describe_recipe
+from ..training.checks import check_first_batch, check_float_model, check_materialized
+from ..training.contract import ContractSpec
+from ..training.distributed import DistContext, init_distributed, resolve_device
+from ..training.fixer import Fixer, resolve_config
+from ..training.tasks import BatchAdapter, CustomTask, Task, WithMetrics, resolve_task
+from ..training.train import (
+    EpochCounter,
+    evaluate,
+    first_nonfinite_weight,
+    predict_mc,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    train_epochs,
 )
 from .lock import RunLock, acquire, check_free
 from .manifest import (
@@ -61,25 +78,8 @@ from .manifest import (
     write_manifest,
     write_point_model,
 )
-from .methods import get_method
-from .methods.base import Method, build_method
-from .metrics import expected_calibration_error, fixing_metrics, nll, weight_histogram
 from .ownership import METHOD, claim, mark
-from .plumbing import QuantView
-from .recipes import build_recipe, recipe_of
-from .recipes import describe as describe_recipe
 from .runlog import open_tensorboard, round_line, write_metrics_csv
-from .tasks import BatchAdapter, CustomTask, Task, WithMetrics, resolve_task
-from .train import (
-    EpochCounter,
-    evaluate,
-    first_nonfinite_weight,
-    predict_mc,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    train_epochs,
-)
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class FixingRun:
         self.recipe = recipe
         self.callbacks = list(callbacks)
         if not all(callable(f) for f in self.callbacks):
-            raise ConfigError("callbacks must be callables taking a pwfn.pipeline.RoundState")
+            raise ConfigError("callbacks must be callables taking a pwfn.run.pipeline.RoundState")
         self.task = resolve_task(task if task is not None else cfg.task)
         self.adapter = adapter or BatchAdapter()
         self.fixer: Optional[Fixer] = None
@@ -689,7 +689,7 @@ def load_point_model(folder: Union[str, Path]) -> nn.Module:
 
 
 def recorded_recipe(model: nn.Module) -> tuple[Optional[dict], Optional[str]]:
-    """The recipe a run of ``model`` records (:func:`pwfn.recipes.recipe_of`), saying in the log where
+    """The recipe a run of ``model`` records (:func:`pwfn.model.recipes.recipe_of`), saying in the log where
     it came from; or None and why there is none and what would work (exports then need ``model=``)."""
     recipe, source = recipe_of(model)
     if recipe is not None:
@@ -733,8 +733,8 @@ def compress(
     ``metrics(outputs, targets) -> dict``). ``metrics`` also works beside a task: its metrics are
     reported with the task's own, and the contract may name one of them.
 
-    ``contract``: how far the fixed model may fall behind the float model (:mod:`pwfn.contract`): an
-    :class:`~pwfn.contract.AccuracyContract`, a dict such as ``{"max_drop": 1.0}`` or ``{"metric": "f1",
+    ``contract``: how far the fixed model may fall behind the float model (:mod:`pwfn.training.contract`): an
+    :class:`~pwfn.training.contract.AccuracyContract`, a dict such as ``{"max_drop": 1.0}`` or ``{"metric": "f1",
     "higher_is_better": True, "max_drop": 0.01, "drop_type": "absolute"}``, ``None`` for the config's
     ``contract`` section (default: the task's primary metric, 0.5 points of an accuracy, 1-2 % of a loss),
     ``False`` for none. Every round is judged on the validation data (topped up with training examples

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import PwfnError
+from ..errors import PwfnError
 from .manifest import read_metrics
 from .rundata import layer_table, read_json, read_method, size_summary
 

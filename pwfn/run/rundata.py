@@ -16,14 +16,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import PwfnError
+from ..errors import PwfnError
 from .manifest import load_json, read_metrics, validate_compare, validate_report
 
 PathLike = Union[str, Path]
 
 
 def read_json(path: Path) -> Any:
-    """A run-folder JSON file, read within size and depth limits (``pwfn.manifest.load_json``);
+    """A run-folder JSON file, read within size and depth limits (``pwfn.run.manifest.load_json``);
     report.json and compare.json are schema-checked too. Problems raise a PwfnError naming the file."""
     data = load_json(path, "run file")
     if path.name == "report.json":
@@ -34,7 +34,7 @@ def read_json(path: Path) -> Any:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of ``metrics.jsonl``, each checked (``pwfn.manifest.read_metrics``): a garbage line is a
+    """Rows of ``metrics.jsonl``, each checked (``pwfn.run.manifest.read_metrics``): a garbage line is a
     PwfnError naming its line (every write is atomic, so a torn line means the file was edited)."""
     return read_metrics(path)
 
@@ -239,7 +239,7 @@ def float_histogram(method: Mapping[str, Any]) -> Optional[dict[str, list]]:
     if not base.exists():
         return None
     try:
-        from .io import load_checkpoint
+        from ..common.io import load_checkpoint
 
         state = load_checkpoint(base, kind="baseline", map_location="cpu")
     except Exception:  # an unreadable baseline only loses the float distribution, never the picture
@@ -251,7 +251,7 @@ def float_histogram(method: Mapping[str, Any]) -> Optional[dict[str, list]]:
         return None
     import torch
 
-    from .metrics import weight_histogram
+    from ..core.metrics import weight_histogram
 
     return weight_histogram(torch.cat(parts))
 

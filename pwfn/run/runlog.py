@@ -21,8 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import ConfigError
-from .hints import install_hint
+from ..common.hints import install_hint
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def metrics_csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def write_metrics_csv(path: Union[str, Path], rows: Sequence[Mapping[str, Any]]) -> None:
     """Rewrite ``path`` (``metrics.csv``) in full, atomically, from the round rows."""
-    from .io import atomic_write_text
+    from ..common.io import atomic_write_text
 
     atomic_write_text(Path(path), metrics_csv_text(rows))
 

@@ -1,4 +1,4 @@
-"""The config reference, generated from the config definitions themselves (``pwfn/config.py``).
+"""The config reference, generated from the config definitions themselves (``pwfn/model/config.py``).
 
 Each field of the config dataclasses carries its documentation as an attribute docstring (the
 string literal right below the field). :func:`field_docs` reads them from the source with
@@ -16,7 +16,7 @@ import textwrap
 import typing
 from typing import Any
 
-from . import config as C
+from ..model import config as C
 
 
 def sections(cls: type = C.RunConfig, prefix: str = "") -> list[tuple[str, type]]:

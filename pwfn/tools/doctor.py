@@ -28,11 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .config import config_diff, config_to_dict, load_config
-from .errors import PwfnError
-from .hints import install_hint, setting
-from .lock import describe_holder, is_locked, lock_target
-from .manifest import (
+from ..common.hints import install_hint, setting
+from ..errors import PwfnError
+from ..methods import method_names
+from ..model.config import config_diff, config_to_dict, load_config
+from ..run.lock import describe_holder, is_locked, lock_target
+from ..run.manifest import (
     MANIFEST_FILE,
     DamagedPointModelError,
     load_json,
@@ -43,7 +44,6 @@ from .manifest import (
     read_report,
     validate_description,
 )
-from .methods import method_names
 
 LEVELS = ("ok", "info", "warning", "problem")
 
@@ -223,7 +223,7 @@ def _is_compare_dir(folder: Path) -> bool:
 
 
 def _temp_files(folder: Path, topic: str) -> list[Finding]:
-    from .io import stale_temp_files
+    from ..common.io import stale_temp_files
 
     temps = stale_temp_files(folder)
     if not temps:
@@ -244,8 +244,8 @@ def _load_yaml_config(path: Path, topic: str) -> tuple[Optional[Any], list[Findi
 
 
 def _check_baseline(folder: Path, cfg: Any) -> list[Finding]:
-    from .io import load_checkpoint
-    from .pipeline import BASELINE_SECTIONS
+    from ..common.io import load_checkpoint
+    from ..run.pipeline import BASELINE_SECTIONS
 
     path = folder / "baseline.pt"
     topic = "baseline"
@@ -293,9 +293,9 @@ def _same_tensors(a: dict, b: dict) -> bool:
 def _check_export(folder: Path) -> list[Finding]:
     from safetensors.torch import load as st_load
 
-    from . import export as E
-    from .export import packing
-    from .export.packcheck import read_artefact_bytes
+    from .. import export as E
+    from ..export import packing
+    from ..export.packcheck import read_artefact_bytes
 
     exp = folder / E.EXPORT_DIR
     topic = f"{folder.name} export"
@@ -363,7 +363,7 @@ def _resume_command(folder: Path, method: Optional[str]) -> str:
 
 
 def check_method_dir(folder: Path) -> list[Finding]:
-    from .pipeline import load_run_checkpoint, run_sections
+    from ..run.pipeline import load_run_checkpoint, run_sections
 
     method = folder.name if folder.name in method_names() else None
     topic = f"{folder.name}"

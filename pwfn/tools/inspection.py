@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Union
 
-from .report import format_terms, power_of_two_terms
+from ..run.report import format_terms, power_of_two_terms
 
 
 def _entropy(counts: list[int]) -> float:
@@ -34,8 +34,8 @@ def inspect_file(path: Union[str, Path]) -> dict[str, Any]:
     # numpy and torch load when a file is inspected, not with the CLI
     import numpy as np
 
-    from .export import packing
-    from .export.packcheck import read_artefact_bytes
+    from ..export import packing
+    from ..export.packcheck import read_artefact_bytes
 
     path = Path(path)
     data = read_artefact_bytes(path, "file")  # a regular file of bounded size: never a FIFO or a device

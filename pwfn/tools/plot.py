@@ -29,9 +29,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .errors import PwfnError
-from .hints import install_hint
-from .rundata import (
+from ..common.hints import install_hint
+from ..errors import PwfnError
+from ..run.rundata import (
     float_histogram,
     folder_kind,
     layer_table,

@@ -38,8 +38,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import metrics as M
-from .engine import EngineConfig, fix_round
+from ..core import metrics as M
+from ..core.engine import EngineConfig, fix_round
 
 __all__ = ["BudgetPlan", "choose_allowed", "merge_to_budget", "plan_budget"]
 

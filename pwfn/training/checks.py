@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from .errors import ConfigError, ModelError, PwfnError
+from ..errors import ConfigError, ModelError, PwfnError
 from .tasks import BatchAdapter, ClassificationTask, Task, map_tensors, to_device
 from .train import first_nonfinite_weight, rng_state, set_rng_state
 

@@ -7,7 +7,7 @@ better, and the largest drop allowed against the **float model** (not per round)
 * ``drop_type="relative"``: as a share of the float model's value, e.g. 0.01 = 1 % more bits per
   character, 0.02 = 2 % more mean squared error.
 
-Defaults by the metric's scale (:class:`pwfn.tasks.MetricInfo`): accuracies in percent may fall by
+Defaults by the metric's scale (:class:`pwfn.training.tasks.MetricInfo`): accuracies in percent may fall by
 0.5 points; a mean squared error may rise by 2 % (its square root, the RMSE, by 1 %); any other loss,
 error or bits by 1 %; a metric of unknown scale by 1 % of its value. The numbers are chosen so that
 each is about one percent of the error's natural scale (half a point of top-1 is 10 % of a 5 % error
@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .tasks import METRIC_SCALES, MetricInfo, Task, add_sums
 
 DROP_TYPES = ("absolute", "relative")
@@ -57,7 +57,7 @@ class AccuracyContract:
     max_drop: float
     drop_type: str
     higher_is_better: bool
-    #: the metric's scale (:data:`pwfn.tasks.METRIC_SCALES`): how many examples resolve the tolerance
+    #: the metric's scale (:data:`pwfn.training.tasks.METRIC_SCALES`): how many examples resolve the tolerance
     scale: str = "other"
 
     def __post_init__(self) -> None:
@@ -121,7 +121,7 @@ _SPEC_KEYS = ("metric", "max_drop", "drop_type", "higher_is_better", "enforce")
 def resolve_contract(task: Task, spec: ContractSpec = None, section: Any = None) -> Optional[AccuracyContract]:
     """The contract for ``task``: from ``spec`` (an :class:`AccuracyContract`, a dict of its fields, ``False``
     for none, ``None``/``True`` for the config section's) over the config's ``contract`` ``section``
-    (:class:`pwfn.config.ContractConfig`), with the metric's defaults for what neither sets.
+    (:class:`pwfn.model.config.ContractConfig`), with the metric's defaults for what neither sets.
 
     Returns None when the contract is turned off (``enforce: false`` or ``spec=False``). Raises
     ``ConfigError`` for a tolerance that is negative, NaN or meaningless for the metric, a metric the task

@@ -17,11 +17,11 @@ from typing import Any, Optional
 
 import torch
 
-from .errors import ContractError
-from .hints import setting
+from ..common.hints import setting
+from ..errors import ContractError
 from .train import rng_state, set_rng_state
 
-log = logging.getLogger("pwfn.fixer")
+log = logging.getLogger("pwfn.training.fixer")
 
 
 def _within(bound: float, allowed: float) -> bool:

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ point-estimate model at the end::
             my_train(fixer.model, extra_loss=fixer.loss_term)
     point = fixer.finalize()                        # plain module, every weight on the codebook
 
-Every round is judged by the accuracy contract (:mod:`pwfn.contract`) against the float model on
+Every round is judged by the accuracy contract (:mod:`pwfn.training.contract`) against the float model on
 the evaluation you give (``evaluate=``: a validation loader or a callable): a round that would
 break it is undone and redone more cautiously, and when nothing keeps it a
 :class:`~pwfn.errors.ContractError` is raised with the model left at its last state within it.
@@ -49,9 +49,13 @@ from torch.optim.optimizer import (
 
 import bayes
 
-from .budget import plan_budget
-from .checks import check_float_model, check_materialized
-from .config import (
+from ..common.io import load_state_dict_strict, to_jsonable
+from ..core.engine import EngineCache, fix_round
+from ..core.metrics import fixing_metrics, fixing_metrics_from_codebook
+from ..core.sharding import is_sharded
+from ..errors import CheckpointError, ConfigError, ContractError, ModelError
+from ..methods.base import Method, build_method
+from ..model.config import (
     RunConfig,
     apply_overrides,
     config_diff,
@@ -59,6 +63,10 @@ from .config import (
     config_to_dict,
     load_config,
 )
+from ..model.plumbing import FixedGuard, QuantSlot
+from ..model.presets import resolve_config as resolve_shipped
+from .budget import plan_budget
+from .checks import check_float_model, check_materialized
 from .contract import (
     AccuracyContract,
     ContractSpec,
@@ -66,15 +74,7 @@ from .contract import (
 )
 from .contract_rounds import ContractRounds
 from .distributed import tensor_checksum
-from .engine import EngineCache, fix_round
-from .errors import CheckpointError, ConfigError, ContractError, ModelError
 from .guard import ContractGuard, Evaluation
-from .io import load_state_dict_strict, to_jsonable
-from .methods.base import Method, build_method
-from .metrics import fixing_metrics, fixing_metrics_from_codebook
-from .plumbing import FixedGuard, QuantSlot
-from .presets import resolve_config as resolve_shipped
-from .sharding import is_sharded
 from .tasks import BatchAdapter, Task, resolve_task
 from .train import apply_batchnorm_policy
 
@@ -169,7 +169,7 @@ class Fixer(ContractGuard, ContractRounds):
     the method's section, ``quantise``, ``batchnorm``, ``budget``, ``task`` and ``contract`` matter
     here. ``dataset_size``: the training-set size (needed by ``pwfn.objective=elbo``).
 
-    The accuracy contract: ``contract`` (an :class:`~pwfn.contract.AccuracyContract`, a dict such
+    The accuracy contract: ``contract`` (an :class:`~pwfn.training.contract.AccuracyContract`, a dict such
     as ``{"max_drop": 1.0}``, ``None`` for the config's ``contract`` section, ``False`` for none)
     is judged on ``evaluate``: a validation DataLoader (or any iterable of batches), scored with
     ``task`` (a name, a :class:`pwfn.Task`; default the config's ``task``) through ``adapter``, or a

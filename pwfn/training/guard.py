@@ -1,9 +1,9 @@
 """The accuracy contract's side of the :class:`pwfn.Fixer`: its evaluation and the float model's value.
 
-The contract (:mod:`pwfn.contract`) is judged on guard data: a validation loader (topped up with training
+The contract (:mod:`pwfn.training.contract`) is judged on guard data: a validation loader (topped up with training
 examples when it is small) cut into units, so that a drop comes with its standard error, or a callable of
 yours that returns the metric. This mixin holds that evaluation and measures the model against the float
-model; :mod:`pwfn.contract_rounds` decides what a round does with the measurements. It works on the
+model; :mod:`pwfn.training.contract_rounds` decides what a round does with the measurements. It works on the
 Fixer's attributes (``model``, ``task``, ``adapter``, ``contract``, ``cfg``, ``round``, ``steps_taken``).
 """
 
@@ -15,12 +15,12 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from ..errors import CheckpointError, ConfigError, ContractError
 from .contract import ContractSpec, metric_value, paired_drop, resolve_contract, verdict
-from .errors import CheckpointError, ConfigError, ContractError
 from .tasks import add_sums, evaluate_units, split_units
 from .train import draw_examples, take_examples
 
-log = logging.getLogger("pwfn.fixer")
+log = logging.getLogger("pwfn.training.fixer")
 
 #: what ``evaluate=`` may be: a callable returning the contract's metric (or a dict holding it), or an
 #: iterable of validation batches (a DataLoader) that the Fixer scores with its task

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 Batch = Any
 
@@ -157,7 +157,7 @@ def _need(cond: bool, msg: str) -> None:
 class MetricInfo:
     """What a metric's numbers mean: which way is better and on what scale.
 
-    ``scale`` sets the accuracy contract's default tolerance (:mod:`pwfn.contract`): ``"percent"``
+    ``scale`` sets the accuracy contract's default tolerance (:mod:`pwfn.training.contract`): ``"percent"``
     (an accuracy in 0-100: a drop in points), ``"squared"`` (a mean squared error: relative, twice the
     share of an error's), ``"error"`` (a loss, an error, bits: relative) or ``"other"`` (unknown: relative).
     """

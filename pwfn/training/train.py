@@ -1,7 +1,7 @@
 """Training and evaluation loops shared by the float baseline, PWFN and WFN.
 
 The loops know nothing about fixing beyond an extra loss term: fixed entries stay bit-exact
-through the hooks a :class:`~pwfn.fixer.Fixer` installs on the tensors and the optimizers.
+through the hooks a :class:`~pwfn.training.fixer.Fixer` installs on the tensors and the optimizers.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from torch.nn.parameter import is_lazy
 
 import bayes
 
-from .console import progress_bar
+from ..common.console import progress_bar
+from ..errors import ConfigError, DataError, TrainingDivergedError
 from .distributed import DistContext
-from .errors import ConfigError, DataError, TrainingDivergedError
 from .tasks import BatchAdapter, ClassificationTask, Task, evaluate_task, host_targets, to_device
 
 log = logging.getLogger(__name__)
