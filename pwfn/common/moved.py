@@ -49,13 +49,23 @@ def old_name(module: str) -> str:
     return _OLD_BY_NEW.get(module, module)
 
 
+def _warn(message: str) -> None:
+    """A DeprecationWarning blamed on the line that imports (or unpickles), past the import machinery."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and ("importlib" in frame.f_code.co_filename
+                                        or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    warnings.warn_explicit(message, DeprecationWarning, frame.f_code.co_filename, frame.f_lineno,
+                           module=frame.f_globals.get("__name__"),
+                           registry=frame.f_globals.setdefault("__warningregistry__", {}))
+
+
 class _Alias(importlib.abc.Loader):
     def __init__(self, new: str) -> None:
         self.new = new
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        warnings.warn(f"{spec.name} moved to {self.new}; import it from there ({spec.name} goes away in the "
-                      "next release)", DeprecationWarning, stacklevel=2)
+        _warn(f"{spec.name} moved to {self.new}; import it from there ({spec.name} goes away in the next release)")
         module = importlib.import_module(self.new)
         self._spec = module.__spec__
         return module

@@ -41,6 +41,7 @@ from ..common.files import (
     read_limited,
 )
 from ..common.hints import other_run_folder, start_over
+from ..common.moved import old_name
 from ..errors import ConfigError, ModelError, PwfnError, RunFileError
 from ..methods import method_names
 from ..model import recipes
@@ -324,10 +325,13 @@ def _hash_nested(h: Any, name: str, obj: Any) -> None:
 
 def model_fingerprint(model: Any) -> dict:
     """Hashes of a model's architecture (module tree types, parameter and buffer names, shapes,
-    dtypes) and of its weights (every parameter and buffer's bytes, in name order)."""
+    dtypes) and of its weights (every parameter and buffer's bytes, in name order). A class of pwfn's
+    is named by its module path before the layer folders (:func:`pwfn.common.moved.old_name`), so
+    run folders made before the move still resume."""
     arch = hashlib.sha256()
     for name, module in model.named_modules():
-        arch.update(f"M|{name}|{type(module).__module__}.{type(module).__qualname__}\n".encode())
+        owner = old_name(type(module).__module__)
+        arch.update(f"M|{name}|{owner}.{type(module).__qualname__}\n".encode())
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update({f"{k}": v for k, v in model.named_buffers(remove_duplicate=False)})
     weights = hashlib.sha256()
