@@ -21,9 +21,14 @@ from pwfn.common.moved import MOVED, new_name, old_name
 from pwfn.export import export_model, export_run, load_exported_model
 from pwfn.model.config import RunConfig
 from pwfn.model.zoo import LeNet5
-from pwfn.run.manifest import model_fingerprint
+from pwfn.run.fingerprints import model_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
+#: modules that did not exist in 0.1 (the alias table, and the parts split off from long modules)
+NEW_IN_0_2 = {"pwfn.common.moved", "pwfn.run.fingerprints"}
+#: (module, the module a part of it went to, public names of that part)
+SPLIT = [("pwfn.run.manifest", "pwfn.run.fingerprints", ["InputsChangedError", "changed_inputs", "data_fingerprint",
+          "file_fingerprint", "loader_fingerprint", "model_fingerprint", "refuse_changed_inputs", "splits_fingerprint"])]
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
@@ -64,7 +69,7 @@ def test_the_table_names_every_moved_module_and_no_file_shadows_an_old_path():
     folders = ("common", "core", "model", "training", "run", "tools")
     files = {f"pwfn.{p.parent.name}.{p.stem}" for f in folders for p in (ROOT / "pwfn" / f).glob("*.py")
              if p.stem != "__init__"}
-    assert files - set(MOVED.values()) == {"pwfn.common.moved"}
+    assert files - set(MOVED.values()) == NEW_IN_0_2
 
 
 def test_old_imports_warn_once_per_process_and_name_the_same_objects():
@@ -166,3 +171,13 @@ def test_a_model_fingerprint_names_pwfn_classes_by_their_0_1_paths():
         t = tensors[name]
         arch.update(f"T|{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
     assert model_fingerprint(model)["architecture"] == arch.hexdigest()
+
+
+def test_names_split_off_a_module_are_still_found_at_its_old_path():
+    from pwfn.run import fingerprints
+
+    for old, new, names in SPLIT:
+        module = importlib.import_module(old)
+        for name in names:
+            assert getattr(module, name) is getattr(importlib.import_module(new), name), (old, name)
+    assert fingerprints.model_fingerprint is importlib.import_module("pwfn.run.manifest").model_fingerprint

@@ -33,11 +33,11 @@ from pwfn.common.files import count_values
 from pwfn.errors import StorageError, os_error_message
 from pwfn.model.config import ConfigError, load_config
 from pwfn.model.zoo import create_model
+from pwfn.run.fingerprints import InputsChangedError
 from pwfn.run.lock import LOCK_FILE, RunFolderBusyError, acquire, is_locked
 from pwfn.run.manifest import (
     MANIFEST_FILE,
     DamagedPointModelError,
-    InputsChangedError,
     RunFileError,
     load_manifest,
     read_metrics,
@@ -657,7 +657,7 @@ def test_damaged_point_model_error_type():
 def test_image_folder_fingerprint_sees_replaced_files_and_samples_large_folders(tmp_path, monkeypatch):
     from PIL import Image
 
-    import pwfn.run.manifest as man
+    import pwfn.run.fingerprints as man
     from pwfn.data import ImageFolderDataset
 
     for cls in ("a", "b"):
@@ -677,7 +677,7 @@ def test_image_folder_fingerprint_sees_replaced_files_and_samples_large_folders(
 
 
 def test_model_fingerprint_separates_architecture_and_weights():
-    from pwfn.run.manifest import model_fingerprint
+    from pwfn.run.fingerprints import model_fingerprint
 
     a, b = model_fingerprint(_net(0)), model_fingerprint(_net(1))
     assert a["architecture"] == b["architecture"] and a["weights"] != b["weights"]
@@ -723,7 +723,7 @@ def test_an_export_killed_mid_write_leaves_only_a_staging_folder_that_is_reporte
 
 
 def test_loader_fingerprint_of_an_ordered_loader_hashes_its_first_batch_whatever_its_layout():
-    from pwfn.run.manifest import loader_fingerprint
+    from pwfn.run.fingerprints import loader_fingerprint
 
     class Items(torch.utils.data.Dataset):  # a custom dataset: no content hash, so the first batch counts
         def __init__(self, shift):

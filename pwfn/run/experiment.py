@@ -50,14 +50,14 @@ from ..training.train import (
     set_rng_state,
     train_epochs,
 )
-from .lock import RunLock, acquire, check_free
-from .manifest import (
+from .fingerprints import (
     file_fingerprint,
-    load_json,
     model_fingerprint,
     refuse_changed_inputs,
     splits_fingerprint,
 )
+from .lock import RunLock, acquire, check_free
+from .manifest import load_json
 from .ownership import RUN, claim, clear_run_folder, mark
 from .pipeline import (
     BASELINE_SECTIONS,

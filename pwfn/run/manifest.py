@@ -12,7 +12,7 @@ A method folder (``runs/<name>/pwfn``, or the ``run_dir`` of ``pwfn.compress``) 
   ``model.checkpoint`` file (SHA-256), the data (content hash of in-memory arrays, or the file
   list with sizes and mtimes of an image folder, or what is cheap for Python loaders) and the
   float model handed to the method (architecture and weights). A resume under different
-  inputs is refused with the changed inputs named (:func:`changed_inputs`);
+  inputs is refused with the changed inputs named (:func:`pwfn.run.fingerprints.changed_inputs`);
 - once finished: the ``codebook`` and the ``point_model`` (file, SHA-256, tensor names), so
   a zeroed, NaN or otherwise edited point model is caught as *damaged* before it is exported.
 
@@ -27,7 +27,6 @@ one with a clear message. Fields may be added within a version (readers ignore u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -40,11 +39,23 @@ from ..common.files import (
     parse_json,
     read_limited,
 )
-from ..common.hints import other_run_folder, start_over
-from ..common.moved import old_name
-from ..errors import ConfigError, ModelError, PwfnError, RunFileError
+from ..errors import ModelError, PwfnError, RunFileError
 from ..methods import method_names
 from ..model import recipes
+
+# The fingerprints were split off into pwfn.run.fingerprints in 0.2; all but sha256_bytes (used
+# here) are imported only so that they stay importable from here (and pwfn.manifest) for one release.
+from .fingerprints import (  # noqa: F401
+    InputsChangedError,
+    changed_inputs,
+    data_fingerprint,
+    file_fingerprint,
+    loader_fingerprint,
+    model_fingerprint,
+    refuse_changed_inputs,
+    sha256_bytes,
+    splits_fingerprint,
+)
 
 PathLike = Union[str, os.PathLike]
 
@@ -61,17 +72,10 @@ POINT_FORMAT_VERSION = 1
 #: limits on run-folder files read back (a hand-edited or hostile file is refused, never parsed at length)
 MAX_JSON_BYTES = 256 << 20
 MAX_LINE_BYTES = 16 << 20
-#: image folders with more files than this are fingerprinted by a fixed, evenly spaced sample of
-#: file sizes and mtimes (the full list of names and labels is always hashed)
-MAX_STAT_FILES = 20_000
 
 
 class DamagedPointModelError(RunFileError):
     """The run's point model does not match its manifest (edited, zeroed, NaN, another recipe)."""
-
-
-class InputsChangedError(ConfigError):
-    """A run folder was written from other inputs (data, checkpoint file, model) than a resume has."""
 
 
 def load_json(path: PathLike, what: str, *, max_bytes: int = MAX_JSON_BYTES) -> Any:
@@ -270,242 +274,6 @@ def validate_description(obj: Any, where: str, formats: Iterable[str]) -> dict:
         _field(info, "sha256", (str,), f"{where}: files[{name!r}]")
         _field(info, "bytes", (int,), f"{where}: files[{name!r}]")
     return obj
-
-
-# --------------------------------------------------------------------------------------------
-# fingerprints
-
-
-def sha256_bytes(data: Union[bytes, memoryview]) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def file_fingerprint(path: PathLike) -> dict:
-    """SHA-256 and size of a file (read in blocks)."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-            size += len(block)
-    return {"path": str(path), "sha256": h.hexdigest(), "bytes": size}
-
-
-def _tensor_bytes(t: Any) -> bytes:
-    import torch
-
-    t = t.detach().cpu().contiguous()
-    if t.numel() == 0:
-        return b""
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-def _hash_tensor(h: Any, name: str, t: Any) -> None:
-    h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(_tensor_bytes(t))
-
-
-def _hash_nested(h: Any, name: str, obj: Any) -> None:
-    """Hash every tensor of a nested batch (tuples, lists, dicts), and the repr of plain values."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        _hash_tensor(h, name, obj)
-    elif isinstance(obj, Mapping):
-        for k in sorted(obj, key=str):
-            _hash_nested(h, f"{name}.{k}", obj[k])
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _hash_nested(h, f"{name}[{i}]", v)
-    elif isinstance(obj, (str, int, float, bool, type(None))):
-        h.update(f"{name}={obj!r}|".encode())
-    else:
-        h.update(f"{name}:{type(obj).__qualname__}|".encode())
-
-
-def model_fingerprint(model: Any) -> dict:
-    """Hashes of a model's architecture (module tree types, parameter and buffer names, shapes,
-    dtypes) and of its weights (every parameter and buffer's bytes, in name order). A class of pwfn's
-    is named by its module path before the layer folders (:func:`pwfn.common.moved.old_name`), so
-    run folders made before the move still resume."""
-    arch = hashlib.sha256()
-    for name, module in model.named_modules():
-        owner = old_name(type(module).__module__)
-        arch.update(f"M|{name}|{owner}.{type(module).__qualname__}\n".encode())
-    tensors = dict(model.named_parameters(remove_duplicate=False))
-    tensors.update({f"{k}": v for k, v in model.named_buffers(remove_duplicate=False)})
-    weights = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
-        arch.update(f"T|{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        _hash_tensor(weights, name, t)
-    return {"architecture": arch.hexdigest(), "weights": weights.hexdigest()}
-
-
-def _dataset_content(ds: Any) -> Optional[dict]:
-    """A content fingerprint of a dataset we can read cheaply and deterministically, else None."""
-    import torch
-
-    from ..data import ImageFolderDataset, TensorImageDataset
-
-    if isinstance(ds, TensorImageDataset):
-        h = hashlib.sha256()
-        _hash_tensor(h, "images", ds.images)
-        _hash_tensor(h, "labels", ds.labels)
-        return {"kind": "arrays", "n": len(ds), "sha256": h.hexdigest()}
-    if isinstance(ds, ImageFolderDataset):
-        h = hashlib.sha256()
-        h.update(f"{ds.image_size}|{ds.resize_size}|{ds.channels}|".encode())
-        h.update(ds.files.tobytes())
-        _hash_tensor(h, "labels", ds.labels)
-        n = len(ds)
-        idx = range(n) if n <= MAX_STAT_FILES else sorted({int(i * n / MAX_STAT_FILES) for i in range(MAX_STAT_FILES)})
-        missing = 0
-        for i in idx:
-            try:
-                st = os.stat(ds.path(i))
-                h.update(f"{i}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-            except OSError:
-                missing += 1
-                h.update(f"{i}|missing\n".encode())
-        return {"kind": "files", "n": n, "sha256": h.hexdigest(), "stat_sampled": n > MAX_STAT_FILES}
-    if isinstance(ds, torch.utils.data.TensorDataset):
-        h = hashlib.sha256()
-        for i, t in enumerate(ds.tensors):
-            _hash_tensor(h, str(i), t)
-        return {"kind": "tensors", "n": len(ds), "sha256": h.hexdigest()}
-    if isinstance(ds, torch.utils.data.Subset):
-        inner = _dataset_content(ds.dataset)
-        if inner is None:
-            return None
-        h = hashlib.sha256(inner["sha256"].encode())
-        h.update(repr(list(ds.indices)).encode())
-        return {"kind": "subset of " + inner["kind"], "n": len(ds), "sha256": h.hexdigest()}
-    return None
-
-
-def _sized(obj: Any) -> Optional[int]:
-    try:
-        return len(obj)
-    except (TypeError, NotImplementedError):
-        return None
-
-
-def _sequential(loader: Any) -> bool:
-    """A torch DataLoader that reads its dataset in index order (its first batch is deterministic)."""
-    import torch
-
-    sampler = getattr(loader, "sampler", None)
-    return isinstance(loader, torch.utils.data.DataLoader) and isinstance(sampler, torch.utils.data.SequentialSampler)
-
-
-def loader_fingerprint(loader: Any, first_batch: Optional[tuple] = None) -> Optional[dict]:
-    """What is cheap and deterministic to fingerprint about a loader.
-
-    In order: the content of its dataset when it is one we can read directly (pwfn's in-memory
-    and image-folder datasets, ``TensorDataset`` and ``Subset`` of those); else, for a loader
-    that reads in index order, its first batch; else only the dataset's length and the number of
-    batches. A shuffling loader over a custom dataset is therefore only checked for its size.
-    """
-    if loader is None:
-        return None
-    ds = getattr(loader, "dataset", None)
-    out: dict[str, Any] = {"n": _sized(ds) if ds is not None else None, "batches": _sized(loader)}
-    content = _dataset_content(ds) if ds is not None else None
-    if content is not None:
-        out.update(content)
-    elif first_batch is not None and _sequential(loader):
-        h = hashlib.sha256()
-        _hash_nested(h, "batch", first_batch)
-        out.update(kind="first batch", sha256=h.hexdigest())
-    else:
-        out["kind"] = "size only"
-    return out
-
-
-def data_fingerprint(train: Any, val: Any, test: Any, *, first_batches: Optional[Mapping[str, tuple]] = None,
-                     input_shape: Optional[tuple] = None, num_classes: Optional[int] = None) -> dict:
-    """Fingerprints of the three loaders a run uses (see :func:`loader_fingerprint`)."""
-    fb = first_batches or {}
-    out: dict[str, Any] = {split: loader_fingerprint(ld, fb.get(split))
-                           for split, ld in (("train", train), ("val", val), ("test", test))}
-    if input_shape is not None:
-        out["input_shape"] = [int(s) for s in input_shape]
-    if num_classes is not None:
-        out["num_classes"] = int(num_classes)
-    return out
-
-
-def splits_fingerprint(loaders: Any) -> dict:
-    """Content fingerprints of the datasets behind a config run's loaders (``pwfn.data.Loaders``)."""
-    splits = getattr(loaders, "splits", None)
-    out: dict[str, Any] = {}
-    for split in ("train", "val", "test"):
-        ds = getattr(splits, split, None) if splits is not None else None
-        if ds is None:
-            ld = getattr(loaders, split, None)
-            ds = getattr(ld, "dataset", None) if ld is not None else None
-        out[split] = (_dataset_content(ds) or {"kind": "size only", "n": _sized(ds)}) if ds is not None else None
-    out["input_shape"] = [int(s) for s in loaders.input_shape]
-    out["num_classes"] = int(loaders.num_classes)
-    return out
-
-
-_INPUT_WORDS = {"data": "the data", "checkpoint": "the model.checkpoint file", "model": "the model to fix"}
-
-
-def changed_inputs(saved: Optional[Mapping], current: Mapping, keys: Iterable[str] = ("data", "checkpoint", "model")) -> list[str]:
-    """Human-readable differences between two ``inputs`` records (only keys both recorded)."""
-    if not isinstance(saved, Mapping):
-        return []
-    out = []
-    for key in keys:
-        if key not in saved or key not in current:
-            continue
-        a, b = saved[key], current[key]
-        if key == "checkpoint" and isinstance(a, Mapping) and isinstance(b, Mapping):
-            same = a.get("sha256") == b.get("sha256")  # the same bytes may move to another path
-        else:
-            same = a == b
-        if same:
-            continue
-        what = _INPUT_WORDS.get(key, key)
-        if key == "data" and isinstance(a, Mapping) and isinstance(b, Mapping):
-            parts = [f"{split} split {_brief(a.get(split))} -> {_brief(b.get(split))}"
-                     for split in ("train", "val", "test") if a.get(split) != b.get(split)]
-            for extra in ("input_shape", "num_classes"):
-                if a.get(extra) != b.get(extra):
-                    parts.append(f"{extra} {a.get(extra)} -> {b.get(extra)}")
-            out.append(f"{what} changed ({'; '.join(parts) or 'fingerprint differs'})")
-        elif key == "checkpoint":
-            out.append(f"{what} changed ({_brief(a)} -> {_brief(b)})")
-        elif key == "model" and isinstance(a, Mapping) and isinstance(b, Mapping):
-            parts = [p for p in ("architecture", "weights") if a.get(p) != b.get(p)]
-            out.append(f"{what} changed (its {' and '.join(parts) or 'fingerprint'} differ)")
-        else:
-            out.append(f"{what} changed")
-    return out
-
-
-def _brief(fp: Any) -> str:
-    if fp is None:
-        return "none"
-    if isinstance(fp, Mapping):
-        sha = fp.get("sha256")
-        n = fp.get("n", fp.get("bytes"))
-        label = f"sha256 {sha[:12]}" if isinstance(sha, str) else str(fp.get("kind", "?"))
-        return f"{label}, {n} {'bytes' if 'bytes' in fp else 'items'}" if n is not None else label
-    return str(fp)
-
-
-def refuse_changed_inputs(saved: Optional[Mapping], current: Mapping, path: PathLike, *,
-                          keys: Iterable[str] = ("data", "checkpoint", "model")) -> None:
-    """Raise InputsChangedError naming every changed input, when ``path`` was written from other inputs."""
-    diff = changed_inputs(saved, current, keys)
-    if diff:
-        how = f"use {start_over()} to start over, or {other_run_folder()} to keep both"
-        raise InputsChangedError(f"{str(path)} was written from other inputs: {'; '.join(diff)}. "
-                                 f"Resuming would mix two runs: {how}")
 
 
 # --------------------------------------------------------------------------------------------

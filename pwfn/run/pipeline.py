@@ -65,16 +65,14 @@ from ..training.train import (
     set_rng_state,
     train_epochs,
 )
+from .fingerprints import data_fingerprint, model_fingerprint, refuse_changed_inputs
 from .lock import RunLock, acquire, check_free
 from .manifest import (
-    data_fingerprint,
     load_manifest,
-    model_fingerprint,
     new_manifest,
     quantised_tensors,
     read_point_model,
     read_report,
-    refuse_changed_inputs,
     write_manifest,
     write_point_model,
 )
