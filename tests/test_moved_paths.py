@@ -25,7 +25,7 @@ from pwfn.run.fingerprints import model_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 #: modules that did not exist in 0.1 (the alias table, and the parts split off from long modules)
-NEW_IN_0_2 = {"pwfn.common.moved", "pwfn.run.fingerprints"}
+NEW_IN_0_2 = {"pwfn.common.moved", "pwfn.run.fingerprints"}  # and pwfn.export.codec, outside the folders
 #: (module, the module a part of it went to, public names of that part)
 SPLIT = [("pwfn.run.manifest", "pwfn.run.fingerprints", ["InputsChangedError", "changed_inputs", "data_fingerprint",
           "file_fingerprint", "loader_fingerprint", "model_fingerprint", "refuse_changed_inputs", "splits_fingerprint"])]

@@ -10,6 +10,7 @@ One module per idea:
 - :mod:`~pwfn.export.artefact` what an artefact holds (sharing, fixed values, split tensors),
   building and verifying it in memory, and the loaders;
 - :mod:`~pwfn.export.packing`  the packed ``.pwfn`` byte format;
+- :mod:`~pwfn.export.codec`    its codecs: varints, symbol tables, ANS and fixed-width coding;
 - :mod:`~pwfn.export.packcheck` what a packed file may claim, checked before anything is decoded;
 - :mod:`~pwfn.export.size`     the size report (``size.json``);
 - :mod:`~pwfn.export.folder`   the export folder, written at once, and reading a run folder;
