@@ -19,6 +19,9 @@ never from ``config.yaml`` or the dataset. A run that never finished is exported
 checkpoint (with ``allow_unfixed``). Writing an export needs ``bayes`` (a Bayesian model or
 checkpoint is turned into its point estimate), which is why ``pwfn.export`` loads this module
 on first use: loading an export never imports ``bayes``.
+
+Why one module of this length (just above the usual): it is one idea, an export folder,
+written at once from a run folder or a model; the artefact itself is :mod:`pwfn.export.artefact`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,11 @@
 overrides, checks every key and type (unknown keys get a "did you mean" suggestion) and
 every range, and returns a :class:`RunConfig`. ``dump_config`` writes the resolved config so a
 run can be reproduced from its folder.
+
+Why one module of this length: it is one idea, the run settings' schema. Every section's
+dataclass sits next to the checks of its values, so a field and its range are read and
+changed together (and the config reference, :mod:`pwfn.tools.configdoc`, is generated from
+this one file).
 """
 
 from __future__ import annotations

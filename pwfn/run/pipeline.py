@@ -6,6 +6,13 @@ between, evaluates, and writes into its folder: ``config.yaml``, ``manifest.json
 ``metrics.jsonl`` (one row per round), ``report.json``, ``checkpoint.pt`` (after every completed
 round, for resume) and the point-estimate model. Round callbacks receive a :class:`RoundState`.
 The config-driven commands (``pwfn run`` / ``pwfn compare``) are in :mod:`pwfn.run.experiment`.
+
+Why one module of this length: it is one idea, a resumable fixing run of one model with one
+method. :class:`FixingRun` (its set-up, the round loop, the checkpoints and the final report
+share the run's state) and :func:`compress`, its Python face, read best side by side; the
+folder helpers around them (point model, manifest, checkpoints) are small and only this run
+writes them. What a run folder holds is :mod:`pwfn.run.manifest`, its inputs
+:mod:`pwfn.run.fingerprints`.
 """
 
 from __future__ import annotations

@@ -22,6 +22,12 @@ tensor zeroes the fixed entries' gradients (so gradient clipping sees what the u
 use), and process-wide optimizer step hooks put the fixed entries back after every
 ``torch.optim.Optimizer.step`` that touches them — weight decay, momentum, Adam's moments and
 your own optimizer included. ``pwfn.compress`` and the CLI run their rounds on this object.
+
+Why one module of this length: it is one idea, the :class:`Fixer` object (one class of about
+600 lines): its rounds, the hooks that keep fixed weights fixed, and its checkpoint state all
+act on the same tensors and masks. The accuracy contract's evaluation
+(:mod:`pwfn.training.guard`) and its rounds (:mod:`pwfn.training.contract_rounds`) are
+already split off as mixins.
 """
 
 from __future__ import annotations

@@ -20,6 +20,10 @@ moves it to the device. Built in (by name, see :data:`TASKS`):
 
 Your own task: ``pwfn.CustomTask(loss=lambda outputs, targets: ..., metrics=...)``, or a
 ``Task`` subclass registered with :func:`register_task`.
+
+Why one module of this length: it is one idea, what a task is. The task classes, their
+registry and the evaluation that sums their metrics over batches share one protocol
+(``loss``, ``metric_sums``, ``finish``); a user's own task is written against this one file.
 """
 
 from __future__ import annotations
