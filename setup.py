@@ -2,7 +2,7 @@
 
 Everything else about the package lives in ``pyproject.toml``. The repository keeps its configs
 at the top level (``configs/``); an installed package finds them through
-``pwfn.presets`` (the repository folder for an editable install, ``pwfn/_configs`` otherwise).
+``pwfn.model.presets`` (the repository folder for an editable install, ``pwfn/_configs`` otherwise).
 """
 
 import shutil

@@ -61,7 +61,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import bayes  # noqa: E402
-from pwfn.models import create_model  # noqa: E402
+from pwfn.model.zoo import create_model  # noqa: E402
 
 MODELS = {"lenet5": ((1, 28, 28), {"in_channels": 1, "num_classes": 10, "input_size": 28}),
           "resnet20": ((3, 32, 32), {"num_classes": 10}),

@@ -1,7 +1,7 @@
 """Compression quality: PWFN and WFN side by side with standard quantisation baselines.
 
 Per dataset (digits-MLP, MNIST-5k LeNet-5, and CIFAR-10 ResNet-20 when its files are on disk)
-one float baseline is trained (``pwfn.pipeline.prepare_run``) and every method starts from it:
+one float baseline is trained (``pwfn.run.pipeline.prepare_run``) and every method starts from it:
 
 * float baseline (the reference; its time is the unit of the time ratios);
 * uniform per-tensor 4- and 3-bit (symmetric, 15 / 7 levels, MSE-chosen clipping), post-training
@@ -45,12 +45,12 @@ import baselines as BL  # noqa: E402
 import torch  # noqa: E402
 
 import bayes  # noqa: E402
-from pwfn import metrics as M  # noqa: E402
-from pwfn.config import load_config  # noqa: E402
-from pwfn.experiment import prepare_run  # noqa: E402
+from pwfn.core import metrics as M  # noqa: E402
 from pwfn.export.packing import pack  # noqa: E402
-from pwfn.pipeline import FixingRun  # noqa: E402
-from pwfn.train import evaluate, seed_everything  # noqa: E402
+from pwfn.model.config import load_config  # noqa: E402
+from pwfn.run.experiment import prepare_run  # noqa: E402
+from pwfn.run.pipeline import FixingRun  # noqa: E402
+from pwfn.training.train import evaluate, seed_everything  # noqa: E402
 
 DATASETS: dict[str, dict[str, Any]] = {
     "digits_mlp": {"config": "configs/digits_mlp.yaml", "title": "digits (8x8) - MLP 64-128-64-10"},

@@ -1,7 +1,7 @@
 """Device targets and budget mode (issue 16): file sizes, accuracy, multiplications, K values.
 
 Per dataset (digits-MLP, MNIST-5k LeNet-5) one float baseline is trained
-(``pwfn.pipeline.prepare_run``) and every method starts from it; two more models are made from
+(``pwfn.run.pipeline.prepare_run``) and every method starts from it; two more models are made from
 Python with ``pwfn.compress(model, ..., run_dir=...)`` as a user would (``_device_models``: a
 Conv1d + BatchNorm signal classifier and a small transformer, on generated data) and exported
 with ``pwfn.export_run(run, targets=[...])``, their recipes recorded by ``pwfn.RecipeMixin``:
@@ -43,13 +43,13 @@ import baselines as BL  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pwfn import metrics as M  # noqa: E402
-from pwfn.config import load_config  # noqa: E402
-from pwfn.experiment import prepare_run  # noqa: E402
+from pwfn.core import metrics as M  # noqa: E402
 from pwfn.export.targets import run_target  # noqa: E402
 from pwfn.export.targets.shiftadd import ShiftAddNet, calibrate  # noqa: E402
-from pwfn.pipeline import FixingRun  # noqa: E402
-from pwfn.train import evaluate, seed_everything  # noqa: E402
+from pwfn.model.config import load_config  # noqa: E402
+from pwfn.run.experiment import prepare_run  # noqa: E402
+from pwfn.run.pipeline import FixingRun  # noqa: E402
+from pwfn.training.train import evaluate, seed_everything  # noqa: E402
 
 DATASETS = {
     "digits_mlp": {"config": "configs/digits_mlp.yaml", "title": "digits (8x8) - MLP 64-128-64-10"},
@@ -292,7 +292,7 @@ def run_python(key: str, work: Path, threads: int, dry: bool, log) -> dict[str, 
 
     import pwfn
     from pwfn.errors import PwfnError
-    from pwfn.train import evaluate
+    from pwfn.training.train import evaluate
 
     spec = PYTHON_MODELS[key]
     seed_everything(0)
@@ -322,7 +322,7 @@ def run_python(key: str, work: Path, threads: int, dry: bool, log) -> dict[str, 
     targets = targets_rows(res.point_model, codebook, x, y, 7, log)
     return {"key": key, "title": spec["title"], "float_top1": float_top1,
             "pwfn": {"top1": final["test"]["top1"], "unique": final["unique"], "entropy": final["entropy"]},
-            "recipe": pwfn.recipes.recipe_of(model)[0], "export_run": routes,
+            "recipe": pwfn.model.recipes.recipe_of(model)[0], "export_run": routes,
             "test_images": len(y), "targets": targets, "budget": []}
 
 

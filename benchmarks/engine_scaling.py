@@ -28,7 +28,7 @@ tolerance computation and the engine call, not this bookkeeping.  Each N runs in
 subprocess so peaks do not leak between sizes.
 
 The Markdown ends with an estimate for a 7e9-weight model fixed on 8 ranks (FSDP2, each rank
-fixing its shards, :mod:`pwfn.sharding`), from the per-weight time and memory measured at the
+fixing its shards, :mod:`pwfn.core.sharding`), from the per-weight time and memory measured at the
 largest N.
 
 Usage::
@@ -61,8 +61,8 @@ import torch  # noqa: E402
 from _bench import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from bayes import power_of_two_sigma  # noqa: E402
-from pwfn.engine import EngineCache, EngineConfig, fix_round  # noqa: E402
-from pwfn.schedules import pwfn_schedule, tolerance_for_round, wfn_schedule  # noqa: E402
+from pwfn.core.engine import EngineCache, EngineConfig, fix_round  # noqa: E402
+from pwfn.core.schedules import pwfn_schedule, tolerance_for_round, wfn_schedule  # noqa: E402
 
 SIGMA_FLOOR = 2.0**-30
 
@@ -311,7 +311,7 @@ def markdown(doc: dict) -> str:
             "",
             f"From the figures measured at N = {est['from_n']:,} (per weight: time, and peak memory beyond the "
             f"inputs), scaled to each rank's {est['weights_per_rank']:.3g} weights (FSDP2: every rank fixes "
-            "its own shards, `pwfn.sharding`; the reductions between ranks move a few histograms of at most "
+            "its own shards, `pwfn.core.sharding`; the reductions between ranks move a few histograms of at most "
             "65,536 counts per greedy level, not weights). Not measured at that size.",
             "",
             "| method | engine extra B/weight | engine extra GB per rank | inputs GB per rank (values, "

@@ -37,10 +37,10 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # _bench, also when lo
 
 from _bench import machine  # noqa: E402
 
-from pwfn import metrics as M  # noqa: E402
+from pwfn.core import metrics as M  # noqa: E402
 from pwfn.export import export_run, load_exported_model, load_packed_model  # noqa: E402
-from pwfn.models import create_model  # noqa: E402
-from pwfn.pipeline import save_point_model  # noqa: E402
+from pwfn.model.zoo import create_model  # noqa: E402
+from pwfn.run.pipeline import save_point_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 PLAIN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

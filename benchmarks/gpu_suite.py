@@ -158,8 +158,8 @@ def _laplace(n: int, device: torch.device, seed: int = 0) -> torch.Tensor:
 
 
 def part_engine(device: torch.device, dry: bool, log) -> dict[str, Any]:
-    from pwfn.engine import EngineCache, EngineConfig, fix_round
-    from pwfn.schedules import pwfn_schedule, tolerance_for_round, wfn_schedule
+    from pwfn.core.engine import EngineCache, EngineConfig, fix_round
+    from pwfn.core.schedules import pwfn_schedule, tolerance_for_round, wfn_schedule
 
     sizes = [20_000, 50_000] if dry else [25_000_000, 100_000_000]
     rows = []
@@ -272,7 +272,7 @@ def _ddp_worker(rank: int, world: int, init: str, out_dir: str, dry: bool, devic
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import pwfn
-    from pwfn.distributed import DistContext, shutdown_distributed, tensor_checksum
+    from pwfn.training.distributed import DistContext, shutdown_distributed, tensor_checksum
 
     backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)

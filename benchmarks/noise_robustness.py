@@ -33,10 +33,10 @@ import baselines as BL  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from pwfn.config import load_config  # noqa: E402
-from pwfn.experiment import prepare_run  # noqa: E402
-from pwfn.pipeline import FixingRun, load_point_model  # noqa: E402
-from pwfn.train import evaluate, seed_everything  # noqa: E402
+from pwfn.model.config import load_config  # noqa: E402
+from pwfn.run.experiment import prepare_run  # noqa: E402
+from pwfn.run.pipeline import FixingRun, load_point_model  # noqa: E402
+from pwfn.training.train import evaluate, seed_everything  # noqa: E402
 
 CONFIGS = {"digits_mlp": ("configs/digits_mlp.yaml", "digits (8x8) - MLP"),
            "mnist5k_lenet5": ("configs/mnist5k_lenet5.yaml", "MNIST-5k - LeNet-5")}

@@ -46,12 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import RESULTS, fmt, header, machine, md_table, pyplot, write_outputs  # noqa: E402
 
 import pwfn  # noqa: E402
-from pwfn.contract import resolve_contract  # noqa: E402
 from pwfn.data.sources.digits import digits_arrays  # noqa: E402
 from pwfn.data.sources.mnist5k import mnist5k_arrays  # noqa: E402
 from pwfn.errors import ContractError  # noqa: E402
-from pwfn.models import create_model  # noqa: E402
-from pwfn.tasks import evaluate_task, resolve_task  # noqa: E402
+from pwfn.model.zoo import create_model  # noqa: E402
+from pwfn.training.contract import resolve_contract  # noqa: E402
+from pwfn.training.tasks import evaluate_task, resolve_task  # noqa: E402
 
 # --------------------------------------------------------------------------------------------- data
 

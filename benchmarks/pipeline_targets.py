@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from pwfn.config import load_config
-from pwfn.experiment import compare, run_method
+from pwfn.model.config import load_config
+from pwfn.run.experiment import compare, run_method
 
 ROOT = Path(__file__).resolve().parent.parent
 DRY = ["baseline.epochs=2", "pwfn.round_epochs=0.2", "wfn.round_epochs=0.2", "pwfn.first_round_epochs=0.1",

@@ -27,7 +27,7 @@ sys.path.insert(0, str(B.ROOT / "tests"))
 
 
 def _eval(task, model, loader):
-    from pwfn.tasks import evaluate_task, resolve_task
+    from pwfn.training.tasks import evaluate_task, resolve_task
 
     return evaluate_task(model, loader, "cpu", resolve_task(task))
 
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     rows = []
     for label, (task, build) in CASES.items():
         model, train, val = build()
-        from pwfn.tasks import resolve_task
+        from pwfn.training.tasks import resolve_task
 
         primary = resolve_task(task).primary
         rows.append({"case": label, "method": "float", "metric": _eval(task, model, val)[primary]})

@@ -1,7 +1,7 @@
 """MkDocs hooks of the pwfn docs site (listed in ``mkdocs.yml``).
 
 - ``<!-- pwfn:config-reference -->`` in a page becomes the config reference, generated from the
-  config dataclasses' field docstrings by ``pwfn.configdoc`` (one source: ``pwfn/config.py``);
+  config dataclasses' field docstrings by ``pwfn.tools.configdoc`` (one source: ``pwfn/model/config.py``);
   the build fails when a field has no docstring.
 - ``<!-- pwfn:changelog -->`` becomes the repository's ``CHANGELOG.md`` (one file, two places).
 """
@@ -18,11 +18,11 @@ if str(ROOT) not in sys.path:
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 - MkDocs hook signature
     if "<!-- pwfn:config-reference -->" in markdown:
-        from pwfn.configdoc import config_reference, undocumented_fields
+        from pwfn.tools.configdoc import config_reference, undocumented_fields
 
         missing = undocumented_fields()
         if missing:
-            raise SystemExit(f"docs: config fields without a docstring in pwfn/config.py: {', '.join(missing)}")
+            raise SystemExit(f"docs: config fields without a docstring in pwfn/model/config.py: {', '.join(missing)}")
         markdown = markdown.replace("<!-- pwfn:config-reference -->", config_reference(heading_level=2))
     if "<!-- pwfn:changelog -->" in markdown:
         text = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")

@@ -8,31 +8,36 @@ from __future__ import annotations
 
 from typing import Any
 
+from .common import moved as _moved
+
 __version__ = "0.1.0"
 
+# The module paths of 0.1 (pwfn.fixer, pwfn.models, ...) keep working for one release, with a warning.
+_moved.install()
+
 _LAZY = {
-    "compress": ("pwfn.pipeline", "compress"),
-    "FixingResult": ("pwfn.pipeline", "FixingResult"),
-    "load_config": ("pwfn.config", "load_config"),
-    "RunConfig": ("pwfn.config", "RunConfig"),
-    "create_model": ("pwfn.models", "create_model"),
-    "list_models": ("pwfn.models", "list_models"),
+    "compress": ("pwfn.run.pipeline", "compress"),
+    "FixingResult": ("pwfn.run.pipeline", "FixingResult"),
+    "load_config": ("pwfn.model.config", "load_config"),
+    "RunConfig": ("pwfn.model.config", "RunConfig"),
+    "create_model": ("pwfn.model.zoo", "create_model"),
+    "list_models": ("pwfn.model.zoo", "list_models"),
     "make_loaders": ("pwfn.data", "make_loaders"),
-    "fix_round": ("pwfn.engine", "fix_round"),
-    "EngineConfig": ("pwfn.engine", "EngineConfig"),
-    "QuantView": ("pwfn.plumbing", "QuantView"),
-    "register_layer": ("pwfn.coverage", "register_layer"),
-    "Fixer": ("pwfn.fixer", "Fixer"),
-    "Task": ("pwfn.tasks", "Task"),
-    "CustomTask": ("pwfn.tasks", "CustomTask"),
-    "BatchAdapter": ("pwfn.tasks", "BatchAdapter"),
-    "register_task": ("pwfn.tasks", "register_task"),
-    "plan_coverage": ("pwfn.coverage", "plan"),
-    "enable_logging": ("pwfn.console", "enable_logging"),
-    "AccuracyContract": ("pwfn.contract", "AccuracyContract"),
+    "fix_round": ("pwfn.core.engine", "fix_round"),
+    "EngineConfig": ("pwfn.core.engine", "EngineConfig"),
+    "QuantView": ("pwfn.model.plumbing", "QuantView"),
+    "register_layer": ("pwfn.model.coverage", "register_layer"),
+    "Fixer": ("pwfn.training.fixer", "Fixer"),
+    "Task": ("pwfn.training.tasks", "Task"),
+    "CustomTask": ("pwfn.training.tasks", "CustomTask"),
+    "BatchAdapter": ("pwfn.training.tasks", "BatchAdapter"),
+    "register_task": ("pwfn.training.tasks", "register_task"),
+    "plan_coverage": ("pwfn.model.coverage", "plan"),
+    "enable_logging": ("pwfn.common.console", "enable_logging"),
+    "AccuracyContract": ("pwfn.training.contract", "AccuracyContract"),
     "ContractError": ("pwfn.errors", "ContractError"),
-    "RecipeMixin": ("pwfn.recipes", "RecipeMixin"),
-    "set_recipe": ("pwfn.recipes", "set_recipe"),
+    "RecipeMixin": ("pwfn.model.recipes", "RecipeMixin"),
+    "set_recipe": ("pwfn.model.recipes", "set_recipe"),
     "export_run": ("pwfn.export", "export_run"),
     "export_targets": ("pwfn.export.targets", "export_targets"),
     "load_packed_model": ("pwfn.export", "load_packed_model"),
@@ -51,4 +56,8 @@ def __getattr__(name: str) -> Any:
 
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
+    if f"{__name__}.{name}" in _moved.MOVED:  # pwfn.fixer without importing it: the moved module, warned
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'pwfn' has no attribute {name!r}")

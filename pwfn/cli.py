@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__
-from .config import load_config
-from .console import FORMAT as LOG_FORMAT
-from .console import enable_logging
+from .common.console import FORMAT as LOG_FORMAT
+from .common.console import enable_logging
+from .common.hints import command_line
 from .errors import PwfnError, os_error_message
-from .hints import command_line
 from .methods import check_method_name, method_names
-from .presets import resolve_config
+from .model.config import load_config
+from .model.presets import resolve_config
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -128,7 +128,7 @@ def cmd_run(args) -> int:
     if args.method:
         cfg.method = args.method
     check_method_name(cfg.method)  # a misspelt method answers at once too
-    from .experiment import run_method
+    from .run.experiment import run_method
 
     report = run_method(cfg, fresh=args.fresh)
     f = report["final"]
@@ -140,8 +140,8 @@ def cmd_run(args) -> int:
 
 def cmd_compare(args) -> int:
     cfg = _load(args)  # before importing the pipeline (and torch): a config typo answers at once
-    from .experiment import compare
-    from .report import format_table
+    from .run.experiment import compare
+    from .run.report import format_table
 
     out = compare(cfg, fresh=args.fresh)
     _out(format_table(out["table"]))
@@ -150,12 +150,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import summarise_run_dir
+    from .run.report import summarise_run_dir
 
     text = summarise_run_dir(args.run_dir, as_json=args.json)
     _out(text)
     if args.plot:
-        from .plot import plot_run_dir
+        from .tools.plot import plot_run_dir
 
         paths = plot_run_dir(args.run_dir)
         _out("\n".join(f"wrote {p}" for p in paths))
@@ -163,7 +163,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plot import plot_run_dir
+    from .tools.plot import plot_run_dir
 
     paths = plot_run_dir(args.run_dir, args.out)
     _out("\n".join(f"wrote {p}" for p in paths))
@@ -171,7 +171,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspection import format_inspection, inspect_file
+    from .tools.inspection import format_inspection, inspect_file
 
     info = inspect_file(args.file)
     _out(json.dumps(info, indent=2) if args.json else format_inspection(info))
@@ -181,8 +181,8 @@ def cmd_inspect(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_run
     from .export.targets import check_targets
-    from .recipes import ensure_cwd_importable, parse_model_spec
-    from .report import format_export_summary, format_targets
+    from .model.recipes import ensure_cwd_importable, parse_model_spec
+    from .run.report import format_export_summary, format_targets
 
     targets: list[str] = []
     if args.to:
@@ -211,7 +211,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_doctor(args) -> int:
-    from .doctor import diagnose, format_findings
+    from .tools.doctor import diagnose, format_findings
 
     findings = diagnose(args.run_dir)
     _out(format_findings(findings))
@@ -219,14 +219,14 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .catalog import format_models  # a static table: listing models needs no torch
+    from .common.catalog import format_models  # a static table: listing models needs no torch
 
     _out(format_models())
     return 0
 
 
 def cmd_configs(args) -> int:
-    from .presets import config_dir, list_configs
+    from .model.presets import config_dir, list_configs
 
     _out("\n".join(list_configs()) + f"\n(in {config_dir()})")
     return 0
@@ -283,8 +283,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         # only a command that used torch can have started a process group (and `models`,
         # `report`, `--help` must not pay for importing torch just to shut nothing down)
-        if "pwfn.distributed" in sys.modules:
-            sys.modules["pwfn.distributed"].shutdown_distributed(synchronise=succeeded)
+        if "pwfn.training.distributed" in sys.modules:
+            sys.modules["pwfn.training.distributed"].shutdown_distributed(synchronise=succeeded)
         enable_logging(None)  # main() called from Python removes its console handler again
 
 

@@ -16,9 +16,11 @@ PACKAGES = ("pwfn", "bayes")
 #: modules that must import without torch (the CLI's start-up and `pwfn report` / `doctor` stay cheap);
 #: they alone may import heavier pwfn modules inside a function
 CHEAP = {
-    "pwfn", "pwfn.__main__", "pwfn.catalog", "pwfn.cli", "pwfn.config", "pwfn.configdoc", "pwfn.doctor",
-    "pwfn.errors", "pwfn.files", "pwfn.inspection", "pwfn.lock", "pwfn.manifest", "pwfn.methods",
-    "pwfn.plot", "pwfn.presets", "pwfn.recipes", "pwfn.report", "pwfn.rundata", "pwfn.runlog", "pwfn.schedules",
+    "pwfn", "pwfn.__main__", "pwfn.common.catalog", "pwfn.cli", "pwfn.model.config", "pwfn.tools.configdoc",
+    "pwfn.tools.doctor",
+    "pwfn.errors", "pwfn.common.files", "pwfn.tools.inspection", "pwfn.run.lock", "pwfn.run.manifest", "pwfn.methods",
+    "pwfn.tools.plot", "pwfn.model.presets", "pwfn.model.recipes", "pwfn.run.report", "pwfn.run.rundata", "pwfn.run.runlog",
+    "pwfn.core.schedules", "pwfn.run.fingerprints", "pwfn.common.moved",
 }
 
 
@@ -140,3 +142,53 @@ def test_no_parameter_name_suffix_schema():
             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
             if any(s in line for s in suffixes)]
     assert hits == []
+
+
+def _layer_of_folder() -> dict[str, int]:
+    """Each ``pwfn/<folder>/`` (and ``bayes/``) to its layer's index in the contract, 0 the top."""
+    import tomllib
+
+    contract = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
+    out = {}
+    for i, layer in enumerate(contract["layers"]):
+        for module in (m.strip() for m in layer.split(":")):
+            path = ROOT / module.replace(".", "/")
+            if path.is_dir():
+                out[f"{module.replace('.', '/')}/"] = i
+    return out
+
+
+def _table_rows(text: str) -> list[tuple[list[str], str]]:
+    """(the folders a row names in its first cell, the rest of the row) of a markdown table."""
+    import re
+
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) >= 2:
+            rows.append((re.findall(r"`([\w/]+/)`", cells[0]), " | ".join(cells[1:])))
+    return rows
+
+
+def test_every_package_folder_is_one_layer_of_the_contract():
+    folders = {f"pwfn/{p.name}/" for p in (ROOT / "pwfn").iterdir() if (p / "__init__.py").is_file()}
+    layers = _layer_of_folder()
+    assert folders | {"bayes/"} == set(layers), "a folder of pwfn/ that the import contract does not place"
+    # no modules left in the flat room but the public entry points
+    flat = {p.name for p in (ROOT / "pwfn").glob("*.py")}
+    assert flat == {"__init__.py", "__main__.py", "cli.py", "errors.py"}
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/architecture.md"])
+def test_the_layout_tables_are_drawn_from_the_folders_and_their_layers(doc):
+    names = ["tools and CLI", "persistence and export", "training and orchestration", "model plumbing", "algorithm",
+             "base utilities"]
+    layers = _layer_of_folder()
+    assert len(names) == len({*layers.values()})
+    seen = set()
+    for folders, rest in _table_rows((ROOT / doc).read_text()):
+        for folder in (f for f in folders if f in layers):
+            seen.add(folder)
+            said = [n for n in names if n in rest.split(":")[0]]
+            assert said == [names[layers[folder]]], f"{doc}: {folder} is in the layer {names[layers[folder]]!r}"
+    assert seen == set(layers), f"{doc} has no row for {sorted(set(layers) - seen)}"

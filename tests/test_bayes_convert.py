@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 
 import bayes
 from bayes import ConversionError, bayesianize, forward_mode, set_forward_mode, to_point_estimate
-from pwfn.models import create_model
+from pwfn.model.zoo import create_model
 
 CONV_ATTRS = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
               "padding_mode", "output_padding", "transposed", "_reversed_padding_repeated_twice")

@@ -14,7 +14,7 @@ from torch import nn
 
 import bayes
 from bayes import GaussianParameter, bayesianize, forward_mode, set_forward_mode
-from pwfn.models import create_model
+from pwfn.model.zoo import create_model
 
 
 def _gp(module: nn.Module, name: str = "weight") -> GaussianParameter:

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pwfn import metrics as M
-from pwfn.budget import choose_allowed, merge_to_budget
-from pwfn.config import load_config
-from pwfn.engine import EngineConfig, fix_round
+from pwfn.core import metrics as M
+from pwfn.core.engine import EngineConfig, fix_round
 from pwfn.errors import ConfigError
+from pwfn.model.config import load_config
+from pwfn.training.budget import choose_allowed, merge_to_budget
 
 HAVE_ONNX = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxruntime") is not None
 HAVE_TFLM = importlib.util.find_spec("tflite_micro") is not None
@@ -89,7 +89,7 @@ SMALL = ["progress=false", "baseline.epochs=3", "data.train_subset=600", "data.e
 @pytest.mark.slow
 def test_budget_run_meets_its_limits_and_reports_them(tmp_path: Path, capsys) -> None:
     from pwfn.cli import main
-    from pwfn.experiment import run_method
+    from pwfn.run.experiment import run_method
 
     cfg = load_config("configs/digits_mlp.yaml", [f"out_dir={tmp_path}", *SMALL, "budget.max_values=8",
                                                   "budget.max_values_per_tensor=6", "budget.max_entropy_bits=2.5"])

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pwfn.centres import (
+from pwfn.core.centres import (
     MAX_GRID,
     CentreSet,
     candidate_centres,

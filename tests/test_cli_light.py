@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 import pwfn
-from pwfn import presets
-from pwfn.catalog import MODELS
 from pwfn.cli import main as cli_main
+from pwfn.common.catalog import MODELS
 from pwfn.errors import ConfigError
+from pwfn.model import presets
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,7 +97,7 @@ def test_python_dash_m_pwfn_runs_the_cli():
 
 
 def test_model_table_matches_the_registry(capsys):
-    from pwfn.models import list_models
+    from pwfn.model.zoo import list_models
 
     assert sorted(MODELS) == list_models()
     assert cli_main(["models"]) == 0
@@ -118,7 +118,7 @@ def test_shipped_configs_are_found_by_name(capsys):
     assert presets.resolve_config("nowhere/x.yaml") == "nowhere/x.yaml"
     assert presets.resolve_config("missing.yaml") == "missing.yaml"
     assert presets.resolve_config(None) is None
-    from pwfn.config import load_config
+    from pwfn.model.config import load_config
 
     cfg = load_config(presets.resolve_config("mnist5k_lenet5"))
     assert cfg.name == "mnist5k_lenet5" and cfg.model.name == "lenet5"
@@ -170,7 +170,7 @@ def test_wheel_carries_configs_license_and_typing_marker(tmp_path):
         assert {f"pwfn/_configs/{n}" for n in shipped} <= names
         for n in shipped:
             assert zf.read(f"pwfn/_configs/{n}") == (ROOT / "configs" / n).read_bytes()
-        assert {"pwfn/py.typed", "bayes/py.typed", "pwfn/__main__.py", "pwfn/presets.py"} <= names
+        assert {"pwfn/py.typed", "bayes/py.typed", "pwfn/__main__.py", "pwfn/model/presets.py"} <= names
         meta = next(n for n in names if n.endswith(".dist-info/METADATA"))
         text = zf.read(meta).decode()
         assert "Name: pwfn-compress" in text and f"Version: {pwfn.__version__}" in text
@@ -179,7 +179,7 @@ def test_wheel_carries_configs_license_and_typing_marker(tmp_path):
         assert not any(n.startswith(("tests/", "benchmarks/", "configs/")) for n in names)
         zf.extractall(tmp_path / "site")
     # the installed (unpacked) package finds its packaged configs, not a repository's
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import pwfn.presets as p; "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import pwfn.model.presets as p; "
             "print(p.__file__); print(p.config_dir()); print(','.join(p.list_configs()))")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)

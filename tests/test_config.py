@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pwfn.config import (
+from pwfn.errors import ConfigError
+from pwfn.model.config import (
     PWFN_FRACTIONS,
     WFN_FRACTIONS,
     RunConfig,
@@ -13,7 +14,6 @@ from pwfn.config import (
     dump_config,
     load_config,
 )
-from pwfn.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

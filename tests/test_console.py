@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import pwfn
-from pwfn.console import progress_bar
+from pwfn.common.console import progress_bar
 
 # the mechanics of logging, not the contract (random labels: no contract to keep)
 CONFIG = {"wfn": {"fractions": [0.5, 1.0], "round_epochs": 0.5}, "contract": {"enforce": False}}
@@ -41,9 +41,9 @@ def test_enable_logging_shows_one_line_per_round_and_can_be_turned_off(logging_o
     handler = pwfn.enable_logging(stream=stream)
     assert handler is not None and logging.getLogger("pwfn").propagate is False
     _compress({**CONFIG, "progress": False})
-    lines = [line for line in stream.getvalue().splitlines() if line.startswith("INFO pwfn.pipeline: wfn round")]
+    lines = [line for line in stream.getvalue().splitlines() if line.startswith("INFO pwfn.run.pipeline: wfn round")]
     assert len(lines) == 2 and "wfn round 2/2: 100.0% fixed" in lines[1]
-    assert "INFO pwfn.coverage: wfn: quantising 83 of 83 parameters" in stream.getvalue()
+    assert "INFO pwfn.model.coverage: wfn: quantising 83 of 83 parameters" in stream.getvalue()
     pwfn.enable_logging(logging.WARNING, stream=stream)  # a second call replaces the first handler
     assert len([h for h in logging.getLogger("pwfn").handlers if h is handler]) == 0
     before = stream.getvalue()

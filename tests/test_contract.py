@@ -15,11 +15,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pwfn
 from pwfn.cli import main as cli_main
-from pwfn.contract import AccuracyContract, metric_value, resolve_contract
 from pwfn.data import make_loaders
 from pwfn.errors import ConfigError, ContractError
-from pwfn.fixer import Fixer
-from pwfn.tasks import BCETask, CustomTask, resolve_task
+from pwfn.training.contract import AccuracyContract, metric_value, resolve_contract
+from pwfn.training.fixer import Fixer
+from pwfn.training.tasks import BCETask, CustomTask, resolve_task
 
 # ----------------------------------------------------------------------------------------- arithmetic
 
@@ -243,7 +243,9 @@ def test_the_last_resort_is_a_finer_codebook():
     fixer.fix_next()
     assert fixer.extra_terms >= 1 and fixer.engine_config.max_order == 1 + fixer.extra_terms
     assert fixer.report()["contract"]["extra_terms"] == fixer.extra_terms and fixer.report()["contract"]["held"]
-    from pwfn.metrics import term_counts  # every fixed value has at most the finer codebook's terms
+    from pwfn.core.metrics import (
+        term_counts,  # every fixed value has at most the finer codebook's terms
+    )
 
     terms = term_counts(fixer.view.values(), fixer.engine_config.b, signed_terms=True)
     assert int(terms.max()) == fixer.engine_config.max_order  # the extra terms were needed, and used
@@ -417,7 +419,7 @@ def test_a_resumed_run_ends_bit_identical_with_the_contract(digits, tmp_path):
 def test_the_paired_drop_and_its_jackknife_error_against_a_known_answer():
     """40 units of 25 examples, all right for the float model; the fixed model gets one wrong in 10 units: a
     drop of 1 point whose standard error is the sample spread of the units' drops over sqrt(40)."""
-    from pwfn.contract import paired_drop
+    from pwfn.training.contract import paired_drop
 
     task = resolve_task("classification")
     ref = [{"count": 25.0, "correct": 25.0, "loss": 0.0} for _ in range(40)]
@@ -450,8 +452,8 @@ def test_compare_keeps_the_method_that_held_and_fails_for_the_one_that_did_not(t
 
 
 def test_round_lines_and_the_report_say_what_the_contract_did():
-    from pwfn.report import contract_line
-    from pwfn.runlog import round_line
+    from pwfn.run.report import contract_line
+    from pwfn.run.runlog import round_line
 
     row = {"round": 2, "fixed_fraction": 0.6, "unique": 9, "entropy": 2.5, "after_fix": {"top1": 97.0},
            "contract": {"drop": 0.3, "drop_after_training": 0.1, "setting": "k = 1",
@@ -479,7 +481,7 @@ def test_the_kept_rounds_snapshot_survives_a_checkpoint(classifier, tmp_path):
     F.cross_entropy(fixer.model(x), y).backward()
     opt.step()
     assert fixer.settle() and fixer._previous is not None
-    from pwfn.io import load_checkpoint, save_checkpoint
+    from pwfn.common.io import load_checkpoint, save_checkpoint
 
     path = tmp_path / "state.pt"
     save_checkpoint(path, fixer.state_dict(), kind="fixer")  # as compress's checkpoints: weights_only loading

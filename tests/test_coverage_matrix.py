@@ -341,7 +341,7 @@ def test_loading_into_a_model_whose_sharing_differs_is_refused(tmp_path):
 
 
 def test_coverage_report_lists_what_stays_float_and_strict_refuses(tmp_path):
-    from pwfn.coverage import plan
+    from pwfn.model.coverage import plan
 
     model = _mobilenet()
     cov = plan(model)
@@ -373,16 +373,16 @@ def test_tensors_left_float_for_one_reason_are_one_warning(caplog):
     """Forty norm tensors must not bury the warnings that matter: one line per reason, with the count."""
     import logging
 
-    from pwfn.coverage import LISTED, plan
+    from pwfn.model.coverage import LISTED, plan
 
     layers = []
     for _ in range(LISTED):  # 2 * LISTED norm tensors: more than one line names
         layers += [nn.Linear(4, 4), nn.LayerNorm(4)]
     model = nn.Sequential(*layers, nn.BatchNorm1d(4), nn.Linear(4, 2))
     cov = plan(model, exclude=["0.weight", "2.weight"], norms_option="pwfn.quantise_norms")
-    with caplog.at_level(logging.WARNING, logger="pwfn.coverage"):
+    with caplog.at_level(logging.WARNING, logger="pwfn.model.coverage"):
         cov.log("pwfn")
-    lines = [r.getMessage() for r in caplog.records if r.name == "pwfn.coverage"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pwfn.model.coverage"]
     norms = [m for m in lines if "normalisation-layer" in m]
     assert len(norms) == 1 and len(lines) == 2, lines
     n_norm = 2 * LISTED + 2

@@ -489,7 +489,7 @@ def test_package_imports_neither_torchvision_nor_higher_pwfn_layers():
         "d.make_loaders('synthetic', batch_size=4, num_samples=8, num_test=0)\n"
         "assert not any(m.startswith('torchvision') and sys.modules[m] for m in sys.modules)\n"
         "pwfn = {m for m in sys.modules if m.split('.')[0] == 'pwfn' and m[:9] != 'pwfn.data'}\n"
-        "assert pwfn <= {'pwfn', 'pwfn.errors', 'pwfn.io', 'pwfn.files', 'pwfn.hints'}, pwfn\n"
+        "assert pwfn <= {'pwfn', 'pwfn.errors', 'pwfn.common', 'pwfn.common.moved', 'pwfn.common.io', 'pwfn.common.files', 'pwfn.common.hints'}, pwfn\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env, timeout=120)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pwfn.distributed import ContiguousShard, GlobalBatchShard, tensor_checksum
+from pwfn.training.distributed import ContiguousShard, GlobalBatchShard, tensor_checksum
 
 TINY = ["progress=false", "threads=1", "baseline.epochs=3", "pwfn.round_epochs=0.5", "pwfn.first_round_epochs=0.2",
         "pwfn.mc_samples=2", "wfn.round_epochs=0.5", "data.batch_size=64", "model.kwargs={hidden: [16]}",
@@ -118,8 +118,8 @@ def _train_worker(rank, world, init_method, out_dir, case):
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from pwfn.distributed import DistContext, shutdown_distributed
-    from pwfn.train import EpochCounter, train_epochs
+    from pwfn.training.distributed import DistContext, shutdown_distributed
+    from pwfn.training.train import EpochCounter, train_epochs
 
     # a short timeout: a rank left waiting in a collective fails the test instead of hanging it
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
@@ -180,7 +180,7 @@ def test_training_statistics_are_reduced_over_ranks(tmp_path):
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed gloo unavailable")
 def test_shutdown_after_success_meets_at_a_barrier_whose_work_the_main_thread_keeps(tmp_path, monkeypatch):
-    import pwfn.distributed as pd
+    import pwfn.training.distributed as pd
 
     monkeypatch.setattr(pd, "_last_barrier", None)  # a work kept by an earlier test must not count
     dist.init_process_group("gloo", init_method=(tmp_path / "init").as_uri(), rank=0, world_size=1)
@@ -199,7 +199,7 @@ def test_shutdown_after_success_meets_at_a_barrier_whose_work_the_main_thread_ke
 
 
 def test_cli_synchronises_ranks_at_exit_only_after_a_command_that_succeeded(monkeypatch, tmp_path):
-    import pwfn.distributed as pd
+    import pwfn.training.distributed as pd
     from pwfn.cli import main
 
     calls = []

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pwfn import configdoc
-from pwfn.config import RunConfig
+from pwfn.model.config import RunConfig
+from pwfn.tools import configdoc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def test_docs_pictures_are_real_pngs_of_the_expected_size():
     pytest.importorskip("PIL")
     from PIL import Image
 
-    from pwfn.plot import expected_size
+    from pwfn.tools.plot import expected_size
 
     kinds = {"rounds.png": "rounds", "compare.png": "compare", "weights_pwfn.png": "weights",
              "weights_wfn.png": "weights", "layers_pwfn.png": "layers", "layers_wfn.png": "layers"}
@@ -130,7 +130,7 @@ def _is_module(dotted: str) -> bool:
 
 def test_the_api_reference_names_the_main_objects():
     names = _api_objects()
-    assert "pwfn.pipeline.compress" in names and "pwfn.plot.plot_run_dir" in names and "bayes" in names
+    assert "pwfn.run.pipeline.compress" in names and "pwfn.tools.plot.plot_run_dir" in names and "bayes" in names
     assert set(NEEDS_EXTRA) <= {n.rsplit(".", 1)[0] for n in names} | set(names)
 
 

@@ -1,4 +1,4 @@
-"""The fixing engine against its executable spec (``pwfn.engine_reference``), plus invariants.
+"""The fixing engine against its executable spec (``pwfn.core.engine_reference``), plus invariants.
 
 The reference builds a dense (weights x centres) fit matrix per pick; it is the executable
 specification of the engine's docstring (docs/algorithm.md, with the engine's documented
@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pwfn.centres import candidate_centres
-from pwfn.engine import (
+from pwfn.core.centres import candidate_centres
+from pwfn.core.engine import (
     EngineCache,
     EngineConfig,
     EngineTuning,
@@ -21,7 +21,7 @@ from pwfn.engine import (
     lookup_centres,
     target_count,
 )
-from pwfn.engine_reference import reference_fix_round
+from pwfn.core.engine_reference import reference_fix_round
 from pwfn.errors import ConfigError, EngineInputError
 
 SLOW_PATHS = EngineTuning(chunk=3, dense_min=0, work_factor=0)  # unique pairs, tiny chunks
@@ -543,7 +543,7 @@ def test_select_smallest_is_a_stable_selection_in_chunks(scores, k, step):
     """k smallest scores, ties by position, whatever the chunking (the scores are read twice)."""
     import numpy as np
 
-    from pwfn._engine_fast import select_smallest, smallest
+    from pwfn.core._engine_fast import select_smallest, smallest
 
     score = torch.tensor(scores, dtype=torch.float64)
     want = np.sort(np.argsort(score.numpy(), kind="stable")[:k])

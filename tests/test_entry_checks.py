@@ -16,9 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import pwfn
 from pwfn.errors import CheckpointError, ConfigError, DataError
-from pwfn.fixer import Fixer
-from pwfn.tasks import resolve_task
-from pwfn.train import EpochCounter, evaluate, train_epochs
+from pwfn.training.fixer import Fixer
+from pwfn.training.tasks import resolve_task
+from pwfn.training.train import EpochCounter, evaluate, train_epochs
 
 CFG = {"pwfn": {"fractions": [0.5, 1.0], "round_epochs": 0.2, "first_round_epochs": 0.1, "mc_samples": 1},
        "wfn": {"fractions": [0.5, 1.0], "round_epochs": 0.2}, "progress": False,
@@ -81,8 +81,8 @@ def test_bad_token_ids_and_bce_targets_in_later_batches():
 def test_labels_are_checked_on_the_cpu_copy_and_on_the_error_path(monkeypatch):
     """Targets still on the CPU are checked before the loss (no device sync); targets a loader already put on the
     device are checked only when the loss fails, and the failure is explained the same way."""
-    import pwfn.tasks
-    import pwfn.train
+    import pwfn.training.tasks
+    import pwfn.training.train
 
     x, y = _data(n=64, bad_at=40, bad_label=9)
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
@@ -96,8 +96,8 @@ def test_labels_are_checked_on_the_cpu_copy_and_on_the_error_path(monkeypatch):
                      counter=EpochCounter(), progress=False, task=task)
     assert len(seen) == 3  # once per batch, before its loss
     seen.clear()
-    monkeypatch.setattr(pwfn.train, "host_targets", lambda adapter, batch: None)  # as if on an accelerator already
-    monkeypatch.setattr(pwfn.tasks, "host_targets", lambda adapter, batch: None)
+    monkeypatch.setattr(pwfn.training.train, "host_targets", lambda adapter, batch: None)  # as if on an accelerator already
+    monkeypatch.setattr(pwfn.training.tasks, "host_targets", lambda adapter, batch: None)
     with pytest.raises(DataError, match="batch 3") as err:
         train_epochs(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), 1.0, torch.device("cpu"),
                      counter=EpochCounter(), progress=False, task=task)
@@ -241,7 +241,7 @@ def test_an_edited_trainer_checkpoint_state_is_refused():
 
 
 def test_an_edited_run_checkpoint_is_refused_on_resume_before_anything_is_written(tmp_path):
-    from pwfn.io import load_checkpoint, save_checkpoint
+    from pwfn.common.io import load_checkpoint, save_checkpoint
 
     loader = DataLoader(TensorDataset(*_data()), batch_size=32)
     run = tmp_path / "run"

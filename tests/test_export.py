@@ -17,8 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from pwfn import metrics as M
 from pwfn.cli import main as cli_main
+from pwfn.core import metrics as M
 from pwfn.errors import ArtefactError, ModelError, PwfnError
 from pwfn.export import (
     EXPORT_FORMAT,
@@ -29,8 +29,8 @@ from pwfn.export import (
     load_packed_model,
     packing,
 )
-from pwfn.models import create_model
-from pwfn.pipeline import save_point_model
+from pwfn.model.zoo import create_model
+from pwfn.run.pipeline import save_point_model
 
 B = 7
 PLAIN = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -221,7 +221,7 @@ def test_loading_needs_no_bayes(resnet_run) -> None:
 
 def test_export_model_from_a_bayesian_model_with_masks(tmp_path: Path) -> None:
     import bayes
-    from pwfn.plumbing import QuantView
+    from pwfn.model.plumbing import QuantView
 
     model, q = fixed_model("lenet5")
     bmodel = bayes.bayesianize(model, sigma_init=0.01)
@@ -238,7 +238,7 @@ def test_export_model_from_a_bayesian_model_with_masks(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="1 of"):
         export_model(bmodel, view.names(), tmp_path / "out2", recipe, masks=view.masks())
     # Without a recipe, one is recorded when the model's class builds it without arguments ...
-    assert export_model(model, q, tmp_path / "own")["recipe"] == {"factory": "pwfn.models:LeNet5", "kwargs": {}}
+    assert export_model(model, q, tmp_path / "own")["recipe"] == {"factory": "pwfn.model.zoo:LeNet5", "kwargs": {}}
     assert_same_model(model, load_packed_model(tmp_path / "own" / "model.pwfn"), x)
     # ... else the loaders need model= (LeNet5(input_size=32) is not what LeNet5() builds)
     model32, q32 = fixed_model("lenet5", input_size=32)
@@ -355,9 +355,9 @@ def test_a_tensor_with_nothing_fixed_is_stored_raw(tmp_path: Path) -> None:
 
 def test_interrupted_run_is_exported_from_its_checkpoint_only_when_allowed(tmp_path: Path) -> None:
     import bayes
-    from pwfn.io import save_checkpoint
-    from pwfn.manifest import new_manifest, write_manifest
-    from pwfn.plumbing import QuantView
+    from pwfn.common.io import save_checkpoint
+    from pwfn.model.plumbing import QuantView
+    from pwfn.run.manifest import new_manifest, write_manifest
 
     kwargs = {"in_features": 64, "hidden": [16], "num_classes": 10}
     model, q = fixed_model("mlp", **kwargs)
@@ -433,7 +433,7 @@ def test_resnet20_packed_size_is_within_the_entropy_bound(resnet_run) -> None:
     # Merged into report.json, where `pwfn report` shows the totals.
     report = json.loads((folder / "report.json").read_text())
     assert report["size"]["total"]["packed_bytes"] == pf["total"]
-    from pwfn.report import summarise_run_dir
+    from pwfn.run.report import summarise_run_dir
 
     assert "size of the" in summarise_run_dir(folder) and "quantised weights" in summarise_run_dir(folder)
 

@@ -13,7 +13,7 @@ import bayes
 import pwfn
 from pwfn.data import make_loaders
 from pwfn.errors import CheckpointError, ConfigError, ModelError
-from pwfn.fixer import Fixer
+from pwfn.training.fixer import Fixer
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +198,8 @@ def test_fixer_is_public():
 @pytest.mark.parametrize("method", ["pwfn", "wfn"])
 def test_compress_and_a_hand_written_fixer_loop_give_bit_identical_weights(method, loaders):
     """compress() runs its rounds on the Fixer: the same loop written by hand gives the same bits."""
-    from pwfn.fixer import resolve_config
-    from pwfn.train import (
+    from pwfn.training.fixer import resolve_config
+    from pwfn.training.train import (
         EpochCounter,
         evaluate,
         seed_everything,

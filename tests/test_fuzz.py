@@ -28,12 +28,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pwfn.config import RunConfig, config_to_dict, load_config
+from pwfn.common.io import load_checkpoint, save_checkpoint
 from pwfn.errors import PwfnError
 from pwfn.export import load_packed_model, packing
-from pwfn.io import load_checkpoint, save_checkpoint
-from pwfn.models import create_model
-from pwfn.train import rng_state
+from pwfn.model.config import RunConfig, config_to_dict, load_config
+from pwfn.model.zoo import create_model
+from pwfn.training.train import rng_state
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow],
                 derandomize=True, database=None)

@@ -1,5 +1,5 @@
 """Messages speak the caller's language (``--set`` on the command line, ``overrides=[...]`` from
-Python) and name missing extras with install commands that work (pwfn.hints)."""
+Python) and name missing extras with install commands that work (pwfn.common.hints)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 import pwfn
-from pwfn import cli, hints
-from pwfn.config import load_config
+from pwfn import cli
+from pwfn.common import hints
 from pwfn.errors import ModelError
-from pwfn.pipeline import divergence_advice
+from pwfn.model.config import load_config
+from pwfn.run.pipeline import divergence_advice
 
 ROOT = Path(__file__).resolve().parent.parent
 

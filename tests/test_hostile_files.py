@@ -22,7 +22,7 @@ import torch
 from pwfn.errors import ArtefactError
 from pwfn.export import load_packed_model, packing
 from pwfn.export.packcheck import MAX_EXPANSION, MIN_DECODED_CAP, check_declared_sizes, decoded_cap
-from pwfn.inspection import inspect_file
+from pwfn.tools.inspection import inspect_file
 
 
 def _parts(data: bytes) -> tuple[dict, bytes]:

@@ -258,14 +258,14 @@ class Skipped(Exception):
 
 
 def _optional_modules() -> dict[str, str]:
-    from pwfn.doctor import OPTIONAL
+    from pwfn.tools.doctor import OPTIONAL
 
     return {name: extra for name, extra, _ in OPTIONAL}
 
 
 def _refused_for_extra(message: str) -> Optional[str]:
     """pwfn's own refusal for a missing extra (every such message names it through
-    ``pwfn.hints.install_hint``: ``pip install '.[NAME]'``), when that extra's modules are indeed
+    ``pwfn.common.hints.install_hint``: ``pip install '.[NAME]'``), when that extra's modules are indeed
     not importable here; a refusal while they are is not a reason to skip."""
     import importlib.util
 
@@ -341,8 +341,8 @@ def _bash(block: Block) -> list[str]:
     return skipped
 
 
-REGISTRIES = [("pwfn.models", "_REGISTRY"), ("pwfn.data.registry", "DATASETS"), ("pwfn.methods", "_REGISTRY"),
-              ("pwfn.tasks", "TASKS"), ("pwfn.coverage", "_ROLE_OVERRIDES"), ("bayes.layers", "_LOCAL_RULES")]
+REGISTRIES = [("pwfn.model.zoo", "_REGISTRY"), ("pwfn.data.registry", "DATASETS"), ("pwfn.methods", "_REGISTRY"),
+              ("pwfn.training.tasks", "TASKS"), ("pwfn.model.coverage", "_ROLE_OVERRIDES"), ("bayes.layers", "_LOCAL_RULES")]
 
 
 @contextlib.contextmanager
@@ -458,7 +458,7 @@ def test_every_how_to_has_code_that_runs():
 def test_only_a_refusal_for_an_extra_that_is_really_missing_skips(monkeypatch):
     """pwfn's refusal naming an extra skips a block only while that extra's modules are missing: a refusal
     with the extra installed (a bug, or a broken install) fails the block."""
-    from pwfn.hints import install_hint
+    from pwfn.common.hints import install_hint
 
     message = f"pwfn: error: target 'onnx' needs the 'onnx' extra (onnxruntime not installed): {install_hint('onnx')}"
     installed = sys.modules["os"]  # a module with a spec: find_spec finds it

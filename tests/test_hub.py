@@ -90,7 +90,7 @@ class _Result:  # what pwfn.compress returns, as far as sharing is concerned
 
 
 def _result(model: nn.Module, q: list[str]) -> _Result:
-    from pwfn import metrics as M
+    from pwfn.core import metrics as M
 
     values = torch.cat([model.state_dict()[n].reshape(-1) for n in q])
     cb, _ = M.codebook(values)
@@ -162,7 +162,7 @@ def test_save_pretrained_refuses_cleanly_without_huggingface_hub(tmp_path: Path,
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import now fails
     with pytest.raises(HubError, match=r"huggingface_hub, which is not installed: pip install .*'hf' extra") as info:
         pwfn.save_pretrained(run, tmp_path / "out")
-    assert "pip install '.[hf]'" in str(info.value)  # the command pwfn.hints gives for a clone
+    assert "pip install '.[hf]'" in str(info.value)  # the command pwfn.common.hints gives for a clone
     assert not (tmp_path / "out").exists()
     run2 = tmp_path / "demo" / "pwfn"
     assert _same(pwfn.export.load_packed_model(export_run(run2)["out_dir"] + "/model.pwfn"),

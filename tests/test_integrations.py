@@ -11,7 +11,7 @@ from test_tasks_e2e import _Dicts
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pwfn.fixer import Fixer
+from pwfn.training.fixer import Fixer
 
 # the callbacks' mechanics on tiny, barely trained models: a contract wide enough for them (tests/test_paths.py
 # checks the default contract and the same result as compress on a trained model)

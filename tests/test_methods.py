@@ -11,12 +11,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pwfn
-from pwfn.config import load_config
+from pwfn.core.schedules import wfn_schedule
 from pwfn.errors import ConfigError
 from pwfn.methods import builtin_method_names, get_method, method_names, register_method
 from pwfn.methods.base import Method, build_method, engine_config_from
 from pwfn.methods.wfn import WFNMethod
-from pwfn.schedules import wfn_schedule
+from pwfn.model.config import load_config
 
 
 def test_builtin_methods_are_listed_without_importing_torch():

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pwfn import metrics as M
+from pwfn.core import metrics as M
 
 
 def t(*xs: float) -> torch.Tensor:

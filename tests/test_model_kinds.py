@@ -21,13 +21,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import pwfn
-from pwfn.checks import check_materialized
-from pwfn.coverage import plan
+from pwfn.core.metrics import size_report
 from pwfn.errors import ModelError
-from pwfn.fixer import Fixer
-from pwfn.metrics import size_report
-from pwfn.recipes import RecipeMismatch, check_recipe
-from pwfn.train import first_nonfinite_weight
+from pwfn.model.coverage import plan
+from pwfn.model.recipes import RecipeMismatch, check_recipe
+from pwfn.training.checks import check_materialized
+from pwfn.training.fixer import Fixer
+from pwfn.training.train import first_nonfinite_weight
 
 CFG = {"pwfn": {"fractions": [0.5, 1.0], "round_epochs": 0.3, "first_round_epochs": 0.1, "mc_samples": 2},
        "wfn": {"fractions": [0.5, 1.0], "round_epochs": 0.3}, "progress": False,
@@ -191,7 +191,7 @@ def test_a_causal_mask_buffer_with_minus_inf_is_allowed_end_to_end(method, tmp_p
     res = pwfn.compress(CausalNet(), loader, loader, method=method, config=CFG, run_dir=tmp_path / "run")
     assert torch.equal(res.point_model.mask, CausalNet().mask)
     assert math.isfinite(res.report["final"]["test"]["loss"])
-    from pwfn.manifest import load_manifest, read_point_model
+    from pwfn.run.manifest import load_manifest, read_point_model
 
     _, state = read_point_model(tmp_path / "run", load_manifest(tmp_path / "run"))  # not "damaged"
     assert torch.equal(state["mask"], CausalNet().mask)
@@ -255,7 +255,7 @@ def test_coverage_counts_complex_values_and_says_why_they_stay_float(caplog):
     s = cov.summary()
     assert s["parameters"] == 34 + 10 and s["parameter_bytes"] == 136 + 40
     assert s["share"] == pytest.approx(34 / 44) and s["byte_share"] == pytest.approx(136 / 176)
-    with caplog.at_level(logging.WARNING, logger="pwfn.coverage"):
+    with caplog.at_level(logging.WARNING, logger="pwfn.model.coverage"):
         cov.log("wfn")
     assert "w (Spectral, 10 values) stays float: complex (complex64)" in caplog.text
 
@@ -282,7 +282,7 @@ def test_a_spectral_model_is_fixed_with_its_complex_weights_float_and_counted_in
     assert size["total"]["fp32_bytes"] == 136 + 40
     assert size["arithmetic"]["multiplications_kept"] == 20
     assert size["coverage"]["share"] == pytest.approx(34 / 44)
-    from pwfn.rundata import layer_table
+    from pwfn.run.rundata import layer_table
 
     rows = {r["layer"]: r for r in layer_table({"folder": str(tmp_path / "run"), "report": res.report})}
     assert rows["w"]["params"] == 10 and rows["w"]["fp32_bytes"] == 40

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from pwfn.errors import ConfigError, ModelError
-from pwfn.fixer import Fixer
+from pwfn.training.fixer import Fixer
 
 CFG = {"pwfn": {"fractions": [0.5, 1.0]}, "wfn": {"fractions": [0.5, 1.0]},
        "contract": {"enforce": False}}  # ownership mechanics; the contract has its own tests

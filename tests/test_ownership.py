@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from pwfn.cli import main as cli_main
+from pwfn.common.io import remove_stale_temp_files, save_checkpoint
 from pwfn.errors import RunFileError
-from pwfn.io import remove_stale_temp_files, save_checkpoint
-from pwfn.lock import LOCK_FILE, acquire, check_free, holder_info, is_locked
-from pwfn.ownership import (
+from pwfn.run.lock import LOCK_FILE, acquire, check_free, holder_info, is_locked
+from pwfn.run.ownership import (
     MARKER_FILE,
     METHOD,
     RUN,
@@ -193,9 +193,9 @@ def test_a_run_folder_written_before_the_marker_is_still_recognised(finished, tm
 def test_clear_run_folder_tree(by_path, tmp_path, monkeypatch):
     """Unit check of what --fresh deletes: pwfn's names and types only, links never followed (through
     directory fds, and by path as on platforms without them)."""
-    import pwfn.ownership
+    import pwfn.run.ownership
 
-    monkeypatch.setattr(pwfn.ownership, "_FD_OPS", not by_path)
+    monkeypatch.setattr(pwfn.run.ownership, "_FD_OPS", not by_path)
     victim = _victim(tmp_path)
     before_victim = _tree(victim)
     run = tmp_path / "run"
@@ -319,7 +319,7 @@ def test_only_temp_files_pwfn_names_are_removed(tmp_path):
 
 def test_a_link_planted_at_a_picture_temp_name_is_never_written_through(finished, tmp_path):
     pytest.importorskip("matplotlib")
-    from pwfn.plot import plot_run_dir
+    from pwfn.tools.plot import plot_run_dir
 
     victim = _victim_file(tmp_path)
     out = tmp_path / "plots"
@@ -334,7 +334,7 @@ def test_a_link_planted_at_a_picture_temp_name_is_never_written_through(finished
 def test_pictures_never_replace_a_file_pwfn_did_not_draw(finished, tmp_path):
     pytest.importorskip("matplotlib")
     from pwfn.errors import PwfnError
-    from pwfn.plot import plot_run_dir
+    from pwfn.tools.plot import plot_run_dir
 
     out = tmp_path / "pictures"
     out.mkdir()

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pwfn import metrics as M
+from pwfn.core import metrics as M
 from pwfn.errors import ArtefactError
 from pwfn.export.packing import (
     FORMAT_VERSION,
@@ -129,7 +129,7 @@ def test_given_codebook_terms_and_signed_zero() -> None:
 
 
 def test_terms_from_a_padded_decomposition() -> None:
-    class Decomposition(NamedTuple):  # the shape of pwfn.centres.Decomposition
+    class Decomposition(NamedTuple):  # the shape of pwfn.core.centres.Decomposition
         signs: torch.Tensor
         exponents: torch.Tensor
         orders: torch.Tensor
@@ -499,7 +499,7 @@ def test_per_tensor_tables_beat_the_global_bound_when_distributions_differ() -> 
 
 def test_full_resnet20_state_dict_has_small_fixed_overhead() -> None:
     """~120 tensors (BN statistics included): the manifest used to be ~16 KB of JSON."""
-    from pwfn.models import create_model
+    from pwfn.model.zoo import create_model
 
     g = torch.Generator().manual_seed(0)
     weights = resnet20_like()

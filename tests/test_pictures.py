@@ -49,7 +49,7 @@ def _decode(path: Path):
 
 
 def _assert_picture(path: Path, kind: str) -> None:
-    from pwfn.plot import expected_size, png_size
+    from pwfn.tools.plot import expected_size, png_size
 
     assert path.is_file(), path
     size, pixels = _decode(path)  # decodes (a truncated or invalid PNG raises here)
@@ -94,7 +94,7 @@ def test_the_float_distribution_is_recorded_by_every_run(run, tmp_path):
     from torch import nn
 
     import pwfn
-    from pwfn.rundata import float_histogram, read_method
+    from pwfn.run.rundata import float_histogram, read_method
 
     for method in ("wfn", "pwfn"):  # a comparison's methods
         hist = float_histogram(read_method(run / method))
@@ -112,7 +112,7 @@ def test_the_float_distribution_is_recorded_by_every_run(run, tmp_path):
     assert hist["counts"] == expected.tolist()  # numpy's histogram of the float model, on the same edges
     assert hist["edges"][0] == float(float_weights.min()) and hist["edges"][-1] == float(float_weights.max())
     if importlib.util.find_spec("matplotlib") is not None:
-        from pwfn.plot import plot_run_dir
+        from pwfn.tools.plot import plot_run_dir
 
         (path,) = [p for p in plot_run_dir(tmp_path / "mine", tmp_path / "pics") if p.name == "weights_wfn.png"]
         _assert_picture(path, "weights")
@@ -129,7 +129,7 @@ def test_plot_without_matplotlib_says_what_to_install(run, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    from pwfn.plot import plot_run_dir
+    from pwfn.tools.plot import plot_run_dir
 
     with pytest.raises(PwfnError, match=r"pip install '\.\[plot\]'"):
         plot_run_dir(run, run / "never")
@@ -157,7 +157,7 @@ def test_per_layer_table_counts_every_parameter(run):
     import numpy as np
     from safetensors.numpy import load_file
 
-    from pwfn.rundata import layer_table, read_method
+    from pwfn.run.rundata import layer_table, read_method
 
     rows = {r["layer"]: r for r in layer_table(read_method(run / "pwfn"))}
     tensors = load_file(str(run / "pwfn" / "point_model.safetensors"))
@@ -174,7 +174,7 @@ def test_per_layer_table_counts_every_parameter(run):
 def test_coverage_section_of_the_report_is_used_when_present(tmp_path, run):
     import shutil
 
-    from pwfn.rundata import layer_table, read_method
+    from pwfn.run.rundata import layer_table, read_method
 
     folder = tmp_path / "wfn"
     shutil.copytree(run / "wfn", folder)
@@ -187,7 +187,7 @@ def test_coverage_section_of_the_report_is_used_when_present(tmp_path, run):
 
 def test_inspect_describes_the_packed_file(run, capsys):
     from pwfn.export import load_packed_model  # noqa: F401 - the artefact is the export's
-    from pwfn.inspection import inspect_file
+    from pwfn.tools.inspection import inspect_file
 
     path = run / "pwfn" / "export" / "model.pwfn"
     info = inspect_file(path)
@@ -213,7 +213,7 @@ def test_inspect_refuses_a_damaged_file(run, tmp_path, capsys):
     data[len(data) // 2] ^= 0x10
     bad = tmp_path / "bad.pwfn"
     bad.write_bytes(bytes(data))
-    from pwfn.inspection import inspect_file
+    from pwfn.tools.inspection import inspect_file
 
     with pytest.raises(ArtefactError, match="checksum mismatch"):
         inspect_file(bad)
@@ -223,7 +223,7 @@ def test_inspect_refuses_a_damaged_file(run, tmp_path, capsys):
 
 
 def test_power_of_two_terms_are_exact():
-    from pwfn.report import format_terms, power_of_two_terms
+    from pwfn.run.report import format_terms, power_of_two_terms
 
     assert power_of_two_terms(0.0) == []
     assert power_of_two_terms(0.375) == [(1, -2), (1, -3)]
@@ -258,18 +258,18 @@ def test_round_summary_is_logged_at_info_without_a_terminal(tmp_path):
         proc = subprocess.run(args, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, timeout=600)
     text = (tmp_path / "log.txt").read_text()
     assert proc.returncode == 0, text
-    lines = [line for line in text.splitlines() if line.startswith("INFO pwfn.pipeline: wfn round")]
+    lines = [line for line in text.splitlines() if line.startswith("INFO pwfn.run.pipeline: wfn round")]
     assert len(lines) == 2, text
     assert "wfn round 1/2: 50.0% fixed, val top-1" in lines[0] and "bits" in lines[0]
     assert "wfn round 2/2: 100.0% fixed" in lines[1]
-    assert "INFO pwfn.experiment: float baseline (trained): test top-1" in text
+    assert "INFO pwfn.run.experiment: float baseline (trained): test top-1" in text
     assert "checksum" not in text  # per-rank checksums are -v (debug) only
     quiet = subprocess.run([*args[:3], "-q", *args[3:]], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert quiet.returncode == 0 and "INFO" not in quiet.stderr
 
 
 def test_round_line_and_csv_helpers():
-    from pwfn.runlog import metrics_csv_text, round_line
+    from pwfn.run.runlog import metrics_csv_text, round_line
 
     row = {"round": 2, "fraction": 0.6, "fixed_fraction": 0.6, "after_fix": {"top1": 90.5},
            "after_train": {"top1": 91.25, "train": {"loss": 0.3}}, "unique": 12, "entropy": 2.5,
@@ -284,7 +284,7 @@ def test_round_line_and_csv_helpers():
 
 
 def test_tensorboard_logger_writes_each_round():
-    from pwfn.runlog import TensorBoardLogger
+    from pwfn.run.runlog import TensorBoardLogger
 
     class Writer:
         def __init__(self):
@@ -312,8 +312,8 @@ def test_tensorboard_logger_writes_each_round():
 
 def test_tensorboard_option_writes_event_files(tmp_path):
     pytest.importorskip("tensorboard")
-    from pwfn.config import load_config
-    from pwfn.experiment import run_method
+    from pwfn.model.config import load_config
+    from pwfn.run.experiment import run_method
 
     cfg = load_config(None, TINY + [f"out_dir={tmp_path}", "name=tb", "tensorboard=true", "wfn.fractions=[0.5, 1.0]"])
     run_method(cfg, "wfn")
@@ -345,7 +345,7 @@ def test_rerun_of_a_finished_compare_keeps_each_methods_time(tmp_path, capsys):
 
 
 def test_resumed_method_adds_the_earlier_rounds_time(tmp_path):
-    from pwfn.experiment import _method_seconds
+    from pwfn.run.experiment import _method_seconds
 
     done = [{"wall_seconds": 2.0}, {"wall_seconds": 3.0}]
     assert _method_seconds(1.0, [], 4, None) == 1.0  # fresh

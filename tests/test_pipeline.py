@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from pwfn.cli import main as cli_main
-from pwfn.config import load_config
+from pwfn.core.metrics import fixing_metrics
 from pwfn.data import make_loaders
 from pwfn.errors import ConfigError, DataError, ModelError
-from pwfn.experiment import run_method
-from pwfn.metrics import fixing_metrics
-from pwfn.models import create_model
-from pwfn.pipeline import compress, load_point_model
-from pwfn.plumbing import QuantView
+from pwfn.model.config import load_config
+from pwfn.model.plumbing import QuantView
+from pwfn.model.zoo import create_model
+from pwfn.run.experiment import run_method
+from pwfn.run.pipeline import compress, load_point_model
 
 TINY = [
     "progress=false",
@@ -64,7 +64,7 @@ class _Recorder:
 def test_compress_end_to_end_invariants(method, loaders, tmp_path):
     model = _trained_mlp(loaders)
     cfg = load_config(None, TINY)
-    from pwfn.pipeline import FixingRun
+    from pwfn.run.pipeline import FixingRun
 
     rec = _Recorder()
     run = FixingRun(method, cfg, model, loaders.train, loaders.val, loaders.test, device=torch.device("cpu"),
@@ -231,7 +231,7 @@ def _tiny_bnn():
 
 
 def test_mc_predictive_leaves_the_global_rng_untouched(loaders):
-    from pwfn.train import predict_mc
+    from pwfn.training.train import predict_mc
 
     model = _tiny_bnn()
     before = torch.get_rng_state()
@@ -241,7 +241,7 @@ def test_mc_predictive_leaves_the_global_rng_untouched(loaders):
 
 
 def test_mc_predictive_accepts_every_valid_seed(loaders):
-    from pwfn.train import predict_mc
+    from pwfn.training.train import predict_mc
 
     model = _tiny_bnn()
     big = load_config(None, ["seed=9223372036854775807"]).seed  # the largest seed the config accepts
@@ -256,8 +256,8 @@ def test_mc_predictive_accepts_every_valid_seed(loaders):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_rng_state_of_a_checkpoint_loaded_onto_cuda_can_be_restored(tmp_path):
     """Run checkpoints are loaded onto the run's device: the RNG state inside must still restore."""
-    from pwfn.io import load_checkpoint, save_checkpoint
-    from pwfn.train import rng_state, set_rng_state
+    from pwfn.common.io import load_checkpoint, save_checkpoint
+    from pwfn.training.train import rng_state, set_rng_state
 
     torch.manual_seed(5)
     save_checkpoint(tmp_path / "c.pt", {"rng": rng_state()}, kind="baseline")

@@ -10,9 +10,9 @@ from torch import nn
 
 import bayes
 from pwfn.errors import ModelError
-from pwfn.fixer import Fixer
-from pwfn.models import create_model
-from pwfn.plumbing import FixedGuard, QuantView, fold_norm_biases
+from pwfn.model.plumbing import FixedGuard, QuantView, fold_norm_biases
+from pwfn.model.zoo import create_model
+from pwfn.training.fixer import Fixer
 
 
 def _bnn():

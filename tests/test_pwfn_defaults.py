@@ -15,13 +15,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import bayes
 import pwfn
-from pwfn.config import load_config
+from pwfn.core.metrics import entropy_bits, unique_count
 from pwfn.errors import ConfigError
-from pwfn.fixer import Fixer, resolve_config
 from pwfn.methods.pwfn import PWFNMethod, effective_steps
 from pwfn.methods.wfn import WFNMethod
-from pwfn.metrics import entropy_bits, unique_count
-from pwfn.tasks import BatchAdapter, resolve_task
+from pwfn.model.config import load_config
+from pwfn.training.fixer import Fixer, resolve_config
+from pwfn.training.tasks import BatchAdapter, resolve_task
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:

@@ -31,8 +31,8 @@ import torch
 
 from pwfn import load_config, make_loaders
 from pwfn.cli import main as cli_main
-from pwfn.io import load_checkpoint
-from pwfn.pipeline import load_point_model
+from pwfn.common.io import load_checkpoint
+from pwfn.run.pipeline import load_point_model
 
 METHODS = ("wfn", "pwfn")
 MEASURED = {"wfn": {"unique": 41, "entropy": 4.570}, "pwfn": {"unique": 21, "entropy": 3.316}}

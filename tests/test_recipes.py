@@ -24,7 +24,7 @@ from pwfn.export import (
     load_exported_model,
     load_packed_model,
 )
-from pwfn.recipes import (
+from pwfn.model.recipes import (
     RecipeMismatch,
     build_recipe,
     check_recipe,
@@ -143,7 +143,7 @@ def test_set_recipe_checks_at_once_and_wins() -> None:
 
 def test_a_class_defined_in_main_is_refused_with_advice() -> None:
     cls = type("Script", (nn.Module,), {"__module__": "__main__"})
-    from pwfn.recipes import factory_spec
+    from pwfn.model.recipes import factory_spec
 
     with pytest.raises(ModelError, match="__main__.*move it into a module"):
         factory_spec(cls)
@@ -206,7 +206,7 @@ def test_a_hand_edited_recipe_on_export_is_a_clear_error(tmp_path: Path, capsys)
     from test_export import fixed_model, write_run
 
     from pwfn.cli import main
-    from pwfn.manifest import POINT_MODEL_JSON
+    from pwfn.run.manifest import POINT_MODEL_JSON
 
     kwargs = {"in_features": 64, "hidden": [16], "num_classes": 10}
     model, q = fixed_model("mlp", **kwargs)
@@ -280,7 +280,7 @@ def test_a_compiled_model_reloads_both_ways(tmp_path: Path) -> None:
     model = snapped(make_net(5))
     compiled_keys = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
     fresh = torch.compile(make_net(5))  # wrapping only: nothing compiles until a forward
-    from pwfn.recipes import load_state_folded
+    from pwfn.model.recipes import load_state_folded
 
     load_state_folded(fresh, model.state_dict(), "plain into compiled")
     assert torch.equal(fresh._orig_mod[0].weight, model[0].weight)
@@ -343,7 +343,7 @@ def test_a_python_run_records_its_recipe_and_exports_to_onnx_from_the_cli(python
                                                                          capsys) -> None:
     pytest.importorskip("onnxruntime")
     from pwfn.cli import main
-    from pwfn.manifest import load_manifest
+    from pwfn.run.manifest import load_manifest
 
     m = load_manifest(python_run)
     assert m["recipe"] == {"factory": "test_recipes:Net", "kwargs": {"width": 8, "classes": 3, "act": "relu"}}

@@ -27,14 +27,14 @@ import yaml
 from torch import nn
 
 from pwfn.cli import main as cli_main
-from pwfn.config import load_config
+from pwfn.common.io import load_checkpoint, save_checkpoint
 from pwfn.data import make_loaders
 from pwfn.errors import ModelError, TrainingDivergedError
-from pwfn.experiment import run_method
-from pwfn.io import load_checkpoint, save_checkpoint
-from pwfn.models import create_model
-from pwfn.pipeline import FixingRun, compress
-from pwfn.train import first_nonfinite_output, first_nonfinite_weight
+from pwfn.model.config import load_config
+from pwfn.model.zoo import create_model
+from pwfn.run.experiment import run_method
+from pwfn.run.pipeline import FixingRun, compress
+from pwfn.training.train import first_nonfinite_output, first_nonfinite_weight
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,14 +72,14 @@ if target == "step":  # after the n-th optimizer step (baseline and rounds alike
     import torch.optim.optimizer as O
     O.register_optimizer_step_post_hook(lambda opt, args, kwargs: bang())
 elif target == "fix":  # inside the n-th fixing round, before the engine runs
-    import pwfn.fixer as F
+    import pwfn.training.fixer as F
     real_fix = F.fix_round
     def fix_round(*a, **k):
         bang()
         return real_fix(*a, **k)
     F.fix_round = fix_round
 elif target.startswith("replace:"):  # the temp file of FILE is written and fsync'd, not yet renamed
-    import pwfn.io as I
+    import pwfn.common.io as I
     name = target.split(":", 1)[1]
     real_replace = os.replace
     def replace(src, dst, *a, **k):
@@ -436,7 +436,7 @@ def test_malformed_yaml_is_a_clear_error(tmp_path, capsys):
 
 
 def test_a_baseline_checkpoint_is_a_valid_model_checkpoint(finished_run):
-    from pwfn.experiment import _load_user_checkpoint
+    from pwfn.run.experiment import _load_user_checkpoint
 
     state = _load_user_checkpoint(str(finished_run / "done" / "baseline.pt"))
     model = create_model("mlp", in_features=64, hidden=[16], num_classes=10)
@@ -661,8 +661,8 @@ def test_doctor_unfinished_run_and_missing_folder(finished_run, tmp_path, capsys
 
 def test_doctor_checks_every_extra_and_the_tools_a_target_needs(monkeypatch):
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    from pwfn import doctor
     from pwfn.export.targets import TARGETS
+    from pwfn.tools import doctor
 
     with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as fh:
         extras = set(tomllib.load(fh)["project"]["optional-dependencies"])

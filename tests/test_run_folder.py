@@ -27,24 +27,24 @@ from safetensors.torch import save as st_save
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import pwfn.io as pio
+import pwfn.common.io as pio
 from pwfn.cli import main as cli_main
-from pwfn.config import ConfigError, load_config
+from pwfn.common.files import count_values
 from pwfn.errors import StorageError, os_error_message
-from pwfn.files import count_values
-from pwfn.lock import LOCK_FILE, RunFolderBusyError, acquire, is_locked
-from pwfn.manifest import (
+from pwfn.model.config import ConfigError, load_config
+from pwfn.model.zoo import create_model
+from pwfn.run.fingerprints import InputsChangedError
+from pwfn.run.lock import LOCK_FILE, RunFolderBusyError, acquire, is_locked
+from pwfn.run.manifest import (
     MANIFEST_FILE,
     DamagedPointModelError,
-    InputsChangedError,
     RunFileError,
     load_manifest,
     read_metrics,
     read_point_model,
     read_report,
 )
-from pwfn.models import create_model
-from pwfn.pipeline import compress, load_point_model
+from pwfn.run.pipeline import compress, load_point_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def _snapshot(root: Path, lock: bool = True) -> dict[str, tuple[str, int]]:
 
 def _doctor(folder: Path) -> tuple[int, str]:
     """``pwfn doctor FOLDER`` without the environment checks: (exit code, text)."""
-    from pwfn.doctor import check_run_dir, format_findings
+    from pwfn.tools.doctor import check_run_dir, format_findings
 
     findings = check_run_dir(folder)
     return (1 if any(f.level == "problem" for f in findings) else 0), format_findings(findings)
@@ -186,7 +186,7 @@ def _mnist_root(root: Path, seed: int = 0) -> Path:
 
 
 def test_data_files_replaced_between_kill_and_resume_are_refused(tmp_path, capsys):
-    from pwfn.experiment import run_method
+    from pwfn.run.experiment import run_method
 
     data = _mnist_root(tmp_path / "mnist")
     extra = ["data.name=mnist", f"data.root={data}", "data.train_subset=null"]
@@ -277,7 +277,7 @@ def test_compress_with_an_empty_or_unfit_loader_is_refused(tmp_path):
 
 HOLDER = r"""
 import sys, time
-from pwfn.lock import acquire
+from pwfn.run.lock import acquire
 lock = acquire(sys.argv[1])
 print("locked", flush=True)
 time.sleep(120)
@@ -657,7 +657,7 @@ def test_damaged_point_model_error_type():
 def test_image_folder_fingerprint_sees_replaced_files_and_samples_large_folders(tmp_path, monkeypatch):
     from PIL import Image
 
-    import pwfn.manifest as man
+    import pwfn.run.fingerprints as man
     from pwfn.data import ImageFolderDataset
 
     for cls in ("a", "b"):
@@ -677,7 +677,7 @@ def test_image_folder_fingerprint_sees_replaced_files_and_samples_large_folders(
 
 
 def test_model_fingerprint_separates_architecture_and_weights():
-    from pwfn.manifest import model_fingerprint
+    from pwfn.run.fingerprints import model_fingerprint
 
     a, b = model_fingerprint(_net(0)), model_fingerprint(_net(1))
     assert a["architecture"] == b["architecture"] and a["weights"] != b["weights"]
@@ -723,7 +723,7 @@ def test_an_export_killed_mid_write_leaves_only_a_staging_folder_that_is_reporte
 
 
 def test_loader_fingerprint_of_an_ordered_loader_hashes_its_first_batch_whatever_its_layout():
-    from pwfn.manifest import loader_fingerprint
+    from pwfn.run.fingerprints import loader_fingerprint
 
     class Items(torch.utils.data.Dataset):  # a custom dataset: no content hash, so the first batch counts
         def __init__(self, shift):

@@ -6,8 +6,7 @@ import pytest
 import torch
 import yaml
 
-from pwfn.errors import ConfigError
-from pwfn.schedules import (
+from pwfn.core.schedules import (
     PWFN_FRACTIONS,
     WFN_FRACTIONS,
     Schedule,
@@ -15,6 +14,7 @@ from pwfn.schedules import (
     tolerance_for_round,
     wfn_schedule,
 )
+from pwfn.errors import ConfigError
 
 
 def test_defaults():

@@ -60,8 +60,8 @@ def _local_pieces(offsets, world, rank):
 
 
 def _schedule(case: str):
-    from pwfn.engine import EngineConfig
-    from pwfn.schedules import pwfn_schedule, wfn_schedule
+    from pwfn.core.engine import EngineConfig
+    from pwfn.core.schedules import pwfn_schedule, wfn_schedule
 
     if case == "wfn":
         return wfn_schedule(0.01), EngineConfig(signed_terms=True)
@@ -71,8 +71,8 @@ def _schedule(case: str):
 
 
 def _run_rounds(values, sigma, sched, cfg, shards=None, sparse=False):
-    from pwfn.engine import EngineCache, EngineTuning, fix_round
-    from pwfn.schedules import tolerance_for_round
+    from pwfn.core.engine import EngineCache, EngineTuning, fix_round
+    from pwfn.core.schedules import tolerance_for_round
 
     # small chunks: the radix passes cross chunk borders; sparse: grid pairs merged as sorted unique keys
     tuning = EngineTuning(chunk=7, dense_min=0, work_factor=0) if sparse else EngineTuning(chunk=7)
@@ -91,7 +91,7 @@ def _run_rounds(values, sigma, sched, cfg, shards=None, sparse=False):
 
 
 def _engine_worker(rank, world, init, out_dir, case):
-    from pwfn.sharding import ShardGroup
+    from pwfn.core.sharding import ShardGroup
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from pwfn.centres import candidate_centres
+from pwfn.core.centres import candidate_centres
 from pwfn.errors import PwfnError
 from pwfn.export.targets.shiftadd import FixedPoint, ShiftAddError, ShiftAddNet, calibrate
-from pwfn.models import create_model
+from pwfn.model.zoo import create_model
 
 HAVE_ONNX = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxruntime") is not None
 HAVE_TFLM = importlib.util.find_spec("tflite_micro") is not None
@@ -237,7 +237,7 @@ def test_tflm_leaves_tensors_with_too_many_values_uncompressed() -> None:
 
 
 def test_fill_terms_writes_every_value_with_exactly_T_nonzero_terms() -> None:
-    from pwfn.centres import decompose
+    from pwfn.core.centres import decompose
     from pwfn.export.targets.hls4ml import fill_terms
 
     values = torch.tensor([0.0, 2.0**-7, -0.5, 0.75, 7 * 2.0**-7, -(2.0**-3) - 2.0**-7, 1.0], dtype=torch.float64)
@@ -301,7 +301,7 @@ def _export_folder(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_export_targets_writes_checked_files_and_reports_sizes(tmp_path: Path) -> None:
     from pwfn.export.targets import export_targets
-    from pwfn.report import format_targets
+    from pwfn.run.report import format_targets
 
     out = _export_folder(tmp_path)
     summary = export_targets(out, ["onnx,tflm", "hls4ml"])

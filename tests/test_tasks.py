@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pwfn.errors import ConfigError
-from pwfn.tasks import (
+from pwfn.training.tasks import (
     BatchAdapter,
     ClassificationTask,
     CustomTask,

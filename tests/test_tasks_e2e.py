@@ -135,8 +135,7 @@ def test_tiny_causal_lm_with_per_token_loss(tmp_path):
     assert set(final["test"]) == {"loss", "perplexity", "bits_per_token", "token_accuracy"} and "mc" not in final
     assert final["test"]["token_accuracy"] > 50
     assert res.report["task"]["primary"] == "bits_per_token"
-    summary = pwfn.report.summarise_run_dir(tmp_path / "lm") if hasattr(pwfn, "report") else None
-    from pwfn.report import summarise_run_dir
+    from pwfn.run.report import summarise_run_dir
 
     summary = summarise_run_dir(tmp_path / "lm")
     assert "bits_per_token after fix" in summary and "task: language_model" in summary

@@ -14,13 +14,13 @@ from torch import nn
 
 import pwfn
 from pwfn.cli import build_parser
-from pwfn.config import load_config
+from pwfn.core.metrics import entropy_bits, unique_count
+from pwfn.core.schedules import WFN_FRACTIONS
+from pwfn.core.wfn_published import published_candidates, published_wfn_round
 from pwfn.data import make_loaders
 from pwfn.errors import ConfigError, EngineInputError
 from pwfn.methods import get_method, method_names
-from pwfn.metrics import entropy_bits, unique_count
-from pwfn.schedules import WFN_FRACTIONS
-from pwfn.wfn_published import published_candidates, published_wfn_round
+from pwfn.model.config import load_config
 
 #: the reference input and its figures
 DATA = Path(__file__).resolve().parent / "data"

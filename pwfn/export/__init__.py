@@ -10,6 +10,7 @@ One module per idea:
 - :mod:`~pwfn.export.artefact` what an artefact holds (sharing, fixed values, split tensors),
   building and verifying it in memory, and the loaders;
 - :mod:`~pwfn.export.packing`  the packed ``.pwfn`` byte format;
+- :mod:`~pwfn.export.codec`    its codecs: varints, symbol tables, ANS and fixed-width coding;
 - :mod:`~pwfn.export.packcheck` what a packed file may claim, checked before anything is decoded;
 - :mod:`~pwfn.export.size`     the size report (``size.json``);
 - :mod:`~pwfn.export.folder`   the export folder, written at once, and reading a run folder;
@@ -18,9 +19,9 @@ One module per idea:
 - :mod:`~pwfn.export.hub`      ``from_pretrained`` and the model card; :mod:`~pwfn.export.share`
   ``save_pretrained``.
 
-How a model is rebuilt from a file is :mod:`pwfn.recipes`.
+How a model is rebuilt from a file is :mod:`pwfn.model.recipes`.
 
-The text that ``pwfn export`` prints is formatted by :mod:`pwfn.report`. A run must be 100 %
+The text that ``pwfn export`` prints is formatted by :mod:`pwfn.run.report`. A run must be 100 %
 fixed; with ``allow_unfixed`` the remaining values are kept as raw floats and the artefact says
 so. Loading needs only torch, safetensors, numpy and constriction (``export_model`` and
 ``export_run``, which need ``bayes``, load on first use); the optional toolchains are imported

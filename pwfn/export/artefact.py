@@ -28,13 +28,14 @@ import torch
 from safetensors.torch import load as st_load
 from torch import Tensor, nn
 
-from .. import __version__, recipes
-from .. import metrics as M
-from ..centres import decompose
+from .. import __version__
+from ..common.files import read_limited
+from ..core import metrics as M
+from ..core.centres import decompose
 from ..errors import ArtefactError, ModelError, PwfnError, RunFileError
-from ..files import read_limited
-from ..manifest import load_json, sha256_bytes, validate_description
 from ..methods import method_names
+from ..model import recipes
+from ..run.manifest import load_json, sha256_bytes, validate_description
 from . import packing
 from .packcheck import read_artefact_bytes
 
@@ -327,7 +328,7 @@ def reassemble(tensors: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> di
 
 
 def _terms_for(codebook: Tensor, b: int, signed_terms: bool) -> Any:
-    """Power-of-two terms of every codebook value (``pwfn.centres.decompose``)."""
+    """Power-of-two terms of every codebook value (``pwfn.core.centres.decompose``)."""
     if codebook.numel() == 0:
         return None
     try:
@@ -434,7 +435,7 @@ def pack_artefact(
 
 def build_model(recipe: Mapping[str, Any], state: Mapping[str, Tensor], where: str, *,
                 functions: bool = False) -> nn.Module:
-    """Construct the recipe's model (:mod:`pwfn.recipes`) and load ``state`` into it, strictly (eval mode).
+    """Construct the recipe's model (:mod:`pwfn.model.recipes`) and load ``state`` into it, strictly (eval mode).
 
     A malformed or unbuildable recipe raises ``ModelError``, a recipe whose model does not take
     these tensors ``ArtefactError`` (checked on the meta device before anything is allocated);

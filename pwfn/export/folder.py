@@ -13,12 +13,15 @@ An export folder (``<run_dir>/export/`` unless told otherwise) holds:
 The files are written into a staging folder next to the destination, which is then renamed
 into place; a failure leaves the previous export untouched.
 
-A run folder is read through its manifest (:mod:`pwfn.manifest`): method, ``b``, signed
+A run folder is read through its manifest (:mod:`pwfn.run.manifest`): method, ``b``, signed
 terms, recipe, quantised tensors, codebook and input shape come from what the run recorded,
 never from ``config.yaml`` or the dataset. A run that never finished is exported from its
 checkpoint (with ``allow_unfixed``). Writing an export needs ``bayes`` (a Bayesian model or
 checkpoint is turned into its point estimate), which is why ``pwfn.export`` loads this module
 on first use: loading an export never imports ``bayes``.
+
+Why one module of this length (just above the usual): it is one idea, an export folder,
+written at once from a run folder or a model; the artefact itself is :mod:`pwfn.export.artefact`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ from torch import Tensor, nn
 
 import bayes
 
-from .. import recipes
+from ..common.files import parse_json, read_limited
+from ..common.hints import install_hint, start_over
+from ..common.io import atomic_write_json, load_checkpoint
 from ..errors import (
     ArtefactError,
     CheckpointError,
@@ -46,11 +51,11 @@ from ..errors import (
     PwfnError,
     RunFileError,
 )
-from ..files import parse_json, read_limited
-from ..hints import install_hint, start_over
-from ..io import atomic_write_json, load_checkpoint
-from ..lock import acquire
-from ..manifest import (
+from ..methods import get_method, method_names
+from ..model import recipes
+from ..model.recipes import recipe_of
+from ..run.lock import acquire
+from ..run.manifest import (
     MANIFEST_FILE,
     POINT_MODEL_FILE,
     POINT_MODEL_JSON,
@@ -60,8 +65,6 @@ from ..manifest import (
     read_point_model,
     read_report,
 )
-from ..methods import get_method, method_names
-from ..recipes import recipe_of
 from . import packing
 from .artefact import (
     EXPORT_DIR,
@@ -321,8 +324,8 @@ def export_model(
 
     ``quantised_names`` are state_dict keys of the point model (``QuantView(...).names()``).
     ``recipe`` (``{"name": registered model, "kwargs": {...}}`` or ``{"factory": "module:qualname",
-    "kwargs": {...}}``, :mod:`pwfn.recipes`) lets the loaders rebuild the model; without it, the
-    model's own recipe is used when one can be recorded (:func:`pwfn.recipes.recipe_of`), else
+    "kwargs": {...}}``, :mod:`pwfn.model.recipes`) lets the loaders rebuild the model; without it, the
+    model's own recipe is used when one can be recorded (:func:`pwfn.model.recipes.recipe_of`), else
     the loaders need ``model=``. ``method`` is recorded with the artefact;
     ``signed_terms`` picks the codebook's power-of-two terms (default: as the method fixes them,
     its ``signed_terms``: signed for WFN and published WFN, positive for PWFN). ``codebook`` (optional) restricts which values count

@@ -30,10 +30,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
 
+from ..common.hints import install_hint
 from ..errors import ArtefactError, PwfnError
-from ..hints import install_hint
-from ..recipes import describe
-from ..report import format_terms, power_of_two_terms
+from ..model.recipes import describe
+from ..run.report import format_terms, power_of_two_terms
 from .artefact import MODEL_FILE, MODEL_JSON, PACKED_FILE, load_exported_model, load_packed_model
 
 __all__ = ["CARD_FILE", "CONFIG_FILE", "HubError", "from_pretrained", "hub_module", "model_card"]

@@ -24,10 +24,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..common.files import parse_json
+from ..common.io import atomic_write_bytes, atomic_write_json
 from ..errors import PwfnError
-from ..files import parse_json
-from ..io import atomic_write_bytes, atomic_write_json
-from ..manifest import validate_description
+from ..run.manifest import validate_description
 from .artefact import EXPORT_DIR, MODEL_JSON, STAGE_SUFFIX, ExportError
 
 __all__ = ["check_replaceable", "owned_files", "write_export_folder"]

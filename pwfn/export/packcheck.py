@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ..common.files import read_limited, regular_file_problem
 from ..errors import ArtefactError
-from ..files import read_limited, regular_file_problem
 
 __all__ = ["MAX_EXPANSION", "MAX_PACKED_BYTES", "MIN_DECODED_CAP", "check_codebook", "check_declared_sizes",
            "decoded_cap", "read_artefact_bytes"]

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from .. import recipes
 from ..errors import PwfnError
-from ..lock import acquire
-from ..manifest import load_json, read_report
 from ..methods import get_method
-from ..recipes import recipe_of
+from ..model import recipes
+from ..model.recipes import recipe_of
+from ..run.lock import acquire
+from ..run.manifest import load_json, read_report
 from .artefact import (
     MODEL_JSON,
     SIZE_FILE,

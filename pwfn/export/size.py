@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .. import metrics as M
+from ..core import metrics as M
 from . import packing
 from .artefact import EXPORT_FORMAT, stored_owner
 

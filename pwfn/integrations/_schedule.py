@@ -19,9 +19,9 @@ from typing import Any, Optional
 
 import torch
 
-from ..contract import ContractSpec
 from ..errors import CheckpointError, ConfigError
-from ..fixer import Evaluation, Fixer, apply_batchnorm_policy
+from ..training.contract import ContractSpec
+from ..training.fixer import Evaluation, Fixer, apply_batchnorm_policy
 
 log = logging.getLogger(__name__)
 

@@ -27,14 +27,14 @@ from typing import Any, Optional
 try:
     from transformers import TrainerCallback
 except ImportError as exc:  # pragma: no cover - depends on the extra
-    from ..hints import install_hint
+    from ..common.hints import install_hint
 
     raise ImportError(f"pwfn.integrations.huggingface needs transformers: {install_hint('hf')}") from exc
 
-from ..contract import ContractSpec
 from ..errors import ConfigError
-from ..fixer import Evaluation, Fixer
-from ..tasks import Task, resolve_task
+from ..training.contract import ContractSpec
+from ..training.fixer import Evaluation, Fixer
+from ..training.tasks import Task, resolve_task
 from ._schedule import RoundSchedule
 
 

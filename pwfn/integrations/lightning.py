@@ -25,13 +25,13 @@ from typing import Any, Optional
 try:
     import lightning.pytorch as pl
 except ImportError as exc:  # pragma: no cover - depends on the extra
-    from ..hints import install_hint
+    from ..common.hints import install_hint
 
     raise ImportError(f"pwfn.integrations.lightning needs PyTorch Lightning: {install_hint('lightning')}") from exc
 
-from ..contract import ContractSpec
 from ..errors import ConfigError
-from ..fixer import Evaluation, Fixer
+from ..training.contract import ContractSpec
+from ..training.fixer import Evaluation, Fixer
 from ._schedule import RoundSchedule
 
 

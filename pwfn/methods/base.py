@@ -1,10 +1,10 @@
 """The protocol every fixing method implements, and what all methods share.
 
-The round loop (:class:`pwfn.Fixer`, :class:`pwfn.pipeline.FixingRun`) asks a method, in order:
+The round loop (:class:`pwfn.Fixer`, :class:`pwfn.run.pipeline.FixingRun`) asks a method, in order:
 
 * ``prepare(float_model)``: the model it fixes (a copy; Bayesian for PWFN), with its
-  :class:`~pwfn.coverage.Coverage` decided by :meth:`Method.plan`; ``view(model)``: the
-  :class:`~pwfn.plumbing.QuantView` over the quantised tensors;
+  :class:`~pwfn.model.coverage.Coverage` decided by :meth:`Method.plan`; ``view(model)``: the
+  :class:`~pwfn.model.plumbing.QuantView` over the quantised tensors;
 * ``engine_config()``, ``fractions``: the centre set and the share fixed after each round;
 * each round, ``fix(view, round, fraction, engine_config)``: new values, fixed mask, sigma and the
   engine's summary (the loop writes them, keeps them exact, measures and logs);
@@ -13,7 +13,7 @@ The round loop (:class:`pwfn.Fixer`, :class:`pwfn.pipeline.FixingRun`) asks a me
 * ``refresh_posterior(...)`` before each round (PWFN's post-training posterior), ``eval_context``
   for evaluations, ``sigma_summary`` for reports, and ``point_model(model)`` at the end;
 * ``set_caution(level)``: the accuracy contract's lever. A round whose fixing would break the
-  contract (:mod:`pwfn.contract`, enforced by :class:`pwfn.Fixer`) is undone and redone one caution
+  contract (:mod:`pwfn.training.contract`, enforced by :class:`pwfn.Fixer`) is undone and redone one caution
   level higher (PWFN: k halved; WFN: delta halved), as long as ``set_caution`` accepts it; then with
   fewer new weights, then with a finer codebook; ``contract_tip()`` says what the user can change.
 
@@ -36,13 +36,13 @@ from torch import nn
 
 import bayes
 
-from ..budget import budget_active
-from ..config import RunConfig
-from ..coverage import Coverage, plan
-from ..engine import EngineConfig, fix_round
+from ..common.hints import setting
+from ..core.engine import EngineConfig, fix_round
 from ..errors import ConfigError, ModelError
-from ..hints import setting
-from ..plumbing import QuantView, fold_norm_biases
+from ..model.config import RunConfig
+from ..model.coverage import Coverage, plan
+from ..model.plumbing import QuantView, fold_norm_biases
+from ..training.budget import budget_active
 from . import get_method
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def unwrap_compiled(model: nn.Module) -> nn.Module:
 class Method:
     """Base class of the fixing methods: shared planning and the defaults of the protocol.
 
-    ``cfg`` is the run's :class:`~pwfn.config.RunConfig`; the method reads its own section
+    ``cfg`` is the run's :class:`~pwfn.model.config.RunConfig`; the method reads its own section
     (``section``, by default its name) through :attr:`settings`, and ``quantise`` for coverage.
     """
 
@@ -193,7 +193,7 @@ class Method:
             engine: Callable = fix_round) -> FixResult:
         """One fixing round on the view's flat values: ``(values, fixed, sigma or None, summary)``.
 
-        ``engine`` is the greedy round (``pwfn.engine.fix_round`` unless the caller passes another).
+        ``engine`` is the greedy round (``pwfn.core.engine.fix_round`` unless the caller passes another).
         """
         values, fixed = view.values(), view.fixed()
         sigma = view.sigmas() if view.has_sigma else None

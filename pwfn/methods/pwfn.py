@@ -18,13 +18,13 @@ from torch import nn
 
 import bayes
 
-from ..budget import budget_active
-from ..engine import EngineConfig, fix_round
+from ..common.hints import setting, settings, shipped_config
+from ..core.engine import EngineConfig, fix_round
+from ..core.schedules import Schedule, pwfn_schedule, tolerance_for_round
 from ..errors import ConfigError, ModelError
-from ..hints import setting, settings, shipped_config
-from ..plumbing import QuantView
-from ..schedules import Schedule, pwfn_schedule, tolerance_for_round
-from ..tasks import to_device
+from ..model.plumbing import QuantView
+from ..training.budget import budget_active
+from ..training.tasks import to_device
 from . import register_method
 from .base import FixResult, Method, engine_config_from
 

@@ -13,10 +13,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..engine import EngineConfig
-from ..plumbing import QuantView
-from ..regularizers import cluster_attraction, unfixed_values
-from ..schedules import Schedule, tolerance_for_round, wfn_schedule
+from ..core.engine import EngineConfig
+from ..core.regularizers import cluster_attraction, unfixed_values
+from ..core.schedules import Schedule, tolerance_for_round, wfn_schedule
+from ..model.plumbing import QuantView
 from . import register_method
 from .base import Method, engine_config_from
 

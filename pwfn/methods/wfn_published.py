@@ -1,7 +1,7 @@
 """The published WFN clustering (ALGORITHM.md section 2b) with WFN's training between rounds.
 
 Only the fixing round differs from :mod:`pwfn.methods.wfn`: the clustering of
-:func:`pwfn.wfn_published.published_wfn_round` replaces pwfn's greedy engine. Settings in
+:func:`pwfn.core.wfn_published.published_wfn_round` replaces pwfn's greedy engine. Settings in
 ``cfg.wfn_published``; budget mode does not apply.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-from ..engine import EngineConfig
-from ..plumbing import QuantView
-from ..wfn_published import published_wfn_round
+from ..core.engine import EngineConfig
+from ..core.wfn_published import published_wfn_round
+from ..model.plumbing import QuantView
 from . import register_method
 from .base import FixResult
 from .wfn import WFNMethod

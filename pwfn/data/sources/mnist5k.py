@@ -11,7 +11,7 @@ import torch
 
 from pwfn.errors import DataError
 
-from ...hints import install_hint
+from ...common.hints import install_hint
 from ..augment import Augmentation
 from ..datasets import TensorImageDataset
 from ..registry import DatasetSpec, DataSource, register_dataset

@@ -11,7 +11,7 @@ hls4ml     ``hls4ml_prj.tar.gz``: HLS project, power-of-two (shift) products, C-
 Each target checks itself end to end before anything is written (see its module) and reports
 its file sizes and the multiplications it leaves. ``shiftadd`` is the reference integer
 forward they are held to. ``export_targets(folder, names)`` adds targets to an export folder
-written by ``pwfn.export`` (``pwfn export RUN --to onnx,tflm,hls4ml``); ``pwfn.report.format_targets``
+written by ``pwfn.export`` (``pwfn export RUN --to onnx,tflm,hls4ml``); ``pwfn.run.report.format_targets``
 prints its summary. The optional toolchains (onnx, tflite_micro, hls4ml) are imported only
 inside the functions that use them, so importing this package needs none of them.
 """
@@ -30,9 +30,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from ...common.hints import install_hint
 from ...errors import PwfnError
-from ...hints import install_hint
-from ...manifest import load_json
+from ...run.manifest import load_json
 from ..artefact import MODEL_JSON, ExportError, load_exported_model
 from ..ownership import owned_files, write_export_folder
 from .hls4ml import check_model as check_hls4ml

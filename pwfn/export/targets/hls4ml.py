@@ -54,8 +54,8 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ...common.hints import install_hint
 from ...errors import PwfnError
-from ...hints import install_hint
 from .graph import trace
 from .hls4ml_program import HLS_KINDS, STEPS, Hls4mlError, check_model, fill_terms, split_model
 from .shiftadd import FixedPoint, ShiftAddNet, calibrate

@@ -35,7 +35,7 @@ def fill_terms(signs: np.ndarray, exps: np.ndarray, orders: np.ndarray, T: int, 
                ) -> tuple[np.ndarray, np.ndarray]:
     """Every weight as exactly ``T`` non-zero signed power-of-two terms (see the module docstring).
 
-    ``signs``/``exps`` (..., width) from ``pwfn.centres.decompose``; returns (signs, exps) of
+    ``signs``/``exps`` (..., width) from ``pwfn.core.centres.decompose``; returns (signs, exps) of
     shape (..., T) with no zero sign.
     """
     shape = orders.shape

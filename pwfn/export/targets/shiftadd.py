@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...centres import decompose
+from ...core.centres import decompose
 from ...errors import PwfnError
 from .graph import GraphError, refuse_unsupported
 
@@ -130,7 +130,7 @@ class _Terms:
 
 
 def layer_terms(weight: Tensor, b: int, signed_terms: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """(signs int8, exponents int16, orders) of every weight (``pwfn.centres.decompose``).
+    """(signs int8, exponents int16, orders) of every weight (``pwfn.core.centres.decompose``).
 
     Raises ``ShiftAddError`` when a weight is not a sum of powers of two down to ``2^-b``.
     """

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ...common.hints import install_hint
 from ...errors import PwfnError
-from ...hints import install_hint
 from .graph import GraphError, Layer, refuse_unsupported
 
 __all__ = ["EMITTERS", "MAX_LUT_VALUES", "TFLM_KINDS", "TflmError", "build_tflite", "check_model",
