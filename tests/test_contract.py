@@ -255,8 +255,8 @@ def test_a_round_whose_training_does_not_recover_is_undone_and_redone(classifier
     """The training after a round makes things worse: the round's fixing, that training and the optimizer's
     state are undone, and the round is redone more cautiously (Round.retry)."""
     model, x, y = classifier
-    fixer = Fixer(model, "pwfn", config={"pwfn": {"fractions": [0.5, 1.0]}}, evaluate=[(x, y)],
-                  contract={"max_drop": 3.0})
+    fixer = Fixer(model, "pwfn", config={"pwfn": {"fractions": [0.5, 1.0]}, "contract": {"undo_training": False}},
+                  evaluate=[(x, y)], contract={"max_drop": 3.0})
     opt = torch.optim.SGD(fixer.model.parameters(), lr=5.0, momentum=0.9)
     start = {k: v.clone() for k, v in fixer.model.state_dict().items()}
     rnd = fixer.fix_next()
@@ -276,6 +276,34 @@ def test_a_round_whose_training_does_not_recover_is_undone_and_redone(classifier
     assert redo.retry and redo.index == 0 and redo.row["contract"]["setting"] == "k = 1"  # one level more cautious
     undone = redo.row["contract"]["undone_after_training"]
     assert len(undone) == 1 and undone[0]["after_training"] < fixer.reference - 3.0
+
+
+def test_training_that_costs_more_than_the_fixing_is_undone_and_the_fixing_kept(classifier):
+    """By default (contract.undo_training) a round whose fixing kept the pace and whose training then broke it
+    keeps its fixing: the weights as they were right after the round, the optimizer as before it."""
+    model, x, y = classifier
+    fixer = Fixer(model, "pwfn", config={"pwfn": {"fractions": [0.5, 1.0]}}, evaluate=[(x, y)],
+                  contract={"max_drop": 3.0})
+    opt = torch.optim.SGD(fixer.model.parameters(), lr=5.0, momentum=0.9)
+    rnd = fixer.fix_next()
+    after_fix = {k: v.clone() for k, v in fixer.model.state_dict().items()}
+    fixed = fixer.view.fixed().clone()
+    value = rnd.row["contract"]["value"]
+    fixer.train()
+    for _ in range(3):  # gradient ascent
+        opt.zero_grad()
+        (-F.cross_entropy(fixer.model(x), y)).backward()
+        opt.step()
+    assert fixer.measure() < fixer.reference - 3.0
+    assert fixer.settle() is True and fixer.round == 1  # kept: no redo
+    now = fixer.model.state_dict()
+    assert all(torch.equal(now[k], after_fix[k]) for k in after_fix)
+    assert torch.equal(fixer.view.fixed(), fixed) and opt.state_dict()["state"] == {}
+    row = fixer.history[0]["contract"]
+    assert row["after_training"] == pytest.approx(value) and row["training_undone"]["after_training"] < value - 3.0
+    assert fixer.measure() == pytest.approx(value)
+    fixer.fix_next()  # the last round: judged on its own
+    assert fixer.done and fixer.report()["contract"]["held"] is True
 
 
 def test_a_round_whose_training_recovers_is_kept(classifier):
@@ -493,3 +521,34 @@ def test_the_kept_rounds_snapshot_survives_a_checkpoint(classifier, tmp_path):
     other._restore(other._previous["snapshot"])
     a, b = fixer.model.state_dict(), other.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a) and not bool(other.view.fixed().any())
+
+
+def test_the_pace_is_a_plan_and_the_contract_the_promise(classifier):
+    """A round whose training leaves it beyond the pace (the share of the allowance planned this far into the
+    schedule) is redone more cautiously; at the most cautious setting it is kept when the contract itself holds
+    (said in the row), and only a drop beyond the contract fails."""
+    model, _, _ = classifier
+    metric = {"value": 100.0}
+    cfg = {"pwfn": {"fractions": [0.5, 1.0], "k": 1.0, "k_min": 1.0},
+           "contract": {"max_splits": 0, "extra_terms": 0, "early_share": 0.5, "undo_training": False}}
+
+    def run(after_training: float):
+        metric["value"] = 100.0
+        fixer = Fixer(model, "pwfn", config=cfg, evaluate=lambda: metric["value"], contract={"max_drop": 1.0})
+        ladder = []
+        while True:
+            rnd = fixer.fix_next()  # the fixing itself costs nothing here
+            ladder.append(rnd.row["contract"]["setting"])
+            metric["value"] = 100.0 - after_training  # what the training after it leaves
+            if fixer.settle():
+                return fixer, ladder
+            metric["value"] = 100.0
+
+    fixer, ladder = run(0.3)  # within the pace (0.5 of 1.0 at half fixed): kept at once
+    assert ladder == ["k = 1"] and fixer.history[0]["contract"]["paced"] is True
+    fixer, ladder = run(0.8)  # beyond the pace, within the contract: redone, then kept at the last setting
+    assert ladder == ["k = 1", "k = 1, no zero pass"] and fixer.round == 1
+    row = fixer.history[0]["contract"]
+    assert row["paced"] is False and row["drop_after_training"] == pytest.approx(0.8)
+    with pytest.raises(ContractError, match="beyond the contract"):
+        run(1.2)  # beyond the contract at every setting

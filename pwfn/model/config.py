@@ -251,6 +251,8 @@ class ContractConfig:
     """A round that training follows may at first cost up to this many times the contract's allowance (measured right after fixing; after each round the factor becomes what that round's training actually recovered, between 1 and this); the training that follows must bring the model back within the contract itself, or the round is undone (weights, optimizer state, RNG) and redone more cautiously. 1: every fixing must keep the contract before any training."""
     early_share: float = 0.5
     """Pacing: after each round's training, the model may have spent at most the larger of this share and the share of the weights fixed so far of the allowance, so the last rounds, which no training follows, have some left (1: all of it from the start)."""
+    undo_training: bool = True
+    """When the training after a round leaves the model further from the float model than the round's fixing left it, and beyond what the contract allows there, undo that training and keep the fixing (the model as it was right after the round, the optimizers as before it) instead of redoing the round more cautiously; costs one more copy of the model's state while a round awaits its verdict. false: such a round is redone."""
     max_splits: int = 3
     """When a round breaks the contract at the method's most cautious setting, fix half as many new weights this round (the rest follows in an extra round, after more training), up to this many halvings per round; a planned round grows into at most twice this many extra rounds."""
     extra_terms: int = 2

@@ -60,7 +60,32 @@ class ContractRounds:
         if math.isfinite(immediate) and math.isfinite(now["bound"]):
             self._recovery = min(max(immediate / max(now["bound"], 1e-12 * max(c.max_drop, 1e-12)), 1.0),
                                  self.cfg.contract.recovery_factor)
-        if _within(now["bound"], allowed):
+        nxt = pending["position"] + 1
+        last = nxt >= len(pending["ladder"])
+        paced = _within(now["bound"], allowed)
+        # the pace is a plan, the contract the promise: at the most cautious setting a round within the
+        # contract itself is kept (the rounds after it have less left), never failed for the pace alone
+        fixed_state = pending.get("fixed_state")
+        if not paced and fixed_state is not None and _within(row["contract"]["bound"], allowed) \
+                and row["contract"]["bound"] < now["bound"]:
+            # the training made it worse than the fixing left it: that training is undone, the fixing kept
+            with torch.no_grad():
+                self.model.load_state_dict(fixed_state)
+            self._restore_optimizers(pending["snapshot"])
+            log.info("%s round %d: after training %s is %.6g against the float model's %.6g, worse than the %.6g the "
+                     "round's fixing left (contract: %s): that training is undone and the fixing kept", self.method,
+                     self.round, c.metric, value, ref, row["contract"]["value"], c.text())
+            row["contract"].update(training_undone={"after_training": value, "drop": drop, "se": now["se"]},
+                                   after_training=row["contract"]["value"],
+                                   drop_after_training=row["contract"]["drop"],
+                                   se_after_training=row["contract"]["se"])
+            value, paced = row["contract"]["value"], True
+        if paced or (last and _within(now["bound"], c.max_drop)):
+            row["contract"]["paced"] = paced
+            if not paced:
+                log.info("%s round %d: after training %s is %.6g against the float model's %.6g: beyond this point's "
+                         "pace (%.4g of the %g allowed) at the most cautious setting, within the contract: kept",
+                         self.method, self.round, c.metric, value, ref, allowed, c.max_drop)
             self._settled = value
             self.caution = pending["level"]
             # kept for one backtrack: when the next round cannot keep the contract at all, this one is redone
@@ -76,8 +101,7 @@ class ContractRounds:
         self.round -= 1
         failed = {"setting": pending["setting"], "fraction": pending["target"], "extra_terms": pending["extra"],
                   "after_fix": row["contract"]["value"], "after_training": value}
-        nxt = pending["position"] + 1
-        if nxt >= len(pending["ladder"]):
+        if last:
             self.method_impl.set_caution(self.caution)
             if self._backtrack(failed):  # the round before spent what this one needed: it is redone first
                 return False
@@ -85,9 +109,8 @@ class ContractRounds:
                 f"{self.method} round {self.round + 1}: even after training, fixing "
                 f"{100 * pending['target']:.4g} % of the weights ({pending['setting']}) leaves {c.metric} at "
                 f"{value:.6g} against the float model's {ref:.6g} on the guard data: a drop of {drop:.4g} (+- "
-                f"{now['se']:.2g}), beyond the {allowed:.4g} the contract ({c.text()}) allows this far into the "
-                f"schedule ({setting('contract.early_share')}, {setting('contract.margin')}), and no more cautious "
-                f"setting is left. The model is left as it was before this "
+                f"{now['se']:.2g}; judged with {setting('contract.margin')}), beyond the contract ({c.text()}), "
+                f"and no more cautious setting is left. The model is left as it was before this "
                 f"round ({100 * self._fixed_count() / self.view.numel:.4g} % fixed, within the contract). To go on: "
                 f"{self.method_impl.contract_tip()}, or allow a larger drop ({setting('contract.max_drop')}, now "
                 f"{c.max_drop:g} {c.drop_type})")
@@ -249,7 +272,9 @@ class ContractRounds:
                 position = ladder.index((level, target, extra))
             self._pending = {"snapshot": snapshot, "ladder": ladder, "position": position, "level": level,
                              "target": target, "extra": extra, "setting": self.method_impl.caution_text(),
-                             "undone": undone, "before": before}
+                             "undone": undone, "before": before,
+                             "fixed_state": ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
+                                             if self.cfg.contract.undo_training else None)}
         else:
             self.caution = level
             if extra:
@@ -282,6 +307,20 @@ class ContractRounds:
     def _restore(self, snap: dict[str, Any]) -> None:
         self.model.load_state_dict(snap["model"])
         self.view.load_mask_state(snap["masks"], "snapshot")
+        self._restore_optimizers(snap)
+        if self.budget is not None and snap["budget"] is not None:
+            self.budget.merged_weights, merges = snap["budget"]
+            self.budget.merges_per_round = list(merges)
+        self.fractions, self.schedule_index = (list(x) for x in snap["fractions"])
+        self.engine_config = dataclasses.replace(self.engine_config, max_order=int(snap["max_order"]))
+        self.extra_terms = int(snap["extra_terms"])
+        set_rng_state(snap["rng"])
+        self._refresh_active()
+        self._extra = None
+
+    def _restore_optimizers(self, snap: dict[str, Any]) -> None:
+        """Every optimizer that stepped the model back to its state in ``snap`` (one first stepped after it: no
+        state at all)."""
         known, unbound = set(), []
         for entry in snap["optimizers"]:
             if entry["optimizer"] is None:  # a snapshot that went through a checkpoint: its optimizers are new
@@ -298,12 +337,3 @@ class ContractRounds:
                 pass
         for opt in others:  # first stepped after the snapshot: back to no state at all
             opt.state.clear()
-        if self.budget is not None and snap["budget"] is not None:
-            self.budget.merged_weights, merges = snap["budget"]
-            self.budget.merges_per_round = list(merges)
-        self.fractions, self.schedule_index = (list(x) for x in snap["fractions"])
-        self.engine_config = dataclasses.replace(self.engine_config, max_order=int(snap["max_order"]))
-        self.extra_terms = int(snap["extra_terms"])
-        set_rng_state(snap["rng"])
-        self._refresh_active()
-        self._extra = None
