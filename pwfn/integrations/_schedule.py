@@ -51,6 +51,7 @@ class RoundSchedule:
             raise ConfigError(f"clip_gradients must be True or False, got {clip_gradients!r}")
         self.fixer = fixer
         self.clip_gradients = clip_gradients
+        self._clip_params: Optional[list] = None  # the tensors clip() clips
         self.epochs_per_round = fixer.round_epochs if every is None else every
         self.warmup_epochs = fixer.warmup_epochs if warm is None else warm
         if contract is not None:
@@ -136,7 +137,10 @@ class RoundSchedule:
         sigma out) at ``fixer.grad_clip``, as ``pwfn.compress`` and the own-loop how-to do."""
         limit = self.fixer.grad_clip
         if self.clip_gradients and limit and not self.fixer.done:
-            torch.nn.utils.clip_grad_norm_(self.fixer.clip_parameters() or list(self.fixer.model.parameters()), limit)
+            if self._clip_params is None:  # found once, not at every step (the method builds its list anew)
+                chosen = self.fixer.clip_parameters()
+                self._clip_params = list(self.fixer.model.parameters()) if chosen is None else chosen
+            torch.nn.utils.clip_grad_norm_(self._clip_params, limit)
 
     def check_trainer_clipping(self, limit: Any, setting: str) -> None:
         """Warn when the trainer clips gradients too: it clips every parameter (PWFN's sigmas included), so the

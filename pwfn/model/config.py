@@ -602,7 +602,7 @@ def validate(cfg: RunConfig) -> None:
     for key in ("sigma_init_scale", "sigma_init_max", "prior_sigma"):
         _check(getattr(p, key) <= 1e3, f"pwfn.{key} = {getattr(p, key):g} must be <= 1000 (a weight uncertainty)")
     _check(p.k <= 1e6, f"pwfn.k = {p.k:g} must be <= 1e6 (tolerance = k * sigma)")
-    _check(0 < p.k_min <= 1e6, f"pwfn.k_min = {p.k_min:g} must be in (0, 1e6] (the guard's smallest k)")
+    _check(0 < p.k_min <= 1e6, f"pwfn.k_min = {p.k_min:g} must be in (0, 1e6] (the contract's smallest k)")
     _check(p.sigma_init_scale > 0 and p.sigma_init_max > 0, "pwfn.sigma_init_scale and pwfn.sigma_init_max must be > 0")
     _check(p.sigma_update in ("std_mu", "keep", "divide"), f"pwfn.sigma_update = {p.sigma_update!r}: choose std_mu, keep or divide")
     _check(p.sigma_divisor > 0, "pwfn.sigma_divisor must be > 0")
@@ -621,23 +621,15 @@ def validate(cfg: RunConfig) -> None:
     _check(p.first_round_epochs >= 0 and p.round_epochs >= 0, "pwfn epochs must be >= 0")
     _check(p.mc_samples >= 1, "pwfn.mc_samples must be >= 1")
     _validate_engine(p.engine, "pwfn.engine")
-    w = cfg.wfn
-    w.fractions = validate_fractions(w.fractions, "wfn.fractions")
-    _check(0 < w.delta < 1, f"wfn.delta = {w.delta} must be in (0, 1) (relative tolerance)")
-    _check(w.lr > 0, "wfn.lr must be > 0")
-    _check(w.grad_clip is None or w.grad_clip > 0, "wfn.grad_clip must be > 0 or null")
-    _check(w.reg_temperature > 0 and w.reg_ratio >= 0, "wfn.reg_temperature > 0 and wfn.reg_ratio >= 0")
-    _check(w.round_epochs >= 0, "wfn.round_epochs must be >= 0")
-    _validate_engine(w.engine, "wfn.engine")
-    wp = cfg.wfn_published
-    wp.fractions = validate_fractions(wp.fractions, "wfn_published.fractions")
-    _check(0 < wp.delta < 1, f"wfn_published.delta = {wp.delta} must be in (0, 1) (relative tolerance)")
-    _check(wp.lr > 0, "wfn_published.lr must be > 0")
-    _check(wp.grad_clip is None or wp.grad_clip > 0, "wfn_published.grad_clip must be > 0 or null")
-    _check(wp.reg_temperature > 0 and wp.reg_ratio >= 0,
-           "wfn_published.reg_temperature > 0 and wfn_published.reg_ratio >= 0")
-    _check(wp.round_epochs >= 0, "wfn_published.round_epochs must be >= 0")
-    _validate_engine(wp.engine, "wfn_published.engine")
+    for name, w in (("wfn", cfg.wfn), ("wfn_published", cfg.wfn_published)):  # the same settings, two sections
+        w.fractions = validate_fractions(w.fractions, f"{name}.fractions")
+        _check(0 < w.delta < 1, f"{name}.delta = {w.delta} must be in (0, 1) (relative tolerance)")
+        _check(w.lr > 0, f"{name}.lr must be > 0")
+        _check(w.grad_clip is None or w.grad_clip > 0, f"{name}.grad_clip must be > 0 or null")
+        _check(w.reg_temperature > 0 and w.reg_ratio >= 0,
+               f"{name}.reg_temperature > 0 and {name}.reg_ratio >= 0")
+        _check(w.round_epochs >= 0, f"{name}.round_epochs must be >= 0")
+        _validate_engine(w.engine, f"{name}.engine")
     c = cfg.contract
     _check(c.max_drop is None or c.max_drop >= 0, f"contract.max_drop = {c.max_drop} must be >= 0 (or null for the "
            "metric's default)")

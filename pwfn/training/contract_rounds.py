@@ -63,8 +63,6 @@ class ContractRounds:
         nxt = pending["position"] + 1
         last = nxt >= len(pending["ladder"])
         paced = _within(now["bound"], allowed)
-        # the pace is a plan, the contract the promise: at the most cautious setting a round within the
-        # contract itself is kept (the rounds after it have less left), never failed for the pace alone
         fixed_state = pending.get("fixed_state")
         if not paced and fixed_state is not None and _within(row["contract"]["bound"], allowed) \
                 and row["contract"]["bound"] < now["bound"]:
@@ -80,6 +78,8 @@ class ContractRounds:
                                    drop_after_training=row["contract"]["drop"],
                                    se_after_training=row["contract"]["se"])
             value, paced = row["contract"]["value"], True
+        # the pace is a plan, the contract the promise: at the most cautious setting a round within the
+        # contract itself is kept (the rounds after it have less left), never failed for the pace alone
         if paced or (last and _within(now["bound"], c.max_drop)):
             row["contract"]["paced"] = paced
             if not paced:
@@ -273,8 +273,7 @@ class ContractRounds:
             self._pending = {"snapshot": snapshot, "ladder": ladder, "position": position, "level": level,
                              "target": target, "extra": extra, "setting": self.method_impl.caution_text(),
                              "undone": undone, "before": before,
-                             "fixed_state": ({k: v.detach().clone() for k, v in self.model.state_dict().items()}
-                                             if self.cfg.contract.undo_training else None)}
+                             "fixed_state": self._model_state() if self.cfg.contract.undo_training else None}
         else:
             self.caution = level
             if extra:
@@ -293,7 +292,7 @@ class ContractRounds:
     def _snapshot(self) -> dict[str, Any]:
         """What a round undone after its training restores: the model's state (weights, sigmas, buffers),
         the masks, every optimizer that stepped the model, the budget, the caution and the RNG."""
-        return {"model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+        return {"model": self._model_state(),
                 "masks": self.view.mask_state(),
                 "optimizers": [{"optimizer": opt, "state": copy.deepcopy(opt.state_dict())}
                                for opt in list(self._stepped)],
@@ -302,6 +301,10 @@ class ContractRounds:
                 "fractions": (list(self.fractions), list(self.schedule_index)),
                 "max_order": self.engine_config.max_order, "extra_terms": self.extra_terms,
                 "rng": rng_state(), "steps": (self.steps_taken, self._steps_at_round)}
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the model's state (weights, sigmas, buffers) that later training cannot change."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     @torch.no_grad()
     def _restore(self, snap: dict[str, Any]) -> None:
